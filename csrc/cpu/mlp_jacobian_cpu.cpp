@@ -1,0 +1,137 @@
+// CPU kernels of the MLP-Jacobian ops: the elementwise passes and reductions, with
+// at::parallel_for; the GEMMs and the algorithm itself live in ../mlp_jacobian.h.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/AccumulateType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../mlp_jacobian.h"
+
+namespace jacext {
+namespace {
+
+constexpr int64_t kGrain = 2048;
+
+void check_cpu_dtype(const Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "jacext: CPU kernels support float32 and float64, got ", t.scalar_type());
+}
+
+struct CpuKernels {
+  // h = act(y), d = act'(y) in one pass.
+  static std::tuple<Tensor, Tensor> activation_forward(const Tensor& y_in, int64_t code,
+                                                       double p0, double p1) {
+    check_cpu_dtype(y_in);
+    Tensor y = y_in.contiguous();
+    Tensor h = at::empty_like(y), d = at::empty_like(y);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "jacext_activation_forward_cpu", [&] {
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      scalar_t* hp = h.mutable_data_ptr<scalar_t>();
+      scalar_t* dp = d.mutable_data_ptr<scalar_t>();
+      const scalar_t a = static_cast<scalar_t>(p0), c = static_cast<scalar_t>(p1);
+      at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          ActDerivs<scalar_t> r = activation_derivs<scalar_t>(code, yp[i], a, c);
+          hp[i] = r.value;
+          dp[i] = r.d1;
+        }
+      });
+    });
+    return {h, d};
+  }
+
+  // grad_y = grad_h * act'(y) + grad_d * act''(y); grad_d may be undefined (zero).
+  static Tensor activation_backward(const Tensor& y_in, const Tensor& grad_h_in,
+                                    const Tensor& grad_d_in, int64_t code, double p0,
+                                    double p1) {
+    check_cpu_dtype(y_in);
+    Tensor y = y_in.contiguous(), grad_h = grad_h_in.contiguous();
+    Tensor grad_d = grad_d_in.defined() ? grad_d_in.contiguous() : grad_d_in;
+    Tensor out = at::empty_like(y);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "jacext_activation_backward_cpu", [&] {
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const scalar_t* ghp = grad_h.const_data_ptr<scalar_t>();
+      const scalar_t* gdp = grad_d.defined() ? grad_d.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      const scalar_t a = static_cast<scalar_t>(p0), c = static_cast<scalar_t>(p1);
+      at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          ActDerivs<scalar_t> r = activation_derivs<scalar_t>(code, yp[i], a, c);
+          op[i] = ghp[i] * r.d1 + (gdp ? gdp[i] * r.d2 : scalar_t(0));
+        }
+      });
+    });
+    return out;
+  }
+
+  // sq[b] = sum_{r,j} (x[b,r,j] * d[b,j])^2 for x (B, R, N); d (B, N) may be undefined (ones).
+  static Tensor scaled_square_sum(const Tensor& x_in, const Tensor& d_in) {
+    check_cpu_dtype(x_in);
+    Tensor x = x_in.contiguous();
+    Tensor d = d_in.defined() ? d_in.contiguous() : d_in;
+    const int64_t B = x.size(0), R = x.size(1), N = x.size(2);
+    Tensor sq = at::empty({B}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "jacext_scaled_square_sum_cpu", [&] {
+      using acc_t = at::acc_type<scalar_t, false>;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* dp = d.defined() ? d.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* sp = sq.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const scalar_t* xb = xp + b * R * N;
+          acc_t total = 0;
+          for (int64_t r = 0; r < R; ++r) {
+            for (int64_t j = 0; j < N; ++j) {
+              acc_t v = static_cast<acc_t>(xb[r * N + j]) * (dp ? dp[b * N + j] : scalar_t(1));
+              total += v * v;
+            }
+          }
+          sp[b] = static_cast<scalar_t>(total);
+        }
+      });
+    });
+    return sq;
+  }
+
+  // out[b,j] = sum_r x[b,r,j] * y[b,r,j] for x, y (B, R, N).
+  static Tensor rowwise_dot(const Tensor& x_in, const Tensor& y_in) {
+    check_cpu_dtype(x_in);
+    Tensor x = x_in.contiguous(), y = y_in.contiguous();
+    const int64_t B = x.size(0), R = x.size(1), N = x.size(2);
+    Tensor out = at::empty({B, N}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "jacext_rowwise_dot_cpu", [&] {
+      using acc_t = at::acc_type<scalar_t, false>;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(N);
+        for (int64_t b = begin; b < end; ++b) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          const scalar_t* xb = xp + b * R * N;
+          const scalar_t* yb = yp + b * R * N;
+          for (int64_t r = 0; r < R; ++r) {
+            for (int64_t j = 0; j < N; ++j) {
+              acc[j] += static_cast<acc_t>(xb[r * N + j]) * yb[r * N + j];
+            }
+          }
+          for (int64_t j = 0; j < N; ++j) op[b * N + j] = static_cast<scalar_t>(acc[j]);
+        }
+      });
+    });
+    return out;
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jacext, CPU, m) {
+  m.impl("mlp_jacobian_frobenius", &mlp_jacobian_frobenius<CpuKernels>);
+  m.impl("mlp_jacobian", &mlp_jacobian<CpuKernels>);
+  m.impl("mlp_jacobian_backward", &mlp_jacobian_backward<CpuKernels>);
+}
+
+}  // namespace jacext

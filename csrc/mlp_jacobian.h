@@ -1,0 +1,263 @@
+// The MLP-Jacobian algorithms, written once for every device.
+//
+// Notation (0-based): W[i] is (n_{i+1} x n_i), h_0 = x, y_{i+1} = h_i W[i]^T + b[i],
+// h_{i+1} = act_i(y_{i+1}), d[i] = act_i'(y_{i+1}). The Jacobian of the output w.r.t. h_l is
+//   J = D_L W_L ... D_{l+1} W_{l+1}        (per sample, m x n_l).
+// Two exact strategies carry it through the layers, each step one GEMM over the whole batch:
+//   reverse: R^(L-1) = D_L W_L, R^(i) = (R^(i+1) D_{i+1}) W_{i+1}; J = R^(l)        (m rows)
+//   forward: U^(l+1) = W_{l+1}^T, T^(i) = U^(i) D_i, U^(i+1) = T^(i) W_{i+1}^T; J^T = T^(L)
+// The GEMMs are ATen's (BLAS / cuBLAS); the elementwise work (activation with its derivatives,
+// the scaled square-sum, the row-wise dot of the backward) are the device's own kernels, passed
+// in as `Kernels` (cpu/mlp_jacobian_cpu.cpp, cuda/mlp_jacobian_cuda.cu).
+//
+// The forward ops also return `saved`: the pre-activations y_1..y_L followed by the carries
+// (reverse: R^(L-1), ..., R^(l); forward: U^(l+2), ..., U^(L), all before their diagonal
+// scaling) so that the backward op needs no recomputation of GEMMs.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "activations.h"
+
+namespace jacext {
+
+using at::Tensor;
+// A layer without bias passes an empty tensor: a list of optional tensors would stop autograd
+// from reaching the biases that are present.
+inline std::optional<Tensor> bias_at(at::TensorList biases, int64_t i) {
+  if (!biases[i].defined() || biases[i].numel() == 0) return std::nullopt;
+  return biases[i];
+}
+
+// Every op validates its MLP description the same way; messages say what was expected.
+inline void check_mlp(const Tensor& x, at::TensorList weights, at::TensorList biases,
+                      at::IntArrayRef activations, at::ArrayRef<double> act_params,
+                      int64_t layer) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(L >= 1, "jacext: expected at least one weight matrix, got none");
+  TORCH_CHECK(static_cast<int64_t>(biases.size()) == L, "jacext: expected ", L,
+              " biases (an empty tensor for a layer without bias), got ", biases.size());
+  TORCH_CHECK(static_cast<int64_t>(activations.size()) == L, "jacext: expected ", L,
+              " activation codes, got ", activations.size());
+  TORCH_CHECK(static_cast<int64_t>(act_params.size()) == 2 * L, "jacext: expected ", 2 * L,
+              " activation parameters (two per layer), got ", act_params.size());
+  TORCH_CHECK(x.dim() == 2, "jacext: expected x of shape (batch, features), got ", x.dim(),
+              "-d tensor of shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "jacext: expected x of dtype float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(layer >= 0 && layer < L, "jacext: layer must be in [0, ", L - 1,
+              "] (0 = input, l = output of the l-th activation), got ", layer);
+  int64_t width = x.size(1);
+  for (const auto i : c10::irange(L)) {
+    const Tensor& w = weights[i];
+    TORCH_CHECK(w.dim() == 2, "jacext: weight ", i, " must be 2-d (out, in), got shape ",
+                w.sizes());
+    TORCH_CHECK(w.size(1) == width, "jacext: weight ", i, " has shape ", w.sizes(),
+                " but its input has ", width, " features");
+    TORCH_CHECK(w.scalar_type() == x.scalar_type(), "jacext: weight ", i, " has dtype ",
+                w.scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK(w.device() == x.device(), "jacext: weight ", i, " is on ", w.device(),
+                " but x is on ", x.device());
+    width = w.size(0);
+    if (auto b = bias_at(biases, i)) {
+      TORCH_CHECK(b->dim() == 1 && b->size(0) == width, "jacext: bias ", i,
+                  " must have shape (", width, "), got ", b->sizes());
+      TORCH_CHECK(b->scalar_type() == x.scalar_type(), "jacext: bias ", i, " has dtype ",
+                  b->scalar_type(), " but x has ", x.scalar_type());
+      TORCH_CHECK(b->device() == x.device(), "jacext: bias ", i, " is on ", b->device(),
+                  " but x is on ", x.device());
+    }
+    TORCH_CHECK(activations[i] >= 0 && activations[i] < kNumActivations,
+                "jacext: unknown activation code ", activations[i], " for layer ", i);
+  }
+}
+
+template <class Kernels>
+struct MLPJacobian {
+  at::TensorList weights;
+  at::TensorList biases;
+  at::IntArrayRef activations;
+  at::ArrayRef<double> act_params;
+  int64_t layer;
+  bool forward_mode;
+
+  int64_t depth() const { return static_cast<int64_t>(weights.size()); }
+
+  std::tuple<Tensor, Tensor> activate(int64_t i, const Tensor& y) const {
+    return Kernels::activation_forward(y, activations[i], act_params[2 * i],
+                                       act_params[2 * i + 1]);
+  }
+
+  // h_0..h_L, pre-activations y_1..y_L and derivatives d_1..d_L.
+  void mlp_forward(const Tensor& x, std::vector<Tensor>& hs, std::vector<Tensor>& ys,
+                   std::vector<Tensor>& ds) const {
+    hs = {x};
+    for (const auto i : c10::irange(depth())) {
+      auto b = bias_at(biases, i);
+      Tensor y = b ? at::addmm(*b, hs.back(), weights[i].t()) : at::mm(hs.back(), weights[i].t());
+      auto [h, d] = activate(i, y);
+      ys.push_back(y);
+      hs.push_back(h);
+      ds.push_back(d);
+    }
+  }
+
+  // Jacobian carries, unscaled, in the order documented at the top of this file.
+  std::vector<Tensor> carries(const std::vector<Tensor>& ds) const {
+    const int64_t L = depth(), B = ds[0].size(0);
+    std::vector<Tensor> out;
+    if (!forward_mode) {
+      Tensor r = ds[L - 1].unsqueeze(2) * weights[L - 1].unsqueeze(0);
+      out.push_back(r);
+      for (int64_t i = L - 2; i >= layer; --i) {
+        Tensor s = r * ds[i].unsqueeze(1);
+        r = at::mm(s.reshape({-1, s.size(2)}), weights[i]).view({B, s.size(1), weights[i].size(1)});
+        out.push_back(r);
+      }
+    } else {
+      Tensor t = (weights[layer].t().unsqueeze(0) * ds[layer].unsqueeze(1)).contiguous();
+      for (int64_t i = layer + 1; i < L; ++i) {
+        Tensor u = at::mm(t.reshape({-1, t.size(2)}), weights[i].t()).view({B, t.size(1), weights[i].size(0)});
+        out.push_back(u);
+        t = u * ds[i].unsqueeze(1);
+      }
+    }
+    return out;
+  }
+
+  // Forward mode: U^(L), the last carry before its scaling by d[L-1]. With a single layer after
+  // `layer` there is no GEMM and U^(L) is W[layer]^T itself, broadcast over the batch.
+  Tensor last_unscaled(const std::vector<Tensor>& cs, const std::vector<Tensor>& ds) const {
+    if (!cs.empty()) return cs.back();
+    return weights[layer].t().unsqueeze(0).expand({ds[0].size(0), -1, -1});
+  }
+
+  // The final carry scaled: reverse gives J (B, m, n_l), forward gives J^T (B, n_l, m).
+  Tensor final_carry(const std::vector<Tensor>& cs, const std::vector<Tensor>& ds) const {
+    return forward_mode ? last_unscaled(cs, ds) * ds.back().unsqueeze(1) : cs.back();
+  }
+
+  // Adjoint sweep: given the adjoint of the final carry, accumulate the adjoints of d[layer..]
+  // (into adj_d) and of the weights (into grad_w, which starts undefined).
+  void carry_backward(Tensor adj, const std::vector<Tensor>& cs, const std::vector<Tensor>& ds,
+                      std::vector<Tensor>& adj_d, std::vector<Tensor>& grad_w) const {
+    const int64_t L = depth(), B = ds[0].size(0);
+    auto flat = [](const Tensor& t) { return t.reshape({-1, t.size(2)}); };
+    if (!forward_mode) {
+      // cs[j] = R^(L-1-j); R^(i) = (R^(i+1) * d[i]) W[i].
+      for (int64_t i = layer; i <= L - 2; ++i) {
+        const Tensor& r_next = cs[L - 2 - i];
+        Tensor s = r_next * ds[i].unsqueeze(1);
+        grad_w[i] = at::mm(flat(s).t(), flat(adj));
+        Tensor adj_s = at::mm(flat(adj), weights[i].t()).view({B, adj.size(1), weights[i].size(0)});
+        adj_d[i] = Kernels::rowwise_dot(r_next, adj_s);
+        adj = adj_s * ds[i].unsqueeze(1);
+      }
+      // R^(L-1) = d[L-1] (rows) * W[L-1].
+      adj_d[L - 1] = at::einsum("baj,aj->ba", {adj, weights[L - 1]});
+      grad_w[L - 1] = at::einsum("ba,baj->aj", {ds[L - 1], adj});
+    } else {
+      // cs[j] = U^(layer+2+j); T^(i) = U^(i) * d[i-1], U^(i+1) = T^(i) W[i]^T.
+      for (int64_t i = L; i >= layer + 2; --i) {
+        const Tensor& u = cs[i - layer - 2];
+        adj_d[i - 1] = Kernels::rowwise_dot(u, adj);
+        Tensor adj_u = adj * ds[i - 1].unsqueeze(1);
+        Tensor t_prev = i - 1 == layer + 1
+                            ? weights[layer].t().unsqueeze(0) * ds[layer].unsqueeze(1)
+                            : cs[i - layer - 3] * ds[i - 2].unsqueeze(1);
+        grad_w[i - 1] = at::mm(flat(adj_u).t(), flat(t_prev));
+        adj = at::mm(flat(adj_u), weights[i - 1]).view({B, adj.size(1), weights[i - 1].size(1)});
+      }
+      // T^(layer+1) = W[layer]^T * d[layer] (columns).
+      adj_d[layer] = at::einsum("brj,jr->bj", {adj, weights[layer]});
+      grad_w[layer] = at::einsum("bj,brj->jr", {ds[layer], adj});
+    }
+  }
+};
+
+template <class Kernels>
+std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
+    const Tensor& x, at::TensorList weights, at::TensorList biases,
+    at::IntArrayRef activations, at::ArrayRef<double> act_params, bool forward_mode) {
+  check_mlp(x, weights, biases, activations, act_params, 0);
+  MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, forward_mode};
+  std::vector<Tensor> hs, ys, ds;
+  net.mlp_forward(x, hs, ys, ds);
+  std::vector<Tensor> cs = net.carries(ds);
+  // Fused epilogue: the forward mode's last diagonal scaling happens inside the reduction.
+  Tensor sq = forward_mode ? Kernels::scaled_square_sum(net.last_unscaled(cs, ds), ds.back())
+                           : Kernels::scaled_square_sum(cs.back(), Tensor());
+  ys.insert(ys.end(), cs.begin(), cs.end());
+  return {hs.back(), sq, ys};
+}
+
+template <class Kernels>
+std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
+    const Tensor& x, at::TensorList weights, at::TensorList biases,
+    at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t layer,
+    bool forward_mode) {
+  check_mlp(x, weights, biases, activations, act_params, layer);
+  MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, forward_mode};
+  std::vector<Tensor> hs, ys, ds;
+  net.mlp_forward(x, hs, ys, ds);
+  std::vector<Tensor> cs = net.carries(ds);
+  Tensor final_carry = net.final_carry(cs, ds);
+  Tensor jac = forward_mode ? final_carry.transpose(1, 2).contiguous() : final_carry.clone();
+  ys.insert(ys.end(), cs.begin(), cs.end());
+  return {hs.back(), jac, ys};
+}
+
+// Gradients of  sum(grad_y * y) + sum(grad_sq * ||J||_F^2) + sum(grad_jac * J)  w.r.t. x, the
+// weights and the biases (a bias gradient is returned for every layer, with or without bias).
+template <class Kernels>
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backward(
+    const std::optional<Tensor>& grad_y, const std::optional<Tensor>& grad_sq,
+    const std::optional<Tensor>& grad_jac, const Tensor& x, at::TensorList weights,
+    at::TensorList biases, at::IntArrayRef activations,
+    at::ArrayRef<double> act_params, int64_t layer, bool forward_mode, at::TensorList saved) {
+  check_mlp(x, weights, biases, activations, act_params, layer);
+  MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, forward_mode};
+  const int64_t L = net.depth();
+  const int64_t n_carries = forward_mode ? L - layer - 1 : L - layer;
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == L + n_carries, "jacext: expected ",
+              L + n_carries, " saved tensors, got ", saved.size());
+  std::vector<Tensor> ys(saved.begin(), saved.begin() + L);
+  std::vector<Tensor> cs(saved.begin() + L, saved.end());
+  std::vector<Tensor> hs = {x}, ds;
+  for (const auto i : c10::irange(L)) {
+    auto [h, d] = net.activate(i, ys[i]);
+    hs.push_back(h);
+    ds.push_back(d);
+  }
+
+  std::vector<Tensor> adj_d(L), grad_w(L), grad_b(L);
+  const bool has_sq = grad_sq.has_value() && grad_sq->defined();
+  const bool has_jac = grad_jac.has_value() && grad_jac->defined();
+  if (has_sq || has_jac) {
+    Tensor adj;
+    if (has_sq) {
+      adj = net.final_carry(cs, ds) * (2 * *grad_sq).view({-1, 1, 1});
+    }
+    if (has_jac) {
+      Tensor g = forward_mode ? grad_jac->transpose(1, 2) : *grad_jac;
+      adj = adj.defined() ? adj + g : g.contiguous();
+    }
+    net.carry_backward(adj, cs, ds, adj_d, grad_w);
+  }
+
+  Tensor grad_h = grad_y.has_value() && grad_y->defined() ? *grad_y : at::zeros_like(hs.back());
+  for (int64_t i = L - 1; i >= 0; --i) {
+    Tensor g = Kernels::activation_backward(ys[i], grad_h, adj_d[i], activations[i],
+                                            act_params[2 * i], act_params[2 * i + 1]);
+    grad_w[i] = grad_w[i].defined() ? at::addmm(grad_w[i], g.t(), hs[i]) : at::mm(g.t(), hs[i]);
+    grad_b[i] = g.sum(0);
+    grad_h = at::mm(g, weights[i]);
+  }
+  return {grad_h, grad_w, grad_b};
+}
+
+}  // namespace jacext

@@ -1,0 +1,9 @@
+"""jacext: fused, exact Jacobian objectives for MLPs (compiled CPU and CUDA ops)."""
+from . import _ops as ops
+from .activations import SmoothLeakyReLU
+from .functional import METHODS, jacobian, jacobian_frobenius, jacobian_gram
+from .nn import MLP, parse_model
+
+__version__ = "0.1.0"
+__all__ = ["MLP", "SmoothLeakyReLU", "jacobian_frobenius", "jacobian", "jacobian_gram", "ops",
+           "parse_model", "METHODS"]

@@ -1,0 +1,204 @@
+"""The compiled ops: fake (meta) kernels, autograd formulas, and the op-level entry points.
+
+Autograd: the two forward ops differentiate through the backward op (compiled kernels); the
+backward op differentiates through reference.mlp_jacobian_backward_composite (torch ops), which
+gives the double backward and every higher order."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
+from . import activations as act
+from .reference import mlp_jacobian_backward_composite
+
+__all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "resolve_forward_mode"]
+
+_ops = torch.ops.jacext
+
+
+def _saved_shapes(x, weights, layer, forward_mode):
+    """Shapes of the `saved` outputs (layout documented in csrc/mlp_jacobian.h)."""
+    B, L = x.shape[0], len(weights)
+    widths = [x.shape[1]] + [w.shape[0] for w in weights]
+    shapes = [(B, widths[i + 1]) for i in range(L)]
+    if forward_mode:
+        shapes += [(B, widths[layer], widths[i]) for i in range(layer + 2, L + 1)]
+    else:
+        shapes += [(B, widths[-1], widths[i]) for i in range(L - 1, layer - 1, -1)]
+    return shapes
+
+
+@torch.library.register_fake("jacext::mlp_jacobian_frobenius")
+def _frobenius_fake(x, weights, biases, activations, act_params, forward_mode):
+    saved = [x.new_empty(s) for s in _saved_shapes(x, weights, 0, forward_mode)]
+    return x.new_empty(x.shape[0], weights[-1].shape[0]), x.new_empty(x.shape[0]), saved
+
+
+@torch.library.register_fake("jacext::mlp_jacobian")
+def _jacobian_fake(x, weights, biases, activations, act_params, layer, forward_mode):
+    saved = [x.new_empty(s) for s in _saved_shapes(x, weights, layer, forward_mode)]
+    widths = [x.shape[1]] + [w.shape[0] for w in weights]
+    return (x.new_empty(x.shape[0], widths[-1]), x.new_empty(x.shape[0], widths[-1], widths[layer]),
+            saved)
+
+
+@torch.library.register_fake("jacext::mlp_jacobian_backward")
+def _backward_fake(grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
+                   forward_mode, saved):
+    return (torch.empty_like(x), [w.new_empty(w.shape) for w in weights],
+            [w.new_empty(w.shape[0]) for w in weights])
+
+
+def bias_tensors(biases, weights):
+    """The op's bias list: an empty tensor stands for a layer without bias (None)."""
+    return [w.new_empty(0) if b is None else b for b, w in zip(biases, weights)]
+
+
+def _save_forward(ctx, x, weights, biases, activations, act_params, layer, forward_mode, saved):
+    ctx.config = (list(activations), list(act_params), layer, forward_mode)
+    ctx.n_layers = len(weights)
+    ctx.bias_present = [b.numel() > 0 for b in biases]
+    ctx.save_for_backward(x, *weights, *biases, *saved)
+    ctx.mark_non_differentiable(*saved)
+
+
+def _load_forward(ctx):
+    tensors = ctx.saved_tensors
+    L = ctx.n_layers
+    return tensors[0], list(tensors[1:1 + L]), list(tensors[1 + L:1 + 2 * L]), list(tensors[1 + 2 * L:])
+
+
+def _backward_via_op(ctx, grad_y, grad_sq, grad_jac):
+    x, weights, biases, saved = _load_forward(ctx)
+    activations, act_params, layer, forward_mode = ctx.config
+    grad_x, grad_w, grad_b = _ops.mlp_jacobian_backward(
+        grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
+        forward_mode, saved)
+    grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
+    return grad_x, list(grad_w), grad_b
+
+
+def _frobenius_setup(ctx, inputs, output):
+    x, weights, biases, activations, act_params, forward_mode = inputs
+    _save_forward(ctx, x, weights, biases, activations, act_params, 0, forward_mode, output[2])
+
+
+def _frobenius_backward(ctx, grad_y, grad_sq, grad_saved):
+    return (*_backward_via_op(ctx, grad_y, grad_sq, None), None, None, None)
+
+
+def _jacobian_setup(ctx, inputs, output):
+    x, weights, biases, activations, act_params, layer, forward_mode = inputs
+    _save_forward(ctx, x, weights, biases, activations, act_params, layer, forward_mode, output[2])
+
+
+def _jacobian_backward(ctx, grad_y, grad_jac, grad_saved):
+    return (*_backward_via_op(ctx, grad_y, None, grad_jac), None, None, None, None)
+
+
+def _backward_setup(ctx, inputs, output):
+    grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer, _, saved = inputs
+    ctx.config = (list(activations), list(act_params), layer)
+    ctx.n_saved = len(saved)
+    ctx.n_layers = len(weights)
+    ctx.bias_present = [b.numel() > 0 for b in biases]
+    ctx.grad_present = [g is not None for g in (grad_y, grad_sq, grad_jac)]
+    ctx.save_for_backward(*[g for g in (grad_y, grad_sq, grad_jac) if g is not None], x, *weights,
+                          *[b for b, present in zip(biases, ctx.bias_present) if present])
+
+
+def _backward_backward(ctx, gg_x, gg_w, gg_b):
+    tensors = iter(ctx.saved_tensors)
+    present_grads = [next(tensors) for present in ctx.grad_present if present]
+    x = next(tensors)
+    weights = [next(tensors) for _ in range(ctx.n_layers)]
+    present_biases = list(tensors)
+    activations, act_params, layer = ctx.config
+
+    def composite(present_grads, x, weights, present_biases):
+        grads, biases = iter(present_grads), iter(present_biases)
+        grad_y, grad_sq, grad_jac = [next(grads) if p else None for p in ctx.grad_present]
+        full_biases = [next(biases) if p else None for p in ctx.bias_present]
+        return mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, full_biases,
+                                               activations, act_params, layer)
+
+    outputs, vjp = torch.func.vjp(composite, present_grads, x, weights, present_biases)
+    gg_b_present = [g for g, present in zip(gg_b, ctx.bias_present) if present]
+    cotangents = (
+        torch.zeros_like(outputs[0]) if gg_x is None else gg_x,
+        [torch.zeros_like(o) if g is None else g for g, o in zip(gg_w, outputs[1])],
+        [torch.zeros_like(o) if g is None else g for g, o in zip(gg_b_present, outputs[2])],
+    )
+    g_grads, g_x, g_w, g_b = vjp(cotangents)
+    g_grads, g_b = iter(g_grads), iter(g_b)
+    grads_out = [next(g_grads) if present else None for present in ctx.grad_present]
+    g_biases = [next(g_b) if present else None for present in ctx.bias_present]
+    # No gradient flows into `saved`: the composite differentiates through x, weights and biases.
+    return (*grads_out, g_x, list(g_w), g_biases, None, None, None, None, [None] * ctx.n_saved)
+
+
+torch.library.register_autograd("jacext::mlp_jacobian_frobenius", _frobenius_backward,
+                                setup_context=_frobenius_setup)
+torch.library.register_autograd("jacext::mlp_jacobian", _jacobian_backward,
+                                setup_context=_jacobian_setup)
+torch.library.register_autograd("jacext::mlp_jacobian_backward", _backward_backward,
+                                setup_context=_backward_setup)
+
+
+ActivationSpec = Union[int, str]
+
+
+def _normalize_activations(activations: Sequence[ActivationSpec], act_params, n_layers):
+    codes = []
+    for a in activations:
+        if isinstance(a, str):
+            if a not in act.NAMES:
+                raise ValueError(f"unknown activation {a!r}; supported: {sorted(act.NAMES)}")
+            a = act.NAMES[a]
+        codes.append(int(a))
+    if len(codes) != n_layers:
+        raise ValueError(f"expected {n_layers} activations (one per weight), got {len(codes)}")
+    if act_params is None:
+        defaults = {act.LEAKY_RELU: [0.01, 0.0], act.SOFTPLUS: [1.0, 20.0], act.ELU: [1.0, 0.0],
+                    act.SMOOTH_LEAKY_RELU: [0.3, 0.0]}
+        act_params = [p for c in codes for p in defaults.get(c, [0.0, 0.0])]
+    return codes, [float(p) for p in act_params]
+
+
+def resolve_forward_mode(method: str, n_out: int, n_in: int) -> bool:
+    """Forward (columns) or reverse (rows) carrying for an exact method name; "auto" carries
+    whichever of the m output rows or n_in input columns is fewer."""
+    if method == "auto":
+        return n_out > n_in
+    if method in ("forward", "reverse"):
+        return method == "forward"
+    raise ValueError(f"unknown method {method!r} for the exact op; expected 'auto', 'reverse' or 'forward'")
+
+
+def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                           biases: Sequence[Optional[torch.Tensor]],
+                           activations: Sequence[ActivationSpec], act_params=None,
+                           method: str = "auto"):
+    """(y, sq): the MLP output and sq[b] = ||dy_b/dx_b||_F^2, in one fused op.
+
+    activations: one name or code per weight (e.g. ["tanh", "identity"]); act_params: two
+    floats per layer (slope / beta, threshold / alpha), torch's defaults when None."""
+    codes, params = _normalize_activations(activations, act_params, len(weights))
+    forward_mode = resolve_forward_mode(method, weights[-1].shape[0], weights[0].shape[1])
+    y, sq, _ = _ops.mlp_jacobian_frobenius(x, list(weights), bias_tensors(biases, weights), codes,
+                                           params, forward_mode)
+    return y, sq
+
+
+def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                 biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
+                 act_params=None, layer: int = 0, method: str = "auto"):
+    """(y, J): the MLP output and J[b] = dy_b/dh_layer,b of shape (B, m, n_layer)."""
+    codes, params = _normalize_activations(activations, act_params, len(weights))
+    n_layer = x.shape[1] if layer == 0 else weights[min(layer, len(weights)) - 1].shape[0]
+    forward_mode = resolve_forward_mode(method, weights[-1].shape[0], n_layer)
+    y, jac, _ = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
+                                  layer, forward_mode)
+    return y, jac

@@ -1,0 +1,90 @@
+"""Build jacext: a C++ extension, plus CUDA kernels when a GPU is visible or JACEXT_FORCE_CUDA=1.
+
+    pip install --no-build-isolation -e .          # compiles against the installed torch
+
+JACEXT_FORCE_CUDA=1 builds the CUDA kernels without a visible GPU (CI does, for sm_80 and sm_90
+unless TORCH_CUDA_ARCH_LIST says otherwise); JACEXT_FORCE_CPU=1 skips them even with a GPU.
+"""
+import glob
+import os
+import shutil
+import site
+import sys
+
+from setuptools import setup
+
+
+def find_cuda_home():
+    """The CUDA toolkit folder: $CUDA_HOME, else the folder of the nvcc on PATH (through any
+    wrapper script), else /usr/local/cuda. torch would guess /usr/local for a wrapper in
+    /usr/local/bin, which holds no CUDA headers."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for folder in candidates:
+        if folder and os.path.exists(os.path.join(folder, "include", "cuda_runtime.h")):
+            return folder
+    return None
+
+
+def pip_nvidia_includes():
+    """Headers of the pip nvidia wheels (cuBLAS, cuSPARSE, ...) that the CUDA torch's headers
+    include, when they are installed beside torch."""
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    found = []
+    for root in roots:
+        found += glob.glob(os.path.join(root, "nvidia", "cu1*", "include"))
+        found += glob.glob(os.path.join(root, "nvidia", "*", "include"))
+    return sorted(set(f for f in found if os.path.isdir(f)))
+
+
+force_cuda = os.environ.get("JACEXT_FORCE_CUDA") == "1"
+force_cpu = os.environ.get("JACEXT_FORCE_CPU") == "1"
+if force_cuda and not force_cpu and "CUDA_HOME" not in os.environ:
+    cuda_home = find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home
+
+import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it on import)
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+if not force_cpu and "CUDA_HOME" not in os.environ and torch.cuda.is_available():
+    cuda_home = find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home
+
+use_cuda = not force_cpu and (force_cuda or torch.cuda.is_available())
+if use_cuda and torch.version.cuda is None:
+    sys.exit("jacext: a CUDA build was asked for, but the installed torch is a CPU build")
+
+here = os.path.dirname(os.path.abspath(__file__))
+sources = [os.path.join("csrc", "jacext.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+cxx_flags = ["-O3"]
+if use_cuda:
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    includes = pip_nvidia_includes()
+    extension = CUDAExtension(
+        "jacext._C",
+        sources,
+        include_dirs=[os.path.join(here, "csrc")] + includes,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+    )
+    print(f"jacext: building CPU + CUDA kernels (CUDA_HOME={os.environ.get('CUDA_HOME')}, "
+          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')}, "
+          f"{len(includes)} pip nvidia include folders)")
+else:
+    extension = CppExtension(
+        "jacext._C", sources, include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+    )
+    print("jacext: building CPU kernels only"
+          + (" (JACEXT_FORCE_CPU=1)" if force_cpu else " (no GPU visible; JACEXT_FORCE_CUDA=1 adds CUDA)"))
+
+setup(
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,135 @@
+"""gradcheck, gradgradcheck, opcheck and torch.compile on the registered ops."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jacext
+from jacext import activations as act
+from helpers import ACTIVATION_IDS
+
+WIDTHS = (3, 4, 5, 2)
+PARAMS = {"leaky_relu": (0.2, 0.0), "softplus": (1.5, 2.0), "elu": (0.7, 0.0), "smooth_leaky_relu": (0.3, 0.0)}
+
+
+def random_mlp(activation, device, widths=WIDTHS, bias=(True, False, True), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weights, biases = [], []
+    for (n_in, n_out), has_bias in zip(zip(widths[:-1], widths[1:]), bias):
+        weights.append((torch.randn(n_out, n_in, generator=g, dtype=torch.float64) * 0.9).to(device))
+        biases.append((torch.randn(n_out, generator=g, dtype=torch.float64) * 0.5).to(device) if has_bias else None)
+    code = act.NAMES[activation]
+    codes = [code] * (len(weights) - 1) + [act.SIGMOID]  # a non-identity output activation too
+    params = [p for _ in range(len(weights) - 1) for p in PARAMS.get(activation, (0.0, 0.0))] + [0.0, 0.0]
+    x = torch.randn(4, widths[0], generator=g, dtype=torch.float64).to(device)
+    return x, weights, biases, codes, params
+
+
+def leaves(x, weights, biases):
+    return [t.requires_grad_() for t in [x, *weights, *[b for b in biases if b is not None]]]
+
+
+def frobenius_fn(weights, biases, codes, params, method):
+    n = len(weights)
+    present = [i for i, b in enumerate(biases) if b is not None]
+
+    def fn(x, *flat):
+        ws, bs = list(flat[:n]), [None] * n
+        for i, b in zip(present, flat[n:]):
+            bs[i] = b
+        return jacext.ops.mlp_jacobian_frobenius(x, ws, bs, codes, params, method=method)
+
+    return fn
+
+
+def jacobian_fn(weights, biases, codes, params, layer):
+    n = len(weights)
+    present = [i for i, b in enumerate(biases) if b is not None]
+
+    def fn(x, *flat):
+        ws, bs = list(flat[:n]), [None] * n
+        for i, b in zip(present, flat[n:]):
+            bs[i] = b
+        return jacext.ops.mlp_jacobian(x, ws, bs, codes, params, layer=layer)
+
+    return fn
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+@pytest.mark.parametrize("activation", ACTIVATION_IDS)
+def test_gradcheck_and_gradgradcheck_penalty(activation, method, device):
+    x, weights, biases, codes, params = random_mlp(activation, device)
+    inputs = leaves(x, weights, biases)
+    fn = frobenius_fn(weights, biases, codes, params, method)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "softplus", "smooth_leaky_relu"])
+def test_gradcheck_and_gradgradcheck_layer_jacobian(activation, layer, device):
+    x, weights, biases, codes, params = random_mlp(activation, device)
+    inputs = leaves(x, weights, biases)
+    fn = jacobian_fn(weights, biases, codes, params, layer)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def op_args(device, forward_mode, layer=None):
+    x, weights, biases, codes, params = random_mlp("tanh", device)
+    biases = jacext.ops.bias_tensors(biases, weights)
+    for t in [x, *weights, biases[0], biases[2]]:
+        t.requires_grad_()
+    if layer is None:
+        return (x, weights, biases, codes, params, forward_mode)
+    return (x, weights, biases, codes, params, layer, forward_mode)
+
+
+@pytest.mark.parametrize("forward_mode", [False, True])
+def test_opcheck_frobenius(forward_mode, device):
+    torch.library.opcheck(torch.ops.jacext.mlp_jacobian_frobenius.default, op_args(device, forward_mode))
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("forward_mode", [False, True])
+def test_opcheck_jacobian(forward_mode, layer, device):
+    torch.library.opcheck(torch.ops.jacext.mlp_jacobian.default, op_args(device, forward_mode, layer))
+
+
+@pytest.mark.parametrize("with_jac", [False, True])
+@pytest.mark.parametrize("forward_mode", [False, True])
+def test_opcheck_backward(forward_mode, with_jac, device):
+    x, weights, biases, codes, params, *rest = op_args(device, forward_mode, layer=1 if with_jac else None)
+    with torch.no_grad():
+        if with_jac:
+            y, out, saved = torch.ops.jacext.mlp_jacobian(x, weights, biases, codes, params, 1, forward_mode)
+        else:
+            y, out, saved = torch.ops.jacext.mlp_jacobian_frobenius(x, weights, biases, codes, params, forward_mode)
+    grad_y = torch.randn_like(y).requires_grad_()
+    grad_out = torch.randn_like(out).requires_grad_()
+    grad_sq, grad_jac = (None, grad_out) if with_jac else (grad_out, None)
+    args = (grad_y, grad_sq, grad_jac, x, weights, biases, codes, params, 1 if with_jac else 0, forward_mode,
+            list(saved))
+    torch.library.opcheck(torch.ops.jacext.mlp_jacobian_backward.default, args)
+
+
+def test_compiled_training_step_matches_eager(device):
+    torch.manual_seed(0)
+    model = jacext.MLP([12, 16, 16, 5], activation="tanh").to(device)
+    x = torch.randn(32, 12, device=device)
+    target = torch.randint(0, 5, (32,), device=device)
+
+    def loss_fn(x, target):
+        y, sq = jacext.jacobian_frobenius(model, x)
+        return F.cross_entropy(y, target) + 0.05 * sq.mean()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    eager_loss = loss_fn(x, target)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled_loss = compiled(x, target)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    optimizer.step()
+    assert compiled(x, target).item() < compiled_loss.item()
