@@ -30,13 +30,10 @@ def find_cuda_home():
 
 
 def pip_nvidia_includes():
-    """Headers of the pip nvidia wheels (cuBLAS, cuSPARSE, ...) that the CUDA torch's headers
-    include, when they are installed beside torch."""
+    """The pip CUDA wheels' header folder (nvidia/cu13/include: cuBLAS, cuSPARSE, ...), which the
+    CUDA torch's headers include, when it is installed beside torch."""
     roots = site.getsitepackages() + [site.getusersitepackages()]
-    found = []
-    for root in roots:
-        found += glob.glob(os.path.join(root, "nvidia", "cu1*", "include"))
-        found += glob.glob(os.path.join(root, "nvidia", "*", "include"))
+    found = [f for root in roots for f in glob.glob(os.path.join(root, "nvidia", "cu1*", "include"))]
     return sorted(set(f for f in found if os.path.isdir(f)))
 
 
@@ -75,7 +72,7 @@ if use_cuda:
     )
     print(f"jacext: building CPU + CUDA kernels (CUDA_HOME={os.environ.get('CUDA_HOME')}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')}, "
-          f"{len(includes)} pip nvidia include folders)")
+          f"pip CUDA headers: {includes or 'none'})")
 else:
     extension = CppExtension(
         "jacext._C", sources, include_dirs=[os.path.join(here, "csrc")],

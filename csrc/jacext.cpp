@@ -10,20 +10,22 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 // biases: one per layer; an empty tensor stands for a layer without bias.
+// strategy: 0 reverse, 1 forward, 2 reverse with Gram epilogue (Frobenius only); see
+// mlp_jacobian.h.
 TORCH_LIBRARY(jacext, m) {
   // y = mlp(x) and sq[b] = ||d y_b / d x_b||_F^2; `saved` feeds mlp_jacobian_backward.
   m.def(
       "mlp_jacobian_frobenius(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
-      "float[] act_params, bool forward_mode) -> (Tensor y, Tensor sq, Tensor[] saved)");
+      "float[] act_params, int strategy) -> (Tensor y, Tensor sq, Tensor[] saved)");
   // y = mlp(x) and jac[b] = d y_b / d h_layer,b  (B, m, n_layer).
   m.def(
       "mlp_jacobian(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
-      "float[] act_params, int layer, bool forward_mode) -> (Tensor y, Tensor jac, "
+      "float[] act_params, int layer, int strategy) -> (Tensor y, Tensor jac, "
       "Tensor[] saved)");
   // Gradients of sum(grad_y*y) + sum(grad_sq*sq) + sum(grad_jac*jac) w.r.t. x, weights, biases.
   m.def(
       "mlp_jacobian_backward(Tensor? grad_y, Tensor? grad_sq, Tensor? grad_jac, Tensor x, "
       "Tensor[] weights, Tensor[] biases, int[] activations, float[] act_params, int layer, "
-      "bool forward_mode, Tensor[] saved) -> (Tensor grad_x, Tensor[] grad_weights, "
+      "int strategy, Tensor[] saved) -> (Tensor grad_x, Tensor[] grad_weights, "
       "Tensor[] grad_biases)");
 }

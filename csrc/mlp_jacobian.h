@@ -10,9 +10,15 @@
 // the scaled square-sum, the row-wise dot of the backward) are the device's own kernels, passed
 // in as `Kernels` (cpu/mlp_jacobian_cpu.cpp, cuda/mlp_jacobian_cuda.cu).
 //
+// For the Frobenius norm, reverse mode can end without ever forming J (kReverseGram): with
+// S = R^(1) D_1 the last step is J = S W_1, and ||S W_1||^2 = sum((S G) * S) with G = W_1 W_1^T
+// computed once per batch: m*n_1^2 instead of m*n_1*n_0 multiply-adds per sample (and likewise
+// in the backward), the cheaper one when the first layer narrows (n_1 < n_0).
+//
 // The forward ops also return `saved`: the pre-activations y_1..y_L followed by the carries
 // (reverse: R^(L-1), ..., R^(l); forward: U^(l+2), ..., U^(L), all before their diagonal
-// scaling) so that the backward op needs no recomputation of GEMMs.
+// scaling; kReverseGram: R^(L-1), ..., R^(1), then P = S G) so that the backward op needs no
+// recomputation of GEMMs.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
@@ -26,6 +32,8 @@
 namespace jacext {
 
 using at::Tensor;
+
+enum Strategy : int64_t { kReverse = 0, kForward = 1, kReverseGram = 2 };
 // A layer without bias passes an empty tensor: a list of optional tensors would stop autograd
 // from reaching the biases that are present.
 inline std::optional<Tensor> bias_at(at::TensorList biases, int64_t i) {
@@ -36,7 +44,7 @@ inline std::optional<Tensor> bias_at(at::TensorList biases, int64_t i) {
 // Every op validates its MLP description the same way; messages say what was expected.
 inline void check_mlp(const Tensor& x, at::TensorList weights, at::TensorList biases,
                       at::IntArrayRef activations, at::ArrayRef<double> act_params,
-                      int64_t layer) {
+                      int64_t layer, int64_t strategy) {
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(L >= 1, "jacext: expected at least one weight matrix, got none");
   TORCH_CHECK(static_cast<int64_t>(biases.size()) == L, "jacext: expected ", L,
@@ -51,6 +59,12 @@ inline void check_mlp(const Tensor& x, at::TensorList weights, at::TensorList bi
               "jacext: expected x of dtype float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(layer >= 0 && layer < L, "jacext: layer must be in [0, ", L - 1,
               "] (0 = input, l = output of the l-th activation), got ", layer);
+  TORCH_CHECK(strategy >= kReverse && strategy <= kReverseGram,
+              "jacext: strategy must be 0 (reverse), 1 (forward) or 2 (reverse with Gram "
+              "epilogue), got ", strategy);
+  TORCH_CHECK(strategy != kReverseGram || (layer == 0 && L >= 2),
+              "jacext: the Gram epilogue needs the Jacobian w.r.t. the input of a net with at "
+              "least two layers");
   int64_t width = x.size(1);
   for (const auto i : c10::irange(L)) {
     const Tensor& w = weights[i];
@@ -83,9 +97,12 @@ struct MLPJacobian {
   at::IntArrayRef activations;
   at::ArrayRef<double> act_params;
   int64_t layer;
-  bool forward_mode;
+  int64_t strategy;
 
   int64_t depth() const { return static_cast<int64_t>(weights.size()); }
+  bool forward_mode() const { return strategy == kForward; }
+  // Reverse carries stop at R^(last_carried); kReverseGram leaves the last GEMM to the epilogue.
+  int64_t last_carried() const { return strategy == kReverseGram ? layer + 1 : layer; }
 
   std::tuple<Tensor, Tensor> activate(int64_t i, const Tensor& y) const {
     return Kernels::activation_forward(y, activations[i], act_params[2 * i],
@@ -110,10 +127,10 @@ struct MLPJacobian {
   std::vector<Tensor> carries(const std::vector<Tensor>& ds) const {
     const int64_t L = depth(), B = ds[0].size(0);
     std::vector<Tensor> out;
-    if (!forward_mode) {
+    if (!forward_mode()) {
       Tensor r = ds[L - 1].unsqueeze(2) * weights[L - 1].unsqueeze(0);
       out.push_back(r);
-      for (int64_t i = L - 2; i >= layer; --i) {
+      for (int64_t i = L - 2; i >= last_carried(); --i) {
         Tensor s = r * ds[i].unsqueeze(1);
         r = at::mm(s.reshape({-1, s.size(2)}), weights[i]).view({B, s.size(1), weights[i].size(1)});
         out.push_back(r);
@@ -129,6 +146,13 @@ struct MLPJacobian {
     return out;
   }
 
+  // kReverseGram: S = R^(1) D_1 and P = S (W_1 W_1^T), so that ||J||^2 = sum(P * S) per sample.
+  Tensor gram_epilogue(const Tensor& r1, const Tensor& d0) const {
+    Tensor s = r1 * d0.unsqueeze(1);
+    Tensor gram = at::mm(weights[0], weights[0].t());
+    return at::mm(s.reshape({-1, s.size(2)}), gram).view(s.sizes());
+  }
+
   // Forward mode: U^(L), the last carry before its scaling by d[L-1]. With a single layer after
   // `layer` there is no GEMM and U^(L) is W[layer]^T itself, broadcast over the batch.
   Tensor last_unscaled(const std::vector<Tensor>& cs, const std::vector<Tensor>& ds) const {
@@ -138,22 +162,26 @@ struct MLPJacobian {
 
   // The final carry scaled: reverse gives J (B, m, n_l), forward gives J^T (B, n_l, m).
   Tensor final_carry(const std::vector<Tensor>& cs, const std::vector<Tensor>& ds) const {
-    return forward_mode ? last_unscaled(cs, ds) * ds.back().unsqueeze(1) : cs.back();
+    return forward_mode() ? last_unscaled(cs, ds) * ds.back().unsqueeze(1) : cs.back();
   }
 
-  // Adjoint sweep: given the adjoint of the final carry, accumulate the adjoints of d[layer..]
-  // (into adj_d) and of the weights (into grad_w, which starts undefined).
+  // Adjoint sweep: given the adjoint of the final carry (for kReverseGram: of S = R^(1) D_1,
+  // with grad_w[0] already set), accumulate the adjoints of d[layer..] (into adj_d) and of the
+  // weights (into grad_w).
   void carry_backward(Tensor adj, const std::vector<Tensor>& cs, const std::vector<Tensor>& ds,
                       std::vector<Tensor>& adj_d, std::vector<Tensor>& grad_w) const {
     const int64_t L = depth(), B = ds[0].size(0);
     auto flat = [](const Tensor& t) { return t.reshape({-1, t.size(2)}); };
-    if (!forward_mode) {
+    if (!forward_mode()) {
       // cs[j] = R^(L-1-j); R^(i) = (R^(i+1) * d[i]) W[i].
       for (int64_t i = layer; i <= L - 2; ++i) {
         const Tensor& r_next = cs[L - 2 - i];
-        Tensor s = r_next * ds[i].unsqueeze(1);
-        grad_w[i] = at::mm(flat(s).t(), flat(adj));
-        Tensor adj_s = at::mm(flat(adj), weights[i].t()).view({B, adj.size(1), weights[i].size(0)});
+        Tensor adj_s = adj;  // kReverseGram enters the loop with the adjoint of S^(layer+1)
+        if (strategy != kReverseGram || i > layer) {
+          Tensor s = r_next * ds[i].unsqueeze(1);
+          grad_w[i] = at::mm(flat(s).t(), flat(adj));
+          adj_s = at::mm(flat(adj), weights[i].t()).view({B, adj.size(1), weights[i].size(0)});
+        }
         adj_d[i] = Kernels::rowwise_dot(r_next, adj_s);
         adj = adj_s * ds[i].unsqueeze(1);
       }
@@ -182,15 +210,22 @@ struct MLPJacobian {
 template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
-    at::IntArrayRef activations, at::ArrayRef<double> act_params, bool forward_mode) {
-  check_mlp(x, weights, biases, activations, act_params, 0);
-  MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, forward_mode};
+    at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy) {
+  check_mlp(x, weights, biases, activations, act_params, 0, strategy);
+  MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, strategy};
   std::vector<Tensor> hs, ys, ds;
   net.mlp_forward(x, hs, ys, ds);
   std::vector<Tensor> cs = net.carries(ds);
-  // Fused epilogue: the forward mode's last diagonal scaling happens inside the reduction.
-  Tensor sq = forward_mode ? Kernels::scaled_square_sum(net.last_unscaled(cs, ds), ds.back())
-                           : Kernels::scaled_square_sum(cs.back(), Tensor());
+  Tensor sq;
+  if (strategy == kReverseGram) {
+    Tensor p = net.gram_epilogue(cs.back(), ds[0]);
+    sq = Kernels::rowwise_dot(p, cs.back() * ds[0].unsqueeze(1)).sum(1);
+    cs.push_back(p);
+  } else {
+    // Fused epilogue: the forward mode's last diagonal scaling happens inside the reduction.
+    sq = net.forward_mode() ? Kernels::scaled_square_sum(net.last_unscaled(cs, ds), ds.back())
+                            : Kernels::scaled_square_sum(cs.back(), Tensor());
+  }
   ys.insert(ys.end(), cs.begin(), cs.end());
   return {hs.back(), sq, ys};
 }
@@ -199,14 +234,16 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t layer,
-    bool forward_mode) {
-  check_mlp(x, weights, biases, activations, act_params, layer);
-  MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, forward_mode};
+    int64_t strategy) {
+  check_mlp(x, weights, biases, activations, act_params, layer, strategy);
+  TORCH_CHECK(strategy != kReverseGram, "jacext: mlp_jacobian forms J; strategy 2 (Gram "
+              "epilogue) is for the Frobenius norm only");
+  MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy};
   std::vector<Tensor> hs, ys, ds;
   net.mlp_forward(x, hs, ys, ds);
   std::vector<Tensor> cs = net.carries(ds);
   Tensor final_carry = net.final_carry(cs, ds);
-  Tensor jac = forward_mode ? final_carry.transpose(1, 2).contiguous() : final_carry.clone();
+  Tensor jac = net.forward_mode() ? final_carry.transpose(1, 2).contiguous() : final_carry.clone();
   ys.insert(ys.end(), cs.begin(), cs.end());
   return {hs.back(), jac, ys};
 }
@@ -217,12 +254,12 @@ template <class Kernels>
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backward(
     const std::optional<Tensor>& grad_y, const std::optional<Tensor>& grad_sq,
     const std::optional<Tensor>& grad_jac, const Tensor& x, at::TensorList weights,
-    at::TensorList biases, at::IntArrayRef activations,
-    at::ArrayRef<double> act_params, int64_t layer, bool forward_mode, at::TensorList saved) {
-  check_mlp(x, weights, biases, activations, act_params, layer);
-  MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, forward_mode};
+    at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
+    int64_t layer, int64_t strategy, at::TensorList saved) {
+  check_mlp(x, weights, biases, activations, act_params, layer, strategy);
+  MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy};
   const int64_t L = net.depth();
-  const int64_t n_carries = forward_mode ? L - layer - 1 : L - layer;
+  const int64_t n_carries = net.forward_mode() ? L - layer - 1 : L - layer;
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == L + n_carries, "jacext: expected ",
               L + n_carries, " saved tensors, got ", saved.size());
   std::vector<Tensor> ys(saved.begin(), saved.begin() + L);
@@ -237,13 +274,24 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
   std::vector<Tensor> adj_d(L), grad_w(L), grad_b(L);
   const bool has_sq = grad_sq.has_value() && grad_sq->defined();
   const bool has_jac = grad_jac.has_value() && grad_jac->defined();
-  if (has_sq || has_jac) {
+  TORCH_CHECK(strategy != kReverseGram || !has_jac,
+              "jacext: strategy 2 (Gram epilogue) never forms J, so J has no gradient");
+  if (strategy == kReverseGram && has_sq) {
+    // sum_b g_b tr(S_b G S_b^T), G = W_1 W_1^T: d/dS_b = 2 g_b P_b, d/dW_1 = 2 (S^T g S) W_1.
+    Tensor p = cs.back();
+    cs.pop_back();
+    Tensor s = cs.back() * ds[0].unsqueeze(1);
+    Tensor g = grad_sq->view({-1, 1, 1});
+    Tensor weighted = at::mm((s * g).reshape({-1, s.size(2)}).t(), s.reshape({-1, s.size(2)}));
+    grad_w[0] = 2 * at::mm(weighted, weights[0]);
+    net.carry_backward(p * (2 * g), cs, ds, adj_d, grad_w);
+  } else if (has_sq || has_jac) {
     Tensor adj;
     if (has_sq) {
       adj = net.final_carry(cs, ds) * (2 * *grad_sq).view({-1, 1, 1});
     }
     if (has_jac) {
-      Tensor g = forward_mode ? grad_jac->transpose(1, 2) : *grad_jac;
+      Tensor g = net.forward_mode() ? grad_jac->transpose(1, 2) : *grad_jac;
       adj = adj.defined() ? adj + g : g.contiguous();
     }
     net.carry_backward(adj, cs, ds, adj_d, grad_w);

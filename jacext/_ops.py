@@ -13,32 +13,39 @@ from . import _C  # noqa: F401  (loading the library registers the schemas and k
 from . import activations as act
 from .reference import mlp_jacobian_backward_composite
 
-__all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "resolve_forward_mode"]
+__all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "resolve_strategy", "REVERSE", "FORWARD",
+           "REVERSE_GRAM"]
 
 _ops = torch.ops.jacext
 
+# The op's `strategy` argument (csrc/mlp_jacobian.h): carry the m output rows back, carry the
+# n_layer input columns forward, or carry rows back and end with the Gram epilogue (Frobenius only).
+REVERSE, FORWARD, REVERSE_GRAM = 0, 1, 2
 
-def _saved_shapes(x, weights, layer, forward_mode):
+
+def _saved_shapes(x, weights, layer, strategy):
     """Shapes of the `saved` outputs (layout documented in csrc/mlp_jacobian.h)."""
     B, L = x.shape[0], len(weights)
     widths = [x.shape[1]] + [w.shape[0] for w in weights]
     shapes = [(B, widths[i + 1]) for i in range(L)]
-    if forward_mode:
+    if strategy == FORWARD:
         shapes += [(B, widths[layer], widths[i]) for i in range(layer + 2, L + 1)]
     else:
         shapes += [(B, widths[-1], widths[i]) for i in range(L - 1, layer - 1, -1)]
+        if strategy == REVERSE_GRAM:  # P = S G replaces J: (B, m, n_1)
+            shapes[-1] = (B, widths[-1], widths[1])
     return shapes
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_frobenius")
-def _frobenius_fake(x, weights, biases, activations, act_params, forward_mode):
-    saved = [x.new_empty(s) for s in _saved_shapes(x, weights, 0, forward_mode)]
+def _frobenius_fake(x, weights, biases, activations, act_params, strategy):
+    saved = [x.new_empty(s) for s in _saved_shapes(x, weights, 0, strategy)]
     return x.new_empty(x.shape[0], weights[-1].shape[0]), x.new_empty(x.shape[0]), saved
 
 
 @torch.library.register_fake("jacext::mlp_jacobian")
-def _jacobian_fake(x, weights, biases, activations, act_params, layer, forward_mode):
-    saved = [x.new_empty(s) for s in _saved_shapes(x, weights, layer, forward_mode)]
+def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy):
+    saved = [x.new_empty(s) for s in _saved_shapes(x, weights, layer, strategy)]
     widths = [x.shape[1]] + [w.shape[0] for w in weights]
     return (x.new_empty(x.shape[0], widths[-1]), x.new_empty(x.shape[0], widths[-1], widths[layer]),
             saved)
@@ -46,7 +53,7 @@ def _jacobian_fake(x, weights, biases, activations, act_params, layer, forward_m
 
 @torch.library.register_fake("jacext::mlp_jacobian_backward")
 def _backward_fake(grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-                   forward_mode, saved):
+                   strategy, saved):
     return (torch.empty_like(x), [w.new_empty(w.shape) for w in weights],
             [w.new_empty(w.shape[0]) for w in weights])
 
@@ -56,8 +63,8 @@ def bias_tensors(biases, weights):
     return [w.new_empty(0) if b is None else b for b, w in zip(biases, weights)]
 
 
-def _save_forward(ctx, x, weights, biases, activations, act_params, layer, forward_mode, saved):
-    ctx.config = (list(activations), list(act_params), layer, forward_mode)
+def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, saved):
+    ctx.config = (list(activations), list(act_params), layer, strategy)
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
     ctx.save_for_backward(x, *weights, *biases, *saved)
@@ -72,17 +79,17 @@ def _load_forward(ctx):
 
 def _backward_via_op(ctx, grad_y, grad_sq, grad_jac):
     x, weights, biases, saved = _load_forward(ctx)
-    activations, act_params, layer, forward_mode = ctx.config
+    activations, act_params, layer, strategy = ctx.config
     grad_x, grad_w, grad_b = _ops.mlp_jacobian_backward(
         grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-        forward_mode, saved)
+        strategy, saved)
     grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
     return grad_x, list(grad_w), grad_b
 
 
 def _frobenius_setup(ctx, inputs, output):
-    x, weights, biases, activations, act_params, forward_mode = inputs
-    _save_forward(ctx, x, weights, biases, activations, act_params, 0, forward_mode, output[2])
+    x, weights, biases, activations, act_params, strategy = inputs
+    _save_forward(ctx, x, weights, biases, activations, act_params, 0, strategy, output[2])
 
 
 def _frobenius_backward(ctx, grad_y, grad_sq, grad_saved):
@@ -90,8 +97,8 @@ def _frobenius_backward(ctx, grad_y, grad_sq, grad_saved):
 
 
 def _jacobian_setup(ctx, inputs, output):
-    x, weights, biases, activations, act_params, layer, forward_mode = inputs
-    _save_forward(ctx, x, weights, biases, activations, act_params, layer, forward_mode, output[2])
+    x, weights, biases, activations, act_params, layer, strategy = inputs
+    _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, output[2])
 
 
 def _jacobian_backward(ctx, grad_y, grad_jac, grad_saved):
@@ -167,13 +174,19 @@ def _normalize_activations(activations: Sequence[ActivationSpec], act_params, n_
     return codes, [float(p) for p in act_params]
 
 
-def resolve_forward_mode(method: str, n_out: int, n_in: int) -> bool:
-    """Forward (columns) or reverse (rows) carrying for an exact method name; "auto" carries
-    whichever of the m output rows or n_in input columns is fewer."""
+def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobenius: bool = True) -> int:
+    """The op strategy for an exact method name and the layer widths [n_0, ..., n_L].
+
+    "auto" carries whichever of the m output rows or n_layer input columns is fewer. "reverse"
+    for the Frobenius norm ends with the Gram epilogue when the first layer narrows (n_1 < n_0):
+    fewer multiply-adds, the same exact value."""
     if method == "auto":
-        return n_out > n_in
-    if method in ("forward", "reverse"):
-        return method == "forward"
+        method = "forward" if widths[-1] > widths[layer] else "reverse"
+    if method == "forward":
+        return FORWARD
+    if method == "reverse":
+        narrows = len(widths) >= 3 and widths[1] < widths[0]
+        return REVERSE_GRAM if frobenius and layer == 0 and narrows else REVERSE
     raise ValueError(f"unknown method {method!r} for the exact op; expected 'auto', 'reverse' or 'forward'")
 
 
@@ -186,9 +199,10 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     activations: one name or code per weight (e.g. ["tanh", "identity"]); act_params: two
     floats per layer (slope / beta, threshold / alpha), torch's defaults when None."""
     codes, params = _normalize_activations(activations, act_params, len(weights))
-    forward_mode = resolve_forward_mode(method, weights[-1].shape[0], weights[0].shape[1])
+    widths = [weights[0].shape[1]] + [w.shape[0] for w in weights]
+    strategy = resolve_strategy(method, widths)
     y, sq, _ = _ops.mlp_jacobian_frobenius(x, list(weights), bias_tensors(biases, weights), codes,
-                                           params, forward_mode)
+                                           params, strategy)
     return y, sq
 
 
@@ -197,8 +211,10 @@ def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
                  act_params=None, layer: int = 0, method: str = "auto"):
     """(y, J): the MLP output and J[b] = dy_b/dh_layer,b of shape (B, m, n_layer)."""
     codes, params = _normalize_activations(activations, act_params, len(weights))
-    n_layer = x.shape[1] if layer == 0 else weights[min(layer, len(weights)) - 1].shape[0]
-    forward_mode = resolve_forward_mode(method, weights[-1].shape[0], n_layer)
+    widths = [weights[0].shape[1]] + [w.shape[0] for w in weights]
+    if not 0 <= layer < len(weights):
+        raise ValueError(f"layer must be in [0, {len(weights) - 1}], got {layer}")
+    strategy = resolve_strategy(method, widths, layer, frobenius=False)
     y, jac, _ = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                  layer, forward_mode)
+                                  layer, strategy)
     return y, jac

@@ -25,8 +25,9 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     """(y, sq): y == model(x) (B, m) and sq[b] = ||dy_b/dx_b||_F^2 (B,), exact.
 
     method: "auto" (reverse when m <= n_0, else forward), "reverse" (carry the m output rows
-    back), "forward" (carry the n_0 input columns forward), or "autograd" (torch.func
-    vmap(jacrev): any module, slow). Differentiable twice w.r.t. x and the parameters."""
+    back; when the first layer narrows, end with the Gram epilogue instead of forming J),
+    "forward" (carry the n_0 input columns forward), or "autograd" (torch.func vmap(jacrev):
+    any module, slow). Differentiable twice w.r.t. x and the parameters."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if n_proj != 1 or generator is not None:
@@ -35,9 +36,10 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
         return jacobian_frobenius_ref(model, x)
     spec = parse_model(model)
     _check_input(spec, x)
-    forward_mode = _ops.resolve_forward_mode(method, spec.widths[-1], spec.widths[0])
+    strategy = _ops.resolve_strategy(method, spec.widths)
     y, sq, _ = torch.ops.jacext.mlp_jacobian_frobenius(
-        x, spec.weights, _ops.bias_tensors(spec.biases, spec.weights), spec.activations, spec.act_params, forward_mode)
+        x, spec.weights, _ops.bias_tensors(spec.biases, spec.weights), spec.activations,
+        spec.act_params, strategy)
     return y, sq
 
 
@@ -49,9 +51,10 @@ def jacobian(model, x: torch.Tensor, layer: int = 0) -> torch.Tensor:
     n_layers = len(spec.weights)
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer must be in [0, {n_layers - 1}] for a model with {n_layers} Linear layers, got {layer}")
-    forward_mode = _ops.resolve_forward_mode("auto", spec.widths[-1], spec.widths[layer])
+    strategy = _ops.resolve_strategy("auto", spec.widths, layer, frobenius=False)
     _, jac, _ = torch.ops.jacext.mlp_jacobian(
-        x, spec.weights, _ops.bias_tensors(spec.biases, spec.weights), spec.activations, spec.act_params, layer, forward_mode)
+        x, spec.weights, _ops.bias_tensors(spec.biases, spec.weights), spec.activations,
+        spec.act_params, layer, strategy)
     return jac
 
 

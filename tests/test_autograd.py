@@ -28,7 +28,11 @@ def leaves(x, weights, biases):
     return [t.requires_grad_() for t in [x, *weights, *[b for b in biases if b is not None]]]
 
 
-def frobenius_fn(weights, biases, codes, params, method):
+STRATEGIES = {"reverse": jacext.ops.REVERSE, "forward": jacext.ops.FORWARD, "reverse_gram": jacext.ops.REVERSE_GRAM}
+
+
+def op_fn(op, weights, biases, codes, params, *config):
+    """fn(x, *weights, *present biases) -> (y, sq or jac), calling the registered op directly."""
     n = len(weights)
     present = [i for i, b in enumerate(biases) if b is not None]
 
@@ -36,79 +40,72 @@ def frobenius_fn(weights, biases, codes, params, method):
         ws, bs = list(flat[:n]), [None] * n
         for i, b in zip(present, flat[n:]):
             bs[i] = b
-        return jacext.ops.mlp_jacobian_frobenius(x, ws, bs, codes, params, method=method)
+        return op(x, ws, jacext.ops.bias_tensors(bs, ws), codes, params, *config)[:2]
 
     return fn
 
 
-def jacobian_fn(weights, biases, codes, params, layer):
-    n = len(weights)
-    present = [i for i, b in enumerate(biases) if b is not None]
-
-    def fn(x, *flat):
-        ws, bs = list(flat[:n]), [None] * n
-        for i, b in zip(present, flat[n:]):
-            bs[i] = b
-        return jacext.ops.mlp_jacobian(x, ws, bs, codes, params, layer=layer)
-
-    return fn
-
-
-@pytest.mark.parametrize("method", ["reverse", "forward"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("activation", ACTIVATION_IDS)
-def test_gradcheck_and_gradgradcheck_penalty(activation, method, device):
+def test_gradcheck_and_gradgradcheck_penalty(activation, strategy, device):
     x, weights, biases, codes, params = random_mlp(activation, device)
     inputs = leaves(x, weights, biases)
-    fn = frobenius_fn(weights, biases, codes, params, method)
+    fn = op_fn(torch.ops.jacext.mlp_jacobian_frobenius, weights, biases, codes, params, STRATEGIES[strategy])
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("strategy", ["reverse", "forward"])
 @pytest.mark.parametrize("layer", [0, 1, 2])
 @pytest.mark.parametrize("activation", ["tanh", "gelu", "softplus", "smooth_leaky_relu"])
-def test_gradcheck_and_gradgradcheck_layer_jacobian(activation, layer, device):
+def test_gradcheck_and_gradgradcheck_layer_jacobian(activation, layer, strategy, device):
     x, weights, biases, codes, params = random_mlp(activation, device)
     inputs = leaves(x, weights, biases)
-    fn = jacobian_fn(weights, biases, codes, params, layer)
+    fn = op_fn(torch.ops.jacext.mlp_jacobian, weights, biases, codes, params, layer, STRATEGIES[strategy])
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-def op_args(device, forward_mode, layer=None):
+def op_args(device, strategy, layer=None):
     x, weights, biases, codes, params = random_mlp("tanh", device)
     biases = jacext.ops.bias_tensors(biases, weights)
     for t in [x, *weights, biases[0], biases[2]]:
         t.requires_grad_()
     if layer is None:
-        return (x, weights, biases, codes, params, forward_mode)
-    return (x, weights, biases, codes, params, layer, forward_mode)
+        return (x, weights, biases, codes, params, strategy)
+    return (x, weights, biases, codes, params, layer, strategy)
 
 
-@pytest.mark.parametrize("forward_mode", [False, True])
-def test_opcheck_frobenius(forward_mode, device):
-    torch.library.opcheck(torch.ops.jacext.mlp_jacobian_frobenius.default, op_args(device, forward_mode))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_opcheck_frobenius(strategy, device):
+    torch.library.opcheck(torch.ops.jacext.mlp_jacobian_frobenius.default, op_args(device, STRATEGIES[strategy]))
 
 
 @pytest.mark.parametrize("layer", [0, 2])
-@pytest.mark.parametrize("forward_mode", [False, True])
-def test_opcheck_jacobian(forward_mode, layer, device):
-    torch.library.opcheck(torch.ops.jacext.mlp_jacobian.default, op_args(device, forward_mode, layer))
+@pytest.mark.parametrize("strategy", ["reverse", "forward"])
+def test_opcheck_jacobian(strategy, layer, device):
+    torch.library.opcheck(torch.ops.jacext.mlp_jacobian.default, op_args(device, STRATEGIES[strategy], layer))
 
 
 @pytest.mark.parametrize("with_jac", [False, True])
-@pytest.mark.parametrize("forward_mode", [False, True])
-def test_opcheck_backward(forward_mode, with_jac, device):
-    x, weights, biases, codes, params, *rest = op_args(device, forward_mode, layer=1 if with_jac else None)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_opcheck_backward(strategy, with_jac, device):
+    if with_jac and strategy == "reverse_gram":
+        with pytest.raises(RuntimeError, match="Frobenius norm only"):
+            torch.ops.jacext.mlp_jacobian(*op_args(device, STRATEGIES[strategy], layer=0))
+        return
+    x, weights, biases, codes, params, *rest = op_args(device, STRATEGIES[strategy], layer=1 if with_jac else None)
     with torch.no_grad():
         if with_jac:
-            y, out, saved = torch.ops.jacext.mlp_jacobian(x, weights, biases, codes, params, 1, forward_mode)
+            y, out, saved = torch.ops.jacext.mlp_jacobian(x, weights, biases, codes, params, 1, STRATEGIES[strategy])
         else:
-            y, out, saved = torch.ops.jacext.mlp_jacobian_frobenius(x, weights, biases, codes, params, forward_mode)
+            y, out, saved = torch.ops.jacext.mlp_jacobian_frobenius(x, weights, biases, codes, params,
+                                                                    STRATEGIES[strategy])
     grad_y = torch.randn_like(y).requires_grad_()
     grad_out = torch.randn_like(out).requires_grad_()
     grad_sq, grad_jac = (None, grad_out) if with_jac else (grad_out, None)
-    args = (grad_y, grad_sq, grad_jac, x, weights, biases, codes, params, 1 if with_jac else 0, forward_mode,
-            list(saved))
+    args = (grad_y, grad_sq, grad_jac, x, weights, biases, codes, params, 1 if with_jac else 0,
+            STRATEGIES[strategy], list(saved))
     torch.library.opcheck(torch.ops.jacext.mlp_jacobian_backward.default, args)
 
 

@@ -136,6 +136,20 @@ def test_layer_jacobian_gradients(layer, device):
         torch.testing.assert_close(g, g_ref, **TOL)
 
 
+@pytest.mark.parametrize("widths", [(17, 3, 1), (129, 17, 3, 17, 1), (40, 9, 12, 5)], ids=str)
+def test_every_strategy_of_the_op_agrees(widths, device):
+    model = make_mlp(widths, nn.Tanh, output_activation=nn.Sigmoid, device=device)
+    x = torch.randn(5, widths[0], dtype=torch.float64, device=device)
+    spec = jacext.parse_model(model)
+    biases = jacext.ops.bias_tensors(spec.biases, spec.weights)
+    _, sq_ref = jacobian_frobenius_ref(model, x)
+    for strategy in (jacext.ops.REVERSE, jacext.ops.FORWARD, jacext.ops.REVERSE_GRAM):
+        _, sq, _ = torch.ops.jacext.mlp_jacobian_frobenius(x, spec.weights, biases, spec.activations,
+                                                           spec.act_params, strategy)
+        torch.testing.assert_close(sq, sq_ref, **TOL)
+    assert jacext.ops.resolve_strategy("reverse", list(widths)) == jacext.ops.REVERSE_GRAM
+
+
 def test_op_level_entry_point(device):
     model = make_mlp((5, 8, 3), nn.LeakyReLU, device=device)  # default slope 0.01
     x = torch.randn(4, 5, dtype=torch.float64, device=device)

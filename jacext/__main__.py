@@ -1,0 +1,88 @@
+"""Command line: `python -m jacext demo` trains a digits MLP with a Jacobian penalty twice, with
+jacext and with torch.func, and prints accuracy, penalty and time per step side by side."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import MLP, jacobian_frobenius
+from .data import load_digits
+
+
+def _progress(iterable, description, total):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=description, total=total, leave=False, file=sys.stderr)
+
+
+def train_once(method, args, data):
+    x_train, y_train, x_test, y_test = data
+    torch.manual_seed(args.seed)
+    model = MLP([x_train.shape[1], *args.hidden, 10], activation=args.activation).to(args.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    order = torch.Generator().manual_seed(args.seed)
+    steps, step_time = 0, 0.0
+    n_batches = (len(x_train) + args.batch - 1) // args.batch
+    for _ in _progress(range(args.epochs), f"{method:>10}", args.epochs):
+        perm = torch.randperm(len(x_train), generator=order).to(args.device)
+        for start in range(0, len(x_train), args.batch):
+            batch = perm[start:start + args.batch]
+            started = time.perf_counter()
+            logits, sq = jacobian_frobenius(model, x_train[batch], method=method)
+            loss = F.cross_entropy(logits, y_train[batch]) + args.lam * sq.mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            step_time += time.perf_counter() - started
+            steps += 1
+    assert steps == args.epochs * n_batches
+    with torch.no_grad():
+        logits, sq = jacobian_frobenius(model, x_test)
+    accuracy = (logits.argmax(1) == y_test).float().mean().item()
+    return {"accuracy": accuracy, "penalty": sq.mean().item(), "ms_per_step": 1e3 * step_time / steps}
+
+
+def demo(args):
+    data = load_digits(seed=args.seed, device=args.device)
+    print(f"digits: {len(data[0])} train / {len(data[2])} test, MLP {[64, *args.hidden, 10]} "
+          f"({args.activation}), loss = cross-entropy + {args.lam} * mean ||J||_F^2, "
+          f"{args.epochs} epochs of batch {args.batch} on {args.device}")
+    rows = {"jacext": train_once(args.method, args, data), "torch.func": train_once("autograd", args, data)}
+    print(f"\n{'':12}{'test acc':>10}{'mean ||J||^2':>14}{'ms/step':>10}")
+    for name, r in rows.items():
+        print(f"{name:12}{r['accuracy']:10.3f}{r['penalty']:14.4f}{r['ms_per_step']:10.2f}")
+    speedup = rows["torch.func"]["ms_per_step"] / rows["jacext"]["ms_per_step"]
+    print(f"\njacext ({args.method}) is {speedup:.1f}x faster per training step than torch.func "
+          f"vmap(jacrev) here; both compute the same exact penalty.")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m jacext", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("demo", help="train on digits with the penalty: jacext vs torch.func")
+    p.add_argument("--hidden", type=lambda s: [int(v) for v in s.split(",")], default=[256, 256],
+                   help="hidden widths, comma-separated (default 256,256)")
+    p.add_argument("--activation", default="tanh")
+    p.add_argument("--lam", type=float, default=0.01, help="penalty weight")
+    p.add_argument("--method", default="auto", choices=["auto", "reverse", "forward"])
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.batch < 1:
+        parser.error("--epochs and --batch must be positive")
+    demo(args)
+
+
+if __name__ == "__main__":
+    main()
