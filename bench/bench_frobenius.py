@@ -37,17 +37,6 @@ SMOKE_CASES = {"S1": ([20, 16, 12], 4), "S2": ([12, 16, 16, 3], 5)}
 METHODS = ["jacext-reverse", "jacext-forward", "autograd-loop", "vmap-jacrev", "vmap-jacfwd", "random-1proj"]
 
 
-def jacext_macs(widths, batch, forward_mode):
-    """Multiply-adds of jacext's plan, forward and backward: the MLP's GEMMs and the carry's,
-    each three times (forward; backward to activations and to weights)."""
-    mlp = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-    if forward_mode:  # the first layer's carry is W_1^T itself: no GEMM
-        carry = widths[0] * sum(widths[i] * widths[i + 1] for i in range(1, len(widths) - 1))
-    else:  # the last layer's carry is D_L W_L itself: no GEMM
-        carry = widths[-1] * sum(widths[i] * widths[i + 1] for i in range(0, len(widths) - 2))
-    return 3 * batch * (mlp + carry)
-
-
 def make_step(method, model, x, loop_outputs):
     """The function that is timed, and the scale that turns its time into the method's time."""
     import jacext
@@ -146,7 +135,7 @@ def worker(case, widths, batch, method, args):
         peak = torch.cuda.max_memory_allocated() - base
     else:
         sq, peak = peak_rss_growth(step)
-    timer = benchmark.Timer(stmt="step()", globals={"step": step})
+    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=args.min_run_time)
     median = measurement.median * scale
     result = {
@@ -155,10 +144,14 @@ def worker(case, widths, batch, method, args):
         "scaled_from_outputs": (min(args.loop_outputs, widths[-1]) if method == "autograd-loop" else None),
         "peak_bytes": max(int(peak), 0),
         "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS growth during one step",
-        "sq_mean": float(sq.double().mean()),
+        "sq_mean": float(sq.detach().double().mean()),
     }
     if method.startswith("jacext-"):
-        macs = jacext_macs(widths, batch, method == "jacext-forward")
+        from jacext.planner import STRATEGY_NAMES, penalty_macs, resolve_strategy
+
+        strategy = resolve_strategy(method.split("-")[1], widths, batch=batch)
+        result["strategy"] = STRATEGY_NAMES[strategy]
+        macs = penalty_macs(widths, batch, strategy)
         result["gflop"] = 2 * macs / 1e9
         result["gflops_per_s"] = 2 * macs / median / 1e9
     print("RESULT " + json.dumps(result))
@@ -200,6 +193,8 @@ def main():
         worker(args.worker[0], widths, batch, args.worker[1], args)
         return
 
+    from jacext.planner import FORWARD, resolve_strategy
+
     methods = args.methods.split(",")
     results = []
     total = len(cases) * len(methods)
@@ -221,7 +216,8 @@ def main():
 
     for name, (widths, batch) in cases.items():
         rows = [r for r in results if r["case"] == name]
-        auto = "jacext-forward" if widths[-1] > widths[0] else "jacext-reverse"
+        forward = resolve_strategy("auto", widths, batch=batch) == FORWARD
+        auto = "jacext-forward" if forward else "jacext-reverse"
         reference = next((r for r in rows if r["method"] == auto), None)
         exact = [r for r in rows if r["method"] in ("jacext-reverse", "jacext-forward", "vmap-jacrev", "vmap-jacfwd")]
         for r in rows:
@@ -240,6 +236,8 @@ def main():
         note = []
         if r.get("auto_choice"):
             note.append("auto's choice")
+        if "strategy" in r:
+            note.append(r["strategy"])
         if r["scaled_from_outputs"]:
             note.append(f"timed {r['scaled_from_outputs']} of {r['widths'][-1]} outputs, scaled")
         if r["method"] == "random-1proj":

@@ -136,7 +136,7 @@ struct MLPJacobian {
         out.push_back(r);
       }
     } else {
-      Tensor t = (weights[layer].t().unsqueeze(0) * ds[layer].unsqueeze(1)).contiguous();
+      Tensor t = first_forward_carry(ds);
       for (int64_t i = layer + 1; i < L; ++i) {
         Tensor u = at::mm(t.reshape({-1, t.size(2)}), weights[i].t()).view({B, t.size(1), weights[i].size(0)});
         out.push_back(u);
@@ -144,6 +144,13 @@ struct MLPJacobian {
       }
     }
     return out;
+  }
+
+  // Forward mode: T^(layer+1) = W[layer]^T D_{layer+1}, formed directly (no GEMM), contiguous.
+  Tensor first_forward_carry(const std::vector<Tensor>& ds) const {
+    const Tensor& w = weights[layer];
+    Tensor t = at::empty({ds[0].size(0), w.size(1), w.size(0)}, w.options());
+    return at::mul_out(t, w.t().unsqueeze(0), ds[layer].unsqueeze(1));
   }
 
   // kReverseGram: S = R^(1) D_1 and P = S (W_1 W_1^T), so that ||J||^2 = sum(P * S) per sample.
@@ -186,23 +193,22 @@ struct MLPJacobian {
         adj = adj_s * ds[i].unsqueeze(1);
       }
       // R^(L-1) = d[L-1] (rows) * W[L-1].
-      adj_d[L - 1] = at::einsum("baj,aj->ba", {adj, weights[L - 1]});
-      grad_w[L - 1] = at::einsum("ba,baj->aj", {ds[L - 1], adj});
+      adj_d[L - 1] = (adj * weights[L - 1].unsqueeze(0)).sum(2);
+      grad_w[L - 1] = (adj * ds[L - 1].unsqueeze(2)).sum(0);
     } else {
       // cs[j] = U^(layer+2+j); T^(i) = U^(i) * d[i-1], U^(i+1) = T^(i) W[i]^T.
       for (int64_t i = L; i >= layer + 2; --i) {
         const Tensor& u = cs[i - layer - 2];
         adj_d[i - 1] = Kernels::rowwise_dot(u, adj);
         Tensor adj_u = adj * ds[i - 1].unsqueeze(1);
-        Tensor t_prev = i - 1 == layer + 1
-                            ? weights[layer].t().unsqueeze(0) * ds[layer].unsqueeze(1)
-                            : cs[i - layer - 3] * ds[i - 2].unsqueeze(1);
+        Tensor t_prev = i - 1 == layer + 1 ? first_forward_carry(ds)
+                                           : cs[i - layer - 3] * ds[i - 2].unsqueeze(1);
         grad_w[i - 1] = at::mm(flat(adj_u).t(), flat(t_prev));
         adj = at::mm(flat(adj_u), weights[i - 1]).view({B, adj.size(1), weights[i - 1].size(1)});
       }
       // T^(layer+1) = W[layer]^T * d[layer] (columns).
-      adj_d[layer] = at::einsum("brj,jr->bj", {adj, weights[layer]});
-      grad_w[layer] = at::einsum("bj,brj->jr", {ds[layer], adj});
+      adj_d[layer] = Kernels::rowwise_dot(adj, weights[layer].t().unsqueeze(0));
+      grad_w[layer] = (adj * ds[layer].unsqueeze(1)).sum(0).t();
     }
   }
 };

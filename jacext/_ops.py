@@ -11,17 +11,13 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
 from . import activations as act
+from .planner import FORWARD, REVERSE, REVERSE_GRAM, resolve_strategy
 from .reference import mlp_jacobian_backward_composite
 
 __all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "resolve_strategy", "REVERSE", "FORWARD",
            "REVERSE_GRAM"]
 
 _ops = torch.ops.jacext
-
-# The op's `strategy` argument (csrc/mlp_jacobian.h): carry the m output rows back, carry the
-# n_layer input columns forward, or carry rows back and end with the Gram epilogue (Frobenius only).
-REVERSE, FORWARD, REVERSE_GRAM = 0, 1, 2
-
 
 def _saved_shapes(x, weights, layer, strategy):
     """Shapes of the `saved` outputs (layout documented in csrc/mlp_jacobian.h)."""
@@ -64,6 +60,9 @@ def bias_tensors(biases, weights):
 
 
 def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, saved):
+    # An unused output's gradient stays None: zero-filling the (large) saved carries would cost a
+    # full memory pass each, and the backward op takes None for grad_y, grad_sq and grad_jac.
+    ctx.set_materialize_grads(False)
     ctx.config = (list(activations), list(act_params), layer, strategy)
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
@@ -174,22 +173,6 @@ def _normalize_activations(activations: Sequence[ActivationSpec], act_params, n_
     return codes, [float(p) for p in act_params]
 
 
-def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobenius: bool = True) -> int:
-    """The op strategy for an exact method name and the layer widths [n_0, ..., n_L].
-
-    "auto" carries whichever of the m output rows or n_layer input columns is fewer. "reverse"
-    for the Frobenius norm ends with the Gram epilogue when the first layer narrows (n_1 < n_0):
-    fewer multiply-adds, the same exact value."""
-    if method == "auto":
-        method = "forward" if widths[-1] > widths[layer] else "reverse"
-    if method == "forward":
-        return FORWARD
-    if method == "reverse":
-        narrows = len(widths) >= 3 and widths[1] < widths[0]
-        return REVERSE_GRAM if frobenius and layer == 0 and narrows else REVERSE
-    raise ValueError(f"unknown method {method!r} for the exact op; expected 'auto', 'reverse' or 'forward'")
-
-
 def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
                            biases: Sequence[Optional[torch.Tensor]],
                            activations: Sequence[ActivationSpec], act_params=None,
@@ -200,7 +183,7 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     floats per layer (slope / beta, threshold / alpha), torch's defaults when None."""
     codes, params = _normalize_activations(activations, act_params, len(weights))
     widths = [weights[0].shape[1]] + [w.shape[0] for w in weights]
-    strategy = resolve_strategy(method, widths)
+    strategy = resolve_strategy(method, widths, batch=x.shape[0])
     y, sq, _ = _ops.mlp_jacobian_frobenius(x, list(weights), bias_tensors(biases, weights), codes,
                                            params, strategy)
     return y, sq
@@ -214,7 +197,7 @@ def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
     widths = [weights[0].shape[1]] + [w.shape[0] for w in weights]
     if not 0 <= layer < len(weights):
         raise ValueError(f"layer must be in [0, {len(weights) - 1}], got {layer}")
-    strategy = resolve_strategy(method, widths, layer, frobenius=False)
+    strategy = resolve_strategy(method, widths, layer, frobenius=False, batch=x.shape[0])
     y, jac, _ = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
                                   layer, strategy)
     return y, jac

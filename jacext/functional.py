@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
+from .planner import resolve_strategy
 from .nn import parse_model
 from .reference import jacobian_frobenius_ref
 
@@ -24,8 +25,8 @@ def _check_input(spec, x):
 def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, generator=None):
     """(y, sq): y == model(x) (B, m) and sq[b] = ||dy_b/dx_b||_F^2 (B,), exact.
 
-    method: "auto" (reverse when m <= n_0, else forward), "reverse" (carry the m output rows
-    back; when the first layer narrows, end with the Gram epilogue instead of forming J),
+    method: "auto" (reverse or forward, whichever needs fewer multiply-adds), "reverse" (carry
+    the m output rows back; end with the Gram epilogue instead of forming J when cheaper),
     "forward" (carry the n_0 input columns forward), or "autograd" (torch.func vmap(jacrev):
     any module, slow). Differentiable twice w.r.t. x and the parameters."""
     if method not in METHODS:
@@ -36,7 +37,7 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
         return jacobian_frobenius_ref(model, x)
     spec = parse_model(model)
     _check_input(spec, x)
-    strategy = _ops.resolve_strategy(method, spec.widths)
+    strategy = resolve_strategy(method, spec.widths, batch=x.shape[0])
     y, sq, _ = torch.ops.jacext.mlp_jacobian_frobenius(
         x, spec.weights, _ops.bias_tensors(spec.biases, spec.weights), spec.activations,
         spec.act_params, strategy)
@@ -51,7 +52,7 @@ def jacobian(model, x: torch.Tensor, layer: int = 0) -> torch.Tensor:
     n_layers = len(spec.weights)
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer must be in [0, {n_layers - 1}] for a model with {n_layers} Linear layers, got {layer}")
-    strategy = _ops.resolve_strategy("auto", spec.widths, layer, frobenius=False)
+    strategy = resolve_strategy("auto", spec.widths, layer, frobenius=False, batch=x.shape[0])
     _, jac, _ = torch.ops.jacext.mlp_jacobian(
         x, spec.weights, _ops.bias_tensors(spec.biases, spec.weights), spec.activations,
         spec.act_params, layer, strategy)

@@ -96,11 +96,13 @@ struct CpuKernels {
     return sq;
   }
 
-  // out[b,j] = sum_r x[b,r,j] * y[b,r,j] for x, y (B, R, N).
+  // out[b,j] = sum_r x[b,r,j] * y[b,r,j] for x (B, R, N) and y (B, R, N) or (1, R, N) (the same
+  // for every sample).
   static Tensor rowwise_dot(const Tensor& x_in, const Tensor& y_in) {
     check_cpu_dtype(x_in);
     Tensor x = x_in.contiguous(), y = y_in.contiguous();
     const int64_t B = x.size(0), R = x.size(1), N = x.size(2);
+    const int64_t y_batch_stride = y.size(0) == 1 ? 0 : R * N;
     Tensor out = at::empty({B, N}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "jacext_rowwise_dot_cpu", [&] {
       using acc_t = at::acc_type<scalar_t, false>;
@@ -112,7 +114,7 @@ struct CpuKernels {
         for (int64_t b = begin; b < end; ++b) {
           std::fill(acc.begin(), acc.end(), acc_t(0));
           const scalar_t* xb = xp + b * R * N;
-          const scalar_t* yb = yp + b * R * N;
+          const scalar_t* yb = yp + b * y_batch_stride;
           for (int64_t r = 0; r < R; ++r) {
             for (int64_t j = 0; j < N; ++j) {
               acc[j] += static_cast<acc_t>(xb[r * N + j]) * yb[r * N + j];

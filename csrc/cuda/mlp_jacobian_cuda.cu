@@ -70,16 +70,19 @@ __global__ void scaled_square_sum_kernel(const scalar_t* __restrict__ x,
   if (threadIdx.x == 0) sq[b] = static_cast<scalar_t>(partial[0]);
 }
 
-// One thread per (b, j): out[b,j] = sum_r x[b,r,j] * y[b,r,j] (consecutive j: coalesced reads).
+// One thread per (b, j): out[b,j] = sum_r x[b,r,j] * y[b,r,j] (consecutive j: coalesced reads);
+// y_batch_stride is 0 when y is the same for every sample.
 template <typename scalar_t, typename acc_t>
 __global__ void rowwise_dot_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
-                                   scalar_t* __restrict__ out, int64_t B, int64_t R, int64_t N) {
+                                   scalar_t* __restrict__ out, int64_t B, int64_t R, int64_t N,
+                                   int64_t y_batch_stride) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < B * N;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t b = i / N, j = i % N;
-    const int64_t base = b * R * N + j;
+    const scalar_t* xb = x + b * R * N + j;
+    const scalar_t* yb = y + b * y_batch_stride + j;
     acc_t acc = 0;
-    for (int64_t r = 0; r < R; ++r) acc += static_cast<acc_t>(x[base + r * N]) * y[base + r * N];
+    for (int64_t r = 0; r < R; ++r) acc += static_cast<acc_t>(xb[r * N]) * yb[r * N];
     out[i] = static_cast<scalar_t>(acc);
   }
 }
@@ -150,6 +153,7 @@ struct CudaKernels {
     const at::cuda::OptionalCUDAGuard guard(x_in.device());
     Tensor x = x_in.contiguous(), y = y_in.contiguous();
     const int64_t B = x.size(0), R = x.size(1), N = x.size(2);
+    const int64_t y_batch_stride = y.size(0) == 1 ? 0 : R * N;
     Tensor out = at::empty({B, N}, x.options());
     if (B * N == 0) return out;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "jacext_rowwise_dot_cuda", [&] {
@@ -157,7 +161,7 @@ struct CudaKernels {
       rowwise_dot_kernel<scalar_t, acc_t>
           <<<blocks_for(B * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-              out.mutable_data_ptr<scalar_t>(), B, R, N);
+              out.mutable_data_ptr<scalar_t>(), B, R, N, y_batch_stride);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return out;

@@ -1,0 +1,33 @@
+"""The strategy choice follows the multiply-add counts."""
+import pytest
+
+from jacext.planner import FORWARD, REVERSE, REVERSE_GRAM, penalty_macs, resolve_strategy
+
+
+def test_macs_of_a_one_hidden_layer_net():
+    # 784 -> 1024 -> 1000, B = 64: MLP 3*B*(784*1024 + 1024*1000); reverse carries 1000 rows
+    # through W_1 (1000*1024*784 per sample); forward carries 784 columns through W_2.
+    mlp = 3 * 64 * (784 * 1024 + 1024 * 1000)
+    assert penalty_macs([784, 1024, 1000], 64, REVERSE) == mlp + 3 * 64 * 1000 * 1024 * 784
+    assert penalty_macs([784, 1024, 1000], 64, FORWARD) == mlp + 3 * 64 * 784 * 1024 * 1000
+
+
+@pytest.mark.parametrize("widths, expected", [
+    ([784, 256, 256, 10], REVERSE_GRAM),     # small-m classifier, first layer narrows
+    ([784, 1024, 1024, 1000], FORWARD),      # m > n_0: fewer columns than rows
+    ([784, 1024, 1000], REVERSE_GRAM),       # 1000 rows through n_1^2 beat 1000 rows through n_1 n_0 x 3
+    ([8, 16, 8], REVERSE),                   # a tie in multiply-adds goes to reverse
+    ([10, 64, 64, 1], REVERSE),              # widening first layer: no Gram epilogue
+])
+def test_auto_choice(widths, expected):
+    assert resolve_strategy("auto", widths, batch=64) == expected
+
+
+def test_layer_jacobian_never_uses_the_gram_epilogue():
+    assert resolve_strategy("reverse", [784, 256, 256, 10], frobenius=False) == REVERSE
+    assert resolve_strategy("auto", [784, 256, 256, 10], layer=1, frobenius=False) == REVERSE
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method"):
+        resolve_strategy("gram", [3, 4, 5])
