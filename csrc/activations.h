@@ -1,8 +1,10 @@
 // The activation table: sigma, sigma' and sigma'' for every supported activation, as inline
-// host/device functions. The CPU kernels and the CUDA kernels both evaluate these very formulas,
+// host/device functions (float math in float: std:: overloads, not the C double functions). The CPU kernels and the CUDA kernels both evaluate these very formulas,
 // so the CPU tests exercise what the GPU runs. The codes must match jacext/activations.py.
 #pragma once
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define JACEXT_HD __host__ __device__ __forceinline__
@@ -36,68 +38,80 @@ struct ActDerivs {
 template <typename T>
 JACEXT_HD T stable_sigmoid(T y) {
   if (y >= T(0)) {
-    return T(1) / (T(1) + exp(-y));
+    return T(1) / (T(1) + std::exp(-y));
   }
-  T e = exp(y);
+  T e = std::exp(y);
   return e / (T(1) + e);
 }
 
 // log(1 + e^y) without overflow.
 template <typename T>
 JACEXT_HD T stable_softplus(T y) {
-  return (y > T(0) ? y : T(0)) + log1p(exp(-fabs(y)));
+  return (y > T(0) ? y : T(0)) + std::log1p(std::exp(-std::fabs(y)));
 }
 
-template <typename T>
-JACEXT_HD ActDerivs<T> activation_derivs(int64_t code, T y, T p0, T p1) {
+// The activation is a template parameter so that each kernel loop is compiled for one
+// activation (no per-element switch: the loop vectorizes where the formula allows).
+template <int64_t Code, typename T>
+JACEXT_HD ActDerivs<T> activation_derivs(T y, T p0, T p1) {
+  if constexpr (Code == kReLU) {
+    return {y > T(0) ? y : T(0), y > T(0) ? T(1) : T(0), T(0)};
+  } else if constexpr (Code == kLeakyReLU) {
+    return {y > T(0) ? y : p0 * y, y > T(0) ? T(1) : p0, T(0)};
+  } else if constexpr (Code == kTanh) {
+    T t = std::tanh(y), s = T(1) - t * t;
+    return {t, s, T(-2) * t * s};
+  } else if constexpr (Code == kSigmoid) {
+    T s = stable_sigmoid(y), ds = s * (T(1) - s);
+    return {s, ds, ds * (T(1) - T(2) * s)};
+  } else if constexpr (Code == kSoftplus) {
+    T by = p0 * y;
+    if (by > p1) return {y, T(1), T(0)};
+    T s = stable_sigmoid(by);
+    return {stable_softplus(by) / p0, s, p0 * s * (T(1) - s)};
+  } else if constexpr (Code == kELU) {
+    if (y > T(0)) return {y, T(1), T(0)};
+    T e = p0 * std::exp(y);
+    return {e - p0, e, e};
+  } else if constexpr (Code == kGELU) {
+    const T inv_sqrt2 = T(0.70710678118654752440), inv_sqrt_2pi = T(0.39894228040143267794);
+    T cdf = T(0.5) * (T(1) + std::erf(y * inv_sqrt2));
+    T pdf = inv_sqrt_2pi * std::exp(T(-0.5) * y * y);
+    return {y * cdf, cdf + y * pdf, pdf * (T(2) - y * y)};
+  } else if constexpr (Code == kGELUTanh) {
+    const T k = T(0.79788456080286535588), c = T(0.044715);  // k = sqrt(2/pi)
+    T u = k * (y + c * y * y * y), du = k * (T(1) + T(3) * c * y * y), ddu = k * T(6) * c * y;
+    T t = std::tanh(u), s = T(1) - t * t;
+    return {T(0.5) * y * (T(1) + t), T(0.5) * (T(1) + t) + T(0.5) * y * s * du,
+            s * (du + T(0.5) * y * (ddu - T(2) * t * du * du))};
+  } else if constexpr (Code == kSiLU) {
+    T s = stable_sigmoid(y), ds = s * (T(1) - s);
+    return {y * s, s + y * ds, ds * (T(2) + y * (T(1) - T(2) * s))};
+  } else if constexpr (Code == kSmoothLeakyReLU) {
+    T s = stable_sigmoid(y);
+    return {p0 * y + (T(1) - p0) * stable_softplus(y), p0 + (T(1) - p0) * s,
+            (T(1) - p0) * s * (T(1) - s)};
+  } else {  // kIdentity
+    return {y, T(1), T(0)};
+  }
+}
+
+// Calls f(std::integral_constant<int64_t, Code>{}) for a runtime activation code (validated
+// before any kernel runs; an unknown code falls back to identity).
+template <typename F>
+void dispatch_activation(int64_t code, F&& f) {
   switch (code) {
-    case kReLU:
-      return {y > T(0) ? y : T(0), y > T(0) ? T(1) : T(0), T(0)};
-    case kLeakyReLU:
-      return {y > T(0) ? y : p0 * y, y > T(0) ? T(1) : p0, T(0)};
-    case kTanh: {
-      T t = tanh(y), s = T(1) - t * t;
-      return {t, s, T(-2) * t * s};
-    }
-    case kSigmoid: {
-      T s = stable_sigmoid(y), ds = s * (T(1) - s);
-      return {s, ds, ds * (T(1) - T(2) * s)};
-    }
-    case kSoftplus: {
-      T by = p0 * y;
-      if (by > p1) return {y, T(1), T(0)};
-      T s = stable_sigmoid(by);
-      return {stable_softplus(by) / p0, s, p0 * s * (T(1) - s)};
-    }
-    case kELU: {
-      if (y > T(0)) return {y, T(1), T(0)};
-      T e = p0 * exp(y);
-      return {e - p0, e, e};
-    }
-    case kGELU: {
-      const T inv_sqrt2 = T(0.70710678118654752440), inv_sqrt_2pi = T(0.39894228040143267794);
-      T cdf = T(0.5) * (T(1) + erf(y * inv_sqrt2));
-      T pdf = inv_sqrt_2pi * exp(T(-0.5) * y * y);
-      return {y * cdf, cdf + y * pdf, pdf * (T(2) - y * y)};
-    }
-    case kGELUTanh: {
-      const T k = T(0.79788456080286535588), c = T(0.044715);  // k = sqrt(2/pi)
-      T u = k * (y + c * y * y * y), du = k * (T(1) + T(3) * c * y * y), ddu = k * T(6) * c * y;
-      T t = tanh(u), s = T(1) - t * t;
-      return {T(0.5) * y * (T(1) + t), T(0.5) * (T(1) + t) + T(0.5) * y * s * du,
-              s * (du + T(0.5) * y * (ddu - T(2) * t * du * du))};
-    }
-    case kSiLU: {
-      T s = stable_sigmoid(y), ds = s * (T(1) - s);
-      return {y * s, s + y * ds, ds * (T(2) + y * (T(1) - T(2) * s))};
-    }
-    case kSmoothLeakyReLU: {
-      T s = stable_sigmoid(y);
-      return {p0 * y + (T(1) - p0) * stable_softplus(y), p0 + (T(1) - p0) * s,
-              (T(1) - p0) * s * (T(1) - s)};
-    }
-    default:  // kIdentity (codes are validated before any kernel runs)
-      return {y, T(1), T(0)};
+    case kReLU: return f(std::integral_constant<int64_t, kReLU>{});
+    case kLeakyReLU: return f(std::integral_constant<int64_t, kLeakyReLU>{});
+    case kTanh: return f(std::integral_constant<int64_t, kTanh>{});
+    case kSigmoid: return f(std::integral_constant<int64_t, kSigmoid>{});
+    case kSoftplus: return f(std::integral_constant<int64_t, kSoftplus>{});
+    case kELU: return f(std::integral_constant<int64_t, kELU>{});
+    case kGELU: return f(std::integral_constant<int64_t, kGELU>{});
+    case kGELUTanh: return f(std::integral_constant<int64_t, kGELUTanh>{});
+    case kSiLU: return f(std::integral_constant<int64_t, kSiLU>{});
+    case kSmoothLeakyReLU: return f(std::integral_constant<int64_t, kSmoothLeakyReLU>{});
+    default: return f(std::integral_constant<int64_t, kIdentity>{});
   }
 }
 

@@ -6,19 +6,19 @@
 // Two exact strategies carry it through the layers, each step one GEMM over the whole batch:
 //   reverse: R^(L-1) = D_L W_L, R^(i) = (R^(i+1) D_{i+1}) W_{i+1}; J = R^(l)        (m rows)
 //   forward: U^(l+1) = W_{l+1}^T, T^(i) = U^(i) D_i, U^(i+1) = T^(i) W_{i+1}^T; J^T = T^(L)
-// The GEMMs are ATen's (BLAS / cuBLAS); the elementwise work (activation with its derivatives,
-// the scaled square-sum, the row-wise dot of the backward) are the device's own kernels, passed
-// in as `Kernels` (cpu/mlp_jacobian_cpu.cpp, cuda/mlp_jacobian_cuda.cu).
+// The GEMMs are ATen's (BLAS / cuBLAS); the elementwise work (the activation with its first two
+// derivatives in one pass, the scaled square-sum, the row-wise dot of the backward) are the
+// device's own kernels, passed in as `Kernels` (cpu/mlp_jacobian_cpu.cpp, cuda/mlp_jacobian_cuda.cu).
 //
 // For the Frobenius norm, reverse mode can end without ever forming J (kReverseGram): with
 // S = R^(1) D_1 the last step is J = S W_1, and ||S W_1||^2 = sum((S G) * S) with G = W_1 W_1^T
 // computed once per batch: m*n_1^2 instead of m*n_1*n_0 multiply-adds per sample (and likewise
-// in the backward), the cheaper one when the first layer narrows (n_1 < n_0).
+// in the backward); jacext/planner.py counts both and picks.
 //
-// The forward ops also return `saved`: the pre-activations y_1..y_L followed by the carries
+// The forward ops also return `saved`, so that the backward recomputes neither a GEMM nor an
+// activation: d[0..L-1], then act''(y) for every layer, then h_1..h_{L-1}, then the carries
 // (reverse: R^(L-1), ..., R^(l); forward: U^(l+2), ..., U^(L), all before their diagonal
-// scaling; kReverseGram: R^(L-1), ..., R^(1), then P = S G) so that the backward op needs no
-// recomputation of GEMMs.
+// scaling; kReverseGram: R^(L-1), ..., R^(1), then P = S G).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
@@ -34,6 +34,7 @@ namespace jacext {
 using at::Tensor;
 
 enum Strategy : int64_t { kReverse = 0, kForward = 1, kReverseGram = 2 };
+
 // A layer without bias passes an empty tensor: a list of optional tensors would stop autograd
 // from reaching the biases that are present.
 inline std::optional<Tensor> bias_at(at::TensorList biases, int64_t i) {
@@ -104,23 +105,29 @@ struct MLPJacobian {
   // Reverse carries stop at R^(last_carried); kReverseGram leaves the last GEMM to the epilogue.
   int64_t last_carried() const { return strategy == kReverseGram ? layer + 1 : layer; }
 
-  std::tuple<Tensor, Tensor> activate(int64_t i, const Tensor& y) const {
-    return Kernels::activation_forward(y, activations[i], act_params[2 * i],
-                                       act_params[2 * i + 1]);
-  }
-
-  // h_0..h_L, pre-activations y_1..y_L and derivatives d_1..d_L.
-  void mlp_forward(const Tensor& x, std::vector<Tensor>& hs, std::vector<Tensor>& ys,
-                   std::vector<Tensor>& ds) const {
+  // h_0..h_L and the activations' first and second derivatives d[i], d2[i] at y_{i+1}.
+  void mlp_forward(const Tensor& x, std::vector<Tensor>& hs, std::vector<Tensor>& ds,
+                   std::vector<Tensor>& d2s) const {
     hs = {x};
     for (const auto i : c10::irange(depth())) {
       auto b = bias_at(biases, i);
       Tensor y = b ? at::addmm(*b, hs.back(), weights[i].t()) : at::mm(hs.back(), weights[i].t());
-      auto [h, d] = activate(i, y);
-      ys.push_back(y);
+      auto [h, d, d2] = Kernels::activation_forward(y, activations[i], act_params[2 * i],
+                                                    act_params[2 * i + 1]);
       hs.push_back(h);
       ds.push_back(d);
+      d2s.push_back(d2);
     }
+  }
+
+  // The `saved` list: d, d2, h_1..h_{L-1}, carries.
+  static std::vector<Tensor> pack_saved(const std::vector<Tensor>& hs, const std::vector<Tensor>& ds,
+                                        const std::vector<Tensor>& d2s, const std::vector<Tensor>& cs) {
+    std::vector<Tensor> saved(ds);
+    saved.insert(saved.end(), d2s.begin(), d2s.end());
+    saved.insert(saved.end(), hs.begin() + 1, hs.end() - 1);
+    saved.insert(saved.end(), cs.begin(), cs.end());
+    return saved;
   }
 
   // Jacobian carries, unscaled, in the order documented at the top of this file.
@@ -174,7 +181,7 @@ struct MLPJacobian {
 
   // Adjoint sweep: given the adjoint of the final carry (for kReverseGram: of S = R^(1) D_1,
   // with grad_w[0] already set), accumulate the adjoints of d[layer..] (into adj_d) and of the
-  // weights (into grad_w).
+  // weights (into grad_w). `adj` must be a temporary of the caller's: it is scaled in place.
   void carry_backward(Tensor adj, const std::vector<Tensor>& cs, const std::vector<Tensor>& ds,
                       std::vector<Tensor>& adj_d, std::vector<Tensor>& grad_w) const {
     const int64_t L = depth(), B = ds[0].size(0);
@@ -190,7 +197,7 @@ struct MLPJacobian {
           adj_s = at::mm(flat(adj), weights[i].t()).view({B, adj.size(1), weights[i].size(0)});
         }
         adj_d[i] = Kernels::rowwise_dot(r_next, adj_s);
-        adj = adj_s * ds[i].unsqueeze(1);
+        adj = adj_s.mul_(ds[i].unsqueeze(1));  // adj_s is this sweep's own temporary
       }
       // R^(L-1) = d[L-1] (rows) * W[L-1].
       adj_d[L - 1] = (adj * weights[L - 1].unsqueeze(0)).sum(2);
@@ -200,7 +207,7 @@ struct MLPJacobian {
       for (int64_t i = L; i >= layer + 2; --i) {
         const Tensor& u = cs[i - layer - 2];
         adj_d[i - 1] = Kernels::rowwise_dot(u, adj);
-        Tensor adj_u = adj * ds[i - 1].unsqueeze(1);
+        Tensor adj_u = adj.mul_(ds[i - 1].unsqueeze(1));  // adj is this sweep's own temporary
         Tensor t_prev = i - 1 == layer + 1 ? first_forward_carry(ds)
                                            : cs[i - layer - 3] * ds[i - 2].unsqueeze(1);
         grad_w[i - 1] = at::mm(flat(adj_u).t(), flat(t_prev));
@@ -219,8 +226,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy) {
   check_mlp(x, weights, biases, activations, act_params, 0, strategy);
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, strategy};
-  std::vector<Tensor> hs, ys, ds;
-  net.mlp_forward(x, hs, ys, ds);
+  std::vector<Tensor> hs, ds, d2s;
+  net.mlp_forward(x, hs, ds, d2s);
   std::vector<Tensor> cs = net.carries(ds);
   Tensor sq;
   if (strategy == kReverseGram) {
@@ -232,8 +239,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
     sq = net.forward_mode() ? Kernels::scaled_square_sum(net.last_unscaled(cs, ds), ds.back())
                             : Kernels::scaled_square_sum(cs.back(), Tensor());
   }
-  ys.insert(ys.end(), cs.begin(), cs.end());
-  return {hs.back(), sq, ys};
+  return {hs.back(), sq, net.pack_saved(hs, ds, d2s, cs)};
 }
 
 template <class Kernels>
@@ -245,13 +251,12 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
   TORCH_CHECK(strategy != kReverseGram, "jacext: mlp_jacobian forms J; strategy 2 (Gram "
               "epilogue) is for the Frobenius norm only");
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy};
-  std::vector<Tensor> hs, ys, ds;
-  net.mlp_forward(x, hs, ys, ds);
+  std::vector<Tensor> hs, ds, d2s;
+  net.mlp_forward(x, hs, ds, d2s);
   std::vector<Tensor> cs = net.carries(ds);
   Tensor final_carry = net.final_carry(cs, ds);
   Tensor jac = net.forward_mode() ? final_carry.transpose(1, 2).contiguous() : final_carry.clone();
-  ys.insert(ys.end(), cs.begin(), cs.end());
-  return {hs.back(), jac, ys};
+  return {hs.back(), jac, net.pack_saved(hs, ds, d2s, cs)};
 }
 
 // Gradients of  sum(grad_y * y) + sum(grad_sq * ||J||_F^2) + sum(grad_jac * J)  w.r.t. x, the
@@ -266,16 +271,14 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy};
   const int64_t L = net.depth();
   const int64_t n_carries = net.forward_mode() ? L - layer - 1 : L - layer;
-  TORCH_CHECK(static_cast<int64_t>(saved.size()) == L + n_carries, "jacext: expected ",
-              L + n_carries, " saved tensors, got ", saved.size());
-  std::vector<Tensor> ys(saved.begin(), saved.begin() + L);
-  std::vector<Tensor> cs(saved.begin() + L, saved.end());
-  std::vector<Tensor> hs = {x}, ds;
-  for (const auto i : c10::irange(L)) {
-    auto [h, d] = net.activate(i, ys[i]);
-    hs.push_back(h);
-    ds.push_back(d);
-  }
+  const int64_t n_saved = 3 * L - 1 + n_carries;
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == n_saved, "jacext: expected ", n_saved,
+              " saved tensors, got ", saved.size());
+  std::vector<Tensor> ds(saved.begin(), saved.begin() + L);
+  std::vector<Tensor> d2s(saved.begin() + L, saved.begin() + 2 * L);
+  std::vector<Tensor> hs = {x};
+  hs.insert(hs.end(), saved.begin() + 2 * L, saved.begin() + 3 * L - 1);
+  std::vector<Tensor> cs(saved.begin() + 3 * L - 1, saved.end());
 
   std::vector<Tensor> adj_d(L), grad_w(L), grad_b(L);
   const bool has_sq = grad_sq.has_value() && grad_sq->defined();
@@ -298,15 +301,16 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
     }
     if (has_jac) {
       Tensor g = net.forward_mode() ? grad_jac->transpose(1, 2) : *grad_jac;
-      adj = adj.defined() ? adj + g : g.contiguous();
+      adj = adj.defined() ? adj + g : g.clone(at::MemoryFormat::Contiguous);
     }
     net.carry_backward(adj, cs, ds, adj_d, grad_w);
   }
 
-  Tensor grad_h = grad_y.has_value() && grad_y->defined() ? *grad_y : at::zeros_like(hs.back());
+  Tensor grad_h = grad_y.has_value() && grad_y->defined() ? *grad_y : at::zeros_like(ds.back());
   for (int64_t i = L - 1; i >= 0; --i) {
-    Tensor g = Kernels::activation_backward(ys[i], grad_h, adj_d[i], activations[i],
-                                            act_params[2 * i], act_params[2 * i + 1]);
+    // d/dy_{i+1} of the loss: through h (act') and, where the Jacobian uses it, through d (act'').
+    Tensor g = grad_h * ds[i];
+    if (adj_d[i].defined()) g.addcmul_(adj_d[i], d2s[i]);
     grad_w[i] = grad_w[i].defined() ? at::addmm(grad_w[i], g.t(), hs[i]) : at::mm(g.t(), hs[i]);
     grad_b[i] = g.sum(0);
     grad_h = at::mm(g, weights[i]);

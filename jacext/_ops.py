@@ -23,7 +23,8 @@ def _saved_shapes(x, weights, layer, strategy):
     """Shapes of the `saved` outputs (layout documented in csrc/mlp_jacobian.h)."""
     B, L = x.shape[0], len(weights)
     widths = [x.shape[1]] + [w.shape[0] for w in weights]
-    shapes = [(B, widths[i + 1]) for i in range(L)]
+    # d and act'' for every layer, h_1..h_{L-1}, then the carries
+    shapes = [(B, widths[i + 1]) for i in range(L)] * 2 + [(B, widths[i]) for i in range(1, L)]
     if strategy == FORWARD:
         shapes += [(B, widths[layer], widths[i]) for i in range(layer + 2, L + 1)]
     else:

@@ -109,7 +109,8 @@ def test_opcheck_backward(strategy, with_jac, device):
     torch.library.opcheck(torch.ops.jacext.mlp_jacobian_backward.default, args)
 
 
-def test_compiled_training_step_matches_eager(device):
+def test_compiled_training_step_matches_eager(device, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # no graphs cached by other builds
     torch.manual_seed(0)
     model = jacext.MLP([12, 16, 16, 5], activation="tanh").to(device)
     x = torch.randn(32, 12, device=device)

@@ -1,6 +1,7 @@
 // CPU kernels of the MLP-Jacobian ops: the elementwise passes and reductions, with
 // at::parallel_for; the GEMMs and the algorithm itself live in ../mlp_jacobian.h.
 #include <ATen/Dispatch.h>
+#include <ATen/record_function.h>
 #include <ATen/Parallel.h>
 #include <ATen/AccumulateType.h>
 #include <torch/library.h>
@@ -21,54 +22,36 @@ void check_cpu_dtype(const Tensor& t) {
 }
 
 struct CpuKernels {
-  // h = act(y), d = act'(y) in one pass.
-  static std::tuple<Tensor, Tensor> activation_forward(const Tensor& y_in, int64_t code,
-                                                       double p0, double p1) {
+  // h = act(y), d = act'(y), d2 = act''(y) in one pass.
+  static std::tuple<Tensor, Tensor, Tensor> activation_forward(const Tensor& y_in, int64_t code,
+                                                               double p0, double p1) {
+    RECORD_FUNCTION("jacext::activation_forward_cpu", {});  // named in profiles
     check_cpu_dtype(y_in);
     Tensor y = y_in.contiguous();
-    Tensor h = at::empty_like(y), d = at::empty_like(y);
+    Tensor h = at::empty_like(y), d = at::empty_like(y), d2 = at::empty_like(y);
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "jacext_activation_forward_cpu", [&] {
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
       scalar_t* hp = h.mutable_data_ptr<scalar_t>();
       scalar_t* dp = d.mutable_data_ptr<scalar_t>();
+      scalar_t* d2p = d2.mutable_data_ptr<scalar_t>();
       const scalar_t a = static_cast<scalar_t>(p0), c = static_cast<scalar_t>(p1);
-      at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          ActDerivs<scalar_t> r = activation_derivs<scalar_t>(code, yp[i], a, c);
-          hp[i] = r.value;
-          dp[i] = r.d1;
-        }
+      dispatch_activation(code, [&](auto act) {
+        at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            ActDerivs<scalar_t> r = activation_derivs<decltype(act)::value, scalar_t>(yp[i], a, c);
+            hp[i] = r.value;
+            dp[i] = r.d1;
+            d2p[i] = r.d2;
+          }
+        });
       });
     });
-    return {h, d};
-  }
-
-  // grad_y = grad_h * act'(y) + grad_d * act''(y); grad_d may be undefined (zero).
-  static Tensor activation_backward(const Tensor& y_in, const Tensor& grad_h_in,
-                                    const Tensor& grad_d_in, int64_t code, double p0,
-                                    double p1) {
-    check_cpu_dtype(y_in);
-    Tensor y = y_in.contiguous(), grad_h = grad_h_in.contiguous();
-    Tensor grad_d = grad_d_in.defined() ? grad_d_in.contiguous() : grad_d_in;
-    Tensor out = at::empty_like(y);
-    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "jacext_activation_backward_cpu", [&] {
-      const scalar_t* yp = y.const_data_ptr<scalar_t>();
-      const scalar_t* ghp = grad_h.const_data_ptr<scalar_t>();
-      const scalar_t* gdp = grad_d.defined() ? grad_d.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      const scalar_t a = static_cast<scalar_t>(p0), c = static_cast<scalar_t>(p1);
-      at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          ActDerivs<scalar_t> r = activation_derivs<scalar_t>(code, yp[i], a, c);
-          op[i] = ghp[i] * r.d1 + (gdp ? gdp[i] * r.d2 : scalar_t(0));
-        }
-      });
-    });
-    return out;
+    return {h, d, d2};
   }
 
   // sq[b] = sum_{r,j} (x[b,r,j] * d[b,j])^2 for x (B, R, N); d (B, N) may be undefined (ones).
   static Tensor scaled_square_sum(const Tensor& x_in, const Tensor& d_in) {
+    RECORD_FUNCTION("jacext::scaled_square_sum_cpu", {});  // named in profiles
     check_cpu_dtype(x_in);
     Tensor x = x_in.contiguous();
     Tensor d = d_in.defined() ? d_in.contiguous() : d_in;
@@ -99,6 +82,7 @@ struct CpuKernels {
   // out[b,j] = sum_r x[b,r,j] * y[b,r,j] for x (B, R, N) and y (B, R, N) or (1, R, N) (the same
   // for every sample).
   static Tensor rowwise_dot(const Tensor& x_in, const Tensor& y_in) {
+    RECORD_FUNCTION("jacext::rowwise_dot_cpu", {});  // named in profiles
     check_cpu_dtype(x_in);
     Tensor x = x_in.contiguous(), y = y_in.contiguous();
     const int64_t B = x.size(0), R = x.size(1), N = x.size(2);

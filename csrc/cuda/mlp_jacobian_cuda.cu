@@ -2,6 +2,7 @@
 // stream; the GEMMs (cuBLAS through ATen) and the algorithm itself live in ../mlp_jacobian.h.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/record_function.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,28 +24,16 @@ void check_cuda_dtype(const Tensor& t) {
               "jacext: CUDA kernels support float32 and float64, got ", t.scalar_type());
 }
 
-template <typename scalar_t>
+template <int64_t Code, typename scalar_t>
 __global__ void activation_forward_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ h,
-                                          scalar_t* __restrict__ d, int64_t n, int64_t code,
-                                          scalar_t p0, scalar_t p1) {
+                                          scalar_t* __restrict__ d, scalar_t* __restrict__ d2,
+                                          int64_t n, scalar_t p0, scalar_t p1) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    ActDerivs<scalar_t> r = activation_derivs<scalar_t>(code, y[i], p0, p1);
+    ActDerivs<scalar_t> r = activation_derivs<Code, scalar_t>(y[i], p0, p1);
     h[i] = r.value;
     d[i] = r.d1;
-  }
-}
-
-template <typename scalar_t>
-__global__ void activation_backward_kernel(const scalar_t* __restrict__ y,
-                                           const scalar_t* __restrict__ grad_h,
-                                           const scalar_t* __restrict__ grad_d,
-                                           scalar_t* __restrict__ out, int64_t n, int64_t code,
-                                           scalar_t p0, scalar_t p1) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    ActDerivs<scalar_t> r = activation_derivs<scalar_t>(code, y[i], p0, p1);
-    out[i] = grad_h[i] * r.d1 + (grad_d ? grad_d[i] * r.d2 : scalar_t(0));
+    d2[i] = r.d2;
   }
 }
 
@@ -88,48 +77,31 @@ __global__ void rowwise_dot_kernel(const scalar_t* __restrict__ x, const scalar_
 }
 
 struct CudaKernels {
-  static std::tuple<Tensor, Tensor> activation_forward(const Tensor& y_in, int64_t code,
-                                                       double p0, double p1) {
+  // h = act(y), d = act'(y), d2 = act''(y) in one pass.
+  static std::tuple<Tensor, Tensor, Tensor> activation_forward(const Tensor& y_in, int64_t code,
+                                                               double p0, double p1) {
+    RECORD_FUNCTION("jacext::activation_forward_cuda", {});  // named in profiles
     check_cuda_dtype(y_in);
     const at::cuda::OptionalCUDAGuard guard(y_in.device());
     Tensor y = y_in.contiguous();
-    Tensor h = at::empty_like(y), d = at::empty_like(y);
+    Tensor h = at::empty_like(y), d = at::empty_like(y), d2 = at::empty_like(y);
     const int64_t n = y.numel();
-    if (n == 0) return {h, d};
+    if (n == 0) return {h, d, d2};
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "jacext_activation_forward_cuda", [&] {
-      activation_forward_kernel<scalar_t>
-          <<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              y.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(),
-              d.mutable_data_ptr<scalar_t>(), n, code, static_cast<scalar_t>(p0),
-              static_cast<scalar_t>(p1));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_activation(code, [&](auto act) {
+        activation_forward_kernel<decltype(act)::value, scalar_t>
+            <<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                y.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(),
+                d.mutable_data_ptr<scalar_t>(), d2.mutable_data_ptr<scalar_t>(), n,
+                static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
-    return {h, d};
-  }
-
-  static Tensor activation_backward(const Tensor& y_in, const Tensor& grad_h_in,
-                                    const Tensor& grad_d_in, int64_t code, double p0,
-                                    double p1) {
-    check_cuda_dtype(y_in);
-    const at::cuda::OptionalCUDAGuard guard(y_in.device());
-    Tensor y = y_in.contiguous(), grad_h = grad_h_in.contiguous();
-    Tensor grad_d = grad_d_in.defined() ? grad_d_in.contiguous() : grad_d_in;
-    Tensor out = at::empty_like(y);
-    const int64_t n = y.numel();
-    if (n == 0) return out;
-    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "jacext_activation_backward_cuda", [&] {
-      activation_backward_kernel<scalar_t>
-          <<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              y.const_data_ptr<scalar_t>(), grad_h.const_data_ptr<scalar_t>(),
-              grad_d.defined() ? grad_d.const_data_ptr<scalar_t>() : nullptr,
-              out.mutable_data_ptr<scalar_t>(), n, code, static_cast<scalar_t>(p0),
-              static_cast<scalar_t>(p1));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    return out;
+    return {h, d, d2};
   }
 
   static Tensor scaled_square_sum(const Tensor& x_in, const Tensor& d_in) {
+    RECORD_FUNCTION("jacext::scaled_square_sum_cuda", {});  // named in profiles
     check_cuda_dtype(x_in);
     const at::cuda::OptionalCUDAGuard guard(x_in.device());
     Tensor x = x_in.contiguous();
@@ -149,6 +121,7 @@ struct CudaKernels {
   }
 
   static Tensor rowwise_dot(const Tensor& x_in, const Tensor& y_in) {
+    RECORD_FUNCTION("jacext::rowwise_dot_cuda", {});  // named in profiles
     check_cuda_dtype(x_in);
     const at::cuda::OptionalCUDAGuard guard(x_in.device());
     Tensor x = x_in.contiguous(), y = y_in.contiguous();
