@@ -239,7 +239,7 @@ def main():
         if "strategy" in r:
             note.append(r["strategy"])
         if r["scaled_from_outputs"]:
-            note.append(f"timed {r['scaled_from_outputs']} of {r['widths'][-1]} outputs, scaled")
+            note.append(f"{r['scaled_from_outputs']} of {r['widths'][-1]} outputs timed, time scaled, memory not")
         if r["method"] == "random-1proj":
             note.append("estimate, not exact")
         gflops = f"{r['gflops_per_s']:8.1f}" if "gflops_per_s" in r else " " * 8
