@@ -13,10 +13,12 @@ extern "C" PyObject* PyInit__C(void) {
 // strategy: 0 reverse, 1 forward, 2 reverse with Gram epilogue (Frobenius only); see
 // mlp_jacobian.h.
 TORCH_LIBRARY(jacext, m) {
-  // y = mlp(x) and sq[b] = ||d y_b / d x_b||_F^2; `saved` feeds mlp_jacobian_backward.
+  // y = mlp(x) and sq[b] = ||d y_b / d x_b||_F^2; `saved` feeds mlp_jacobian_backward. With
+  // projections V (B, k, m): sq[b, i] = ||v_bi^T d y_b / d x_b||^2 instead (reverse strategies).
   m.def(
       "mlp_jacobian_frobenius(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
-      "float[] act_params, int strategy) -> (Tensor y, Tensor sq, Tensor[] saved)");
+      "float[] act_params, int strategy, Tensor? projections=None) -> (Tensor y, Tensor sq, "
+      "Tensor[] saved)");
   // y = mlp(x) and jac[b] = d y_b / d h_layer,b  (B, m, n_layer).
   m.def(
       "mlp_jacobian(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
@@ -26,6 +28,7 @@ TORCH_LIBRARY(jacext, m) {
   m.def(
       "mlp_jacobian_backward(Tensor? grad_y, Tensor? grad_sq, Tensor? grad_jac, Tensor x, "
       "Tensor[] weights, Tensor[] biases, int[] activations, float[] act_params, int layer, "
-      "int strategy, Tensor[] saved) -> (Tensor grad_x, Tensor[] grad_weights, "
+      "int strategy, Tensor[] saved, Tensor? projections=None) -> (Tensor grad_x, "
+      "Tensor[] grad_weights, "
       "Tensor[] grad_biases)");
 }

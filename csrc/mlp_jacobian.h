@@ -99,6 +99,7 @@ struct MLPJacobian {
   at::ArrayRef<double> act_params;
   int64_t layer;
   int64_t strategy;
+  Tensor projections = Tensor();  // (B, k, m) random rows v: carry v^T J instead of J (estimator)
 
   int64_t depth() const { return static_cast<int64_t>(weights.size()); }
   bool forward_mode() const { return strategy == kForward; }
@@ -135,7 +136,11 @@ struct MLPJacobian {
     const int64_t L = depth(), B = ds[0].size(0);
     std::vector<Tensor> out;
     if (!forward_mode()) {
-      Tensor r = ds[L - 1].unsqueeze(2) * weights[L - 1].unsqueeze(0);
+      // R^(L-1) = D_L W_L, or V D_L W_L (one GEMM) when carrying projections.
+      Tensor r = projections.defined()
+                     ? at::mm((projections * ds[L - 1].unsqueeze(1)).reshape({-1, ds[L - 1].size(1)}),
+                              weights[L - 1]).view({B, projections.size(1), weights[L - 1].size(1)})
+                     : ds[L - 1].unsqueeze(2) * weights[L - 1].unsqueeze(0);
       out.push_back(r);
       for (int64_t i = L - 2; i >= last_carried(); --i) {
         Tensor s = r * ds[i].unsqueeze(1);
@@ -199,9 +204,15 @@ struct MLPJacobian {
         adj_d[i] = Kernels::rowwise_dot(r_next, adj_s);
         adj = adj_s.mul_(ds[i].unsqueeze(1));  // adj_s is this sweep's own temporary
       }
-      // R^(L-1) = d[L-1] (rows) * W[L-1].
-      adj_d[L - 1] = (adj * weights[L - 1].unsqueeze(0)).sum(2);
-      grad_w[L - 1] = (adj * ds[L - 1].unsqueeze(2)).sum(0);
+      if (projections.defined()) {  // R^(L-1) = (V * d[L-1]) W[L-1]
+        Tensor vd = projections * ds[L - 1].unsqueeze(1);
+        grad_w[L - 1] = at::mm(flat(vd).t(), flat(adj));
+        Tensor adj_vd = at::mm(flat(adj), weights[L - 1].t()).view(vd.sizes());
+        adj_d[L - 1] = Kernels::rowwise_dot(projections, adj_vd);
+      } else {  // R^(L-1) = d[L-1] (rows) * W[L-1]
+        adj_d[L - 1] = (adj * weights[L - 1].unsqueeze(0)).sum(2);
+        grad_w[L - 1] = (adj * ds[L - 1].unsqueeze(2)).sum(0);
+      }
     } else {
       // cs[j] = U^(layer+2+j); T^(i) = U^(i) * d[i-1], U^(i+1) = T^(i) W[i]^T.
       for (int64_t i = L; i >= layer + 2; --i) {
@@ -220,17 +231,44 @@ struct MLPJacobian {
   }
 };
 
+// Random projections V (B, k, m) for the estimator: the carry is V J instead of J.
+inline Tensor checked_projections(const std::optional<Tensor>& projections, const Tensor& x,
+                                  at::TensorList weights, int64_t strategy) {
+  if (!projections.has_value() || !projections->defined()) return Tensor();
+  const Tensor& v = *projections;
+  const int64_t m = weights.back().size(0);
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == x.size(0) && v.size(2) == m && v.size(1) >= 1,
+              "jacext: projections must have shape (batch=", x.size(0), ", k >= 1, outputs=", m,
+              "), got ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == x.scalar_type() && v.device() == x.device(),
+              "jacext: projections must match x's dtype and device, got ", v.scalar_type(), " on ",
+              v.device());
+  TORCH_CHECK(strategy != kForward, "jacext: projections are carried in reverse mode; strategy "
+              "must be 0 or 2, got 1");
+  return v.contiguous();
+}
+
 template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
-    at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy) {
+    at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
+    const std::optional<Tensor>& projections) {
   check_mlp(x, weights, biases, activations, act_params, 0, strategy);
-  MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, strategy};
+  MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, strategy,
+                           checked_projections(projections, x, weights, strategy)};
   std::vector<Tensor> hs, ds, d2s;
   net.mlp_forward(x, hs, ds, d2s);
   std::vector<Tensor> cs = net.carries(ds);
   Tensor sq;
-  if (strategy == kReverseGram) {
+  if (net.projections.defined()) {  // one squared norm per projection: (B, k)
+    if (strategy == kReverseGram) {
+      Tensor p = net.gram_epilogue(cs.back(), ds[0]);
+      sq = (p * (cs.back() * ds[0].unsqueeze(1))).sum(2);
+      cs.push_back(p);
+    } else {
+      sq = cs.back().square().sum(2);
+    }
+  } else if (strategy == kReverseGram) {
     Tensor p = net.gram_epilogue(cs.back(), ds[0]);
     sq = Kernels::rowwise_dot(p, cs.back() * ds[0].unsqueeze(1)).sum(1);
     cs.push_back(p);
@@ -266,9 +304,11 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
     const std::optional<Tensor>& grad_y, const std::optional<Tensor>& grad_sq,
     const std::optional<Tensor>& grad_jac, const Tensor& x, at::TensorList weights,
     at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
-    int64_t layer, int64_t strategy, at::TensorList saved) {
+    int64_t layer, int64_t strategy, at::TensorList saved,
+    const std::optional<Tensor>& projections) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
-  MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy};
+  MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy,
+                           checked_projections(projections, x, weights, strategy)};
   const int64_t L = net.depth();
   const int64_t n_carries = net.forward_mode() ? L - layer - 1 : L - layer;
   const int64_t n_saved = 3 * L - 1 + n_carries;
@@ -285,19 +325,23 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
   const bool has_jac = grad_jac.has_value() && grad_jac->defined();
   TORCH_CHECK(strategy != kReverseGram || !has_jac,
               "jacext: strategy 2 (Gram epilogue) never forms J, so J has no gradient");
+  TORCH_CHECK(!net.projections.defined() || !has_jac,
+              "jacext: with projections the op returns norms only, so J has no gradient");
+  // grad_sq is (B) for the norm of J, (B, k) for the norms of the k projected rows.
+  Tensor g;
+  if (has_sq) g = net.projections.defined() ? grad_sq->unsqueeze(2) : grad_sq->view({-1, 1, 1});
   if (strategy == kReverseGram && has_sq) {
     // sum_b g_b tr(S_b G S_b^T), G = W_1 W_1^T: d/dS_b = 2 g_b P_b, d/dW_1 = 2 (S^T g S) W_1.
     Tensor p = cs.back();
     cs.pop_back();
     Tensor s = cs.back() * ds[0].unsqueeze(1);
-    Tensor g = grad_sq->view({-1, 1, 1});
     Tensor weighted = at::mm((s * g).reshape({-1, s.size(2)}).t(), s.reshape({-1, s.size(2)}));
     grad_w[0] = 2 * at::mm(weighted, weights[0]);
     net.carry_backward(p * (2 * g), cs, ds, adj_d, grad_w);
   } else if (has_sq || has_jac) {
     Tensor adj;
     if (has_sq) {
-      adj = net.final_carry(cs, ds) * (2 * *grad_sq).view({-1, 1, 1});
+      adj = net.final_carry(cs, ds) * (2 * g);
     }
     if (has_jac) {
       Tensor g = net.forward_mode() ? grad_jac->transpose(1, 2) : *grad_jac;

@@ -19,25 +19,30 @@ __all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "resolve_strategy", "REVERS
 
 _ops = torch.ops.jacext
 
-def _saved_shapes(x, weights, layer, strategy):
-    """Shapes of the `saved` outputs (layout documented in csrc/mlp_jacobian.h)."""
+def _saved_shapes(x, weights, layer, strategy, rows=None):
+    """Shapes of the `saved` outputs (layout documented in csrc/mlp_jacobian.h); `rows` is the
+    number of carried rows in reverse mode: m, or k with projections."""
     B, L = x.shape[0], len(weights)
     widths = [x.shape[1]] + [w.shape[0] for w in weights]
+    rows = widths[-1] if rows is None else rows
     # d and act'' for every layer, h_1..h_{L-1}, then the carries
     shapes = [(B, widths[i + 1]) for i in range(L)] * 2 + [(B, widths[i]) for i in range(1, L)]
     if strategy == FORWARD:
         shapes += [(B, widths[layer], widths[i]) for i in range(layer + 2, L + 1)]
     else:
-        shapes += [(B, widths[-1], widths[i]) for i in range(L - 1, layer - 1, -1)]
-        if strategy == REVERSE_GRAM:  # P = S G replaces J: (B, m, n_1)
-            shapes[-1] = (B, widths[-1], widths[1])
+        shapes += [(B, rows, widths[i]) for i in range(L - 1, layer - 1, -1)]
+        if strategy == REVERSE_GRAM:  # P = S G replaces J: (B, rows, n_1)
+            shapes[-1] = (B, rows, widths[1])
     return shapes
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_frobenius")
-def _frobenius_fake(x, weights, biases, activations, act_params, strategy):
-    saved = [x.new_empty(s) for s in _saved_shapes(x, weights, 0, strategy)]
-    return x.new_empty(x.shape[0], weights[-1].shape[0]), x.new_empty(x.shape[0]), saved
+def _frobenius_fake(x, weights, biases, activations, act_params, strategy, projections=None):
+    B = x.shape[0]
+    rows = None if projections is None else projections.shape[1]
+    saved = [x.new_empty(s) for s in _saved_shapes(x, weights, 0, strategy, rows)]
+    sq = x.new_empty(B) if projections is None else x.new_empty(B, rows)
+    return x.new_empty(B, weights[-1].shape[0]), sq, saved
 
 
 @torch.library.register_fake("jacext::mlp_jacobian")
@@ -50,7 +55,7 @@ def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy)
 
 @torch.library.register_fake("jacext::mlp_jacobian_backward")
 def _backward_fake(grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-                   strategy, saved):
+                   strategy, saved, projections=None):
     return (torch.empty_like(x), [w.new_empty(w.shape) for w in weights],
             [w.new_empty(w.shape[0]) for w in weights])
 
@@ -60,40 +65,48 @@ def bias_tensors(biases, weights):
     return [w.new_empty(0) if b is None else b for b, w in zip(biases, weights)]
 
 
-def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, saved):
+def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, saved,
+                  projections=None):
     # An unused output's gradient stays None: zero-filling the (large) saved carries would cost a
     # full memory pass each, and the backward op takes None for grad_y, grad_sq and grad_jac.
     ctx.set_materialize_grads(False)
     ctx.config = (list(activations), list(act_params), layer, strategy)
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
-    ctx.save_for_backward(x, *weights, *biases, *saved)
+    ctx.has_projections = projections is not None
+    ctx.save_for_backward(x, *weights, *biases, *([projections] if ctx.has_projections else []), *saved)
     ctx.mark_non_differentiable(*saved)
 
 
 def _load_forward(ctx):
-    tensors = ctx.saved_tensors
+    tensors = list(ctx.saved_tensors)
     L = ctx.n_layers
-    return tensors[0], list(tensors[1:1 + L]), list(tensors[1 + L:1 + 2 * L]), list(tensors[1 + 2 * L:])
+    x, weights, biases, rest = tensors[0], tensors[1:1 + L], tensors[1 + L:1 + 2 * L], tensors[1 + 2 * L:]
+    projections = rest.pop(0) if ctx.has_projections else None
+    return x, weights, biases, rest, projections
 
 
 def _backward_via_op(ctx, grad_y, grad_sq, grad_jac):
-    x, weights, biases, saved = _load_forward(ctx)
+    x, weights, biases, saved, projections = _load_forward(ctx)
     activations, act_params, layer, strategy = ctx.config
     grad_x, grad_w, grad_b = _ops.mlp_jacobian_backward(
         grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-        strategy, saved)
+        strategy, saved, projections)
     grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
     return grad_x, list(grad_w), grad_b
 
 
 def _frobenius_setup(ctx, inputs, output):
-    x, weights, biases, activations, act_params, strategy = inputs
-    _save_forward(ctx, x, weights, biases, activations, act_params, 0, strategy, output[2])
+    x, weights, biases, activations, act_params, strategy, projections = inputs
+    # The dispatcher drops a trailing argument left at its default (None), so the backward
+    # returns a gradient slot for `projections` only when one was passed.
+    ctx.n_trailing = 0 if projections is None else 1
+    _save_forward(ctx, x, weights, biases, activations, act_params, 0, strategy, output[2], projections)
 
 
 def _frobenius_backward(ctx, grad_y, grad_sq, grad_saved):
-    return (*_backward_via_op(ctx, grad_y, grad_sq, None), None, None, None)
+    # the projections are random draws, held constant: no gradient
+    return (*_backward_via_op(ctx, grad_y, grad_sq, None), None, None, None, *[None] * ctx.n_trailing)
 
 
 def _jacobian_setup(ctx, inputs, output):
@@ -106,7 +119,9 @@ def _jacobian_backward(ctx, grad_y, grad_jac, grad_saved):
 
 
 def _backward_setup(ctx, inputs, output):
-    grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer, _, saved = inputs
+    grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer, _, saved, projections = inputs
+    ctx.n_trailing = 0 if projections is None else 1  # as in _frobenius_setup
+    ctx.projections = projections  # random draws, held constant: not differentiated
     ctx.config = (list(activations), list(act_params), layer)
     ctx.n_saved = len(saved)
     ctx.n_layers = len(weights)
@@ -129,7 +144,7 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
         grad_y, grad_sq, grad_jac = [next(grads) if p else None for p in ctx.grad_present]
         full_biases = [next(biases) if p else None for p in ctx.bias_present]
         return mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, full_biases,
-                                               activations, act_params, layer)
+                                               activations, act_params, layer, ctx.projections)
 
     outputs, vjp = torch.func.vjp(composite, present_grads, x, weights, present_biases)
     gg_b_present = [g for g, present in zip(gg_b, ctx.bias_present) if present]
@@ -143,7 +158,8 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
     grads_out = [next(g_grads) if present else None for present in ctx.grad_present]
     g_biases = [next(g_b) if present else None for present in ctx.bias_present]
     # No gradient flows into `saved`: the composite differentiates through x, weights and biases.
-    return (*grads_out, g_x, list(g_w), g_biases, None, None, None, None, [None] * ctx.n_saved)
+    return (*grads_out, g_x, list(g_w), g_biases, None, None, None, None, [None] * ctx.n_saved,
+            *[None] * ctx.n_trailing)
 
 
 torch.library.register_autograd("jacext::mlp_jacobian_frobenius", _frobenius_backward,

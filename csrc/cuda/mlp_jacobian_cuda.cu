@@ -82,7 +82,7 @@ struct CudaKernels {
                                                                double p0, double p1) {
     RECORD_FUNCTION("jacext::activation_forward_cuda", {});  // named in profiles
     check_cuda_dtype(y_in);
-    const at::cuda::OptionalCUDAGuard guard(y_in.device());
+    const at::cuda::OptionalCUDAGuard device_guard(y_in.device());
     Tensor y = y_in.contiguous();
     Tensor h = at::empty_like(y), d = at::empty_like(y), d2 = at::empty_like(y);
     const int64_t n = y.numel();
@@ -103,7 +103,7 @@ struct CudaKernels {
   static Tensor scaled_square_sum(const Tensor& x_in, const Tensor& d_in) {
     RECORD_FUNCTION("jacext::scaled_square_sum_cuda", {});  // named in profiles
     check_cuda_dtype(x_in);
-    const at::cuda::OptionalCUDAGuard guard(x_in.device());
+    const at::cuda::OptionalCUDAGuard device_guard(x_in.device());
     Tensor x = x_in.contiguous();
     Tensor d = d_in.defined() ? d_in.contiguous() : d_in;
     const int64_t B = x.size(0), R = x.size(1), N = x.size(2);
@@ -123,7 +123,7 @@ struct CudaKernels {
   static Tensor rowwise_dot(const Tensor& x_in, const Tensor& y_in) {
     RECORD_FUNCTION("jacext::rowwise_dot_cuda", {});  // named in profiles
     check_cuda_dtype(x_in);
-    const at::cuda::OptionalCUDAGuard guard(x_in.device());
+    const at::cuda::OptionalCUDAGuard device_guard(x_in.device());
     Tensor x = x_in.contiguous(), y = y_in.contiguous();
     const int64_t B = x.size(0), R = x.size(1), N = x.size(2);
     const int64_t y_batch_stride = y.size(0) == 1 ? 0 : R * N;
