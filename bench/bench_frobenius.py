@@ -13,7 +13,8 @@ Methods (each: compute the per-sample penalty, take its batch mean, backward to 
   autograd-loop   one autograd.grad(create_graph=True) per output (the seed code); only
                   --loop-outputs outputs are timed and the time is scaled by m / that number
   vmap-jacrev / vmap-jacfwd         torch.func per-sample Jacobians, then the square-sum
-  random-1proj    a one-projection random estimate (v^T J with Gaussian v), not exact
+  random-1proj    a one-projection random estimate (v^T J with Gaussian v) in PyTorch, not exact
+  jacext-hutchinson-1               the same estimate, fused (Rademacher v)
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ CASES = {
     "P3": ([784, 1024, 1024, 1000], 64),
 }
 SMOKE_CASES = {"S1": ([20, 16, 12], 4), "S2": ([12, 16, 16, 3], 5)}
-METHODS = ["jacext-reverse", "jacext-forward", "autograd-loop", "vmap-jacrev", "vmap-jacfwd", "random-1proj"]
+METHODS = ["jacext-reverse", "jacext-forward", "autograd-loop", "vmap-jacrev", "vmap-jacfwd", "random-1proj",
+           "jacext-hutchinson-1"]
 
 
 def make_step(method, model, x, loop_outputs):
@@ -47,7 +49,10 @@ def make_step(method, model, x, loop_outputs):
 
     m = model[-1].out_features
     scale = 1.0
-    if method.startswith("jacext-"):
+    if method == "jacext-hutchinson-1":
+        def penalty():
+            return jacext.jacobian_frobenius(model, x, method="hutchinson", n_proj=1)[1]
+    elif method.startswith("jacext-"):
         def penalty():
             return jacext.jacobian_frobenius(model, x, method=method.split("-")[1])[1]
     elif method == "vmap-jacrev":
@@ -149,9 +154,10 @@ def worker(case, widths, batch, method, args):
     if method.startswith("jacext-"):
         from jacext.planner import STRATEGY_NAMES, penalty_macs, resolve_strategy
 
-        strategy = resolve_strategy(method.split("-")[1], widths, batch=batch)
+        projections = 1 if method == "jacext-hutchinson-1" else 0
+        strategy = resolve_strategy(method.split("-")[1], widths, batch=batch, projections=projections)
         result["strategy"] = STRATEGY_NAMES[strategy]
-        macs = penalty_macs(widths, batch, strategy)
+        macs = penalty_macs(widths, batch, strategy, projections=projections)
         result["gflop"] = 2 * macs / 1e9
         result["gflops_per_s"] = 2 * macs / median / 1e9
     print("RESULT " + json.dumps(result))
@@ -240,7 +246,7 @@ def main():
             note.append(r["strategy"])
         if r["scaled_from_outputs"]:
             note.append(f"{r['scaled_from_outputs']} of {r['widths'][-1]} outputs timed, time scaled, memory not")
-        if r["method"] == "random-1proj":
+        if r["method"] in ("random-1proj", "jacext-hutchinson-1"):
             note.append("estimate, not exact")
         gflops = f"{r['gflops_per_s']:8.1f}" if "gflops_per_s" in r else " " * 8
         ratio = f"{r['time_vs_jacext_auto']:13.2f}" if "time_vs_jacext_auto" in r else " " * 13

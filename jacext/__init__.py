@@ -1,9 +1,10 @@
 """jacext: fused, exact Jacobian objectives for MLPs (compiled CPU and CUDA ops)."""
 from . import _ops as ops
 from .activations import SmoothLeakyReLU
-from .functional import METHODS, jacobian, jacobian_frobenius, jacobian_gram
+from .functional import METHODS, jacobian, jacobian_frobenius, jacobian_gram, random_projections
 from .nn import MLP, parse_model
+from .planner import explain
 
 __version__ = "0.1.0"
 __all__ = ["MLP", "SmoothLeakyReLU", "jacobian_frobenius", "jacobian", "jacobian_gram", "ops",
-           "parse_model", "METHODS"]
+           "parse_model", "random_projections", "explain", "METHODS"]

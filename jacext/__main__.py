@@ -1,5 +1,10 @@
-"""Command line: `python -m jacext demo` trains a digits MLP with a Jacobian penalty twice, with
-jacext and with torch.func, and prints accuracy, penalty and time per step side by side."""
+"""Command line.
+
+    python -m jacext demo      train a digits MLP with a Jacobian penalty twice, with jacext and
+                               with torch.func; print accuracy, penalty and time per step
+    python -m jacext explain --sizes 784,1024,1000 --batch 64
+                               the strategy jacext runs and each candidate's cost
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import MLP, jacobian_frobenius
+from . import MLP, explain, jacobian_frobenius
 from .data import load_digits
 
 WARMUP_STEPS = 3
@@ -88,7 +93,18 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e = commands.add_parser("explain", help="print the strategy jacext runs for an MLP and each candidate's cost")
+    e.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], required=True,
+                   help="layer widths, comma-separated, e.g. 784,1024,1000")
+    e.add_argument("--batch", type=int, default=64)
+    e.add_argument("--method", default="auto", choices=["auto", "reverse", "forward"])
     args = parser.parse_args(argv)
+    if args.command == "explain":
+        if len(args.sizes) < 2 or min(args.sizes) < 1 or args.batch < 1:
+            parser.error("--sizes needs at least two positive widths and --batch a positive size")
+        model = MLP(args.sizes)
+        print(explain(model, torch.empty(args.batch, args.sizes[0]), method=args.method))
+        return
     if args.epochs < 1 or args.batch < 1:
         parser.error("--epochs and --batch must be positive")
     if args.epochs * -(-1348 // args.batch) <= WARMUP_STEPS:

@@ -8,9 +8,10 @@ from .planner import resolve_strategy
 from .nn import parse_model
 from .reference import jacobian_frobenius_ref
 
-__all__ = ["jacobian_frobenius", "jacobian", "jacobian_gram", "METHODS"]
+__all__ = ["jacobian_frobenius", "jacobian", "jacobian_gram", "random_projections", "METHODS"]
 
-METHODS = ("auto", "reverse", "forward", "autograd")
+METHODS = ("auto", "reverse", "forward", "hutchinson", "autograd")
+DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
 def _check_input(spec, x):
@@ -22,25 +23,77 @@ def _check_input(spec, x):
         raise ValueError(f"x has {x.shape[1]} features but the model's first Linear expects {spec.widths[0]}")
 
 
-def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, generator=None):
-    """(y, sq): y == model(x) (B, m) and sq[b] = ||dy_b/dx_b||_F^2 (B,), exact.
+def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, generator=None, *,
+                       distribution: str = "rademacher", orthogonal: bool = False,
+                       return_variance: bool = False):
+    """(y, sq): y == model(x) (B, m) and sq[b] = ||dy_b/dx_b||_F^2 (B,).
 
     method: "auto" (reverse or forward, whichever needs fewer multiply-adds), "reverse" (carry
     the m output rows back; end with the Gram epilogue instead of forming J when cheaper),
-    "forward" (carry the n_0 input columns forward), or "autograd" (torch.func vmap(jacrev):
-    any module, slow). Differentiable twice w.r.t. x and the parameters."""
+    "forward" (carry the n_0 input columns forward), "hutchinson" (an unbiased random estimate
+    from n_proj projections, see below), or "autograd" (torch.func vmap(jacrev): any module,
+    slow). Differentiable twice w.r.t. x and the parameters.
+
+    "hutchinson": sq[b] = mean_i ||v_i^T J_b||^2 over n_proj random v with E[v v^T] = I
+    (`distribution` "rademacher" or "gaussian", drawn from `generator`), all carried back in one
+    fused pass. `orthogonal=True` draws orthonormal rows instead (scaled by sqrt(m); needs
+    n_proj <= m), which lowers the variance and is exact at n_proj = m. `return_variance=True`
+    returns (y, sq, var) with var[b] the sample variance of the n_proj terms divided by n_proj
+    (an unbiased variance estimate of sq[b] for independent projections; for orthogonal ones it
+    overstates it). The projections are held fixed: the gradient is the gradient of the
+    estimate, itself an unbiased estimate of the penalty's gradient."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if n_proj != 1 or generator is not None:
-        raise ValueError("n_proj and generator apply to a random estimator; the methods here are exact")
+    if method != "hutchinson" and (n_proj != 1 or generator is not None or orthogonal or return_variance
+                                   or distribution != "rademacher"):
+        raise ValueError("n_proj, generator, distribution, orthogonal and return_variance apply to "
+                         "method='hutchinson' only; the other methods are exact")
     if method == "autograd":
         return jacobian_frobenius_ref(model, x)
     spec = parse_model(model)
     _check_input(spec, x)
+    biases = _ops.bias_tensors(spec.biases, spec.weights)
+    if method == "hutchinson":
+        return _hutchinson(spec, biases, x, n_proj, generator, distribution, orthogonal, return_variance)
     strategy = resolve_strategy(method, spec.widths, batch=x.shape[0])
     y, sq, _ = torch.ops.jacext.mlp_jacobian_frobenius(
-        x, spec.weights, _ops.bias_tensors(spec.biases, spec.weights), spec.activations,
-        spec.act_params, strategy)
+        x, spec.weights, biases, spec.activations, spec.act_params, strategy)
+    return y, sq
+
+
+def random_projections(batch: int, n_proj: int, n_out: int, *, distribution: str = "rademacher",
+                       orthogonal: bool = False, generator=None, dtype=torch.float32, device="cpu"):
+    """(batch, n_proj, n_out) projection rows: independent Rademacher or Gaussian entries, or
+    (orthogonal) n_proj orthonormal rows per sample scaled by sqrt(n_out), so that in every case
+    E[v_i v_i^T] = I for each row."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
+    if not isinstance(n_proj, int) or n_proj < 1:
+        raise ValueError(f"n_proj must be a positive integer, got {n_proj!r}")
+    if orthogonal and n_proj > n_out:
+        raise ValueError(f"orthogonal projections need n_proj <= {n_out} (the number of outputs), got {n_proj}")
+    source = generator.device if generator is not None else torch.device(device)
+    if orthogonal:  # QR of a Gaussian matrix: each column uniform on the sphere
+        gaussian = torch.randn(batch, n_out, n_proj, generator=generator, device=source, dtype=torch.float64)
+        rows = torch.linalg.qr(gaussian).Q.transpose(1, 2) * n_out ** 0.5
+    elif distribution == "gaussian":
+        rows = torch.randn(batch, n_proj, n_out, generator=generator, device=source, dtype=torch.float64)
+    else:
+        rows = torch.randint(0, 2, (batch, n_proj, n_out), generator=generator, device=source) * 2 - 1
+    return rows.to(device=device, dtype=dtype)
+
+
+def _hutchinson(spec, biases, x, n_proj, generator, distribution, orthogonal, return_variance):
+    if return_variance and n_proj < 2:
+        raise ValueError("return_variance needs n_proj >= 2 (a sample variance of the projections)")
+    v = random_projections(x.shape[0], n_proj, spec.widths[-1], distribution=distribution,
+                           orthogonal=orthogonal, generator=generator, dtype=x.dtype, device=x.device)
+    strategy = resolve_strategy("hutchinson", spec.widths, batch=x.shape[0], projections=n_proj)
+    y, terms, _ = torch.ops.jacext.mlp_jacobian_frobenius(
+        x, spec.weights, biases, spec.activations, spec.act_params, strategy, v)
+    sq = terms.mean(1)  # each term ||v_i^T J||^2 is unbiased for ||J||_F^2
+    if return_variance:
+        return y, sq, terms.var(1) / n_proj
     return y, sq
 
 

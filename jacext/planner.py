@@ -5,20 +5,27 @@ carry the n_layer input columns forward (FORWARD), or carry rows back and end th
 with the Gram epilogue (REVERSE_GRAM)."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 REVERSE, FORWARD, REVERSE_GRAM = 0, 1, 2
 STRATEGY_NAMES = {REVERSE: "reverse", FORWARD: "forward", REVERSE_GRAM: "reverse + Gram epilogue"}
 
 
-def penalty_macs(widths: Sequence[int], batch: int, strategy: int, layer: int = 0) -> int:
+def penalty_macs(widths: Sequence[int], batch: int, strategy: int, layer: int = 0,
+                 projections: int = 0) -> int:
     """GEMM multiply-adds of one forward + backward of the op for layer widths [n_0, ..., n_L]
     (elementwise work is not counted). Each carry GEMM runs three times: forward, and in the
     backward once for the carry's adjoint and once for the weight gradient; so does each of the
-    MLP's own GEMMs."""
+    MLP's own GEMMs. With k = `projections` random rows (the estimator) the reverse carry has k
+    rows instead of m, and starts with one more GEMM (V D_L W_L)."""
     n = list(widths)
-    m, depth = n[-1], len(n) - 1
+    m, depth = (projections or n[-1]), len(n) - 1
     mlp = 3 * batch * sum(n[i] * n[i + 1] for i in range(depth))
+    if projections:
+        if strategy == FORWARD:
+            raise ValueError("projections are carried in reverse mode only")
+        mlp += 3 * batch * projections * n[-1] * n[-2]
     if strategy == FORWARD:  # the first carry is W_{layer+1}^T itself: no GEMM
         return mlp + 3 * batch * n[layer] * sum(n[i] * n[i + 1] for i in range(layer + 1, depth))
     if strategy == REVERSE:  # the first carry is D_L W_L itself: no GEMM
@@ -30,22 +37,64 @@ def penalty_macs(widths: Sequence[int], batch: int, strategy: int, layer: int = 
 
 
 def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobenius: bool = True,
-                     batch: int = 64) -> int:
-    """The op strategy for an exact method name.
+                     batch: int = 64, projections: int = 0) -> int:
+    """The op strategy for a method name ("hutchinson": the reverse carry of k = `projections`
+    random rows).
 
     "reverse" ends the Frobenius norm with the Gram epilogue when that needs fewer multiply-adds;
     "auto" takes whichever of reverse and forward needs fewer (reverse on a tie)."""
-    if method not in ("auto", "reverse", "forward"):
-        raise ValueError(f"unknown method {method!r} for the exact op; expected 'auto', 'reverse' or 'forward'")
+    if method not in ("auto", "reverse", "forward", "hutchinson"):
+        raise ValueError(f"unknown method {method!r} for the op; expected 'auto', 'reverse', 'forward' or 'hutchinson'")
     if not isinstance(batch, int):  # a symbolic size under torch.compile: plan for a typical batch
         batch = 64
     if method == "forward":
         return FORWARD
     reverse = REVERSE
     if frobenius and layer == 0 and len(widths) >= 3:
-        if penalty_macs(widths, batch, REVERSE_GRAM) < penalty_macs(widths, batch, REVERSE):
+        gram = penalty_macs(widths, batch, REVERSE_GRAM, projections=projections)
+        if gram < penalty_macs(widths, batch, REVERSE, projections=projections):
             reverse = REVERSE_GRAM
+    if method == "hutchinson":
+        return reverse
     if method == "reverse":
         return reverse
     forward_cheaper = penalty_macs(widths, batch, FORWARD, layer) < penalty_macs(widths, batch, reverse, layer)
     return FORWARD if forward_cheaper else reverse
+
+
+class Plan:
+    """What jacobian_frobenius(model, x, method) will run, and what each candidate would cost."""
+
+    def __init__(self, widths, batch, method, candidates, choice):
+        self.widths, self.batch, self.method = widths, batch, method
+        self.candidates = candidates  # {strategy: (multiply-adds, bytes saved for the backward)}
+        self.choice = choice
+
+    def __repr__(self):
+        lines = [f"MLP {self.widths}, batch {self.batch}, method={self.method!r}: runs "
+                 f"{STRATEGY_NAMES[self.choice]}",
+                 f"  {'strategy':26}{'GEMM multiply-adds':>20}{'saved for backward':>20}"]
+        for strategy, (macs, saved) in self.candidates.items():
+            mark = "  <- chosen" if strategy == self.choice else ""
+            lines.append(f"  {STRATEGY_NAMES[strategy]:26}{macs / 1e9:>17.3f} G{saved / 2**20:>17.1f} MB{mark}")
+        lines.append("  (forward + backward; the choice is the fewest multiply-adds, reverse on a tie)")
+        return "\n".join(lines)
+
+
+def explain(model, x, method: str = "auto") -> Plan:
+    """The plan for jacobian_frobenius(model, x, method) with every exact candidate's cost:
+    `print(jacext.explain(model, x))`."""
+    from ._ops import _saved_shapes
+    from .nn import parse_model
+
+    spec = parse_model(model)
+    widths, batch = spec.widths, x.shape[0]
+    choice = resolve_strategy(method, widths, batch=batch)
+    candidates = {}
+    for strategy in (REVERSE, REVERSE_GRAM, FORWARD):
+        if strategy == REVERSE_GRAM and len(widths) < 3:
+            continue
+        saved = sum(math.prod(shape) for shape in _saved_shapes(x, spec.weights, 0, strategy))
+        candidates[strategy] = (penalty_macs(widths, batch, strategy), saved * x.element_size())
+    return Plan(widths, batch, method, candidates, choice)
+

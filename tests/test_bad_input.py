@@ -117,7 +117,7 @@ def test_unknown_method(model):
 
 
 def test_estimator_options_on_exact_method(model):
-    with pytest.raises(ValueError, match="n_proj"):
+    with pytest.raises(ValueError, match="apply to method='hutchinson' only"):
         jacext.jacobian_frobenius(model, torch.randn(2, 5, dtype=torch.float64), n_proj=4)
 
 

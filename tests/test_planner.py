@@ -31,3 +31,18 @@ def test_layer_jacobian_never_uses_the_gram_epilogue():
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
         resolve_strategy("gram", [3, 4, 5])
+
+
+def test_explain_reports_every_candidate_and_the_choice():
+    import torch
+    import jacext
+
+    model = jacext.MLP([784, 256, 256, 10])
+    plan = jacext.explain(model, torch.randn(128, 784))
+    assert plan.choice == resolve_strategy("auto", [784, 256, 256, 10], batch=128) == REVERSE_GRAM
+    assert set(plan.candidates) == {REVERSE, REVERSE_GRAM, FORWARD}
+    assert plan.candidates[REVERSE_GRAM][0] == penalty_macs([784, 256, 256, 10], 128, REVERSE_GRAM)
+    # saved for the backward, float32: forward mode keeps a (128, 784, 256) carry
+    assert plan.candidates[FORWARD][1] > 128 * 784 * 256 * 4 > plan.candidates[REVERSE_GRAM][1]
+    text = repr(plan)
+    assert "reverse + Gram epilogue" in text and "<- chosen" in text
