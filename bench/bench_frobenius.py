@@ -178,6 +178,27 @@ def machine_description(device):
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
+def print_table(machine, dtype, results):
+    print(f"\n{machine}; {dtype}; penalty forward+backward, median of timed runs\n", flush=True)
+    header = f"{'case':5} {'method':20} {'median ms':>11} {'x jacext-auto':>13} {'peak MB':>9} {'GFLOP/s':>8}  note"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        note = []
+        if r.get("auto_choice"):
+            note.append("auto's choice")
+        if "strategy" in r:
+            note.append(r["strategy"])
+        if r["scaled_from_outputs"]:
+            note.append(f"{r['scaled_from_outputs']} of {r['widths'][-1]} outputs timed, time scaled, memory not")
+        if r["method"] in ("random-1proj", "jacext-hutchinson-1"):
+            note.append("estimate, not exact")
+        gflops = f"{r['gflops_per_s']:8.1f}" if "gflops_per_s" in r else " " * 8
+        ratio = f"{r['time_vs_jacext_auto']:13.3g}" if "time_vs_jacext_auto" in r else " " * 13
+        print(f"{r['case']:5} {r['method']:20} {r['median_s'] * 1e3:11.1f} {ratio} "
+              f"{r['peak_bytes'] / 2**20:9.1f} {gflops}  {', '.join(note)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="P1,P2,P3", help="comma-separated names from " + ",".join(CASES))
@@ -188,8 +209,14 @@ def main():
     parser.add_argument("--loop-outputs", type=int, default=16, help="outputs timed for autograd-loop")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, short runs (CI)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/frobenius_<device>.json)")
+    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            saved = json.load(f)
+        print_table(saved["machine"], saved["results"][0]["dtype"], saved["results"])
+        return
 
     cases = SMOKE_CASES if args.smoke else {name: CASES[name] for name in args.cases.split(",")}
     if args.smoke:
@@ -234,24 +261,8 @@ def main():
                 r["sq_rel_diff_vs_first_exact"] = abs(r["sq_mean"] - exact[0]["sq_mean"]) / abs(exact[0]["sq_mean"])
 
     machine = machine_description(args.device)
-    print(f"\n{machine}; {args.dtype}; penalty forward+backward, median of timed runs\n", flush=True)
-    header = f"{'case':5} {'method':16} {'median ms':>11} {'x jacext-auto':>13} {'peak MB':>9} {'GFLOP/s':>8}  note"
-    print(header)
-    print("-" * len(header))
+    print_table(machine, args.dtype, results)
     for r in results:
-        note = []
-        if r.get("auto_choice"):
-            note.append("auto's choice")
-        if "strategy" in r:
-            note.append(r["strategy"])
-        if r["scaled_from_outputs"]:
-            note.append(f"{r['scaled_from_outputs']} of {r['widths'][-1]} outputs timed, time scaled, memory not")
-        if r["method"] in ("random-1proj", "jacext-hutchinson-1"):
-            note.append("estimate, not exact")
-        gflops = f"{r['gflops_per_s']:8.1f}" if "gflops_per_s" in r else " " * 8
-        ratio = f"{r['time_vs_jacext_auto']:13.2f}" if "time_vs_jacext_auto" in r else " " * 13
-        print(f"{r['case']:5} {r['method']:16} {r['median_s'] * 1e3:11.1f} {ratio} "
-              f"{r['peak_bytes'] / 2**20:9.1f} {gflops}  {', '.join(note)}")
         rel = r.get("sq_rel_diff_vs_first_exact")
         if rel is not None and rel > 1e-3:
             sys.exit(f"{r['case']} {r['method']}: penalty differs from the other exact methods by {rel:.2e}")
