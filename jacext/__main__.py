@@ -28,7 +28,7 @@ def _progress(iterable, description, total):
     return tqdm(iterable, desc=description, total=total, leave=False, file=sys.stderr)
 
 
-def train_once(method, args, data):
+def train_once(name, method, args, data):
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(args.seed)
     model = MLP([x_train.shape[1], *args.hidden, 10], activation=args.activation).to(args.device)
@@ -36,7 +36,7 @@ def train_once(method, args, data):
     order = torch.Generator().manual_seed(args.seed)
     steps, step_time, total_steps = 0, 0.0, 0
     n_batches = (len(x_train) + args.batch - 1) // args.batch
-    for _ in _progress(range(args.epochs), f"{method:>10}", args.epochs):
+    for _ in _progress(range(args.epochs), f"{name:>10}", args.epochs):
         perm = torch.randperm(len(x_train), generator=order).to(args.device)
         for start in range(0, len(x_train), args.batch):
             batch = perm[start:start + args.batch]
@@ -64,7 +64,8 @@ def demo(args):
     print(f"digits: {len(data[0])} train / {len(data[2])} test, MLP {[64, *args.hidden, 10]} "
           f"({args.activation}), loss = cross-entropy + {args.lam} * mean ||J||_F^2, "
           f"{args.epochs} epochs of batch {args.batch} on {args.device}")
-    rows = {"jacext": train_once(args.method, args, data), "torch.func": train_once("autograd", args, data)}
+    rows = {"jacext": train_once("jacext", args.method, args, data),
+            "torch.func": train_once("torch.func", "autograd", args, data)}
     print(f"\n{'':12}{'test acc':>10}{'mean ||J||^2':>14}{'ms/step':>10}")
     for name, r in rows.items():
         print(f"{name:12}{r['accuracy']:10.3f}{r['penalty']:14.4f}{r['ms_per_step']:10.2f}")
