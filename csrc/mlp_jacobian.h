@@ -15,6 +15,11 @@
 // computed once per batch: m*n_1^2 instead of m*n_1*n_0 multiply-adds per sample (and likewise
 // in the backward); jacext/planner.py counts both and picks.
 //
+// kGram1, one hidden layer and a linear output (J = W_2 D_1 W_1): ||J||^2 = d^T M d with
+// M = (W_1 W_1^T) .* (W_2^T W_2), the same for every sample: one GEMM of the batch with M and a
+// row-wise dot, O(n_1^2) per sample instead of O(m n_1 n_0); carries: G1 = W_1 W_1^T,
+// G2 = W_2^T W_2 and M d (B, n_1).
+//
 // The forward ops also return `saved`, so that the backward recomputes neither a GEMM nor an
 // activation: d[0..L-1], then act''(y) for every layer, then h_1..h_{L-1}, then the carries
 // (reverse: R^(L-1), ..., R^(l); forward: U^(l+2), ..., U^(L), all before their diagonal
@@ -33,7 +38,7 @@ namespace jacext {
 
 using at::Tensor;
 
-enum Strategy : int64_t { kReverse = 0, kForward = 1, kReverseGram = 2 };
+enum Strategy : int64_t { kReverse = 0, kForward = 1, kReverseGram = 2, kGram1 = 3 };
 
 // A layer without bias passes an empty tensor: a list of optional tensors would stop autograd
 // from reaching the biases that are present.
@@ -60,9 +65,12 @@ inline void check_mlp(const Tensor& x, at::TensorList weights, at::TensorList bi
               "jacext: expected x of dtype float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(layer >= 0 && layer < L, "jacext: layer must be in [0, ", L - 1,
               "] (0 = input, l = output of the l-th activation), got ", layer);
-  TORCH_CHECK(strategy >= kReverse && strategy <= kReverseGram,
-              "jacext: strategy must be 0 (reverse), 1 (forward) or 2 (reverse with Gram "
-              "epilogue), got ", strategy);
+  TORCH_CHECK(strategy >= kReverse && strategy <= kGram1,
+              "jacext: strategy must be 0 (reverse), 1 (forward), 2 (reverse with Gram "
+              "epilogue) or 3 (one-hidden-layer Gram), got ", strategy);
+  TORCH_CHECK(strategy != kGram1 || (layer == 0 && L == 2 && activations[1] == kIdentity),
+              "jacext: strategy 3 (one-hidden-layer Gram) needs the Jacobian w.r.t. the input of "
+              "a net with exactly two layers and a linear output layer");
   TORCH_CHECK(strategy != kReverseGram || (layer == 0 && L >= 2),
               "jacext: the Gram epilogue needs the Jacobian w.r.t. the input of a net with at "
               "least two layers");
@@ -243,8 +251,8 @@ inline Tensor checked_projections(const std::optional<Tensor>& projections, cons
   TORCH_CHECK(v.scalar_type() == x.scalar_type() && v.device() == x.device(),
               "jacext: projections must match x's dtype and device, got ", v.scalar_type(), " on ",
               v.device());
-  TORCH_CHECK(strategy != kForward, "jacext: projections are carried in reverse mode; strategy "
-              "must be 0 or 2, got 1");
+  TORCH_CHECK(strategy == kReverse || strategy == kReverseGram, "jacext: projections are carried "
+              "in reverse mode; strategy must be 0 or 2, got ", strategy);
   return v.contiguous();
 }
 
@@ -258,8 +266,14 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
                            checked_projections(projections, x, weights, strategy)};
   std::vector<Tensor> hs, ds, d2s;
   net.mlp_forward(x, hs, ds, d2s);
-  std::vector<Tensor> cs = net.carries(ds);
   Tensor sq;
+  if (strategy == kGram1) {
+    Tensor g1 = at::mm(weights[0], weights[0].t()), g2 = at::mm(weights[1].t(), weights[1]);
+    Tensor md = at::mm(ds[0], g1 * g2);  // M is symmetric: rows of D M = (M d_b)^T
+    sq = (md * ds[0]).sum(1);
+    return {hs.back(), sq, net.pack_saved(hs, ds, d2s, {g1, g2, md})};
+  }
+  std::vector<Tensor> cs = net.carries(ds);
   if (net.projections.defined()) {  // one squared norm per projection: (B, k)
     if (strategy == kReverseGram) {
       Tensor p = net.gram_epilogue(cs.back(), ds[0]);
@@ -286,8 +300,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t layer,
     int64_t strategy) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
-  TORCH_CHECK(strategy != kReverseGram, "jacext: mlp_jacobian forms J; strategy 2 (Gram "
-              "epilogue) is for the Frobenius norm only");
+  TORCH_CHECK(strategy != kReverseGram && strategy != kGram1, "jacext: mlp_jacobian forms J; "
+              "strategies 2 and 3 (Gram) are for the Frobenius norm only");
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy};
   std::vector<Tensor> hs, ds, d2s;
   net.mlp_forward(x, hs, ds, d2s);
@@ -310,7 +324,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy,
                            checked_projections(projections, x, weights, strategy)};
   const int64_t L = net.depth();
-  const int64_t n_carries = net.forward_mode() ? L - layer - 1 : L - layer;
+  const int64_t n_carries = strategy == kGram1 ? 3 : net.forward_mode() ? L - layer - 1 : L - layer;
   const int64_t n_saved = 3 * L - 1 + n_carries;
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == n_saved, "jacext: expected ", n_saved,
               " saved tensors, got ", saved.size());
@@ -323,14 +337,22 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
   std::vector<Tensor> adj_d(L), grad_w(L), grad_b(L);
   const bool has_sq = grad_sq.has_value() && grad_sq->defined();
   const bool has_jac = grad_jac.has_value() && grad_jac->defined();
-  TORCH_CHECK(strategy != kReverseGram || !has_jac,
-              "jacext: strategy 2 (Gram epilogue) never forms J, so J has no gradient");
+  TORCH_CHECK((strategy != kReverseGram && strategy != kGram1) || !has_jac,
+              "jacext: strategies 2 and 3 (Gram) never form J, so J has no gradient");
   TORCH_CHECK(!net.projections.defined() || !has_jac,
               "jacext: with projections the op returns norms only, so J has no gradient");
   // grad_sq is (B) for the norm of J, (B, k) for the norms of the k projected rows.
   Tensor g;
   if (has_sq) g = net.projections.defined() ? grad_sq->unsqueeze(2) : grad_sq->view({-1, 1, 1});
-  if (strategy == kReverseGram && has_sq) {
+  if (strategy == kGram1 && has_sq) {
+    // sum_b g_b d_b^T M d_b: d/dd_b = 2 g_b M d_b; with dM = sum_b g_b d_b d_b^T,
+    // d/dW_1 = 2 (dM .* G2) W_1 and d/dW_2 = 2 W_2 (dM .* G1).
+    const Tensor &g1 = cs[0], &g2 = cs[1], &md = cs[2];
+    adj_d[0] = md * (2 * *grad_sq).unsqueeze(1);
+    Tensor dm = at::mm((ds[0] * grad_sq->unsqueeze(1)).t(), ds[0]);
+    grad_w[0] = 2 * at::mm(dm * g2, weights[0]);
+    grad_w[1] = 2 * at::mm(weights[1], dm * g1);
+  } else if (strategy == kReverseGram && has_sq) {
     // sum_b g_b tr(S_b G S_b^T), G = W_1 W_1^T: d/dS_b = 2 g_b P_b, d/dW_1 = 2 (S^T g S) W_1.
     Tensor p = cs.back();
     cs.pop_back();

@@ -11,11 +11,11 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
 from . import activations as act
-from .planner import FORWARD, REVERSE, REVERSE_GRAM, resolve_strategy
+from .planner import FORWARD, GRAM1, REVERSE, REVERSE_GRAM, resolve_strategy
 from .reference import mlp_jacobian_backward_composite
 
 __all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "resolve_strategy", "REVERSE", "FORWARD",
-           "REVERSE_GRAM"]
+           "REVERSE_GRAM", "GRAM1"]
 
 _ops = torch.ops.jacext
 
@@ -27,7 +27,9 @@ def _saved_shapes(x, weights, layer, strategy, rows=None):
     rows = widths[-1] if rows is None else rows
     # d and act'' for every layer, h_1..h_{L-1}, then the carries
     shapes = [(B, widths[i + 1]) for i in range(L)] * 2 + [(B, widths[i]) for i in range(1, L)]
-    if strategy == FORWARD:
+    if strategy == GRAM1:  # G1, G2 (n_1, n_1) and M d (B, n_1)
+        shapes += [(widths[1], widths[1])] * 2 + [(B, widths[1])]
+    elif strategy == FORWARD:
         shapes += [(B, widths[layer], widths[i]) for i in range(layer + 2, L + 1)]
     else:
         shapes += [(B, rows, widths[i]) for i in range(L - 1, layer - 1, -1)]
@@ -200,7 +202,7 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     floats per layer (slope / beta, threshold / alpha), torch's defaults when None."""
     codes, params = _normalize_activations(activations, act_params, len(weights))
     widths = [weights[0].shape[1]] + [w.shape[0] for w in weights]
-    strategy = resolve_strategy(method, widths, batch=x.shape[0])
+    strategy = resolve_strategy(method, widths, batch=x.shape[0], output_linear=codes[-1] == act.IDENTITY)
     y, sq, _ = _ops.mlp_jacobian_frobenius(x, list(weights), bias_tensors(biases, weights), codes,
                                            params, strategy)
     return y, sq

@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 
 from . import _ops
+from .activations import IDENTITY
 from .planner import resolve_strategy
 from .nn import parse_model
 from .reference import jacobian_frobenius_ref
 
 __all__ = ["jacobian_frobenius", "jacobian", "jacobian_gram", "random_projections", "METHODS"]
 
-METHODS = ("auto", "reverse", "forward", "hutchinson", "autograd")
+METHODS = ("auto", "reverse", "forward", "gram", "hutchinson", "autograd")
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
@@ -28,9 +29,10 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
                        return_variance: bool = False):
     """(y, sq): y == model(x) (B, m) and sq[b] = ||dy_b/dx_b||_F^2 (B,).
 
-    method: "auto" (reverse or forward, whichever needs fewer multiply-adds), "reverse" (carry
-    the m output rows back; end with the Gram epilogue instead of forming J when cheaper),
-    "forward" (carry the n_0 input columns forward), "hutchinson" (an unbiased random estimate
+    method: "auto" (the exact strategy with the fewest multiply-adds), "reverse" (carry the m
+    output rows back; end with the Gram epilogue instead of forming J when cheaper), "forward"
+    (carry the n_0 input columns forward), "gram" (one hidden layer and a linear output only:
+    d^T M d with M = (W_1 W_1^T) .* (W_2^T W_2) shared by the batch), "hutchinson" (an unbiased random estimate
     from n_proj projections, see below), or "autograd" (torch.func vmap(jacrev): any module,
     slow). Differentiable twice w.r.t. x and the parameters.
 
@@ -55,7 +57,8 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     biases = _ops.bias_tensors(spec.biases, spec.weights)
     if method == "hutchinson":
         return _hutchinson(spec, biases, x, n_proj, generator, distribution, orthogonal, return_variance)
-    strategy = resolve_strategy(method, spec.widths, batch=x.shape[0])
+    strategy = resolve_strategy(method, spec.widths, batch=x.shape[0],
+                                output_linear=spec.activations[-1] == IDENTITY)
     y, sq, _ = torch.ops.jacext.mlp_jacobian_frobenius(
         x, spec.weights, biases, spec.activations, spec.act_params, strategy)
     return y, sq

@@ -1,15 +1,17 @@
 """Which exact strategy to run: a multiply-add count per strategy, and the choice it implies.
 
 The op's `strategy` argument (csrc/mlp_jacobian.h): carry the m output rows back (REVERSE),
-carry the n_layer input columns forward (FORWARD), or carry rows back and end the Frobenius norm
-with the Gram epilogue (REVERSE_GRAM)."""
+carry the n_layer input columns forward (FORWARD), carry rows back and end the Frobenius norm
+with the Gram epilogue (REVERSE_GRAM), or, for one hidden layer and a linear output, d^T M d with
+the sample-independent M = (W_1 W_1^T) .* (W_2^T W_2) (GRAM1)."""
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
-REVERSE, FORWARD, REVERSE_GRAM = 0, 1, 2
-STRATEGY_NAMES = {REVERSE: "reverse", FORWARD: "forward", REVERSE_GRAM: "reverse + Gram epilogue"}
+REVERSE, FORWARD, REVERSE_GRAM, GRAM1 = 0, 1, 2, 3
+STRATEGY_NAMES = {REVERSE: "reverse", FORWARD: "forward", REVERSE_GRAM: "reverse + Gram epilogue",
+                  GRAM1: "one-hidden-layer Gram"}
 
 
 def penalty_macs(widths: Sequence[int], batch: int, strategy: int, layer: int = 0,
@@ -30,23 +32,38 @@ def penalty_macs(widths: Sequence[int], batch: int, strategy: int, layer: int = 
         return mlp + 3 * batch * n[layer] * sum(n[i] * n[i + 1] for i in range(layer + 1, depth))
     if strategy == REVERSE:  # the first carry is D_L W_L itself: no GEMM
         return mlp + 3 * batch * m * sum(n[i] * n[i + 1] for i in range(layer, depth - 1))
+    if strategy == GRAM1:  # G1, G2 and M d forward; dM, then dW_1 and dW_2 backward
+        return mlp + 2 * n[1] ** 2 * (n[0] + n[2]) + 2 * batch * n[1] ** 2
     if strategy == REVERSE_GRAM:  # carry down to R^(1); G = W_1 W_1^T replaces the last GEMM
         carry = 3 * batch * m * sum(n[i] * n[i + 1] for i in range(1, depth - 1))
         return mlp + carry + 2 * n[1] ** 2 * n[0] + 2 * batch * m * n[1] ** 2
     raise ValueError(f"unknown strategy {strategy}")
 
 
+def gram1_applies(widths: Sequence[int], output_linear: bool) -> bool:
+    """The one-hidden-layer Gram formula needs J = W_2 D_1 W_1: two layers, no output activation."""
+    return len(widths) == 3 and output_linear
+
+
 def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobenius: bool = True,
-                     batch: int = 64, projections: int = 0) -> int:
+                     batch: int = 64, projections: int = 0, output_linear: bool = False) -> int:
     """The op strategy for a method name ("hutchinson": the reverse carry of k = `projections`
-    random rows).
+    random rows; "gram": the one-hidden-layer Gram formula, which needs `output_linear`).
 
     "reverse" ends the Frobenius norm with the Gram epilogue when that needs fewer multiply-adds;
-    "auto" takes whichever of reverse and forward needs fewer (reverse on a tie)."""
-    if method not in ("auto", "reverse", "forward", "hutchinson"):
-        raise ValueError(f"unknown method {method!r} for the op; expected 'auto', 'reverse', 'forward' or 'hutchinson'")
+    "auto" takes whichever exact strategy needs fewest (reverse on a tie)."""
+    if method not in ("auto", "reverse", "forward", "gram", "hutchinson"):
+        raise ValueError(f"unknown method {method!r} for the op; expected 'auto', 'reverse', 'forward', "
+                         f"'gram' or 'hutchinson'")
     if not isinstance(batch, int):  # a symbolic size under torch.compile: plan for a typical batch
         batch = 64
+    gram1 = frobenius and layer == 0 and not projections and gram1_applies(widths, output_linear)
+    if method == "gram":
+        if not gram1:
+            raise ValueError("method='gram' is implemented for one hidden layer with a linear output "
+                             f"layer (widths [n_0, n_1, m], no output activation); got widths {list(widths)}"
+                             + ("" if output_linear else " with an output activation"))
+        return GRAM1
     if method == "forward":
         return FORWARD
     reverse = REVERSE
@@ -58,8 +75,8 @@ def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobeni
         return reverse
     if method == "reverse":
         return reverse
-    forward_cheaper = penalty_macs(widths, batch, FORWARD, layer) < penalty_macs(widths, batch, reverse, layer)
-    return FORWARD if forward_cheaper else reverse
+    candidates = [reverse, FORWARD] + ([GRAM1] if gram1 else [])
+    return min(candidates, key=lambda strategy: penalty_macs(widths, batch, strategy, layer))
 
 
 class Plan:
@@ -87,12 +104,17 @@ def explain(model, x, method: str = "auto") -> Plan:
     from ._ops import _saved_shapes
     from .nn import parse_model
 
+    from .activations import IDENTITY
+
     spec = parse_model(model)
     widths, batch = spec.widths, x.shape[0]
-    choice = resolve_strategy(method, widths, batch=batch)
+    output_linear = spec.activations[-1] == IDENTITY
+    choice = resolve_strategy(method, widths, batch=batch, output_linear=output_linear)
     candidates = {}
-    for strategy in (REVERSE, REVERSE_GRAM, FORWARD):
+    for strategy in (REVERSE, REVERSE_GRAM, FORWARD, GRAM1):
         if strategy == REVERSE_GRAM and len(widths) < 3:
+            continue
+        if strategy == GRAM1 and not gram1_applies(widths, output_linear):
             continue
         saved = sum(math.prod(shape) for shape in _saved_shapes(x, spec.weights, 0, strategy))
         candidates[strategy] = (penalty_macs(widths, batch, strategy), saved * x.element_size())

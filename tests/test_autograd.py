@@ -55,6 +55,30 @@ def test_gradcheck_and_gradgradcheck_penalty(activation, strategy, device):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("activation", ACTIVATION_IDS)
+def test_gradcheck_and_gradgradcheck_one_hidden_layer_gram(activation, device):
+    x, weights, biases, codes, params = random_mlp(activation, device, widths=(3, 6, 4), bias=(True, False))
+    codes[-1], params[-2:] = act.IDENTITY, [0.0, 0.0]  # the formula needs a linear output layer
+    inputs = leaves(x, weights, biases)
+    fn = op_fn(torch.ops.jacext.mlp_jacobian_frobenius, weights, biases, codes, params, jacext.ops.GRAM1)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_opcheck_one_hidden_layer_gram(device):
+    x, weights, biases, codes, params = random_mlp("tanh", device, widths=(3, 6, 4), bias=(True, True))
+    codes[-1] = act.IDENTITY
+    for t in [x, *weights, *biases]:
+        t.requires_grad_()
+    args = (x, weights, biases, codes, params, jacext.ops.GRAM1)
+    torch.library.opcheck(torch.ops.jacext.mlp_jacobian_frobenius.default, args)
+    with torch.no_grad():
+        y, sq, saved = torch.ops.jacext.mlp_jacobian_frobenius(*args)
+    torch.library.opcheck(torch.ops.jacext.mlp_jacobian_backward.default,
+                          (torch.randn_like(y), torch.randn_like(sq), None, x, weights, biases, codes, params, 0,
+                           jacext.ops.GRAM1, list(saved)))
+
+
 @pytest.mark.parametrize("strategy", ["reverse", "forward"])
 @pytest.mark.parametrize("layer", [0, 1, 2])
 @pytest.mark.parametrize("activation", ["tanh", "gelu", "softplus", "smooth_leaky_relu"])

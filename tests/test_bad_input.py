@@ -144,6 +144,9 @@ def test_op_level_errors():
         torch.ops.jacext.mlp_jacobian_frobenius(x, [w1, w2], [w1.new_empty(0)], [3, 0], [0.0] * 4, 0)
     with pytest.raises(RuntimeError, match="strategy must be 0"):
         torch.ops.jacext.mlp_jacobian_frobenius(x, [w1], [w1.new_empty(0)], [3], [0.0] * 2, 7)
+    with pytest.raises(RuntimeError, match="exactly two layers and a linear output layer"):
+        torch.ops.jacext.mlp_jacobian_frobenius(x, [w1, w1.new_ones(3, 7)], [w1.new_empty(0)] * 2, [3, 3],
+                                                [0.0] * 4, 3)
     with pytest.raises(RuntimeError, match="at least two layers"):
         torch.ops.jacext.mlp_jacobian_frobenius(x, [w1], [w1.new_empty(0)], [3], [0.0] * 2, 2)
 

@@ -159,3 +159,20 @@ def test_op_level_entry_point(device):
     y_ref, sq_ref = jacobian_frobenius_ref(model, x)
     torch.testing.assert_close(y, y_ref, **TOL)
     torch.testing.assert_close(sq, sq_ref, **TOL)
+
+
+@pytest.mark.parametrize("method", ["gram", "auto"])
+@pytest.mark.parametrize("widths", [(17, 33, 5), (3, 9, 1), (40, 1, 7)], ids=str)
+@pytest.mark.parametrize("activation", [a for _, a in ACTIVATIONS], ids=ACTIVATION_IDS)
+def test_one_hidden_layer_gram(activation, widths, method, device):
+    """d^T ((W1 W1^T) .* (W2^T W2)) d: values and gradients against torch.func."""
+    model = make_mlp(widths, activation, device=device)  # linear output layer
+    check_against_reference(model, torch.randn(7, widths[0], dtype=torch.float64, device=device), method)
+
+
+def test_gram_method_needs_one_hidden_layer_and_a_linear_output():
+    with pytest.raises(ValueError, match="one hidden layer"):
+        jacext.jacobian_frobenius(make_mlp((5, 7, 7, 3), nn.Tanh), torch.randn(2, 5, dtype=torch.float64), method="gram")
+    with pytest.raises(ValueError, match="with an output activation"):
+        model = make_mlp((5, 7, 3), nn.Tanh, output_activation=nn.Sigmoid)
+        jacext.jacobian_frobenius(model, torch.randn(2, 5, dtype=torch.float64), method="gram")

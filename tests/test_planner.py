@@ -1,7 +1,7 @@
 """The strategy choice follows the multiply-add counts."""
 import pytest
 
-from jacext.planner import FORWARD, REVERSE, REVERSE_GRAM, penalty_macs, resolve_strategy
+from jacext.planner import FORWARD, GRAM1, REVERSE, REVERSE_GRAM, penalty_macs, resolve_strategy
 
 
 def test_macs_of_a_one_hidden_layer_net():
@@ -23,6 +23,16 @@ def test_auto_choice(widths, expected):
     assert resolve_strategy("auto", widths, batch=64) == expected
 
 
+def test_one_hidden_layer_gram_is_chosen_when_the_output_is_linear():
+    assert resolve_strategy("auto", [784, 1024, 1000], batch=64, output_linear=True) == GRAM1
+    # G1, G2 and M d, then dM, dW_1, dW_2: O(n_1^2) per sample plus two n_1^2 (n_0 + m) products
+    assert penalty_macs([784, 1024, 1000], 64, GRAM1) == (
+        3 * 64 * (784 * 1024 + 1024 * 1000) + 2 * 1024 ** 2 * (784 + 1000) + 2 * 64 * 1024 ** 2)
+    assert resolve_strategy("auto", [784, 256, 256, 10], batch=64, output_linear=True) == REVERSE_GRAM
+    with pytest.raises(ValueError, match="one hidden layer"):
+        resolve_strategy("gram", [784, 256, 256, 10], output_linear=True)
+
+
 def test_layer_jacobian_never_uses_the_gram_epilogue():
     assert resolve_strategy("reverse", [784, 256, 256, 10], frobenius=False) == REVERSE
     assert resolve_strategy("auto", [784, 256, 256, 10], layer=1, frobenius=False) == REVERSE
@@ -30,7 +40,7 @@ def test_layer_jacobian_never_uses_the_gram_epilogue():
 
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
-        resolve_strategy("gram", [3, 4, 5])
+        resolve_strategy("exact", [3, 4, 5])
 
 
 def test_explain_reports_every_candidate_and_the_choice():
