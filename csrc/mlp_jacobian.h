@@ -173,9 +173,8 @@ struct MLPJacobian {
     return at::mul_out(t, w.t().unsqueeze(0), ds[layer].unsqueeze(1));
   }
 
-  // kReverseGram: S = R^(1) D_1 and P = S (W_1 W_1^T), so that ||J||^2 = sum(P * S) per sample.
-  Tensor gram_epilogue(const Tensor& r1, const Tensor& d0) const {
-    Tensor s = r1 * d0.unsqueeze(1);
+  // kReverseGram: P = S (W_1 W_1^T) for S = R^(1) D_1, so that ||J||^2 = sum(P * S) per sample.
+  Tensor gram_epilogue(const Tensor& s) const {
     Tensor gram = at::mm(weights[0], weights[0].t());
     return at::mm(s.reshape({-1, s.size(2)}), gram).view(s.sizes());
   }
@@ -274,18 +273,15 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
     return {hs.back(), sq, net.pack_saved(hs, ds, d2s, {g1, g2, md})};
   }
   std::vector<Tensor> cs = net.carries(ds);
-  if (net.projections.defined()) {  // one squared norm per projection: (B, k)
-    if (strategy == kReverseGram) {
-      Tensor p = net.gram_epilogue(cs.back(), ds[0]);
-      sq = (p * (cs.back() * ds[0].unsqueeze(1))).sum(2);
-      cs.push_back(p);
-    } else {
-      sq = cs.back().square().sum(2);
-    }
-  } else if (strategy == kReverseGram) {
-    Tensor p = net.gram_epilogue(cs.back(), ds[0]);
-    sq = Kernels::rowwise_dot(p, cs.back() * ds[0].unsqueeze(1)).sum(1);
+  // With projections, one squared norm per projected row: (B, k).
+  if (strategy == kReverseGram) {
+    Tensor s = cs.back() * ds[0].unsqueeze(1);
+    Tensor p = net.gram_epilogue(s);
+    Tensor per_row = (p * s).sum(2);
+    sq = net.projections.defined() ? per_row : per_row.sum(1);
     cs.push_back(p);
+  } else if (net.projections.defined()) {
+    sq = cs.back().square().sum(2);
   } else {
     // Fused epilogue: the forward mode's last diagonal scaling happens inside the reduction.
     sq = net.forward_mode() ? Kernels::scaled_square_sum(net.last_unscaled(cs, ds), ds.back())

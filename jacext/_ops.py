@@ -19,11 +19,16 @@ __all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "resolve_strategy", "REVERS
 
 _ops = torch.ops.jacext
 
+def _widths(x, weights):
+    """[n_0, ..., n_L] of the MLP."""
+    return [x.shape[1]] + [w.shape[0] for w in weights]
+
+
 def _saved_shapes(x, weights, layer, strategy, rows=None):
     """Shapes of the `saved` outputs (layout documented in csrc/mlp_jacobian.h); `rows` is the
     number of carried rows in reverse mode: m, or k with projections."""
     B, L = x.shape[0], len(weights)
-    widths = [x.shape[1]] + [w.shape[0] for w in weights]
+    widths = _widths(x, weights)
     rows = widths[-1] if rows is None else rows
     # d and act'' for every layer, h_1..h_{L-1}, then the carries
     shapes = [(B, widths[i + 1]) for i in range(L)] * 2 + [(B, widths[i]) for i in range(1, L)]
@@ -50,7 +55,7 @@ def _frobenius_fake(x, weights, biases, activations, act_params, strategy, proje
 @torch.library.register_fake("jacext::mlp_jacobian")
 def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy):
     saved = [x.new_empty(s) for s in _saved_shapes(x, weights, layer, strategy)]
-    widths = [x.shape[1]] + [w.shape[0] for w in weights]
+    widths = _widths(x, weights)
     return (x.new_empty(x.shape[0], widths[-1]), x.new_empty(x.shape[0], widths[-1], widths[layer]),
             saved)
 
@@ -195,16 +200,20 @@ def _normalize_activations(activations: Sequence[ActivationSpec], act_params, n_
 def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
                            biases: Sequence[Optional[torch.Tensor]],
                            activations: Sequence[ActivationSpec], act_params=None,
-                           method: str = "auto"):
+                           method: str = "auto", projections: Optional[torch.Tensor] = None):
     """(y, sq): the MLP output and sq[b] = ||dy_b/dx_b||_F^2, in one fused op.
 
     activations: one name or code per weight (e.g. ["tanh", "identity"]); act_params: two
-    floats per layer (slope / beta, threshold / alpha), torch's defaults when None."""
+    floats per layer (slope / beta, threshold / alpha), torch's defaults when None.
+    method="hutchinson" takes projections V (B, k, m) and returns sq[b, i] = ||v_bi^T J_b||^2."""
+    if (method == "hutchinson") != (projections is not None):
+        raise ValueError("projections go with method='hutchinson', and only with it")
     codes, params = _normalize_activations(activations, act_params, len(weights))
-    widths = [weights[0].shape[1]] + [w.shape[0] for w in weights]
-    strategy = resolve_strategy(method, widths, batch=x.shape[0], output_linear=codes[-1] == act.IDENTITY)
+    strategy = resolve_strategy(method, _widths(x, weights), batch=x.shape[0],
+                                projections=0 if projections is None else projections.shape[1],
+                                output_linear=codes[-1] == act.IDENTITY)
     y, sq, _ = _ops.mlp_jacobian_frobenius(x, list(weights), bias_tensors(biases, weights), codes,
-                                           params, strategy)
+                                           params, strategy, projections)
     return y, sq
 
 
@@ -213,10 +222,10 @@ def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
                  act_params=None, layer: int = 0, method: str = "auto"):
     """(y, J): the MLP output and J[b] = dy_b/dh_layer,b of shape (B, m, n_layer)."""
     codes, params = _normalize_activations(activations, act_params, len(weights))
-    widths = [weights[0].shape[1]] + [w.shape[0] for w in weights]
     if not 0 <= layer < len(weights):
-        raise ValueError(f"layer must be in [0, {len(weights) - 1}], got {layer}")
-    strategy = resolve_strategy(method, widths, layer, frobenius=False, batch=x.shape[0])
+        raise ValueError(f"layer must be in [0, {len(weights) - 1}] for a model with {len(weights)} "
+                         f"Linear layers, got {layer}")
+    strategy = resolve_strategy(method, _widths(x, weights), layer, frobenius=False, batch=x.shape[0])
     y, jac, _ = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
                                   layer, strategy)
     return y, jac

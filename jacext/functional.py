@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from .activations import IDENTITY
-from .planner import resolve_strategy
 from .nn import parse_model
 from .reference import jacobian_frobenius_ref
 
@@ -54,14 +52,10 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
         return jacobian_frobenius_ref(model, x)
     spec = parse_model(model)
     _check_input(spec, x)
-    biases = _ops.bias_tensors(spec.biases, spec.weights)
     if method == "hutchinson":
-        return _hutchinson(spec, biases, x, n_proj, generator, distribution, orthogonal, return_variance)
-    strategy = resolve_strategy(method, spec.widths, batch=x.shape[0],
-                                output_linear=spec.activations[-1] == IDENTITY)
-    y, sq, _ = torch.ops.jacext.mlp_jacobian_frobenius(
-        x, spec.weights, biases, spec.activations, spec.act_params, strategy)
-    return y, sq
+        return _hutchinson(spec, x, n_proj, generator, distribution, orthogonal, return_variance)
+    return _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+                                       method=method)
 
 
 def random_projections(batch: int, n_proj: int, n_out: int, *, distribution: str = "rademacher",
@@ -86,14 +80,13 @@ def random_projections(batch: int, n_proj: int, n_out: int, *, distribution: str
     return rows.to(device=device, dtype=dtype)
 
 
-def _hutchinson(spec, biases, x, n_proj, generator, distribution, orthogonal, return_variance):
+def _hutchinson(spec, x, n_proj, generator, distribution, orthogonal, return_variance):
     if return_variance and n_proj < 2:
         raise ValueError("return_variance needs n_proj >= 2 (a sample variance of the projections)")
     v = random_projections(x.shape[0], n_proj, spec.widths[-1], distribution=distribution,
                            orthogonal=orthogonal, generator=generator, dtype=x.dtype, device=x.device)
-    strategy = resolve_strategy("hutchinson", spec.widths, batch=x.shape[0], projections=n_proj)
-    y, terms, _ = torch.ops.jacext.mlp_jacobian_frobenius(
-        x, spec.weights, biases, spec.activations, spec.act_params, strategy, v)
+    y, terms = _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+                                           method="hutchinson", projections=v)
     sq = terms.mean(1)  # each term ||v_i^T J||^2 is unbiased for ||J||_F^2
     if return_variance:
         return y, sq, terms.var(1) / n_proj
@@ -105,14 +98,7 @@ def jacobian(model, x: torch.Tensor, layer: int = 0) -> torch.Tensor:
     of the l-th Linear's activation. Differentiable twice."""
     spec = parse_model(model)
     _check_input(spec, x)
-    n_layers = len(spec.weights)
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer must be in [0, {n_layers - 1}] for a model with {n_layers} Linear layers, got {layer}")
-    strategy = resolve_strategy("auto", spec.widths, layer, frobenius=False, batch=x.shape[0])
-    _, jac, _ = torch.ops.jacext.mlp_jacobian(
-        x, spec.weights, _ops.bias_tensors(spec.biases, spec.weights), spec.activations,
-        spec.act_params, layer, strategy)
-    return jac
+    return _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer)[1]
 
 
 def jacobian_gram(model, x: torch.Tensor, layer: int = 0) -> torch.Tensor:

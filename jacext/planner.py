@@ -71,9 +71,7 @@ def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobeni
         gram = penalty_macs(widths, batch, REVERSE_GRAM, projections=projections)
         if gram < penalty_macs(widths, batch, REVERSE, projections=projections):
             reverse = REVERSE_GRAM
-    if method == "hutchinson":
-        return reverse
-    if method == "reverse":
+    if method in ("reverse", "hutchinson"):
         return reverse
     candidates = [reverse, FORWARD] + ([GRAM1] if gram1 else [])
     return min(candidates, key=lambda strategy: penalty_macs(widths, batch, strategy, layer))
@@ -102,9 +100,8 @@ def explain(model, x, method: str = "auto") -> Plan:
     """The plan for jacobian_frobenius(model, x, method) with every exact candidate's cost:
     `print(jacext.explain(model, x))`."""
     from ._ops import _saved_shapes
-    from .nn import parse_model
-
     from .activations import IDENTITY
+    from .nn import parse_model
 
     spec = parse_model(model)
     widths, batch = spec.widths, x.shape[0]
