@@ -2,9 +2,12 @@
 
 Each (case, method) runs in its own subprocess so that its peak memory is its own; all run in
 this one invocation, on the same machine, and the table gives each method's median time and its
-ratio to jacext's automatic choice.
+ratio to jacext's automatic choice. After the table, the cost model against the measurements: for
+each exact jacext row, the GEMM multiply-adds jacext.planner counts for its strategy, and whether
+ranking the strategies by that count ranks them as their measured times do.
 
     python bench/bench_frobenius.py                      # P1, P2, P3 on the CPU
+    python bench/bench_frobenius.py --cases P2
     python bench/bench_frobenius.py --device cuda
     python bench/bench_frobenius.py --smoke              # tiny sizes, seconds (CI)
 
@@ -16,6 +19,9 @@ Methods (each: compute the per-sample penalty, take its batch mean, backward to 
   vmap-jacrev / vmap-jacfwd         torch.func per-sample Jacobians, then the square-sum
   random-1proj    a one-projection random estimate (v^T J with Gaussian v) in PyTorch, not exact
   jacext-hutchinson-1               the same estimate, fused (Rademacher v)
+  jax-vmap-jacrev / jax-vmap-jacfwd the same MLP in JAX (weights copied): jax.vmap of jax.jacrev /
+                  jax.jacfwd, the step jax.jit(jax.grad(penalty)) compiled before the timing; run
+                  only where jax imports (and, for --device cuda, sees a GPU)
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ CASES = {
 }
 SMOKE_CASES = {"S1": ([20, 16, 12], 4), "S2": ([12, 16, 16, 3], 5)}
 METHODS = ["jacext-auto", "jacext-reverse", "jacext-forward", "autograd-loop", "vmap-jacrev", "vmap-jacfwd", "random-1proj",
-           "jacext-hutchinson-1"]
+           "jacext-hutchinson-1", "jax-vmap-jacrev", "jax-vmap-jacfwd"]
+ESTIMATES = ("random-1proj", "jacext-hutchinson-1")
 
 
 def make_step(method, model, x, loop_outputs):
@@ -93,6 +100,47 @@ def make_step(method, model, x, loop_outputs):
     return step, scale
 
 
+def jax_step(method, model, x, device):
+    """The timed function for a JAX peer: the gradient of the batch-mean penalty of the same MLP
+    (jacext.MLP's tanh hidden layers, linear output, its weights), jit-compiled. It returns the
+    per-sample penalty."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", x.dtype == torch.float64)
+    params = [(layer.weight.detach().numpy(), layer.bias.detach().numpy())
+              for layer in model if isinstance(layer, torch.nn.Linear)]
+    params, x = jax.device_put((params, x.numpy()), jax.devices("gpu" if device == "cuda" else "cpu")[0])
+    jacobian = jax.jacrev if method == "jax-vmap-jacrev" else jax.jacfwd
+
+    def f(params, xi):
+        h = xi
+        for i, (w, b) in enumerate(params):
+            h = w @ h + b
+            if i < len(params) - 1:
+                h = jnp.tanh(h)
+        return h
+
+    def loss(params, x):
+        sq = (jax.vmap(jacobian(f, argnums=1), in_axes=(None, 0))(params, x) ** 2).sum((1, 2))
+        return sq.mean(), sq
+
+    grad = jax.jit(jax.grad(loss, has_aux=True))
+
+    def step():
+        return jax.block_until_ready(grad(params, x))[1]
+
+    return step
+
+
+def jax_missing(device):
+    """Why the JAX peers cannot run on this device, or None. Asked in a subprocess: JAX takes most
+    of a GPU's memory once it sees it."""
+    check = subprocess.run([sys.executable, "-c", f"import jax; jax.devices({'gpu' if device == 'cuda' else 'cpu'!r})"],
+                           capture_output=True, text=True)
+    return check.stderr.strip().splitlines()[-1] if check.returncode else None
+
+
 def current_rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -124,15 +172,21 @@ def worker(case, widths, batch, method, args):
     import jacext
     from torch.utils import benchmark
 
+    on_jax = method.startswith("jax-")
     torch.manual_seed(0)
-    device = torch.device(args.device)
+    device = torch.device("cpu" if on_jax else args.device)  # JAX copies the weights from the host
     dtype = getattr(torch, args.dtype)
     model = jacext.MLP(widths, activation="tanh").to(device=device, dtype=dtype)
-    x = torch.randn(batch, widths[0], device=device, dtype=dtype)
-    step, scale = make_step(method, model, x, args.loop_outputs)
+    x = torch.randn(batch, widths[0], dtype=dtype).to(device)  # the same x on every device
+    if on_jax:
+        step, scale = jax_step(method, model, x, args.device), 1.0
+    else:
+        step, scale = make_step(method, model, x, args.loop_outputs)
 
-    step()  # warm-up: one-time allocations and lazy imports are not the method's memory
-    if device.type == "cuda":
+    step()  # warm-up: one-time allocations, lazy imports and JAX's compilation are not the method's
+    if on_jax and args.device == "cuda":
+        sq, peak = step(), None
+    elif device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -141,6 +195,7 @@ def worker(case, widths, batch, method, args):
         peak = torch.cuda.max_memory_allocated() - base
     else:
         sq, peak = peak_rss_growth(step)
+    sq = torch.from_dlpack(sq) if on_jax else sq.detach()
     timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=args.min_run_time)
     median = measurement.median * scale
@@ -148,9 +203,10 @@ def worker(case, widths, batch, method, args):
         "case": case, "method": method, "widths": widths, "batch": batch, "device": args.device,
         "dtype": args.dtype, "median_s": median, "runs": len(measurement.times),
         "scaled_from_outputs": (min(args.loop_outputs, widths[-1]) if method == "autograd-loop" else None),
-        "peak_bytes": max(int(peak), 0),
-        "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS growth during one step",
-        "sq_mean": float(sq.detach().double().mean()),
+        "peak_bytes": None if peak is None else max(int(peak), 0),
+        "peak_kind": ("not measured: JAX's GPU memory is not torch's" if peak is None else
+                      "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS growth during one step"),
+        "sq_mean": float(sq.double().mean()),
     }
     if method.startswith("jacext-"):
         from jacext.planner import STRATEGY_NAMES, penalty_macs, resolve_strategy
@@ -160,7 +216,7 @@ def worker(case, widths, batch, method, args):
                                     output_linear=True)  # jacext.MLP: no output activation
         result["strategy"] = STRATEGY_NAMES[strategy]
         macs = penalty_macs(widths, batch, strategy, projections=projections)
-        result["gflop"] = 2 * macs / 1e9
+        result["macs"] = macs
         result["gflops_per_s"] = 2 * macs / median / 1e9
     print("RESULT " + json.dumps(result))
 
@@ -191,12 +247,70 @@ def print_table(machine, dtype, results):
             note.append(r["strategy"])
         if r["scaled_from_outputs"]:
             note.append(f"{r['scaled_from_outputs']} of {r['widths'][-1]} outputs timed, time scaled, memory not")
-        if r["method"] in ("random-1proj", "jacext-hutchinson-1"):
+        if r["method"] in ESTIMATES:
             note.append("estimate, not exact")
+        if r["method"].startswith("jax-"):
+            note.append("jax.jit, compilation not timed")
+        if r["peak_bytes"] is None:
+            note.append("memory " + r["peak_kind"])
         gflops = f"{r['gflops_per_s']:8.1f}" if "gflops_per_s" in r else " " * 8
         ratio = f"{r['time_vs_jacext_auto']:13.3g}" if "time_vs_jacext_auto" in r else " " * 13
+        peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r["peak_bytes"] is not None else " " * 9
         print(f"{r['case']:5} {r['method']:20} {r['median_s'] * 1e3:11.1f} {ratio} "
-              f"{r['peak_bytes'] / 2**20:9.1f} {gflops}  {', '.join(note)}")
+              f"{peak} {gflops}  {', '.join(note)}")
+
+
+def cost_model(results):
+    """Per case, the planner's multiply-adds of each exact jacext row against its measured time. The
+    ranks are over distinct strategies, each timed by its fastest row; a flip is a pair of strategies
+    that the multiply-adds order one way and the times the other."""
+    model = {}
+    for case in dict.fromkeys(r["case"] for r in results):
+        rows = [r for r in results if r["case"] == case and "macs" in r and r["method"] not in ESTIMATES]
+        if not rows:
+            continue
+        fastest = {}
+        for r in sorted(rows, key=lambda r: r["median_s"]):
+            fastest.setdefault(r["strategy"], r)
+        strategies = list(fastest.values())  # fastest first
+
+        def rank(strategy, key):
+            return 1 + sum(key(other) < key(fastest[strategy]) for other in strategies)
+
+        def faster(fast, slow):
+            ratio = slow["median_s"] / fast["median_s"]
+            return f"{ratio - 1:.0%}" if ratio < 2 else f"{ratio:.3g}x"
+
+        flips = [f"{fast['strategy']} measured {faster(fast, slow)} faster than "
+                 f"{slow['strategy']} ({fast['median_s'] * 1e3:.1f} vs {slow['median_s'] * 1e3:.1f} ms) "
+                 f"but predicted {fast['macs'] / slow['macs']:.3g}x the multiply-adds"
+                 for i, fast in enumerate(strategies) for slow in strategies[i + 1:] if fast["macs"] > slow["macs"]]
+        model[case] = {"rows": [{"method": r["method"], "strategy": r["strategy"], "macs": r["macs"],
+                                 "median_s": r["median_s"], "gflops_per_s": r["gflops_per_s"],
+                                 "predicted_rank": rank(r["strategy"], lambda s: s["macs"]),
+                                 "measured_rank": rank(r["strategy"], lambda s: s["median_s"])}
+                                for r in rows],
+                       "agrees": not flips, "flips": flips}
+    return model
+
+
+def print_cost_model(model):
+    print("\ncost model (jacext.planner.penalty_macs) vs measured; ranks over distinct strategies, "
+          "each timed by its fastest row\n")
+    header = (f"{'case':5} {'method':20} {'strategy':24} {'G mult-adds':>11} {'median ms':>11} {'GFLOP/s':>8} "
+              f"{'pred rank':>9} {'meas rank':>9}")
+    print(header)
+    print("-" * len(header))
+    for case, entry in model.items():
+        for r in entry["rows"]:
+            print(f"{case:5} {r['method']:20} {r['strategy']:24} {r['macs'] / 1e9:11.4g} {r['median_s'] * 1e3:11.1f} "
+                  f"{r['gflops_per_s']:8.1f} {r['predicted_rank']:9} {r['measured_rank']:9}")
+    print()
+    for case, entry in model.items():
+        verdict = ("; ".join(entry["flips"]) if not entry["agrees"] else
+                   "one strategy timed, nothing to rank" if len({r["strategy"] for r in entry["rows"]}) < 2 else
+                   "the predicted ranking agrees with the measured one")
+        print(f"{case}: {verdict}")
 
 
 def main():
@@ -216,6 +330,8 @@ def main():
         with open(args.table) as f:
             saved = json.load(f)
         print_table(saved["machine"], saved["results"][0]["dtype"], saved["results"])
+        if "cost_model" in saved:
+            print_cost_model(saved["cost_model"])
         return
 
     cases = SMOKE_CASES if args.smoke else {name: CASES[name] for name in args.cases.split(",")}
@@ -227,6 +343,10 @@ def main():
         return
 
     methods = args.methods.split(",")
+    jax_methods = [method for method in methods if method.startswith("jax-")]
+    if jax_methods and (missing := jax_missing(args.device)):
+        print(f"skipping {', '.join(jax_methods)}: {missing}", flush=True)
+        methods = [method for method in methods if method not in jax_methods]
     results = []
     total = len(cases) * len(methods)
     for name, (widths, batch) in cases.items():
@@ -249,7 +369,8 @@ def main():
         rows = [r for r in results if r["case"] == name]
         reference = next((r for r in rows if r["method"] == "jacext-auto"), None)
         exact = [r for r in rows if r["method"] in ("jacext-auto", "jacext-reverse", "jacext-forward",
-                                                    "vmap-jacrev", "vmap-jacfwd")]
+                                                    "vmap-jacrev", "vmap-jacfwd", "jax-vmap-jacrev",
+                                                    "jax-vmap-jacfwd")]
         for r in rows:
             if reference:
                 r["time_vs_jacext_auto"] = r["median_s"] / reference["median_s"]
@@ -258,6 +379,8 @@ def main():
 
     machine = machine_description(args.device)
     print_table(machine, args.dtype, results)
+    costs = cost_model(results)
+    print_cost_model(costs)
     for r in results:
         rel = r.get("sq_rel_diff_vs_first_exact")
         if rel is not None and rel > 1e-3:
@@ -267,7 +390,8 @@ def main():
                                    f"frobenius_{args.device}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"machine": machine, "command": " ".join(sys.argv), "results": results}, f, indent=1)
+        json.dump({"machine": machine, "command": " ".join(sys.argv), "results": results, "cost_model": costs},
+                  f, indent=1)
     print(f"\nwrote {out}")
 
 

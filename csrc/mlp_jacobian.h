@@ -15,6 +15,10 @@
 // computed once per batch: m*n_1^2 instead of m*n_1*n_0 multiply-adds per sample (and likewise
 // in the backward); jacext/planner.py counts both and picks.
 //
+// kForwardGram is its mirror for a linear output layer: forward mode stops at T = T^(L-1), and
+// ||W_L T^T||^2 = sum((T H) * T) with H = W_L^T W_L: n_{L-1}^2 instead of m*n_{L-1} multiply-adds
+// per input column, so it pays when m > n_{L-1}/2 or so (planner).
+//
 // kGram1, one hidden layer and a linear output (J = W_2 D_1 W_1): ||J||^2 = d^T M d with
 // M = (W_1 W_1^T) .* (W_2^T W_2), the same for every sample: one GEMM of the batch with M and a
 // row-wise dot, O(n_1^2) per sample instead of O(m n_1 n_0); carries: G1 = W_1 W_1^T,
@@ -23,7 +27,8 @@
 // The forward ops also return `saved`, so that the backward recomputes neither a GEMM nor an
 // activation: d[0..L-1], then act''(y) for every layer, then h_1..h_{L-1}, then the carries
 // (reverse: R^(L-1), ..., R^(l); forward: U^(l+2), ..., U^(L), all before their diagonal
-// scaling; kReverseGram: R^(L-1), ..., R^(1), then P = S G).
+// scaling; kReverseGram: R^(L-1), ..., R^(1), then P = S G; kForwardGram: U^(2), ..., U^(L-1),
+// then P = T H).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
@@ -38,7 +43,7 @@ namespace jacext {
 
 using at::Tensor;
 
-enum Strategy : int64_t { kReverse = 0, kForward = 1, kReverseGram = 2, kGram1 = 3 };
+enum Strategy : int64_t { kReverse = 0, kForward = 1, kReverseGram = 2, kGram1 = 3, kForwardGram = 4 };
 
 // A layer without bias passes an empty tensor: a list of optional tensors would stop autograd
 // from reaching the biases that are present.
@@ -65,15 +70,18 @@ inline void check_mlp(const Tensor& x, at::TensorList weights, at::TensorList bi
               "jacext: expected x of dtype float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(layer >= 0 && layer < L, "jacext: layer must be in [0, ", L - 1,
               "] (0 = input, l = output of the l-th activation), got ", layer);
-  TORCH_CHECK(strategy >= kReverse && strategy <= kGram1,
+  TORCH_CHECK(strategy >= kReverse && strategy <= kForwardGram,
               "jacext: strategy must be 0 (reverse), 1 (forward), 2 (reverse with Gram "
-              "epilogue) or 3 (one-hidden-layer Gram), got ", strategy);
+              "epilogue), 3 (one-hidden-layer Gram) or 4 (forward with Gram epilogue), got ", strategy);
   TORCH_CHECK(strategy != kGram1 || (layer == 0 && L == 2 && activations[1] == kIdentity),
               "jacext: strategy 3 (one-hidden-layer Gram) needs the Jacobian w.r.t. the input of "
               "a net with exactly two layers and a linear output layer");
   TORCH_CHECK(strategy != kReverseGram || (layer == 0 && L >= 2),
               "jacext: the Gram epilogue needs the Jacobian w.r.t. the input of a net with at "
               "least two layers");
+  TORCH_CHECK(strategy != kForwardGram || (layer == 0 && L >= 2 && activations[L - 1] == kIdentity),
+              "jacext: strategy 4 (forward with Gram epilogue) needs the Jacobian w.r.t. the input "
+              "of a net with at least two layers and a linear output layer");
   int64_t width = x.size(1);
   for (const auto i : c10::irange(L)) {
     const Tensor& w = weights[i];
@@ -110,9 +118,12 @@ struct MLPJacobian {
   Tensor projections = Tensor();  // (B, k, m) random rows v: carry v^T J instead of J (estimator)
 
   int64_t depth() const { return static_cast<int64_t>(weights.size()); }
-  bool forward_mode() const { return strategy == kForward; }
-  // Reverse carries stop at R^(last_carried); kReverseGram leaves the last GEMM to the epilogue.
+  bool forward_mode() const { return strategy == kForward || strategy == kForwardGram; }
+  bool gram_epilogue_mode() const { return strategy == kReverseGram || strategy == kForwardGram; }
+  // The Gram epilogues replace the last GEMM: reverse carries stop at R^(last_carried), forward
+  // carries at T^(last_forward).
   int64_t last_carried() const { return strategy == kReverseGram ? layer + 1 : layer; }
+  int64_t last_forward() const { return strategy == kForwardGram ? depth() - 1 : depth(); }
 
   // h_0..h_L and the activations' first and second derivatives d[i], d2[i] at y_{i+1}.
   void mlp_forward(const Tensor& x, std::vector<Tensor>& hs, std::vector<Tensor>& ds,
@@ -157,7 +168,7 @@ struct MLPJacobian {
       }
     } else {
       Tensor t = first_forward_carry(ds);
-      for (int64_t i = layer + 1; i < L; ++i) {
+      for (int64_t i = layer + 1; i < last_forward(); ++i) {
         Tensor u = at::mm(t.reshape({-1, t.size(2)}), weights[i].t()).view({B, t.size(1), weights[i].size(0)});
         out.push_back(u);
         t = u * ds[i].unsqueeze(1);
@@ -173,10 +184,27 @@ struct MLPJacobian {
     return at::mul_out(t, w.t().unsqueeze(0), ds[layer].unsqueeze(1));
   }
 
-  // kReverseGram: P = S (W_1 W_1^T) for S = R^(1) D_1, so that ||J||^2 = sum(P * S) per sample.
+  // The Gram epilogues' input S: kReverseGram: S = R^(1) D_1 (B, rows, n_1), J = S W_1;
+  // kForwardGram: S = T^(L-1) (B, n_0, n_{L-1}), J^T = S W_L^T.
+  Tensor gram_input(const std::vector<Tensor>& cs, const std::vector<Tensor>& ds) const {
+    if (strategy == kReverseGram) return cs.back() * ds[0].unsqueeze(1);
+    const int64_t L = depth();
+    return L - 1 == layer + 1 ? first_forward_carry(ds) : cs.back() * ds[L - 2].unsqueeze(1);
+  }
+
+  // P = S G with the sample-independent G = W_1 W_1^T (reverse) or W_L^T W_L (forward), so that
+  // ||J||^2 = sum(P * S) per sample.
   Tensor gram_epilogue(const Tensor& s) const {
-    Tensor gram = at::mm(weights[0], weights[0].t());
+    const Tensor& w = strategy == kReverseGram ? weights[0] : weights[depth() - 1];
+    Tensor gram = strategy == kReverseGram ? at::mm(w, w.t()) : at::mm(w.t(), w);
     return at::mm(s.reshape({-1, s.size(2)}), gram).view(s.sizes());
+  }
+
+  // The gradient of sum_b g_b sum(P_b * S_b) w.r.t. the Gram's weight, with dG = S^T g S.
+  Tensor gram_weight_grad(const Tensor& s, const Tensor& g) const {
+    Tensor dg = at::mm((s * g).reshape({-1, s.size(2)}).t(), s.reshape({-1, s.size(2)}));
+    return strategy == kReverseGram ? 2 * at::mm(dg, weights[0])
+                                    : 2 * at::mm(weights[depth() - 1], dg);
   }
 
   // Forward mode: U^(L), the last carry before its scaling by d[L-1]. With a single layer after
@@ -191,8 +219,8 @@ struct MLPJacobian {
     return forward_mode() ? last_unscaled(cs, ds) * ds.back().unsqueeze(1) : cs.back();
   }
 
-  // Adjoint sweep: given the adjoint of the final carry (for kReverseGram: of S = R^(1) D_1,
-  // with grad_w[0] already set), accumulate the adjoints of d[layer..] (into adj_d) and of the
+  // Adjoint sweep: given the adjoint of the final carry (for the Gram epilogues: of S, with the
+  // Gram's weight gradient already set), accumulate the adjoints of d[layer..] (into adj_d) and of the
   // weights (into grad_w). `adj` must be a temporary of the caller's: it is scaled in place.
   void carry_backward(Tensor adj, const std::vector<Tensor>& cs, const std::vector<Tensor>& ds,
                       std::vector<Tensor>& adj_d, std::vector<Tensor>& grad_w) const {
@@ -222,7 +250,7 @@ struct MLPJacobian {
       }
     } else {
       // cs[j] = U^(layer+2+j); T^(i) = U^(i) * d[i-1], U^(i+1) = T^(i) W[i]^T.
-      for (int64_t i = L; i >= layer + 2; --i) {
+      for (int64_t i = last_forward(); i >= layer + 2; --i) {
         const Tensor& u = cs[i - layer - 2];
         adj_d[i - 1] = Kernels::rowwise_dot(u, adj);
         Tensor adj_u = adj.mul_(ds[i - 1].unsqueeze(1));  // adj is this sweep's own temporary
@@ -274,11 +302,11 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
   }
   std::vector<Tensor> cs = net.carries(ds);
   // With projections, one squared norm per projected row: (B, k).
-  if (strategy == kReverseGram) {
-    Tensor s = cs.back() * ds[0].unsqueeze(1);
+  if (net.gram_epilogue_mode()) {
+    Tensor s = net.gram_input(cs, ds);
     Tensor p = net.gram_epilogue(s);
-    Tensor per_row = (p * s).sum(2);
-    sq = net.projections.defined() ? per_row : per_row.sum(1);
+    // The estimator needs each projected row's norm; the exact norm only their sum (fused).
+    sq = net.projections.defined() ? (p * s).sum(2) : Kernels::rowwise_dot(p, s).sum(1);
     cs.push_back(p);
   } else if (net.projections.defined()) {
     sq = cs.back().square().sum(2);
@@ -296,8 +324,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t layer,
     int64_t strategy) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
-  TORCH_CHECK(strategy != kReverseGram && strategy != kGram1, "jacext: mlp_jacobian forms J; "
-              "strategies 2 and 3 (Gram) are for the Frobenius norm only");
+  TORCH_CHECK(strategy == kReverse || strategy == kForward, "jacext: mlp_jacobian forms J; "
+              "strategies 2, 3 and 4 (Gram) are for the Frobenius norm only");
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy};
   std::vector<Tensor> hs, ds, d2s;
   net.mlp_forward(x, hs, ds, d2s);
@@ -333,8 +361,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
   std::vector<Tensor> adj_d(L), grad_w(L), grad_b(L);
   const bool has_sq = grad_sq.has_value() && grad_sq->defined();
   const bool has_jac = grad_jac.has_value() && grad_jac->defined();
-  TORCH_CHECK((strategy != kReverseGram && strategy != kGram1) || !has_jac,
-              "jacext: strategies 2 and 3 (Gram) never form J, so J has no gradient");
+  TORCH_CHECK(strategy == kReverse || strategy == kForward || !has_jac,
+              "jacext: strategies 2, 3 and 4 (Gram) never form J, so J has no gradient");
   TORCH_CHECK(!net.projections.defined() || !has_jac,
               "jacext: with projections the op returns norms only, so J has no gradient");
   // grad_sq is (B) for the norm of J, (B, k) for the norms of the k projected rows.
@@ -348,13 +376,12 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
     Tensor dm = at::mm((ds[0] * grad_sq->unsqueeze(1)).t(), ds[0]);
     grad_w[0] = 2 * at::mm(dm * g2, weights[0]);
     grad_w[1] = 2 * at::mm(weights[1], dm * g1);
-  } else if (strategy == kReverseGram && has_sq) {
-    // sum_b g_b tr(S_b G S_b^T), G = W_1 W_1^T: d/dS_b = 2 g_b P_b, d/dW_1 = 2 (S^T g S) W_1.
+  } else if (net.gram_epilogue_mode() && has_sq) {
+    // sum_b g_b tr(S_b G S_b^T): d/dS_b = 2 g_b P_b; G's weight gets gram_weight_grad.
     Tensor p = cs.back();
     cs.pop_back();
-    Tensor s = cs.back() * ds[0].unsqueeze(1);
-    Tensor weighted = at::mm((s * g).reshape({-1, s.size(2)}).t(), s.reshape({-1, s.size(2)}));
-    grad_w[0] = 2 * at::mm(weighted, weights[0]);
+    Tensor s = net.gram_input(cs, ds);
+    grad_w[net.strategy == kReverseGram ? 0 : L - 1] = net.gram_weight_grad(s, g);
     net.carry_backward(p * (2 * g), cs, ds, adj_d, grad_w);
   } else if (has_sq || has_jac) {
     Tensor adj;

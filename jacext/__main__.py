@@ -98,13 +98,16 @@ def main(argv=None):
     e.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], required=True,
                    help="layer widths, comma-separated, e.g. 784,1024,1000")
     e.add_argument("--batch", type=int, default=64)
-    e.add_argument("--method", default="auto", choices=["auto", "reverse", "forward"])
+    e.add_argument("--method", default="auto", choices=["auto", "reverse", "forward", "gram"])
+    e.add_argument("--max-memory-mb", type=float, default=None,
+                   help="memory budget of the op in MiB (default: a quarter of the device's memory)")
     args = parser.parse_args(argv)
     if args.command == "explain":
         if len(args.sizes) < 2 or min(args.sizes) < 1 or args.batch < 1:
             parser.error("--sizes needs at least two positive widths and --batch a positive size")
         model = MLP(args.sizes)
-        print(explain(model, torch.empty(args.batch, args.sizes[0]), method=args.method))
+        budget = None if args.max_memory_mb is None else int(args.max_memory_mb * 2**20)
+        print(explain(model, torch.empty(args.batch, args.sizes[0]), method=args.method, max_memory=budget))
         return
     if args.epochs < 1 or args.batch < 1:
         parser.error("--epochs and --batch must be positive")

@@ -8,14 +8,16 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.utils.checkpoint
 
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
 from . import activations as act
-from .planner import FORWARD, GRAM1, REVERSE, REVERSE_GRAM, resolve_strategy
+from .planner import (FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, batch_chunk,
+                      default_memory_budget, resolve_strategy, saved_shapes)
 from .reference import mlp_jacobian_backward_composite
 
 __all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "resolve_strategy", "REVERSE", "FORWARD",
-           "REVERSE_GRAM", "GRAM1"]
+           "REVERSE_GRAM", "GRAM1", "FORWARD_GRAM"]
 
 _ops = torch.ops.jacext
 
@@ -24,37 +26,18 @@ def _widths(x, weights):
     return [x.shape[1]] + [w.shape[0] for w in weights]
 
 
-def _saved_shapes(x, weights, layer, strategy, rows=None):
-    """Shapes of the `saved` outputs (layout documented in csrc/mlp_jacobian.h); `rows` is the
-    number of carried rows in reverse mode: m, or k with projections."""
-    B, L = x.shape[0], len(weights)
-    widths = _widths(x, weights)
-    rows = widths[-1] if rows is None else rows
-    # d and act'' for every layer, h_1..h_{L-1}, then the carries
-    shapes = [(B, widths[i + 1]) for i in range(L)] * 2 + [(B, widths[i]) for i in range(1, L)]
-    if strategy == GRAM1:  # G1, G2 (n_1, n_1) and M d (B, n_1)
-        shapes += [(widths[1], widths[1])] * 2 + [(B, widths[1])]
-    elif strategy == FORWARD:
-        shapes += [(B, widths[layer], widths[i]) for i in range(layer + 2, L + 1)]
-    else:
-        shapes += [(B, rows, widths[i]) for i in range(L - 1, layer - 1, -1)]
-        if strategy == REVERSE_GRAM:  # P = S G replaces J: (B, rows, n_1)
-            shapes[-1] = (B, rows, widths[1])
-    return shapes
-
-
 @torch.library.register_fake("jacext::mlp_jacobian_frobenius")
 def _frobenius_fake(x, weights, biases, activations, act_params, strategy, projections=None):
     B = x.shape[0]
     rows = None if projections is None else projections.shape[1]
-    saved = [x.new_empty(s) for s in _saved_shapes(x, weights, 0, strategy, rows)]
+    saved = [x.new_empty(s) for s in saved_shapes(_widths(x, weights), B, 0, strategy, rows)]
     sq = x.new_empty(B) if projections is None else x.new_empty(B, rows)
     return x.new_empty(B, weights[-1].shape[0]), sq, saved
 
 
 @torch.library.register_fake("jacext::mlp_jacobian")
 def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy):
-    saved = [x.new_empty(s) for s in _saved_shapes(x, weights, layer, strategy)]
+    saved = [x.new_empty(s) for s in saved_shapes(_widths(x, weights), x.shape[0], layer, strategy)]
     widths = _widths(x, weights)
     return (x.new_empty(x.shape[0], widths[-1]), x.new_empty(x.shape[0], widths[-1], widths[layer]),
             saved)
@@ -200,21 +183,45 @@ def _normalize_activations(activations: Sequence[ActivationSpec], act_params, n_
 def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
                            biases: Sequence[Optional[torch.Tensor]],
                            activations: Sequence[ActivationSpec], act_params=None,
-                           method: str = "auto", projections: Optional[torch.Tensor] = None):
+                           method: str = "auto", projections: Optional[torch.Tensor] = None,
+                           max_memory: Optional[int] = None):
     """(y, sq): the MLP output and sq[b] = ||dy_b/dx_b||_F^2, in one fused op.
 
     activations: one name or code per weight (e.g. ["tanh", "identity"]); act_params: two
     floats per layer (slope / beta, threshold / alpha), torch's defaults when None.
-    method="hutchinson" takes projections V (B, k, m) and returns sq[b, i] = ||v_bi^T J_b||^2."""
+    method="hutchinson" takes projections V (B, k, m) and returns sq[b, i] = ||v_bi^T J_b||^2.
+    max_memory (bytes; default a quarter of the device's memory): when the plan's estimated
+    peak (planner.footprint) exceeds it, the batch runs in chunks, each recomputed in the
+    backward instead of keeping its carries (torch.utils.checkpoint); the result is unchanged.
+    Under torch.compile the batch runs in one call."""
     if (method == "hutchinson") != (projections is not None):
         raise ValueError("projections go with method='hutchinson', and only with it")
     codes, params = _normalize_activations(activations, act_params, len(weights))
-    strategy = resolve_strategy(method, _widths(x, weights), batch=x.shape[0],
-                                projections=0 if projections is None else projections.shape[1],
+    rows = None if projections is None else projections.shape[1]
+    widths = _widths(x, weights)
+    strategy = resolve_strategy(method, widths, batch=x.shape[0], projections=rows or 0,
                                 output_linear=codes[-1] == act.IDENTITY)
-    y, sq, _ = _ops.mlp_jacobian_frobenius(x, list(weights), bias_tensors(biases, weights), codes,
-                                           params, strategy, projections)
-    return y, sq
+    if max_memory is not None and (not isinstance(max_memory, int) or max_memory <= 0):
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+    weights, biases = list(weights), bias_tensors(biases, weights)
+
+    def run(x, projections):
+        return _ops.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections)[:2]
+
+    if torch.compiler.is_compiling():  # a compiled graph runs the batch in one call
+        return run(x, projections)
+    if max_memory is None:
+        max_memory = default_memory_budget(x.device)
+    chunk = batch_chunk(widths, x.shape[0], strategy, x.element_size(), max_memory, rows)
+    if chunk == x.shape[0]:
+        return run(x, projections)
+    # Checkpointing keeps each chunk's carries alive only during its own forward and backward.
+    recompute = torch.is_grad_enabled()
+    x_parts = x.split(chunk)
+    v_parts = [None] * len(x_parts) if projections is None else projections.split(chunk)
+    parts = [torch.utils.checkpoint.checkpoint(run, xc, vc, use_reentrant=False) if recompute else run(xc, vc)
+             for xc, vc in zip(x_parts, v_parts)]
+    return torch.cat([y for y, _ in parts]), torch.cat([sq for _, sq in parts])
 
 
 def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],

@@ -2,16 +2,20 @@
 
 The op's `strategy` argument (csrc/mlp_jacobian.h): carry the m output rows back (REVERSE),
 carry the n_layer input columns forward (FORWARD), carry rows back and end the Frobenius norm
-with the Gram epilogue (REVERSE_GRAM), or, for one hidden layer and a linear output, d^T M d with
+with the Gram epilogue (REVERSE_GRAM), carry columns forward and end with the mirror epilogue at
+a linear output layer (FORWARD_GRAM), or, for one hidden layer and a linear output, d^T M d with
 the sample-independent M = (W_1 W_1^T) .* (W_2^T W_2) (GRAM1)."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import os
+from typing import Optional, Sequence
 
-REVERSE, FORWARD, REVERSE_GRAM, GRAM1 = 0, 1, 2, 3
+import torch
+
+REVERSE, FORWARD, REVERSE_GRAM, GRAM1, FORWARD_GRAM = 0, 1, 2, 3, 4
 STRATEGY_NAMES = {REVERSE: "reverse", FORWARD: "forward", REVERSE_GRAM: "reverse + Gram epilogue",
-                  GRAM1: "one-hidden-layer Gram"}
+                  GRAM1: "one-hidden-layer Gram", FORWARD_GRAM: "forward + Gram epilogue"}
 
 
 def penalty_macs(widths: Sequence[int], batch: int, strategy: int, layer: int = 0,
@@ -25,7 +29,7 @@ def penalty_macs(widths: Sequence[int], batch: int, strategy: int, layer: int = 
     m, depth = (projections or n[-1]), len(n) - 1
     mlp = 3 * batch * sum(n[i] * n[i + 1] for i in range(depth))
     if projections:
-        if strategy == FORWARD:
+        if strategy in (FORWARD, FORWARD_GRAM, GRAM1):
             raise ValueError("projections are carried in reverse mode only")
         mlp += 3 * batch * projections * n[-1] * n[-2]
     if strategy == FORWARD:  # the first carry is W_{layer+1}^T itself: no GEMM
@@ -37,7 +41,58 @@ def penalty_macs(widths: Sequence[int], batch: int, strategy: int, layer: int = 
     if strategy == REVERSE_GRAM:  # carry down to R^(1); G = W_1 W_1^T replaces the last GEMM
         carry = 3 * batch * m * sum(n[i] * n[i + 1] for i in range(1, depth - 1))
         return mlp + carry + 2 * n[1] ** 2 * n[0] + 2 * batch * m * n[1] ** 2
+    if strategy == FORWARD_GRAM:  # carry up to T^(L-1); H = W_L^T W_L replaces the last GEMM
+        carry = 3 * batch * n[0] * sum(n[i] * n[i + 1] for i in range(1, depth - 1))
+        return mlp + carry + 2 * n[-2] ** 2 * n[-1] + 2 * batch * n[0] * n[-2] ** 2
     raise ValueError(f"unknown strategy {strategy}")
+
+
+def saved_shapes(widths: Sequence[int], batch, layer: int, strategy: int, rows: Optional[int] = None):
+    """Shapes of the op's `saved` outputs (layout documented in csrc/mlp_jacobian.h); `rows` is
+    the number of carried rows in reverse mode: m, or k with projections."""
+    B, L = batch, len(widths) - 1
+    rows = widths[-1] if rows is None else rows
+    # d and act'' for every layer, h_1..h_{L-1}, then the carries
+    shapes = [(B, widths[i + 1]) for i in range(L)] * 2 + [(B, widths[i]) for i in range(1, L)]
+    if strategy == GRAM1:  # G1, G2 (n_1, n_1) and M d (B, n_1)
+        shapes += [(widths[1], widths[1])] * 2 + [(B, widths[1])]
+    elif strategy == FORWARD:
+        shapes += [(B, widths[layer], widths[i]) for i in range(layer + 2, L + 1)]
+    elif strategy == FORWARD_GRAM:  # U^(2)..U^(L-1), then P = T H: (B, n_0, n_{L-1})
+        shapes += [(B, widths[0], widths[i]) for i in range(2, L)] + [(B, widths[0], widths[L - 1])]
+    else:
+        shapes += [(B, rows, widths[i]) for i in range(L - 1, layer - 1, -1)]
+        if strategy == REVERSE_GRAM:  # P = S G replaces J: (B, rows, n_1)
+            shapes[-1] = (B, rows, widths[1])
+    return shapes
+
+
+def footprint(widths: Sequence[int], batch: int, strategy: int, element_size: int = 4,
+              rows: Optional[int] = None) -> int:
+    """Estimated peak bytes of one forward + backward of the op: what it saves for the backward,
+    plus two temporaries the size of its largest carry (the backward sweep's adjoint and the
+    carry it recomputes)."""
+    sizes = [math.prod(shape) for shape in saved_shapes(widths, batch, 0, strategy, rows)]
+    return element_size * (sum(sizes) + 2 * max(sizes))
+
+
+def default_memory_budget(device) -> int:
+    """A quarter of the device's memory: room for the model, the optimizer and the data beside."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def batch_chunk(widths: Sequence[int], batch, strategy: int, element_size: int, max_memory: int,
+                rows: Optional[int] = None):
+    """The most samples per op call whose footprint stays under max_memory (at least one)."""
+    if batch == 0:
+        return batch
+    one = footprint(widths, 1, strategy, element_size, rows)
+    per_sample = footprint(widths, 2, strategy, element_size, rows) - one
+    fixed = one - per_sample  # the sample-independent Grams
+    return max(1, min(batch, (max_memory - fixed) // max(per_sample, 1)))
 
 
 def gram1_applies(widths: Sequence[int], output_linear: bool) -> bool:
@@ -45,61 +100,87 @@ def gram1_applies(widths: Sequence[int], output_linear: bool) -> bool:
     return len(widths) == 3 and output_linear
 
 
+def applicable(strategy: int, widths: Sequence[int], layer: int = 0, frobenius: bool = True,
+               projections: int = 0, output_linear: bool = False) -> bool:
+    """Whether the op can run `strategy` for this request (the checks of csrc/mlp_jacobian.h)."""
+    norm_of_input_jacobian = frobenius and layer == 0
+    if strategy == REVERSE:
+        return True
+    if strategy == FORWARD:
+        return not projections
+    if strategy == REVERSE_GRAM:
+        return norm_of_input_jacobian and len(widths) >= 3
+    if strategy == FORWARD_GRAM:
+        return norm_of_input_jacobian and len(widths) >= 3 and output_linear and not projections
+    if strategy == GRAM1:
+        return norm_of_input_jacobian and gram1_applies(widths, output_linear) and not projections
+    raise ValueError(f"unknown strategy {strategy}")
+
+
 def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobenius: bool = True,
                      batch: int = 64, projections: int = 0, output_linear: bool = False) -> int:
     """The op strategy for a method name ("hutchinson": the reverse carry of k = `projections`
     random rows; "gram": the one-hidden-layer Gram formula, which needs `output_linear`).
 
-    "reverse" ends the Frobenius norm with the Gram epilogue when that needs fewer multiply-adds;
-    "auto" takes whichever exact strategy needs fewest (reverse on a tie)."""
+    "reverse" and "forward" end the Frobenius norm with their Gram epilogue when that needs fewer
+    multiply-adds; "auto" takes whichever exact strategy needs fewest (reverse on a tie)."""
     if method not in ("auto", "reverse", "forward", "gram", "hutchinson"):
         raise ValueError(f"unknown method {method!r} for the op; expected 'auto', 'reverse', 'forward', "
                          f"'gram' or 'hutchinson'")
     if not isinstance(batch, int):  # a symbolic size under torch.compile: plan for a typical batch
         batch = 64
-    gram1 = frobenius and layer == 0 and not projections and gram1_applies(widths, output_linear)
+    def able(strategy):
+        return applicable(strategy, widths, layer, frobenius, projections, output_linear)
+
+    def macs(strategy):
+        return penalty_macs(widths, batch, strategy, layer, projections)
+
     if method == "gram":
-        if not gram1:
+        if not able(GRAM1):
             raise ValueError("method='gram' is implemented for one hidden layer with a linear output "
                              f"layer (widths [n_0, n_1, m], no output activation); got widths {list(widths)}"
                              + ("" if output_linear else " with an output activation"))
         return GRAM1
-    if method == "forward":
-        return FORWARD
-    reverse = REVERSE
-    if frobenius and layer == 0 and len(widths) >= 3:
-        gram = penalty_macs(widths, batch, REVERSE_GRAM, projections=projections)
-        if gram < penalty_macs(widths, batch, REVERSE, projections=projections):
-            reverse = REVERSE_GRAM
+    reverse = REVERSE_GRAM if able(REVERSE_GRAM) and macs(REVERSE_GRAM) < macs(REVERSE) else REVERSE
+    forward = FORWARD_GRAM if able(FORWARD_GRAM) and macs(FORWARD_GRAM) < macs(FORWARD) else FORWARD
     if method in ("reverse", "hutchinson"):
         return reverse
-    candidates = [reverse, FORWARD] + ([GRAM1] if gram1 else [])
-    return min(candidates, key=lambda strategy: penalty_macs(widths, batch, strategy, layer))
+    if method == "forward":
+        return forward
+    candidates = [reverse, forward] + ([GRAM1] if able(GRAM1) else [])
+    return min(candidates, key=macs)
 
 
 class Plan:
-    """What jacobian_frobenius(model, x, method) will run, and what each candidate would cost."""
+    """What jacobian_frobenius(model, x, method, max_memory=...) will run, and what each candidate
+    would cost."""
 
-    def __init__(self, widths, batch, method, candidates, choice):
+    def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory):
         self.widths, self.batch, self.method = widths, batch, method
-        self.candidates = candidates  # {strategy: (multiply-adds, bytes saved for the backward)}
+        self.candidates = candidates  # {strategy: (multiply-adds, estimated peak bytes, whole batch)}
         self.choice = choice
+        self.chunk, self.max_memory = chunk, max_memory  # samples per op call, the budget in bytes
 
     def __repr__(self):
         lines = [f"MLP {self.widths}, batch {self.batch}, method={self.method!r}: runs "
                  f"{STRATEGY_NAMES[self.choice]}",
-                 f"  {'strategy':26}{'GEMM multiply-adds':>20}{'saved for backward':>20}"]
-        for strategy, (macs, saved) in self.candidates.items():
+                 f"  {'strategy':26}{'GEMM multiply-adds':>20}{'peak memory (est.)':>20}"]
+        for strategy, (macs, peak) in self.candidates.items():
             mark = "  <- chosen" if strategy == self.choice else ""
-            lines.append(f"  {STRATEGY_NAMES[strategy]:26}{macs / 1e9:>17.3f} G{saved / 2**20:>17.1f} MB{mark}")
+            lines.append(f"  {STRATEGY_NAMES[strategy]:26}{macs / 1e9:>17.3f} G{peak / 2**20:>17.1f} MB{mark}")
         lines.append("  (forward + backward; the choice is the fewest multiply-adds, reverse on a tie)")
+        budget = f"memory budget {self.max_memory / 2**20:.0f} MB"
+        if self.chunk < self.batch:
+            lines.append(f"  {budget}: {math.ceil(self.batch / self.chunk)} chunks of <= {self.chunk} samples, "
+                         f"each recomputed in the backward (about 1/3 more multiply-adds)")
+        else:
+            lines.append(f"  {budget}: the whole batch in one call")
         return "\n".join(lines)
 
 
-def explain(model, x, method: str = "auto") -> Plan:
-    """The plan for jacobian_frobenius(model, x, method) with every exact candidate's cost:
-    `print(jacext.explain(model, x))`."""
-    from ._ops import _saved_shapes
+def explain(model, x, method: str = "auto", max_memory: Optional[int] = None) -> Plan:
+    """The plan for jacobian_frobenius(model, x, method, max_memory=max_memory) with every exact
+    candidate's cost: `print(jacext.explain(model, x))`."""
     from .activations import IDENTITY
     from .nn import parse_model
 
@@ -107,13 +188,10 @@ def explain(model, x, method: str = "auto") -> Plan:
     widths, batch = spec.widths, x.shape[0]
     output_linear = spec.activations[-1] == IDENTITY
     choice = resolve_strategy(method, widths, batch=batch, output_linear=output_linear)
-    candidates = {}
-    for strategy in (REVERSE, REVERSE_GRAM, FORWARD, GRAM1):
-        if strategy == REVERSE_GRAM and len(widths) < 3:
-            continue
-        if strategy == GRAM1 and not gram1_applies(widths, output_linear):
-            continue
-        saved = sum(math.prod(shape) for shape in _saved_shapes(x, spec.weights, 0, strategy))
-        candidates[strategy] = (penalty_macs(widths, batch, strategy), saved * x.element_size())
-    return Plan(widths, batch, method, candidates, choice)
-
+    candidates = {strategy: (penalty_macs(widths, batch, strategy),
+                             footprint(widths, batch, strategy, x.element_size()))
+                  for strategy in (REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, GRAM1)
+                  if applicable(strategy, widths, output_linear=output_linear)}
+    max_memory = default_memory_budget(x.device) if max_memory is None else max_memory
+    chunk = batch_chunk(widths, batch, choice, x.element_size(), max_memory)
+    return Plan(widths, batch, method, candidates, choice, chunk, max_memory)

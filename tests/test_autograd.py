@@ -65,18 +65,30 @@ def test_gradcheck_and_gradgradcheck_one_hidden_layer_gram(activation, device):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-def test_opcheck_one_hidden_layer_gram(device):
+@pytest.mark.parametrize("widths", [(3, 6, 4), WIDTHS], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATION_IDS)
+def test_gradcheck_and_gradgradcheck_forward_gram(activation, widths, device):
+    x, weights, biases, codes, params = random_mlp(activation, device, widths=widths)
+    codes[-1], params[-2:] = act.IDENTITY, [0.0, 0.0]  # the epilogue needs a linear output layer
+    inputs = leaves(x, weights, biases)
+    fn = op_fn(torch.ops.jacext.mlp_jacobian_frobenius, weights, biases, codes, params, jacext.ops.FORWARD_GRAM)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("strategy", [jacext.ops.GRAM1, jacext.ops.FORWARD_GRAM], ids=["gram1", "forward_gram"])
+def test_opcheck_linear_output_grams(strategy, device):
     x, weights, biases, codes, params = random_mlp("tanh", device, widths=(3, 6, 4), bias=(True, True))
     codes[-1] = act.IDENTITY
     for t in [x, *weights, *biases]:
         t.requires_grad_()
-    args = (x, weights, biases, codes, params, jacext.ops.GRAM1)
+    args = (x, weights, biases, codes, params, strategy)
     torch.library.opcheck(torch.ops.jacext.mlp_jacobian_frobenius.default, args)
     with torch.no_grad():
         y, sq, saved = torch.ops.jacext.mlp_jacobian_frobenius(*args)
     torch.library.opcheck(torch.ops.jacext.mlp_jacobian_backward.default,
                           (torch.randn_like(y), torch.randn_like(sq), None, x, weights, biases, codes, params, 0,
-                           jacext.ops.GRAM1, list(saved)))
+                           strategy, list(saved)))
 
 
 @pytest.mark.parametrize("strategy", ["reverse", "forward"])

@@ -48,6 +48,36 @@ def test_penalty_and_grads_match_torch_func(activation, widths, method, device):
     check_against_reference(model, x, method)
 
 
+def check_op_strategy(model, x, strategy):
+    """The op run with `strategy` against the reference: the penalty and every gradient."""
+    spec = jacext.parse_model(model)
+    biases = jacext.ops.bias_tensors(spec.biases, spec.weights)
+    x = x.clone().requires_grad_()
+    y, sq, _ = torch.ops.jacext.mlp_jacobian_frobenius(x, spec.weights, biases, spec.activations,
+                                                       spec.act_params, strategy)
+    grads = torch.autograd.grad(weighted_objective(y, sq), [x] + params_of(model))
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref, sq_ref = jacobian_frobenius_ref(model, x_ref)
+    grads_ref = torch.autograd.grad(weighted_objective(y_ref, sq_ref), [x_ref] + params_of(model))
+    torch.testing.assert_close(sq, sq_ref, **TOL)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, **TOL)
+
+
+# The Gram epilogues split J at the first hidden layer (reverse) or the last one (forward, which
+# needs a linear output layer): depths 2-5, widths that narrow and widen around the split.
+GRAM_ARCHITECTURES = [(5, 9, 4), (6, 3, 11, 7), (4, 13, 2, 9, 5), (7, 5, 8, 3, 12, 6)]
+
+
+@pytest.mark.parametrize("strategy", ["reverse_gram", "forward_gram"])
+@pytest.mark.parametrize("widths", GRAM_ARCHITECTURES, ids=lambda w: "-".join(map(str, w)))
+@pytest.mark.parametrize("activation", [a for _, a in ACTIVATIONS], ids=ACTIVATION_IDS)
+def test_gram_epilogues_at_every_depth(activation, widths, strategy, device):
+    model = make_mlp(widths, activation, bias=[i % 2 == 0 for i in range(len(widths) - 1)], device=device)
+    x = torch.randn(6, widths[0], dtype=torch.float64, device=device)
+    check_op_strategy(model, x, {"reverse_gram": jacext.ops.REVERSE_GRAM, "forward_gram": jacext.ops.FORWARD_GRAM}[strategy])
+
+
 @pytest.mark.parametrize("batch", [0, 1, 7, 64])
 @pytest.mark.parametrize("method", ["reverse", "forward"])
 def test_batch_sizes(batch, method, device):
@@ -148,6 +178,10 @@ def test_every_strategy_of_the_op_agrees(widths, device):
                                                            spec.act_params, strategy)
         torch.testing.assert_close(sq, sq_ref, **TOL)
     assert jacext.ops.resolve_strategy("reverse", list(widths)) == jacext.ops.REVERSE_GRAM
+    # the forward Gram epilogue needs a linear output layer: the op says so
+    with pytest.raises(RuntimeError, match="linear output layer"):
+        torch.ops.jacext.mlp_jacobian_frobenius(x, spec.weights, biases, spec.activations, spec.act_params,
+                                                jacext.ops.FORWARD_GRAM)
 
 
 def test_op_level_entry_point(device):

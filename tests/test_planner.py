@@ -1,7 +1,7 @@
 """The strategy choice follows the multiply-add counts."""
 import pytest
 
-from jacext.planner import FORWARD, GRAM1, REVERSE, REVERSE_GRAM, penalty_macs, resolve_strategy
+from jacext.planner import FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, penalty_macs, resolve_strategy
 
 
 def test_macs_of_a_one_hidden_layer_net():
@@ -33,6 +33,19 @@ def test_one_hidden_layer_gram_is_chosen_when_the_output_is_linear():
         resolve_strategy("gram", [784, 256, 256, 10], output_linear=True)
 
 
+def test_forward_gram_epilogue_when_the_output_is_linear_and_wide():
+    # P3: 1000 outputs from 1024 hidden units: H = W_3^T W_3 (1024^2) replaces 1000 x 1024 per
+    # input column, but it runs twice (P = T H, dH) where the last forward GEMM runs three times
+    widths = [784, 1024, 1024, 1000]
+    mlp = 3 * 64 * (784 * 1024 + 1024 * 1024 + 1024 * 1000)
+    assert penalty_macs(widths, 64, FORWARD_GRAM) == (
+        mlp + 3 * 64 * 784 * 1024 * 1024 + 2 * 1024 ** 2 * 1000 + 2 * 64 * 784 * 1024 ** 2)
+    assert resolve_strategy("auto", widths, batch=64, output_linear=True) == FORWARD_GRAM
+    assert resolve_strategy("forward", widths, batch=64, output_linear=True) == FORWARD_GRAM
+    assert resolve_strategy("forward", widths, batch=64, output_linear=False) == FORWARD
+    assert resolve_strategy("forward", [784, 256, 256, 10], output_linear=True) == FORWARD  # m << n_2
+
+
 def test_layer_jacobian_never_uses_the_gram_epilogue():
     assert resolve_strategy("reverse", [784, 256, 256, 10], frobenius=False) == REVERSE
     assert resolve_strategy("auto", [784, 256, 256, 10], layer=1, frobenius=False) == REVERSE
@@ -50,7 +63,7 @@ def test_explain_reports_every_candidate_and_the_choice():
     model = jacext.MLP([784, 256, 256, 10])
     plan = jacext.explain(model, torch.randn(128, 784))
     assert plan.choice == resolve_strategy("auto", [784, 256, 256, 10], batch=128) == REVERSE_GRAM
-    assert set(plan.candidates) == {REVERSE, REVERSE_GRAM, FORWARD}
+    assert set(plan.candidates) == {REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM}  # linear output
     assert plan.candidates[REVERSE_GRAM][0] == penalty_macs([784, 256, 256, 10], 128, REVERSE_GRAM)
     # saved for the backward, float32: forward mode keeps a (128, 784, 256) carry
     assert plan.candidates[FORWARD][1] > 128 * 784 * 256 * 4 > plan.candidates[REVERSE_GRAM][1]
