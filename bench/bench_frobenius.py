@@ -40,8 +40,10 @@ CASES = {
     "P1": ([784, 1024, 1000], 64),
     "P2": ([784, 256, 256, 10], 128),
     "P3": ([784, 1024, 1024, 1000], 64),
+    "P1b": ([784, 1024, 1000], 256),
+    "P4": ([784, 256, 32, 256, 784], 128),  # a contractive autoencoder: the split at its bottleneck
 }
-SMOKE_CASES = {"S1": ([20, 16, 12], 4), "S2": ([12, 16, 16, 3], 5)}
+SMOKE_CASES = {"S1": ([20, 16, 12], 4), "S2": ([12, 16, 16, 3], 5), "S3": ([24, 12, 2, 12, 24], 5)}
 METHODS = ["jacext-auto", "jacext-reverse", "jacext-forward", "autograd-loop", "vmap-jacrev", "vmap-jacfwd", "random-1proj",
            "jacext-hutchinson-1", "jax-vmap-jacrev", "jax-vmap-jacfwd"]
 ESTIMATES = ("random-1proj", "jacext-hutchinson-1")
@@ -209,12 +211,12 @@ def worker(case, widths, batch, method, args):
         "sq_mean": float(sq.double().mean()),
     }
     if method.startswith("jacext-"):
-        from jacext.planner import STRATEGY_NAMES, penalty_macs, resolve_strategy
+        from jacext.planner import penalty_macs, resolve_strategy, strategy_name
 
         projections = 1 if method == "jacext-hutchinson-1" else 0
         strategy = resolve_strategy(method.split("-")[1], widths, batch=batch, projections=projections,
                                     output_linear=True)  # jacext.MLP: no output activation
-        result["strategy"] = STRATEGY_NAMES[strategy]
+        result["strategy"] = strategy_name(strategy)
         macs = penalty_macs(widths, batch, strategy, projections=projections)
         result["macs"] = macs
         result["gflops_per_s"] = 2 * macs / median / 1e9
@@ -315,7 +317,7 @@ def print_cost_model(model):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="P1,P2,P3", help="comma-separated names from " + ",".join(CASES))
+    parser.add_argument("--cases", default="P1,P2,P3,P1b,P4", help="comma-separated names from " + ",".join(CASES))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])

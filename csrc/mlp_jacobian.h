@@ -33,6 +33,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -105,6 +106,27 @@ inline void check_mlp(const Tensor& x, at::TensorList weights, at::TensorList bi
     TORCH_CHECK(activations[i] >= 0 && activations[i] < kNumActivations,
                 "jacext: unknown activation code ", activations[i], " for layer ", i);
   }
+}
+
+// a @ b for a product known to be symmetric (a Gram matrix, possibly with a diagonal weight in
+// between), SYRK-like: row block i is multiplied only with the columns up to its diagonal block,
+// and the rest is mirrored. With k blocks of >= 256 rows that is (k+1)/2k of the GEMM's work.
+inline Tensor symmetric_mm(const Tensor& a, const Tensor& b) {
+  const int64_t n = a.size(0);
+  const int64_t k = std::clamp<int64_t>(n / 256, 1, 8);
+  if (k == 1) return at::mm(a, b);
+  Tensor out = at::empty({n, n}, a.options());
+  const int64_t block = (n + k - 1) / k;
+  for (int64_t i = 0; i < n; i += block) {
+    const int64_t rows = std::min(block, n - i);
+    Tensor left = out.narrow(0, i, rows).narrow(1, 0, i + rows);
+    at::mm_out(left, a.narrow(0, i, rows), b.narrow(1, 0, i + rows));
+  }
+  for (int64_t i = 0; i + block < n; i += block) {  // upper blocks right of the diagonal block
+    const int64_t rows = std::min(block, n - i), rest = n - i - rows;
+    out.narrow(0, i, rows).narrow(1, i + rows, rest).copy_(out.narrow(0, i + rows, rest).narrow(1, i, rows).t());
+  }
+  return out;
 }
 
 template <class Kernels>
@@ -196,13 +218,13 @@ struct MLPJacobian {
   // ||J||^2 = sum(P * S) per sample.
   Tensor gram_epilogue(const Tensor& s) const {
     const Tensor& w = strategy == kReverseGram ? weights[0] : weights[depth() - 1];
-    Tensor gram = strategy == kReverseGram ? at::mm(w, w.t()) : at::mm(w.t(), w);
+    Tensor gram = strategy == kReverseGram ? symmetric_mm(w, w.t()) : symmetric_mm(w.t(), w);
     return at::mm(s.reshape({-1, s.size(2)}), gram).view(s.sizes());
   }
 
   // The gradient of sum_b g_b sum(P_b * S_b) w.r.t. the Gram's weight, with dG = S^T g S.
   Tensor gram_weight_grad(const Tensor& s, const Tensor& g) const {
-    Tensor dg = at::mm((s * g).reshape({-1, s.size(2)}).t(), s.reshape({-1, s.size(2)}));
+    Tensor dg = symmetric_mm((s * g).reshape({-1, s.size(2)}).t(), s.reshape({-1, s.size(2)}));
     return strategy == kReverseGram ? 2 * at::mm(dg, weights[0])
                                     : 2 * at::mm(weights[depth() - 1], dg);
   }
@@ -295,7 +317,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
   net.mlp_forward(x, hs, ds, d2s);
   Tensor sq;
   if (strategy == kGram1) {
-    Tensor g1 = at::mm(weights[0], weights[0].t()), g2 = at::mm(weights[1].t(), weights[1]);
+    Tensor g1 = symmetric_mm(weights[0], weights[0].t()), g2 = symmetric_mm(weights[1].t(), weights[1]);
     Tensor md = at::mm(ds[0], g1 * g2);  // M is symmetric: rows of D M = (M d_b)^T
     sq = (md * ds[0]).sum(1);
     return {hs.back(), sq, net.pack_saved(hs, ds, d2s, {g1, g2, md})};
@@ -373,7 +395,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
     // d/dW_1 = 2 (dM .* G2) W_1 and d/dW_2 = 2 W_2 (dM .* G1).
     const Tensor &g1 = cs[0], &g2 = cs[1], &md = cs[2];
     adj_d[0] = md * (2 * *grad_sq).unsqueeze(1);
-    Tensor dm = at::mm((ds[0] * grad_sq->unsqueeze(1)).t(), ds[0]);
+    Tensor dm = symmetric_mm((ds[0] * grad_sq->unsqueeze(1)).t(), ds[0]);
     grad_w[0] = 2 * at::mm(dm * g2, weights[0]);
     grad_w[1] = 2 * at::mm(weights[1], dm * g1);
   } else if (net.gram_epilogue_mode() && has_sq) {

@@ -12,7 +12,7 @@ import torch.utils.checkpoint
 
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
 from . import activations as act
-from .planner import (FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, batch_chunk,
+from .planner import (FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, Split, batch_chunk,
                       default_memory_budget, resolve_strategy, saved_shapes)
 from .reference import mlp_jacobian_backward_composite
 
@@ -206,6 +206,8 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     weights, biases = list(weights), bias_tensors(biases, weights)
 
     def run(x, projections):
+        if isinstance(strategy, Split):
+            return _split_frobenius(x, weights, biases, codes, params, strategy)
         return _ops.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections)[:2]
 
     if torch.compiler.is_compiling():  # a compiled graph runs the batch in one call
@@ -222,6 +224,17 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     parts = [torch.utils.checkpoint.checkpoint(run, xc, vc, use_reentrant=False) if recompute else run(xc, vc)
              for xc, vc in zip(x_parts, v_parts)]
     return torch.cat([y for y, _ in parts]), torch.cat([sq for _, sq in parts])
+
+
+def _split_frobenius(x, weights, biases, codes, params, split: Split):
+    """(y, ||J||^2) with J = A C split at hidden layer s: C = dh_s/dx and A = dy/dh_s from two
+    jacobian ops (each differentiable twice), combined per sample."""
+    s = split.layer
+    h, c, _ = _ops.mlp_jacobian(x, weights[:s], biases[:s], codes[:s], params[:2 * s], 0, split.bottom)
+    y, a, _ = _ops.mlp_jacobian(h, weights[s:], biases[s:], codes[s:], params[2 * s:], 0, split.top)
+    if split.gram:  # sum_ij (A^T A)_ij (C C^T)_ij: n_s^2 (m + n_0) per sample
+        return y, (torch.bmm(a.transpose(1, 2), a) * torch.bmm(c, c.transpose(1, 2))).sum((1, 2))
+    return y, torch.bmm(a, c).square().sum((1, 2))  # m n_s n_0 per sample
 
 
 def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],

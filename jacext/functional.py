@@ -29,8 +29,10 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
 
     method: "auto" (the exact strategy with the fewest multiply-adds), "reverse" (carry the m
     output rows back; end with the Gram epilogue instead of forming J when cheaper), "forward"
-    (carry the n_0 input columns forward), "gram" (one hidden layer and a linear output only:
-    d^T M d with M = (W_1 W_1^T) .* (W_2^T W_2) shared by the batch), "hutchinson" (an unbiased random estimate
+    (carry the n_0 input columns forward; end with the mirror Gram epilogue when cheaper), "gram"
+    (one hidden layer and a linear output: d^T M d with M = (W_1 W_1^T) .* (W_2^T W_2) shared by
+    the batch; deeper nets: the cheapest Gram epilogue, or J = A C split at the hidden layer where
+    sum((A^T A) .* (C C^T)) is cheapest, e.g. a bottleneck), "hutchinson" (an unbiased random estimate
     from n_proj projections, see below), or "autograd" (torch.func vmap(jacrev): any module,
     slow). Differentiable twice w.r.t. x and the parameters.
 

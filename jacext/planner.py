@@ -4,12 +4,16 @@ The op's `strategy` argument (csrc/mlp_jacobian.h): carry the m output rows back
 carry the n_layer input columns forward (FORWARD), carry rows back and end the Frobenius norm
 with the Gram epilogue (REVERSE_GRAM), carry columns forward and end with the mirror epilogue at
 a linear output layer (FORWARD_GRAM), or, for one hidden layer and a linear output, d^T M d with
-the sample-independent M = (W_1 W_1^T) .* (W_2^T W_2) (GRAM1)."""
+the sample-independent M = (W_1 W_1^T) .* (W_2^T W_2) (GRAM1). A `Split` at hidden layer s
+runs two Jacobian ops instead, C = dh_s/dx on layers 1..s and A = dy/dh_s on the rest, and
+combines them per sample: ||J||^2 = sum((A^T A) .* (C C^T)), which wins where a narrow layer
+(a bottleneck) sits between wide inputs and outputs."""
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -18,13 +22,66 @@ STRATEGY_NAMES = {REVERSE: "reverse", FORWARD: "forward", REVERSE_GRAM: "reverse
                   GRAM1: "one-hidden-layer Gram", FORWARD_GRAM: "forward + Gram epilogue"}
 
 
-def penalty_macs(widths: Sequence[int], batch: int, strategy: int, layer: int = 0,
+@dataclass(frozen=True)
+class Split:
+    """||J||^2 from J = A C split at hidden layer `layer` (s): C = dh_s/dx (n_s, n_0) by the
+    jacobian op with strategy `bottom` on layers 1..s, A = dy/dh_s (m, n_s) by the op with
+    strategy `top` on layers s+1..L; per sample sum((A^T A) .* (C C^T)) when `gram`, else
+    ||A C||^2 (whichever needs fewer multiply-adds)."""
+    layer: int
+    bottom: int
+    top: int
+    gram: bool
+
+    @property
+    def name(self) -> str:
+        return f"split at layer {self.layer} ({'Grams' if self.gram else 'A C'})"
+
+
+Strategy = Union[int, Split]
+
+
+def _cheapest(candidates, cost):
+    """The first candidate of least cost, or None (a plain loop, which torch.compile traces)."""
+    best = None
+    for candidate in candidates:
+        if best is None or cost(candidate) < cost(best):
+            best = candidate
+    return best
+
+
+def strategy_name(strategy: Strategy) -> str:
+    return strategy.name if isinstance(strategy, Split) else STRATEGY_NAMES[strategy]
+
+
+def _split_macs(widths: Sequence[int], batch: int, split: Split) -> int:
+    n, s = list(widths), split.layer
+    m, n0, ns = n[-1], n[0], n[s]
+    # the per-sample combination runs three times too: forward, and two products in the backward
+    combine = 3 * batch * ns * ns * (m + n0) if split.gram else 3 * batch * m * ns * n0
+    return penalty_macs(n[:s + 1], batch, split.bottom) + penalty_macs(n[s:], batch, split.top) + combine
+
+
+def best_split(widths: Sequence[int], batch: int) -> Optional[Split]:
+    """The split with the fewest multiply-adds over every hidden layer (None without one)."""
+    n = list(widths)
+    splits = []
+    for s in range(1, len(n) - 1):
+        bottom = _cheapest((REVERSE, FORWARD), lambda st: penalty_macs(n[:s + 1], batch, st))
+        top = _cheapest((REVERSE, FORWARD), lambda st: penalty_macs(n[s:], batch, st))
+        splits.append(Split(s, bottom, top, n[s] * (n[-1] + n[0]) < n[-1] * n[0]))
+    return _cheapest(splits, lambda split: _split_macs(n, batch, split))
+
+
+def penalty_macs(widths: Sequence[int], batch: int, strategy: Strategy, layer: int = 0,
                  projections: int = 0) -> int:
     """GEMM multiply-adds of one forward + backward of the op for layer widths [n_0, ..., n_L]
     (elementwise work is not counted). Each carry GEMM runs three times: forward, and in the
     backward once for the carry's adjoint and once for the weight gradient; so does each of the
     MLP's own GEMMs. With k = `projections` random rows (the estimator) the reverse carry has k
     rows instead of m, and starts with one more GEMM (V D_L W_L)."""
+    if isinstance(strategy, Split):
+        return _split_macs(widths, batch, strategy)
     n = list(widths)
     m, depth = (projections or n[-1]), len(n) - 1
     mlp = 3 * batch * sum(n[i] * n[i + 1] for i in range(depth))
@@ -67,11 +124,17 @@ def saved_shapes(widths: Sequence[int], batch, layer: int, strategy: int, rows: 
     return shapes
 
 
-def footprint(widths: Sequence[int], batch: int, strategy: int, element_size: int = 4,
+def footprint(widths: Sequence[int], batch: int, strategy: Strategy, element_size: int = 4,
               rows: Optional[int] = None) -> int:
     """Estimated peak bytes of one forward + backward of the op: what it saves for the backward,
     plus two temporaries the size of its largest carry (the backward sweep's adjoint and the
-    carry it recomputes)."""
+    carry it recomputes). A split: both ops, J's two factors and the per-sample products."""
+    if isinstance(strategy, Split):
+        n, s = list(widths), strategy.layer
+        m, n0, ns = n[-1], n[0], n[s]
+        combine = batch * (2 * ns * ns if strategy.gram else m * n0) + batch * ns * (m + n0)
+        return (footprint(n[:s + 1], batch, strategy.bottom, element_size)
+                + footprint(n[s:], batch, strategy.top, element_size) + element_size * combine)
     sizes = [math.prod(shape) for shape in saved_shapes(widths, batch, 0, strategy, rows)]
     return element_size * (sum(sizes) + 2 * max(sizes))
 
@@ -84,7 +147,7 @@ def default_memory_budget(device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
-def batch_chunk(widths: Sequence[int], batch, strategy: int, element_size: int, max_memory: int,
+def batch_chunk(widths: Sequence[int], batch, strategy: Strategy, element_size: int, max_memory: int,
                 rows: Optional[int] = None):
     """The most samples per op call whose footprint stays under max_memory (at least one)."""
     if batch == 0:
@@ -118,12 +181,14 @@ def applicable(strategy: int, widths: Sequence[int], layer: int = 0, frobenius: 
 
 
 def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobenius: bool = True,
-                     batch: int = 64, projections: int = 0, output_linear: bool = False) -> int:
-    """The op strategy for a method name ("hutchinson": the reverse carry of k = `projections`
-    random rows; "gram": the one-hidden-layer Gram formula, which needs `output_linear`).
+                     batch: int = 64, projections: int = 0, output_linear: bool = False) -> Strategy:
+    """The strategy for a method name ("hutchinson": the reverse carry of k = `projections`
+    random rows; "gram": the one-hidden-layer Gram formula where it applies, else the cheapest of
+    the Gram epilogues and the splits).
 
     "reverse" and "forward" end the Frobenius norm with their Gram epilogue when that needs fewer
-    multiply-adds; "auto" takes whichever exact strategy needs fewest (reverse on a tie)."""
+    multiply-adds; "auto" takes whichever exact strategy, split included, needs fewest (reverse
+    on a tie)."""
     if method not in ("auto", "reverse", "forward", "gram", "hutchinson"):
         raise ValueError(f"unknown method {method!r} for the op; expected 'auto', 'reverse', 'forward', "
                          f"'gram' or 'hutchinson'")
@@ -135,20 +200,23 @@ def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobeni
     def macs(strategy):
         return penalty_macs(widths, batch, strategy, layer, projections)
 
+    split = best_split(widths, batch) if frobenius and layer == 0 and not projections else None
     if method == "gram":
-        if not able(GRAM1):
-            raise ValueError("method='gram' is implemented for one hidden layer with a linear output "
-                             f"layer (widths [n_0, n_1, m], no output activation); got widths {list(widths)}"
-                             + ("" if output_linear else " with an output activation"))
-        return GRAM1
+        if able(GRAM1):
+            return GRAM1
+        grams = [st for st in (REVERSE_GRAM, FORWARD_GRAM) if able(st)] + ([split] if split else [])
+        if not grams:
+            raise ValueError("method='gram' needs the norm of the input Jacobian of a net with a hidden "
+                             f"layer; got widths {list(widths)}")
+        return _cheapest(grams, macs)
     reverse = REVERSE_GRAM if able(REVERSE_GRAM) and macs(REVERSE_GRAM) < macs(REVERSE) else REVERSE
     forward = FORWARD_GRAM if able(FORWARD_GRAM) and macs(FORWARD_GRAM) < macs(FORWARD) else FORWARD
     if method in ("reverse", "hutchinson"):
         return reverse
     if method == "forward":
         return forward
-    candidates = [reverse, forward] + ([GRAM1] if able(GRAM1) else [])
-    return min(candidates, key=macs)
+    candidates = [reverse, forward] + ([GRAM1] if able(GRAM1) else []) + ([split] if split else [])
+    return _cheapest(candidates, macs)
 
 
 class Plan:
@@ -163,11 +231,11 @@ class Plan:
 
     def __repr__(self):
         lines = [f"MLP {self.widths}, batch {self.batch}, method={self.method!r}: runs "
-                 f"{STRATEGY_NAMES[self.choice]}",
+                 f"{strategy_name(self.choice)}",
                  f"  {'strategy':26}{'GEMM multiply-adds':>20}{'peak memory (est.)':>20}"]
         for strategy, (macs, peak) in self.candidates.items():
             mark = "  <- chosen" if strategy == self.choice else ""
-            lines.append(f"  {STRATEGY_NAMES[strategy]:26}{macs / 1e9:>17.3f} G{peak / 2**20:>17.1f} MB{mark}")
+            lines.append(f"  {strategy_name(strategy):26}{macs / 1e9:>17.4g} G{peak / 2**20:>17.1f} MB{mark}")
         lines.append("  (forward + backward; the choice is the fewest multiply-adds, reverse on a tie)")
         budget = f"memory budget {self.max_memory / 2**20:.0f} MB"
         if self.chunk < self.batch:
@@ -188,10 +256,12 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None) ->
     widths, batch = spec.widths, x.shape[0]
     output_linear = spec.activations[-1] == IDENTITY
     choice = resolve_strategy(method, widths, batch=batch, output_linear=output_linear)
+    strategies = [st for st in (REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, GRAM1)
+                  if applicable(st, widths, output_linear=output_linear)]
+    split = best_split(widths, batch)
     candidates = {strategy: (penalty_macs(widths, batch, strategy),
                              footprint(widths, batch, strategy, x.element_size()))
-                  for strategy in (REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, GRAM1)
-                  if applicable(strategy, widths, output_linear=output_linear)}
+                  for strategy in strategies + ([split] if split else [])}
     max_memory = default_memory_budget(x.device) if max_memory is None else max_memory
     chunk = batch_chunk(widths, batch, choice, x.element_size(), max_memory)
     return Plan(widths, batch, method, candidates, choice, chunk, max_memory)

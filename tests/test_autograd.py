@@ -76,6 +76,17 @@ def test_gradcheck_and_gradgradcheck_forward_gram(activation, widths, device):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("gram", [True, False], ids=["grams", "product"])
+@pytest.mark.parametrize("activation", ["tanh", "softplus", "smooth_leaky_relu"])
+def test_gradcheck_and_gradgradcheck_split(activation, gram, device):
+    x, weights, biases, codes, params = random_mlp(activation, device)
+    inputs = leaves(x, weights, biases)
+    split = jacext.planner.Split(2, jacext.ops.FORWARD, jacext.ops.REVERSE, gram)
+    fn = op_fn(lambda x, w, b, c, p: jacext._ops._split_frobenius(x, w, b, c, p, split), weights, biases, codes, params)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
 @pytest.mark.parametrize("strategy", [jacext.ops.GRAM1, jacext.ops.FORWARD_GRAM], ids=["gram1", "forward_gram"])
 def test_opcheck_linear_output_grams(strategy, device):
     x, weights, biases, codes, params = random_mlp("tanh", device, widths=(3, 6, 4), bias=(True, True))

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import jacext
+from jacext.planner import FORWARD, REVERSE, Split
 from jacext.reference import jacobian_frobenius_ref, per_sample_jacobian
 from helpers import ACTIVATIONS, ACTIVATION_IDS, make_mlp, weighted_objective
 
@@ -76,6 +77,38 @@ def test_gram_epilogues_at_every_depth(activation, widths, strategy, device):
     model = make_mlp(widths, activation, bias=[i % 2 == 0 for i in range(len(widths) - 1)], device=device)
     x = torch.randn(6, widths[0], dtype=torch.float64, device=device)
     check_op_strategy(model, x, {"reverse_gram": jacext.ops.REVERSE_GRAM, "forward_gram": jacext.ops.FORWARD_GRAM}[strategy])
+
+
+@pytest.mark.parametrize("gram", [True, False], ids=["grams", "product"])
+@pytest.mark.parametrize("widths", GRAM_ARCHITECTURES, ids=lambda w: "-".join(map(str, w)))
+@pytest.mark.parametrize("activation", [a for _, a in ACTIVATIONS], ids=ACTIVATION_IDS)
+def test_split_at_every_hidden_layer(activation, widths, gram, device):
+    model = make_mlp(widths, activation, bias=[i % 2 == 1 for i in range(len(widths) - 1)],
+                     output_activation=nn.Sigmoid, device=device)
+    x = torch.randn(5, widths[0], dtype=torch.float64, device=device)
+    spec = jacext.parse_model(model)
+    biases = jacext.ops.bias_tensors(spec.biases, spec.weights)
+    y_ref, sq_ref = jacobian_frobenius_ref(model, x)
+    for layer in range(1, len(widths) - 1):
+        for bottom, top in [(REVERSE, FORWARD), (FORWARD, REVERSE)]:
+            xg = x.clone().requires_grad_()
+            split = Split(layer, bottom, top, gram)
+            y, sq = jacext._ops._split_frobenius(xg, spec.weights, biases, spec.activations, spec.act_params, split)
+            torch.testing.assert_close(y, y_ref, **TOL)
+            torch.testing.assert_close(sq, sq_ref, **TOL)
+            grads = torch.autograd.grad(weighted_objective(y, sq), [xg] + params_of(model))
+            x_ref = x.clone().requires_grad_()
+            grads_ref = torch.autograd.grad(weighted_objective(*jacobian_frobenius_ref(model, x_ref)),
+                                            [x_ref] + params_of(model))
+            for g, g_ref in zip(grads, grads_ref):
+                torch.testing.assert_close(g, g_ref, **TOL)
+
+
+def test_auto_runs_the_split_for_a_bottleneck(device):
+    model = make_mlp((40, 24, 3, 24, 40), nn.Tanh, device=device)
+    x = torch.randn(6, 40, dtype=torch.float64, device=device)
+    assert isinstance(jacext.explain(model, x).choice, Split)
+    check_against_reference(model, x, "auto")
 
 
 @pytest.mark.parametrize("batch", [0, 1, 7, 64])
@@ -204,9 +237,15 @@ def test_one_hidden_layer_gram(activation, widths, method, device):
     check_against_reference(model, torch.randn(7, widths[0], dtype=torch.float64, device=device), method)
 
 
-def test_gram_method_needs_one_hidden_layer_and_a_linear_output():
-    with pytest.raises(ValueError, match="one hidden layer"):
-        jacext.jacobian_frobenius(make_mlp((5, 7, 7, 3), nn.Tanh), torch.randn(2, 5, dtype=torch.float64), method="gram")
-    with pytest.raises(ValueError, match="with an output activation"):
-        model = make_mlp((5, 7, 3), nn.Tanh, output_activation=nn.Sigmoid)
-        jacext.jacobian_frobenius(model, torch.randn(2, 5, dtype=torch.float64), method="gram")
+@pytest.mark.parametrize("widths, output_activation", [((5, 7, 7, 3), None), ((5, 7, 3), nn.Sigmoid),
+                                                       ((5, 7, 2, 7, 5), None)], ids=str)
+def test_gram_method_runs_the_cheapest_gram_plan(widths, output_activation):
+    model = make_mlp(widths, nn.Tanh, output_activation=output_activation)
+    check_against_reference(model, torch.randn(4, widths[0], dtype=torch.float64), "gram")
+    assert jacext.explain(model, torch.empty(4, widths[0]), method="gram").choice not in (
+        jacext.ops.REVERSE, jacext.ops.FORWARD)
+
+
+def test_gram_method_needs_a_hidden_layer():
+    with pytest.raises(ValueError, match="hidden layer"):
+        jacext.jacobian_frobenius(make_mlp((5, 3), nn.Tanh), torch.randn(2, 5, dtype=torch.float64), method="gram")

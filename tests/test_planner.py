@@ -1,7 +1,8 @@
 """The strategy choice follows the multiply-add counts."""
 import pytest
 
-from jacext.planner import FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, penalty_macs, resolve_strategy
+from jacext.planner import (FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, best_split, penalty_macs,
+                            resolve_strategy, strategy_name)
 
 
 def test_macs_of_a_one_hidden_layer_net():
@@ -29,8 +30,23 @@ def test_one_hidden_layer_gram_is_chosen_when_the_output_is_linear():
     assert penalty_macs([784, 1024, 1000], 64, GRAM1) == (
         3 * 64 * (784 * 1024 + 1024 * 1000) + 2 * 1024 ** 2 * (784 + 1000) + 2 * 64 * 1024 ** 2)
     assert resolve_strategy("auto", [784, 256, 256, 10], batch=64, output_linear=True) == REVERSE_GRAM
-    with pytest.raises(ValueError, match="one hidden layer"):
-        resolve_strategy("gram", [784, 256, 256, 10], output_linear=True)
+    # deeper: "gram" is the cheapest of the Gram epilogues and the splits
+    assert resolve_strategy("gram", [784, 256, 256, 10], batch=64, output_linear=True) == REVERSE_GRAM
+    with pytest.raises(ValueError, match="hidden layer"):
+        resolve_strategy("gram", [784, 10])
+
+
+def test_split_at_a_bottleneck():
+    # a contractive autoencoder: 784 rows or 784 columns through every layer, or 32 of each to
+    # the bottleneck and two 32 x 32 Grams per sample
+    widths = [784, 256, 32, 256, 784]
+    split = resolve_strategy("auto", widths, batch=128, output_linear=True)
+    assert split == best_split(widths, 128) and split.layer == 2 and split.gram
+    assert penalty_macs(widths, 128, split) < min(penalty_macs(widths, 128, st) for st in (REVERSE, FORWARD)) / 10
+    assert penalty_macs(widths, 128, split) == (penalty_macs(widths[:3], 128, split.bottom)
+                                               + penalty_macs(widths[2:], 128, split.top)
+                                               + 3 * 128 * 32 * 32 * (784 + 784))
+    assert "split at layer 2 (Grams)" in strategy_name(split)
 
 
 def test_forward_gram_epilogue_when_the_output_is_linear_and_wide():
@@ -63,7 +79,7 @@ def test_explain_reports_every_candidate_and_the_choice():
     model = jacext.MLP([784, 256, 256, 10])
     plan = jacext.explain(model, torch.randn(128, 784))
     assert plan.choice == resolve_strategy("auto", [784, 256, 256, 10], batch=128) == REVERSE_GRAM
-    assert set(plan.candidates) == {REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM}  # linear output
+    assert set(plan.candidates) == {REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, best_split([784, 256, 256, 10], 128)}
     assert plan.candidates[REVERSE_GRAM][0] == penalty_macs([784, 256, 256, 10], 128, REVERSE_GRAM)
     # saved for the backward, float32: forward mode keeps a (128, 784, 256) carry
     assert plan.candidates[FORWARD][1] > 128 * 784 * 256 * 4 > plan.candidates[REVERSE_GRAM][1]
