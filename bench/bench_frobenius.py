@@ -324,7 +324,8 @@ def main():
     parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timed runs per method")
     parser.add_argument("--loop-outputs", type=int, default=16, help="outputs timed for autograd-loop")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, short runs (CI)")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/frobenius_<device>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/frobenius_<device>.json, "
+                        "frobenius_<device>_smoke.json with --smoke)")
     parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -389,7 +390,7 @@ def main():
             sys.exit(f"{r['case']} {r['method']}: penalty differs from the other exact methods by {rel:.2e}")
 
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"frobenius_{args.device}.json")
+                                   f"frobenius_{args.device}{'_smoke' if args.smoke else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"machine": machine, "command": " ".join(sys.argv), "results": results, "cost_model": costs},

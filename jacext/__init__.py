@@ -2,9 +2,11 @@
 from . import _ops as ops
 from .activations import SmoothLeakyReLU
 from .functional import METHODS, jacobian, jacobian_frobenius, jacobian_gram, random_projections
+from .margin import LargeMarginLoss, large_margin_loss, margin_distances
 from .nn import MLP, parse_model
 from .planner import explain
 
 __version__ = "0.1.0"
 __all__ = ["MLP", "SmoothLeakyReLU", "jacobian_frobenius", "jacobian", "jacobian_gram", "ops",
-           "parse_model", "random_projections", "explain", "METHODS"]
+           "parse_model", "random_projections", "explain", "METHODS", "margin_distances", "large_margin_loss",
+           "LargeMarginLoss"]

@@ -63,14 +63,48 @@ def _split_macs(widths: Sequence[int], batch: int, split: Split) -> int:
 
 
 def best_split(widths: Sequence[int], batch: int) -> Optional[Split]:
-    """The split with the fewest multiply-adds over every hidden layer (None without one)."""
+    """The split of least predicted cost over every hidden layer (None without one)."""
     n = list(widths)
     splits = []
     for s in range(1, len(n) - 1):
-        bottom = _cheapest((REVERSE, FORWARD), lambda st: penalty_macs(n[:s + 1], batch, st))
-        top = _cheapest((REVERSE, FORWARD), lambda st: penalty_macs(n[s:], batch, st))
+        bottom = _cheapest((REVERSE, FORWARD), lambda st: predicted_cost(n[:s + 1], batch, st, frobenius=False))
+        top = _cheapest((REVERSE, FORWARD), lambda st: predicted_cost(n[s:], batch, st, frobenius=False))
         splits.append(Split(s, bottom, top, n[s] * (n[-1] + n[0]) < n[-1] * n[0]))
-    return _cheapest(splits, lambda split: _split_macs(n, batch, split))
+    return _cheapest(splits, lambda split: predicted_cost(n, batch, split))
+
+
+# The cost model's second term. An elementwise pass over a fresh carry tensor (the sigma' scaling,
+# the backward's adjoint products and row-wise dots) takes about 1.4 ns per element on the CPU
+# measured here, page faults included: the time of ~100 multiply-adds at its GEMM rate (~75 G
+# multiply-adds/s). A forward and backward make about four such passes over every carry element.
+CARRY_ELEMENT_COST = 400
+
+
+def carry_elements(widths: Sequence[int], batch: int, strategy: Strategy, layer: int = 0,
+                   rows: Optional[int] = None, frobenius: bool = True) -> int:
+    """Elements of the per-sample tensors a plan carries: the op's carries (its `saved` beyond the
+    activations), and for a split J's two factors and the per-sample products. A Jacobian (not
+    its norm) adds the returned J."""
+    n = list(widths)
+    if isinstance(strategy, Split):
+        s, m, n0, ns = strategy.layer, n[-1], n[0], n[strategy.layer]
+        combine = 2 * ns * ns if strategy.gram else m * n0
+        return (carry_elements(n[:s + 1], batch, strategy.bottom, frobenius=False)
+                + carry_elements(n[s:], batch, strategy.top, frobenius=False) + batch * combine)
+    depth = len(n) - 1
+    carries = saved_shapes(n, batch, layer, strategy, rows)[3 * depth - 1:]
+    # forward mode's first carry W^T D (B, n_layer, n_layer+1) is formed, not saved
+    first = batch * n[layer] * n[layer + 1] if strategy in (FORWARD, FORWARD_GRAM) else 0
+    returned = 0 if frobenius else batch * n[-1] * n[layer]
+    return sum(math.prod(shape) for shape in carries) + first + returned
+
+
+def predicted_cost(widths: Sequence[int], batch: int, strategy: Strategy, layer: int = 0,
+                   projections: int = 0, frobenius: bool = True) -> int:
+    """What the planner minimizes, in multiply-add equivalents: GEMM multiply-adds plus the
+    elementwise passes over the carries (CARRY_ELEMENT_COST per element)."""
+    return (penalty_macs(widths, batch, strategy, layer, projections)
+            + CARRY_ELEMENT_COST * carry_elements(widths, batch, strategy, layer, projections or None, frobenius))
 
 
 def penalty_macs(widths: Sequence[int], batch: int, strategy: Strategy, layer: int = 0,
@@ -186,9 +220,9 @@ def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobeni
     random rows; "gram": the one-hidden-layer Gram formula where it applies, else the cheapest of
     the Gram epilogues and the splits).
 
-    "reverse" and "forward" end the Frobenius norm with their Gram epilogue when that needs fewer
-    multiply-adds; "auto" takes whichever exact strategy, split included, needs fewest (reverse
-    on a tie)."""
+    "reverse" and "forward" end the Frobenius norm with their Gram epilogue when that costs less
+    (predicted_cost: multiply-adds plus the carries' elementwise traffic); "auto" takes whichever
+    exact strategy, split included, costs least (reverse on a tie)."""
     if method not in ("auto", "reverse", "forward", "gram", "hutchinson"):
         raise ValueError(f"unknown method {method!r} for the op; expected 'auto', 'reverse', 'forward', "
                          f"'gram' or 'hutchinson'")
@@ -197,8 +231,8 @@ def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobeni
     def able(strategy):
         return applicable(strategy, widths, layer, frobenius, projections, output_linear)
 
-    def macs(strategy):
-        return penalty_macs(widths, batch, strategy, layer, projections)
+    def cost(strategy):
+        return predicted_cost(widths, batch, strategy, layer, projections, frobenius)
 
     split = best_split(widths, batch) if frobenius and layer == 0 and not projections else None
     if method == "gram":
@@ -208,15 +242,15 @@ def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobeni
         if not grams:
             raise ValueError("method='gram' needs the norm of the input Jacobian of a net with a hidden "
                              f"layer; got widths {list(widths)}")
-        return _cheapest(grams, macs)
-    reverse = REVERSE_GRAM if able(REVERSE_GRAM) and macs(REVERSE_GRAM) < macs(REVERSE) else REVERSE
-    forward = FORWARD_GRAM if able(FORWARD_GRAM) and macs(FORWARD_GRAM) < macs(FORWARD) else FORWARD
+        return _cheapest(grams, cost)
+    reverse = REVERSE_GRAM if able(REVERSE_GRAM) and cost(REVERSE_GRAM) < cost(REVERSE) else REVERSE
+    forward = FORWARD_GRAM if able(FORWARD_GRAM) and cost(FORWARD_GRAM) < cost(FORWARD) else FORWARD
     if method in ("reverse", "hutchinson"):
         return reverse
     if method == "forward":
         return forward
     candidates = [reverse, forward] + ([GRAM1] if able(GRAM1) else []) + ([split] if split else [])
-    return _cheapest(candidates, macs)
+    return _cheapest(candidates, cost)
 
 
 class Plan:
@@ -225,18 +259,20 @@ class Plan:
 
     def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory):
         self.widths, self.batch, self.method = widths, batch, method
-        self.candidates = candidates  # {strategy: (multiply-adds, estimated peak bytes, whole batch)}
+        self.candidates = candidates  # {strategy: (multiply-adds, predicted cost, estimated peak bytes)}
         self.choice = choice
         self.chunk, self.max_memory = chunk, max_memory  # samples per op call, the budget in bytes
 
     def __repr__(self):
         lines = [f"MLP {self.widths}, batch {self.batch}, method={self.method!r}: runs "
                  f"{strategy_name(self.choice)}",
-                 f"  {'strategy':26}{'GEMM multiply-adds':>20}{'peak memory (est.)':>20}"]
-        for strategy, (macs, peak) in self.candidates.items():
+                 f"  {'strategy':26}{'GEMM multiply-adds':>20}{'predicted cost':>17}{'peak memory (est.)':>20}"]
+        for strategy, (macs, cost, peak) in self.candidates.items():
             mark = "  <- chosen" if strategy == self.choice else ""
-            lines.append(f"  {strategy_name(strategy):26}{macs / 1e9:>17.4g} G{peak / 2**20:>17.1f} MB{mark}")
-        lines.append("  (forward + backward; the choice is the fewest multiply-adds, reverse on a tie)")
+            lines.append(f"  {strategy_name(strategy):26}{macs / 1e9:>17.4g} G{cost / 1e9:>14.4g} G"
+                         f"{peak / 2**20:>17.1f} MB{mark}")
+        lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x carried elements; "
+                     "the least cost wins, reverse on a tie)")
         budget = f"memory budget {self.max_memory / 2**20:.0f} MB"
         if self.chunk < self.batch:
             lines.append(f"  {budget}: {math.ceil(self.batch / self.chunk)} chunks of <= {self.chunk} samples, "
@@ -259,7 +295,7 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None) ->
     strategies = [st for st in (REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, GRAM1)
                   if applicable(st, widths, output_linear=output_linear)]
     split = best_split(widths, batch)
-    candidates = {strategy: (penalty_macs(widths, batch, strategy),
+    candidates = {strategy: (penalty_macs(widths, batch, strategy), predicted_cost(widths, batch, strategy),
                              footprint(widths, batch, strategy, x.element_size()))
                   for strategy in strategies + ([split] if split else [])}
     max_memory = default_memory_budget(x.device) if max_memory is None else max_memory

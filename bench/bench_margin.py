@@ -1,0 +1,161 @@
+"""Large-margin loss forward+backward: jacext against the ways it is written in PyTorch today.
+
+All methods compute the same loss (use_approximation=False: the gradient norms' own gradient
+flows, a double backward) and its gradient w.r.t. every parameter, in one run:
+
+  jacext          jacext.large_margin_loss: one Jacobian op per layer, every class row at once,
+                  the norms from J J^T (q = 2) or from the k needed rows (q = inf)
+  autograd-batch  one autograd.grad(create_graph=True) per class and layer over the whole batch
+  seed-loop       one autograd.grad(create_graph=True) per sample, class and layer (the seed
+                  code's loop, made differentiable); only --loop-samples samples are timed and
+                  the time is scaled by B / that number
+
+    python bench/bench_margin.py              # 784-512-512-10, B=128, layers (0,1,2), top_k=9
+    python bench/bench_margin.py --smoke      # tiny sizes, seconds (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+import jacext
+
+CASE = dict(widths=[784, 512, 512, 10], batch=128, layers=(0, 1, 2), top_k=9)
+SMOKE_CASE = dict(widths=[12, 9, 9, 5], batch=6, layers=(0, 1, 2), top_k=3)
+METHODS = ["jacext", "autograd-batch", "seed-loop"]
+DUAL = {1: math.inf, 2: 2, math.inf: 1}
+GAMMA, ALPHA = 0.5, 2.0  # the loss's clip points do not change the work
+
+
+def margin_terms(dist, gamma=GAMMA, alpha_factor=ALPHA):
+    """The official loss on the distances (B, k) of one layer, worst case over the k classes."""
+    worst = dist.min(1, keepdim=True).values
+    return (torch.relu(gamma - torch.clamp(worst, min=gamma * (1 - alpha_factor))) - gamma).sum(1).mean()
+
+
+def hidden_states(model, x):
+    hs, h = [x], x
+    for module in model:
+        h = module(h)
+        if not isinstance(module, nn.Linear):
+            hs.append(h)
+    return h, hs
+
+
+def autograd_loss(model, x, target, layers, top_k, q, samples=None):
+    """The loss by autograd: one grad per class and layer over the batch (samples=None), or per
+    sample, class and layer for the given samples (the seed's loop)."""
+    logits, hs = hidden_states(model, x.requires_grad_())
+    score = torch.softmax(logits, 1)
+    others = score.detach().scatter(1, target.view(-1, 1), -math.inf)
+    classes = others.topk(top_k, dim=1).indices
+    diff = score.gather(1, target.view(-1, 1)) - score.gather(1, classes)
+    losses = []
+    for layer in layers:
+        if samples is None:
+            norms = torch.stack([torch.autograd.grad(diff[:, i].sum(), hs[layer], create_graph=True)[0].norm(p=q, dim=1)
+                                 for i in range(top_k)], dim=1)
+            losses.append(margin_terms(diff / (norms + 1e-8)))
+        else:
+            norms = torch.stack([torch.stack([
+                torch.autograd.grad(diff[b, i], hs[layer], create_graph=True)[0][b].norm(p=q)
+                for i in range(top_k)]) for b in samples])
+            losses.append(margin_terms(diff[samples] / (norms + 1e-8)))
+    return torch.stack(losses).mean()
+
+
+def make_step(method, model, x, target, layers, top_k, dist_norm, loop_samples):
+    """The timed function (loss forward + backward to the parameters) and its time scale."""
+    q = DUAL[dist_norm]
+    if method == "jacext":
+        def loss():
+            return jacext.large_margin_loss(model, x, target, layers=layers, gamma=GAMMA, alpha_factor=ALPHA,
+                                            top_k=top_k, dist_norm=dist_norm, use_approximation=False)
+        scale = 1.0
+    elif method == "autograd-batch":
+        def loss():
+            return autograd_loss(model, x.detach().clone(), target, layers, top_k, q)
+        scale = 1.0
+    else:
+        samples = list(range(min(loop_samples, x.shape[0])))
+
+        def loss():
+            return autograd_loss(model, x.detach().clone(), target, layers, top_k, q, samples)
+        scale = x.shape[0] / len(samples)
+
+    params = list(model.parameters())
+
+    def step():
+        value = loss()
+        torch.autograd.grad(value, params)
+        return value
+
+    return step, scale
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timed runs per method")
+    parser.add_argument("--loop-samples", type=int, default=2, help="samples timed for seed-loop")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/margin_<device>[_smoke].json)")
+    args = parser.parse_args()
+    case = SMOKE_CASE if args.smoke else CASE
+    if args.smoke:
+        args.min_run_time = min(args.min_run_time, 0.2)
+
+    torch.manual_seed(0)
+    model = jacext.MLP(case["widths"], activation="tanh").to(args.device)
+    x = torch.randn(case["batch"], case["widths"][0], device=args.device)
+    target = torch.randint(0, case["widths"][-1], (case["batch"],), device=args.device)
+    results = []
+    for dist_norm in (2, 1):  # q = 2 and q = inf
+        values = {}
+        for method in METHODS:
+            step, scale = make_step(method, model, x, target, case["layers"], case["top_k"], dist_norm,
+                                    args.loop_samples)
+            values[method] = float(step())
+            timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+            m = timer.blocked_autorange(min_run_time=args.min_run_time)
+            results.append({"dist_norm": dist_norm, "q": str(DUAL[dist_norm]), "method": method,
+                            "median_s": m.median * scale, "runs": len(m.times),
+                            "scaled_from_samples": args.loop_samples if method == "seed-loop" else None})
+            print(f"q={DUAL[dist_norm]} {method}: {m.median * scale * 1e3:.1f} ms", flush=True)
+        # the batched reference computes the same loss; the loop covers only its samples
+        if abs(values["jacext"] - values["autograd-batch"]) > 1e-4 * max(1.0, abs(values["autograd-batch"])):
+            sys.exit(f"q={DUAL[dist_norm]}: jacext's loss {values['jacext']} differs from autograd's "
+                     f"{values['autograd-batch']}")
+    for r in results:
+        ref = next(o for o in results if o["dist_norm"] == r["dist_norm"] and o["method"] == "jacext")
+        r["time_vs_jacext"] = r["median_s"] / ref["median_s"]
+
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+               f"({torch.get_num_threads()} threads)" if args.device == "cpu" else torch.cuda.get_device_name())
+    print(f"\n{machine}; float32; MLP {case['widths']} (tanh), B={case['batch']}, layers {case['layers']}, "
+          f"top_k={case['top_k']}, use_approximation=False; loss forward+backward, median\n")
+    header = f"{'q':4} {'method':16} {'median ms':>10} {'x jacext':>9}  note"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        note = (f"{r['scaled_from_samples']} of {case['batch']} samples timed, time scaled"
+                if r["scaled_from_samples"] else "")
+        print(f"{r['q']:4} {r['method']:16} {r['median_s'] * 1e3:10.1f} {r['time_vs_jacext']:9.3g}  {note}")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"margin_{args.device}{'_smoke' if args.smoke else ''}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"machine": machine, "command": " ".join(sys.argv), "case": case, "results": results}, f, indent=1)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

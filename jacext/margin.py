@@ -1,0 +1,191 @@
+"""Large-margin distances and loss (Elsayed et al. 2018, "Large Margin Deep Networks for
+Classification") on jacext's layer Jacobians.
+
+The distance of sample b to the boundary between its class y and class j, measured at layer l, is
+(f_y - f_j) / (eps + ||grad_{h_l}(f_y - f_j)||_q), q the dual of the distance norm, f the softmax
+probabilities (as the official code) or the logits. Every gradient is a row combination of the
+layer Jacobian J = df/dh_l (one Jacobian op per layer, differentiable twice): with u = e_y - e_j
+(logits) or u = S_y - S_j (probabilities, S = diag(s) - s s^T the softmax Jacobian),
+grad(f_y - f_j) = u^T J. For q = 2 its norm is u^T (J J^T) u, from the m x m Gram matrix, with no
+per-class gradient formed; for q = 1 or inf only the needed rows u^T J are formed."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import _ops
+from .nn import parse_model
+
+__all__ = ["margin_distances", "large_margin_loss", "LargeMarginLoss"]
+
+DUAL_NORM = {1: math.inf, 2: 2, math.inf: 1}
+SCORES = ("probs", "logits")
+
+
+def _check(spec, x, target, layers, dist_norm, on):
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != spec.widths[0]:
+        raise ValueError(f"x must be a tensor of shape (batch, {spec.widths[0]}), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    m = spec.widths[-1]
+    if (not isinstance(target, torch.Tensor) or target.shape != (x.shape[0],)
+            or target.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"target must be an integer tensor of shape ({x.shape[0]},) with class indices")
+    if target.numel() and (target.min() < 0 or target.max() >= m):
+        raise ValueError(f"target holds class indices outside [0, {m - 1}]")
+    if m < 2:
+        raise ValueError("a margin needs at least two classes (outputs)")
+    depth = len(spec.weights)
+    if (len(layers) == 0 or len(set(layers)) != len(layers)
+            or any(not isinstance(l, int) or not 0 <= l < depth for l in layers)):
+        raise ValueError(f"layers must be distinct integers in [0, {depth - 1}] (0 = input, l = output of "
+                         f"the l-th activation), got {tuple(layers)}")
+    if dist_norm not in DUAL_NORM:
+        raise ValueError(f"dist_norm must be 1, 2 or math.inf, got {dist_norm!r}")
+    if on not in SCORES:
+        raise ValueError(f"on must be 'probs' or 'logits', got {on!r}")
+
+
+def _layer_jacobians(spec, x, layers):
+    """logits (B, m) and J_l = dlogits/dh_l (B, m, n_l) for each layer."""
+    logits, jacobians = None, []
+    for layer in layers:
+        y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer)
+        logits = y if logits is None else logits
+        jacobians.append(jac)
+    return logits, jacobians
+
+
+def _scores(logits, on):
+    """The scores f (B, m) and the rows of df/dlogits (B, m, m), or None for the identity."""
+    if on == "logits":
+        return logits, None
+    s = torch.softmax(logits, dim=1)
+    return s, torch.diag_embed(s) - s.unsqueeze(2) * s.unsqueeze(1)
+
+
+def _directions(score_jacobian, target, classes, m, dtype):
+    """u (B, k, m) with u^T J = grad(f_y - f_j) for the k classes j of each sample."""
+    if score_jacobian is None:  # logits: e_y - e_j
+        rows = torch.eye(m, dtype=dtype, device=target.device)
+        return rows[target].unsqueeze(1) - rows[classes]
+    u_y = score_jacobian.gather(1, target.view(-1, 1, 1).expand(-1, 1, m))
+    u_j = score_jacobian.gather(1, classes.unsqueeze(2).expand(-1, -1, m))
+    return u_y - u_j
+
+
+def _gradient_norms(jac, u, q):
+    """||u_k^T J||_q per sample and class (B, k)."""
+    if q == 2:  # Gram identity: u^T (J J^T) u
+        gram = torch.bmm(jac, jac.transpose(1, 2))
+        sq = (torch.bmm(u, gram) * u).sum(2)
+        # sqrt's derivative is infinite at 0 (u = 0 for j = y): keep it out of the graph there
+        return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq.new_zeros(()))
+    rows = torch.bmm(u, jac)  # only the k needed gradients
+    return rows.abs().sum(2) if q == 1 else rows.abs().amax(2)
+
+
+def _competitors(score, target, top_k):
+    """The top_k classes other than the target, by score, highest first (B, top_k)."""
+    others = score.detach().scatter(1, target.view(-1, 1), -math.inf)
+    return others.topk(top_k, dim=1).indices
+
+
+def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Sequence[int] = (0,),
+                     dist_norm=2, on: str = "probs", top_k: Optional[int] = None, epsilon: float = 1e-8):
+    """(logits, dist): dist[b, i, j] = (f_y - f_j) / (epsilon + ||grad_{h_l}(f_y - f_j)||_q), the
+    signed distance of sample b to the boundary between its class y = target[b] and class j,
+    measured at layer l = layers[i] (0 = input, l = output of the l-th activation), with q the
+    dual of dist_norm (1 -> inf, 2 -> 2, inf -> 1) and f the softmax probabilities (on="probs")
+    or the logits. Without top_k, j runs over all m classes and dist[b, i, y] = inf; with top_k,
+    over the top_k classes other than y by score, highest first. Differentiable twice."""
+    spec = parse_model(model)
+    layers = tuple(layers)
+    _check(spec, x, target, layers, dist_norm, on)
+    m = spec.widths[-1]
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= m - 1):
+        raise ValueError(f"top_k must be an integer in [1, {m - 1}] or None, got {top_k!r}")
+    logits, jacobians = _layer_jacobians(spec, x, layers)
+    score, score_jacobian = _scores(logits, on)
+    if top_k is None:
+        classes = torch.arange(m, device=x.device).expand(x.shape[0], m)
+    else:
+        classes = _competitors(score, target, top_k)
+    diff = score.gather(1, target.view(-1, 1)) - score.gather(1, classes)
+    u = _directions(score_jacobian, target, classes, m, logits.dtype)
+    q = DUAL_NORM[dist_norm]
+    dist = torch.stack([diff / (epsilon + _gradient_norms(jac, u, q)) for jac in jacobians], dim=1)
+    if top_k is None:
+        dist = dist.masked_fill((classes == target.view(-1, 1)).unsqueeze(1), math.inf)
+    return logits, dist
+
+
+def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequence[int] = (0,),
+                      gamma: float = 10000.0, alpha_factor: float = 2.0, top_k: int = 1, dist_norm=2,
+                      epsilon: float = 1e-8, use_approximation: bool = True, worst_case_loss: bool = True,
+                      layers_weights: Optional[Sequence[float]] = None, on: str = "probs") -> torch.Tensor:
+    """The large-margin loss with the options of the official code (google-research/large_margin,
+    margin_loss.large_margin), as a scalar.
+
+    Per layer l: d = (f_y - f_j) / (||grad_{h_l}(f_y - f_j)||_q / w_l + epsilon) for the top_k
+    classes j other than y (w_l from layers_weights, default 1); the minimum over them
+    (worst_case_loss) or each of them; the loss max(0, gamma - max(d, gamma (1 - alpha_factor)))
+    - gamma, summed over the classes kept, averaged over the batch, then over the layers. The
+    constant -gamma is the official code's (it does not change the gradient). With
+    use_approximation the gradient norms are held constant (no second derivative); without it the
+    norms' own gradient flows (double backward through the Jacobian)."""
+    spec = parse_model(model)
+    layers = tuple(layers)
+    _check(spec, x, target, layers, dist_norm, on)
+    m = spec.widths[-1]
+    if not (isinstance(top_k, int) and 1 <= top_k <= m - 1):
+        raise ValueError(f"top_k must be an integer in [1, {m - 1}], got {top_k!r}")
+    if not gamma > 0 or not alpha_factor > 0 or not epsilon >= 0:
+        raise ValueError(f"need gamma > 0, alpha_factor > 0 and epsilon >= 0, got {gamma}, {alpha_factor}, {epsilon}")
+    weights = [1.0] * len(layers) if layers_weights is None else [float(w) for w in layers_weights]
+    if len(weights) != len(layers) or any(not w > 0 for w in weights):
+        raise ValueError(f"layers_weights must hold {len(layers)} positive numbers, got {layers_weights!r}")
+
+    if use_approximation:  # the norms are constants: no graph through the Jacobians
+        logits = model(x)
+        with torch.no_grad():
+            _, jacobians = _layer_jacobians(spec, x, layers)
+    else:
+        logits, jacobians = _layer_jacobians(spec, x, layers)
+    score, score_jacobian = _scores(logits, on)
+    classes = _competitors(score, target, top_k)
+    diff = score.gather(1, target.view(-1, 1)) - score.gather(1, classes)
+    if use_approximation and score_jacobian is not None:
+        score_jacobian = score_jacobian.detach()
+    u = _directions(score_jacobian, target, classes, m, logits.dtype)
+    q = DUAL_NORM[dist_norm]
+    lower = gamma * (1 - alpha_factor)
+    losses = []
+    for jac, weight in zip(jacobians, weights):
+        dist = diff / (_gradient_norms(jac, u, q) / weight + epsilon)
+        if worst_case_loss:
+            dist = dist.amin(1, keepdim=True)
+        loss = torch.relu(gamma - torch.maximum(dist, dist.new_tensor(lower))) - gamma
+        losses.append(loss.sum(1).mean())
+    return torch.stack(losses).mean()
+
+
+class LargeMarginLoss(nn.Module):
+    """large_margin_loss as a module: LargeMarginLoss(layers=(0, 1), gamma=...)(model, x, target)."""
+
+    def __init__(self, layers: Sequence[int] = (0,), gamma: float = 10000.0, alpha_factor: float = 2.0,
+                 top_k: int = 1, dist_norm=2, epsilon: float = 1e-8, use_approximation: bool = True,
+                 worst_case_loss: bool = True, layers_weights: Optional[Sequence[float]] = None,
+                 on: str = "probs"):
+        super().__init__()
+        self.options = dict(layers=tuple(layers), gamma=gamma, alpha_factor=alpha_factor, top_k=top_k,
+                            dist_norm=dist_norm, epsilon=epsilon, use_approximation=use_approximation,
+                            worst_case_loss=worst_case_loss, layers_weights=layers_weights, on=on)
+
+    def forward(self, model, x, target):
+        return large_margin_loss(model, x, target, **self.options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,199 @@
+"""Large-margin distances and loss against a plain autograd reference (one autograd.grad per
+class and layer, create_graph=True), in float64."""
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import jacext
+from helpers import make_mlp
+
+WIDTHS = (6, 7, 5, 4)
+TOL = dict(rtol=1e-9, atol=1e-10)
+
+
+def hidden_states(model, x):
+    """h_0 = x, then the output of each activation, keeping the graph."""
+    hs, h = [x], x
+    for module in model:
+        h = module(h)
+        if not isinstance(module, nn.Linear):
+            hs.append(h)
+    return h, hs
+
+
+def reference_gradient_norms(score, hs, target, classes, layers, q, create_graph):
+    """||grad_{h_l}(f_y - f_j)||_q for each layer and class column: (len(layers), B, k)."""
+    rows = torch.arange(score.shape[0])
+    norms = []
+    for layer in layers:
+        per_class = []
+        for i in range(classes.shape[1]):
+            diff = score[rows, target] - score[rows, classes[:, i]]
+            (grad,) = torch.autograd.grad(diff.sum(), hs[layer], retain_graph=True, create_graph=create_graph)
+            per_class.append(grad.norm(p=q, dim=1))
+        norms.append(torch.stack(per_class, dim=1))
+    return norms
+
+
+def reference_scores(model, x, on):
+    logits, hs = hidden_states(model, x)
+    return logits, (torch.softmax(logits, 1) if on == "probs" else logits), hs
+
+
+def reference_loss(model, x, target, layers, gamma, alpha_factor, top_k, dist_norm, epsilon,
+                   use_approximation, worst_case_loss, layers_weights, on):
+    """The official TF code's formula, written out in torch autograd."""
+    logits, score, hs = reference_scores(model, x, on)
+    others = score.detach().clone()
+    others[torch.arange(len(target)), target] = -math.inf
+    classes = others.topk(top_k, dim=1).indices
+    rows = torch.arange(len(target))
+    diff = score[rows, target].unsqueeze(1) - score.gather(1, classes)
+    q = {1: math.inf, 2: 2, math.inf: 1}[dist_norm]
+    norms = reference_gradient_norms(score, hs, target, classes, layers, q, create_graph=True)
+    weights = layers_weights or [1.0] * len(layers)
+    losses = []
+    for norm, weight in zip(norms, weights):
+        norm = norm / weight
+        if use_approximation:
+            norm = norm.detach()
+        dist = diff / (norm + epsilon)
+        if worst_case_loss:
+            dist = dist.min(1, keepdim=True).values
+        loss = torch.clamp(dist, min=gamma * (1 - alpha_factor))
+        loss = torch.relu(gamma - loss) - gamma
+        losses.append(loss.sum(1).mean())
+    return torch.stack(losses).mean()
+
+
+def model_and_data(device, seed=0):
+    model = make_mlp(WIDTHS, nn.Tanh, device=device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(9, WIDTHS[0], generator=g, dtype=torch.float64).to(device)
+    target = torch.randint(0, WIDTHS[-1], (9,), generator=g).to(device)
+    return model, x, target
+
+
+OPTIONS = list(itertools.product(["probs", "logits"], [1, 2, math.inf], [1, 3], [True, False], [True, False]))
+
+
+@pytest.mark.parametrize("layers, layers_weights", [((0,), None), ((0, 1, 2), [1.0, 0.5, 2.0])], ids=["input", "all"])
+@pytest.mark.parametrize("on, dist_norm, top_k, worst_case_loss, use_approximation", OPTIONS,
+                         ids=["-".join(map(str, o)) for o in OPTIONS])
+def test_loss_and_gradients_match_autograd(on, dist_norm, top_k, worst_case_loss, use_approximation, layers,
+                                           layers_weights, device):
+    model, x, target = model_and_data(device)
+    # gamma in the range of the distances, so that both clips and the slope between them are hit
+    options = dict(layers=layers, gamma=0.3, alpha_factor=1.5, top_k=top_k, dist_norm=dist_norm, epsilon=1e-8,
+                   use_approximation=use_approximation, worst_case_loss=worst_case_loss,
+                   layers_weights=layers_weights, on=on)
+    params = list(model.parameters())
+    xg = x.clone().requires_grad_()
+    loss = jacext.large_margin_loss(model, xg, target, **options)
+    grads = torch.autograd.grad(loss, [xg] + params)
+    x_ref = x.clone().requires_grad_()
+    loss_ref = reference_loss(model, x_ref, target, **options)
+    grads_ref = torch.autograd.grad(loss_ref, [x_ref] + params)
+    torch.testing.assert_close(loss, loss_ref, **TOL)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, **TOL)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.parametrize("dist_norm", [1, 2, math.inf])
+@pytest.mark.parametrize("on", ["probs", "logits"])
+def test_distances_match_autograd(on, dist_norm, top_k, device):
+    model, x, target = model_and_data(device, seed=3)
+    layers = (0, 2, 1)
+    logits, dist = jacext.margin_distances(model, x, target, layers=layers, dist_norm=dist_norm, on=on, top_k=top_k)
+    x_ref = x.clone().requires_grad_()
+    logits_ref, score, hs = reference_scores(model, x_ref, on)
+    m = WIDTHS[-1]
+    if top_k is None:
+        classes = torch.arange(m, device=device).expand(len(target), m)
+    else:
+        others = score.detach().clone()
+        others[torch.arange(len(target)), target] = -math.inf
+        classes = others.topk(top_k, dim=1).indices
+    rows = torch.arange(len(target))
+    diff = score[rows, target].unsqueeze(1) - score.gather(1, classes)
+    q = {1: math.inf, 2: 2, math.inf: 1}[dist_norm]
+    norms = reference_gradient_norms(score, hs, target, classes, layers, q, create_graph=False)
+    expected = torch.stack([diff / (1e-8 + n) for n in norms], dim=1)
+    if top_k is None:
+        expected[rows, :, target] = math.inf
+    assert dist.shape == (len(target), len(layers), m if top_k is None else top_k)
+    torch.testing.assert_close(logits, logits_ref, **TOL)
+    torch.testing.assert_close(dist, expected.detach(), **TOL)
+
+
+def test_distances_are_differentiable_everywhere(device):
+    """The target's own column is inf; the other columns still pass finite gradients."""
+    model, x, target = model_and_data(device)
+    xg = x.clone().requires_grad_()
+    _, dist = jacext.margin_distances(model, xg, target, layers=(0, 1))
+    finite = dist[torch.isfinite(dist)]
+    (grad,) = torch.autograd.grad(finite.sum(), xg)
+    assert torch.isfinite(grad).all()
+
+
+def test_gradcheck_without_approximation():
+    model, x, target = model_and_data("cpu")
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss(x, *params):
+        return jacext.large_margin_loss(_with(model, names, params), x, target, layers=(0, 1), gamma=0.3,
+                                        alpha_factor=1.5, top_k=2, worst_case_loss=False, use_approximation=False)
+
+    inputs = [x.clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in model.parameters()]
+    assert torch.autograd.gradcheck(loss, inputs)
+
+
+def _with(model, names, params):
+    """A copy of `model` whose parameters are the given tensors (so gradcheck can perturb them)."""
+    clone = copy.deepcopy(model)
+    for name, p in zip(names, params):
+        module_name, attr = name.rsplit(".", 1)
+        module = clone.get_submodule(module_name)
+        delattr(module, attr)
+        setattr(module, attr, p)
+    return clone
+
+
+def test_module_form_equals_the_function(device):
+    model, x, target = model_and_data(device)
+    criterion = jacext.LargeMarginLoss(layers=(0, 1), gamma=0.3, top_k=2)
+    assert "top_k=2" in repr(criterion)
+    torch.testing.assert_close(criterion(model, x, target),
+                               jacext.large_margin_loss(model, x, target, layers=(0, 1), gamma=0.3, top_k=2))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(layers=(3,)), "layers must be"),
+    (dict(layers=()), "layers must be"),
+    (dict(layers=(0, 0)), "layers must be"),
+    (dict(dist_norm=3), "dist_norm"),
+    (dict(on="margins"), "on must be"),
+    (dict(top_k=4), "top_k"),
+    (dict(top_k=0), "top_k"),
+    (dict(layers_weights=[1.0, 2.0]), "layers_weights"),
+    (dict(gamma=-1.0), "gamma"),
+])
+def test_bad_options(kwargs, match):
+    model, x, target = model_and_data("cpu")
+    with pytest.raises(ValueError, match=match):
+        jacext.large_margin_loss(model, x, target, **kwargs)
+
+
+def test_bad_targets():
+    model, x, target = model_and_data("cpu")
+    with pytest.raises(ValueError, match="outside"):
+        jacext.large_margin_loss(model, x, target + 10)
+    with pytest.raises(ValueError, match="integer tensor"):
+        jacext.margin_distances(model, x, target.double())
+    with pytest.raises(ValueError, match="integer tensor"):
+        jacext.margin_distances(model, x, target[:3])
