@@ -1,6 +1,6 @@
 """Large-margin training (Elsayed et al. 2018) on the digits: the loss as one differentiable call.
 
-    python examples/large_margin_digits.py [--epochs 15] [--layers 0,1,2] [--gamma 2.0]
+    python examples/large_margin_digits.py [--epochs 20] [--layers 0,1,2] [--gamma 2.0]
 
 The usual PyTorch port of the paper loops over samples and classes with backward(retain_graph=True)
 and reads x.grad.data, which cuts the graph: the margin term then trains nothing. Here train() is a
@@ -45,7 +45,7 @@ def cross_entropy(model, x, y):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--layers", default="0,1,2", help="layers where the margin is enforced")
     parser.add_argument("--gamma", type=float, default=2.0)
     parser.add_argument("--top-k", type=int, default=3)
@@ -58,9 +58,9 @@ def main():
     for name, criterion in (("large margin", margin_loss), ("cross-entropy", cross_entropy)):
         torch.manual_seed(args.seed)
         model = jacext.MLP([64, 128, 128, 10], activation="tanh")
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         print(f"\n{name}:\n{'epoch':>5} {'train loss':>11} {'test acc':>9} {'mean margin':>12}")
-        for epoch in tqdm(range(1, args.epochs + 1), desc=name, leave=False):
+        for epoch in tqdm(range(1, args.epochs + 1), desc=name, leave=False, disable=None):  # no bar off a TTY
             loss = train(model, optimizer, criterion, x_train, y_train)
             accuracy, margin = evaluate(model, x_test, y_test)
             tqdm.write(f"{epoch:5} {loss:11.4f} {accuracy:9.3f} {margin:12.4f}")

@@ -49,13 +49,25 @@ def _check(spec, x, target, layers, dist_norm, on):
 
 
 def _layer_jacobians(spec, x, layers):
-    """logits (B, m) and J_l = dlogits/dh_l (B, m, n_l) for each layer."""
+    """logits (B, m) and J_l = dlogits/dh_l (B, m, n_l) for each layer, differentiable twice."""
     logits, jacobians = None, []
     for layer in layers:
         y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer)
         logits = y if logits is None else logits
         jacobians.append(jac)
     return logits, jacobians
+
+
+def _layer_jacobians_constant(spec, x, layers):
+    """The same Jacobians as constants (no graph), from one reverse sweep: the op's reverse carries
+    R^(l) = dy/dh_l for every l above the lowest layer are in its `saved` output (layout in
+    csrc/mlp_jacobian.h: d, act'', h_1..h_{L-1}, then R^(L-1), ..., R^(lowest))."""
+    depth, lowest = len(spec.weights), min(layers)
+    with torch.no_grad():
+        _, _, saved = torch.ops.jacext.mlp_jacobian(x, spec.weights, _ops.bias_tensors(spec.biases, spec.weights),
+                                                    spec.activations, spec.act_params, lowest, _ops.REVERSE)
+    carries = saved[3 * depth - 1:]
+    return [carries[depth - 1 - layer] for layer in layers]
 
 
 def _scores(logits, on):
@@ -150,8 +162,7 @@ def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequ
 
     if use_approximation:  # the norms are constants: no graph through the Jacobians
         logits = model(x)
-        with torch.no_grad():
-            _, jacobians = _layer_jacobians(spec, x, layers)
+        jacobians = _layer_jacobians_constant(spec, x, layers)
     else:
         logits, jacobians = _layer_jacobians(spec, x, layers)
     score, score_jacobian = _scores(logits, on)
