@@ -49,7 +49,7 @@ METHODS = ["jacext-auto", "jacext-reverse", "jacext-forward", "autograd-loop", "
 ESTIMATES = ("random-1proj", "jacext-hutchinson-1")
 
 
-def make_step(method, model, x, loop_outputs):
+def make_step(method, model, x, loop_outputs, max_memory=None):
     """The function that is timed, and the scale that turns its time into the method's time."""
     import jacext
     from torch.func import jacfwd, jacrev, vmap
@@ -61,10 +61,10 @@ def make_step(method, model, x, loop_outputs):
     scale = 1.0
     if method == "jacext-hutchinson-1":
         def penalty():
-            return jacext.jacobian_frobenius(model, x, method="hutchinson", n_proj=1)[1]
+            return jacext.jacobian_frobenius(model, x, method="hutchinson", n_proj=1, max_memory=max_memory)[1]
     elif method.startswith("jacext-"):
         def penalty():
-            return jacext.jacobian_frobenius(model, x, method=method.split("-")[1])[1]
+            return jacext.jacobian_frobenius(model, x, method=method.split("-")[1], max_memory=max_memory)[1]
     elif method == "vmap-jacrev":
         def penalty():
             return vmap(jacrev(per_sample))(x).pow(2).sum((1, 2))
@@ -183,7 +183,8 @@ def worker(case, widths, batch, method, args):
     if on_jax:
         step, scale = jax_step(method, model, x, args.device), 1.0
     else:
-        step, scale = make_step(method, model, x, args.loop_outputs)
+        budget = None if args.max_memory_mb is None else int(args.max_memory_mb * 2**20)
+        step, scale = make_step(method, model, x, args.loop_outputs, budget)
 
     step()  # warm-up: one-time allocations, lazy imports and JAX's compilation are not the method's
     if on_jax and args.device == "cuda":
@@ -211,7 +212,7 @@ def worker(case, widths, batch, method, args):
         "sq_mean": float(sq.double().mean()),
     }
     if method.startswith("jacext-"):
-        from jacext.planner import penalty_macs, resolve_strategy, strategy_name
+        from jacext.planner import penalty_macs, predicted_cost, resolve_strategy, strategy_name
 
         projections = 1 if method == "jacext-hutchinson-1" else 0
         strategy = resolve_strategy(method.split("-")[1], widths, batch=batch, projections=projections,
@@ -219,6 +220,8 @@ def worker(case, widths, batch, method, args):
         result["strategy"] = strategy_name(strategy)
         macs = penalty_macs(widths, batch, strategy, projections=projections)
         result["macs"] = macs
+        result["predicted_cost"] = predicted_cost(widths, batch, strategy, projections=projections)
+        result["max_memory_mb"] = args.max_memory_mb
         result["gflops_per_s"] = 2 * macs / median / 1e9
     print("RESULT " + json.dumps(result))
 
@@ -247,6 +250,8 @@ def print_table(machine, dtype, results):
         note = []
         if "strategy" in r:
             note.append(r["strategy"])
+            if r.get("max_memory_mb") is not None:
+                note.append(f"max_memory {r['max_memory_mb']:g} MiB")
         if r["scaled_from_outputs"]:
             note.append(f"{r['scaled_from_outputs']} of {r['widths'][-1]} outputs timed, time scaled, memory not")
         if r["method"] in ESTIMATES:
@@ -263,9 +268,10 @@ def print_table(machine, dtype, results):
 
 
 def cost_model(results):
-    """Per case, the planner's multiply-adds of each exact jacext row against its measured time. The
-    ranks are over distinct strategies, each timed by its fastest row; a flip is a pair of strategies
-    that the multiply-adds order one way and the times the other."""
+    """Per case, the planner's predicted cost (multiply-adds plus carried elements, what it minimizes)
+    of each exact jacext row against its measured time. The ranks are over distinct strategies, each
+    timed by its fastest row; a flip is a pair of strategies that the prediction orders one way and
+    the times the other."""
     model = {}
     for case in dict.fromkeys(r["case"] for r in results):
         rows = [r for r in results if r["case"] == case and "macs" in r and r["method"] not in ESTIMATES]
@@ -285,11 +291,13 @@ def cost_model(results):
 
         flips = [f"{fast['strategy']} measured {faster(fast, slow)} faster than "
                  f"{slow['strategy']} ({fast['median_s'] * 1e3:.1f} vs {slow['median_s'] * 1e3:.1f} ms) "
-                 f"but predicted {fast['macs'] / slow['macs']:.3g}x the multiply-adds"
-                 for i, fast in enumerate(strategies) for slow in strategies[i + 1:] if fast["macs"] > slow["macs"]]
+                 f"but predicted {fast['predicted_cost'] / slow['predicted_cost']:.3g}x the cost"
+                 for i, fast in enumerate(strategies) for slow in strategies[i + 1:]
+                 if fast["predicted_cost"] > slow["predicted_cost"]]
         model[case] = {"rows": [{"method": r["method"], "strategy": r["strategy"], "macs": r["macs"],
+                                 "predicted_cost": r["predicted_cost"],
                                  "median_s": r["median_s"], "gflops_per_s": r["gflops_per_s"],
-                                 "predicted_rank": rank(r["strategy"], lambda s: s["macs"]),
+                                 "predicted_rank": rank(r["strategy"], lambda s: s["predicted_cost"]),
                                  "measured_rank": rank(r["strategy"], lambda s: s["median_s"])}
                                 for r in rows],
                        "agrees": not flips, "flips": flips}
@@ -297,15 +305,16 @@ def cost_model(results):
 
 
 def print_cost_model(model):
-    print("\ncost model (jacext.planner.penalty_macs) vs measured; ranks over distinct strategies, "
-          "each timed by its fastest row\n")
-    header = (f"{'case':5} {'method':20} {'strategy':24} {'G mult-adds':>11} {'median ms':>11} {'GFLOP/s':>8} "
-              f"{'pred rank':>9} {'meas rank':>9}")
+    print("\ncost model (jacext.planner.predicted_cost: multiply-adds + carried elements) vs measured; ranks "
+          "over distinct strategies, each timed by its fastest row\n")
+    header = (f"{'case':5} {'method':20} {'strategy':24} {'G mult-adds':>11} {'G cost':>9} {'median ms':>11} "
+              f"{'GFLOP/s':>8} {'pred rank':>9} {'meas rank':>9}")
     print(header)
     print("-" * len(header))
     for case, entry in model.items():
         for r in entry["rows"]:
-            print(f"{case:5} {r['method']:20} {r['strategy']:24} {r['macs'] / 1e9:11.4g} {r['median_s'] * 1e3:11.1f} "
+            print(f"{case:5} {r['method']:20} {r['strategy']:24} {r['macs'] / 1e9:11.4g} "
+                  f"{r['predicted_cost'] / 1e9:9.4g} {r['median_s'] * 1e3:11.1f} "
                   f"{r['gflops_per_s']:8.1f} {r['predicted_rank']:9} {r['measured_rank']:9}")
     print()
     for case, entry in model.items():
@@ -319,6 +328,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="P1,P2,P3,P1b,P4", help="comma-separated names from " + ",".join(CASES))
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--max-memory-mb", type=float, default=None,
+                        help="max_memory (MiB) for the jacext rows (default: jacext's default budget)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timed runs per method")
@@ -358,6 +369,8 @@ def main():
             command = [sys.executable, os.path.abspath(__file__), "--worker", name, method,
                        "--device", args.device, "--dtype", args.dtype,
                        "--min-run-time", str(args.min_run_time), "--loop-outputs", str(args.loop_outputs)]
+            if args.max_memory_mb is not None:
+                command += ["--max-memory-mb", str(args.max_memory_mb)]
             if args.smoke:
                 command.append("--smoke")
             run = subprocess.run(command, capture_output=True, text=True)

@@ -107,9 +107,12 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timed runs per method")
     parser.add_argument("--loop-samples", type=int, default=2, help="samples timed for seed-loop")
+    parser.add_argument("--layers", default=None, help="comma-separated layers (default 0,1,2)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/margin_<device>[_smoke].json)")
     args = parser.parse_args()
-    case = SMOKE_CASE if args.smoke else CASE
+    case = dict(SMOKE_CASE if args.smoke else CASE)
+    if args.layers is not None:
+        case["layers"] = tuple(int(l) for l in args.layers.split(","))
     if args.smoke:
         args.min_run_time = min(args.min_run_time, 0.2)
 
