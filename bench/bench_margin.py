@@ -23,10 +23,10 @@ import platform
 import sys
 
 import torch
-from torch import nn
 from torch.utils import benchmark
 
 import jacext
+from jacext.reference import hidden_states, large_margin_loss_ref, margin_classes_ref
 
 CASE = dict(widths=[784, 512, 512, 10], batch=128, layers=(0, 1, 2), top_k=9)
 SMOKE_CASE = dict(widths=[12, 9, 9, 5], batch=6, layers=(0, 1, 2), top_k=3)
@@ -41,34 +41,16 @@ def margin_terms(dist, gamma=GAMMA, alpha_factor=ALPHA):
     return (torch.relu(gamma - torch.clamp(worst, min=gamma * (1 - alpha_factor))) - gamma).sum(1).mean()
 
 
-def hidden_states(model, x):
-    hs, h = [x], x
-    for module in model:
-        h = module(h)
-        if not isinstance(module, nn.Linear):
-            hs.append(h)
-    return h, hs
-
-
-def autograd_loss(model, x, target, layers, top_k, q, samples=None):
-    """The loss by autograd: one grad per class and layer over the batch (samples=None), or per
-    sample, class and layer for the given samples (the seed's loop)."""
+def seed_loop_loss(model, x, target, layers, top_k, q, samples):
+    """The loss by the seed's loop: one autograd.grad per sample, class and layer, for `samples`."""
     logits, hs = hidden_states(model, x.requires_grad_())
-    score = torch.softmax(logits, 1)
-    others = score.detach().scatter(1, target.view(-1, 1), -math.inf)
-    classes = others.topk(top_k, dim=1).indices
-    diff = score.gather(1, target.view(-1, 1)) - score.gather(1, classes)
+    _, diff = margin_classes_ref(torch.softmax(logits, 1), target, top_k)
     losses = []
     for layer in layers:
-        if samples is None:
-            norms = torch.stack([torch.autograd.grad(diff[:, i].sum(), hs[layer], create_graph=True)[0].norm(p=q, dim=1)
-                                 for i in range(top_k)], dim=1)
-            losses.append(margin_terms(diff / (norms + 1e-8)))
-        else:
-            norms = torch.stack([torch.stack([
-                torch.autograd.grad(diff[b, i], hs[layer], create_graph=True)[0][b].norm(p=q)
-                for i in range(top_k)]) for b in samples])
-            losses.append(margin_terms(diff[samples] / (norms + 1e-8)))
+        norms = torch.stack([torch.stack([
+            torch.autograd.grad(diff[b, i], hs[layer], create_graph=True)[0][b].norm(p=q)
+            for i in range(top_k)]) for b in samples])
+        losses.append(margin_terms(diff[samples] / (norms + 1e-8)))
     return torch.stack(losses).mean()
 
 
@@ -82,13 +64,15 @@ def make_step(method, model, x, target, layers, top_k, dist_norm, loop_samples):
         scale = 1.0
     elif method == "autograd-batch":
         def loss():
-            return autograd_loss(model, x.detach().clone(), target, layers, top_k, q)
+            return large_margin_loss_ref(model, x.detach().clone().requires_grad_(), target, layers, GAMMA, ALPHA,
+                                         top_k, dist_norm, 1e-8, use_approximation=False, worst_case_loss=True,
+                                         layers_weights=None, on="probs")
         scale = 1.0
     else:
         samples = list(range(min(loop_samples, x.shape[0])))
 
         def loss():
-            return autograd_loss(model, x.detach().clone(), target, layers, top_k, q, samples)
+            return seed_loop_loss(model, x.detach().clone(), target, layers, top_k, q, samples)
         scale = x.shape[0] / len(samples)
 
     params = list(model.parameters())

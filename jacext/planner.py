@@ -192,11 +192,6 @@ def batch_chunk(widths: Sequence[int], batch, strategy: Strategy, element_size: 
     return max(1, min(batch, (max_memory - fixed) // max(per_sample, 1)))
 
 
-def gram1_applies(widths: Sequence[int], output_linear: bool) -> bool:
-    """The one-hidden-layer Gram formula needs J = W_2 D_1 W_1: two layers, no output activation."""
-    return len(widths) == 3 and output_linear
-
-
 def applicable(strategy: int, widths: Sequence[int], layer: int = 0, frobenius: bool = True,
                projections: int = 0, output_linear: bool = False) -> bool:
     """Whether the op can run `strategy` for this request (the checks of csrc/mlp_jacobian.h)."""
@@ -210,7 +205,8 @@ def applicable(strategy: int, widths: Sequence[int], layer: int = 0, frobenius: 
     if strategy == FORWARD_GRAM:
         return norm_of_input_jacobian and len(widths) >= 3 and output_linear and not projections
     if strategy == GRAM1:
-        return norm_of_input_jacobian and gram1_applies(widths, output_linear) and not projections
+        # J = W_2 D_1 W_1: two layers, no output activation
+        return norm_of_input_jacobian and len(widths) == 3 and output_linear and not projections
     raise ValueError(f"unknown strategy {strategy}")
 
 

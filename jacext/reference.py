@@ -3,10 +3,15 @@
 - The torch.func references (vmap of jacrev) that the tests compare against.
 - The composite formula (torch ops only, so autograd differentiates it to any order) that the
   backward op's own backward uses: the double backward of every jacext op.
+- The large-margin loss written out with one autograd.grad per class and layer: the tests'
+  reference and the benchmark's batched-autograd peer.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 from torch.func import jacrev, vmap
 
 from .activations import activation_derivative, activation_value
@@ -68,3 +73,62 @@ def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biase
     cotangents = tuple(torch.zeros_like(o) if g is None else g
                        for g, o in zip((grad_y, grad_sq, grad_jac), (y, sq, jac)))
     return vjp(cotangents)
+
+
+def hidden_states(model, x):
+    """(output, [h_0 = x, then the output of each activation]) of an nn.Sequential, keeping the
+    graph (x must require grad for gradients w.r.t. h_0)."""
+    hs, h = [x], x
+    for module in model:
+        h = module(h)
+        if not isinstance(module, nn.Linear):
+            hs.append(h)
+    return h, hs
+
+
+def margin_classes_ref(score, target, top_k=None):
+    """(classes, f_y - f_j): all m classes (top_k=None), or the top_k others by score."""
+    rows = torch.arange(len(target))
+    if top_k is None:
+        classes = torch.arange(score.shape[1], device=score.device).expand(len(target), -1)
+    else:
+        others = score.detach().clone()
+        others[rows, target] = -math.inf
+        classes = others.topk(top_k, dim=1).indices
+    return classes, score[rows, target].unsqueeze(1) - score.gather(1, classes)
+
+
+def margin_gradient_norms_ref(score, hs, target, classes, layers, q, create_graph):
+    """||grad_{h_l}(f_y - f_j)||_q for each layer and class column, one autograd.grad each:
+    a list over layers of (B, k)."""
+    rows = torch.arange(score.shape[0])
+    norms = []
+    for layer in layers:
+        per_class = []
+        for i in range(classes.shape[1]):
+            diff = score[rows, target] - score[rows, classes[:, i]]
+            (grad,) = torch.autograd.grad(diff.sum(), hs[layer], retain_graph=True, create_graph=create_graph)
+            per_class.append(grad.norm(p=q, dim=1))
+        norms.append(torch.stack(per_class, dim=1))
+    return norms
+
+
+def large_margin_loss_ref(model, x, target, layers, gamma, alpha_factor, top_k, dist_norm, epsilon,
+                          use_approximation, worst_case_loss, layers_weights, on):
+    """The official TF code's large-margin formula in plain autograd (x must require grad)."""
+    logits, hs = hidden_states(model, x)
+    score = torch.softmax(logits, 1) if on == "probs" else logits
+    classes, diff = margin_classes_ref(score, target, top_k)
+    q = {1: math.inf, 2: 2, math.inf: 1}[dist_norm]
+    norms = margin_gradient_norms_ref(score, hs, target, classes, layers, q, create_graph=True)
+    losses = []
+    for norm, weight in zip(norms, layers_weights or [1.0] * len(layers)):
+        norm = norm / weight
+        if use_approximation:
+            norm = norm.detach()
+        dist = diff / (norm + epsilon)
+        if worst_case_loss:
+            dist = dist.min(1, keepdim=True).values
+        loss = torch.relu(gamma - torch.clamp(dist, min=gamma * (1 - alpha_factor))) - gamma
+        losses.append(loss.sum(1).mean())
+    return torch.stack(losses).mean()

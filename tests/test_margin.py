@@ -9,65 +9,12 @@ import torch
 from torch import nn
 
 import jacext
+from jacext.reference import (hidden_states, large_margin_loss_ref, margin_classes_ref,
+                              margin_gradient_norms_ref)
 from helpers import make_mlp
 
 WIDTHS = (6, 7, 5, 4)
 TOL = dict(rtol=1e-9, atol=1e-10)
-
-
-def hidden_states(model, x):
-    """h_0 = x, then the output of each activation, keeping the graph."""
-    hs, h = [x], x
-    for module in model:
-        h = module(h)
-        if not isinstance(module, nn.Linear):
-            hs.append(h)
-    return h, hs
-
-
-def reference_gradient_norms(score, hs, target, classes, layers, q, create_graph):
-    """||grad_{h_l}(f_y - f_j)||_q for each layer and class column: (len(layers), B, k)."""
-    rows = torch.arange(score.shape[0])
-    norms = []
-    for layer in layers:
-        per_class = []
-        for i in range(classes.shape[1]):
-            diff = score[rows, target] - score[rows, classes[:, i]]
-            (grad,) = torch.autograd.grad(diff.sum(), hs[layer], retain_graph=True, create_graph=create_graph)
-            per_class.append(grad.norm(p=q, dim=1))
-        norms.append(torch.stack(per_class, dim=1))
-    return norms
-
-
-def reference_scores(model, x, on):
-    logits, hs = hidden_states(model, x)
-    return logits, (torch.softmax(logits, 1) if on == "probs" else logits), hs
-
-
-def reference_loss(model, x, target, layers, gamma, alpha_factor, top_k, dist_norm, epsilon,
-                   use_approximation, worst_case_loss, layers_weights, on):
-    """The official TF code's formula, written out in torch autograd."""
-    logits, score, hs = reference_scores(model, x, on)
-    others = score.detach().clone()
-    others[torch.arange(len(target)), target] = -math.inf
-    classes = others.topk(top_k, dim=1).indices
-    rows = torch.arange(len(target))
-    diff = score[rows, target].unsqueeze(1) - score.gather(1, classes)
-    q = {1: math.inf, 2: 2, math.inf: 1}[dist_norm]
-    norms = reference_gradient_norms(score, hs, target, classes, layers, q, create_graph=True)
-    weights = layers_weights or [1.0] * len(layers)
-    losses = []
-    for norm, weight in zip(norms, weights):
-        norm = norm / weight
-        if use_approximation:
-            norm = norm.detach()
-        dist = diff / (norm + epsilon)
-        if worst_case_loss:
-            dist = dist.min(1, keepdim=True).values
-        loss = torch.clamp(dist, min=gamma * (1 - alpha_factor))
-        loss = torch.relu(gamma - loss) - gamma
-        losses.append(loss.sum(1).mean())
-    return torch.stack(losses).mean()
 
 
 def model_and_data(device, seed=0):
@@ -96,7 +43,7 @@ def test_loss_and_gradients_match_autograd(on, dist_norm, top_k, worst_case_loss
     loss = jacext.large_margin_loss(model, xg, target, **options)
     grads = torch.autograd.grad(loss, [xg] + params)
     x_ref = x.clone().requires_grad_()
-    loss_ref = reference_loss(model, x_ref, target, **options)
+    loss_ref = large_margin_loss_ref(model, x_ref, target, **options)
     grads_ref = torch.autograd.grad(loss_ref, [x_ref] + params)
     torch.testing.assert_close(loss, loss_ref, **TOL)
     for g, g_ref in zip(grads, grads_ref):
@@ -111,21 +58,16 @@ def test_distances_match_autograd(on, dist_norm, top_k, device):
     layers = (0, 2, 1)
     logits, dist = jacext.margin_distances(model, x, target, layers=layers, dist_norm=dist_norm, on=on, top_k=top_k)
     x_ref = x.clone().requires_grad_()
-    logits_ref, score, hs = reference_scores(model, x_ref, on)
-    m = WIDTHS[-1]
-    if top_k is None:
-        classes = torch.arange(m, device=device).expand(len(target), m)
-    else:
-        others = score.detach().clone()
-        others[torch.arange(len(target)), target] = -math.inf
-        classes = others.topk(top_k, dim=1).indices
-    rows = torch.arange(len(target))
-    diff = score[rows, target].unsqueeze(1) - score.gather(1, classes)
+    logits_ref, hs = hidden_states(model, x_ref)
+    score = torch.softmax(logits_ref, 1) if on == "probs" else logits_ref
+    classes, diff = margin_classes_ref(score, target, top_k)
     q = {1: math.inf, 2: 2, math.inf: 1}[dist_norm]
-    norms = reference_gradient_norms(score, hs, target, classes, layers, q, create_graph=False)
+    norms = margin_gradient_norms_ref(score, hs, target, classes, layers, q, create_graph=False)
     expected = torch.stack([diff / (1e-8 + n) for n in norms], dim=1)
     if top_k is None:
+        rows = torch.arange(len(target))
         expected[rows, :, target] = math.inf
+    m = WIDTHS[-1]
     assert dist.shape == (len(target), len(layers), m if top_k is None else top_k)
     torch.testing.assert_close(logits, logits_ref, **TOL)
     torch.testing.assert_close(dist, expected.detach(), **TOL)
