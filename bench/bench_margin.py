@@ -3,7 +3,7 @@
 All methods compute the same loss (use_approximation=False: the gradient norms' own gradient
 flows, a double backward) and its gradient w.r.t. every parameter, in one run:
 
-  jacext          jacext.large_margin_loss: one Jacobian op per layer, every class row at once,
+  jacext          jacext.large_margin_loss: one reverse sweep for all layers, every class row at once,
                   the norms from J J^T (q = 2) or from the k needed rows (q = inf)
   autograd-batch  one autograd.grad(create_graph=True) per class and layer over the whole batch
   seed-loop       one autograd.grad(create_graph=True) per sample, class and layer (the seed

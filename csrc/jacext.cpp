@@ -24,11 +24,14 @@ TORCH_LIBRARY(jacext, m) {
       "mlp_jacobian(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
       "float[] act_params, int layer, int strategy) -> (Tensor y, Tensor jac, "
       "Tensor[] saved)");
-  // Gradients of sum(grad_y*y) + sum(grad_sq*sq) + sum(grad_jac*jac) w.r.t. x, weights, biases.
+  // Gradients of sum(grad_y*y) + sum(grad_sq*sq) + sum(grad_jac*jac) + sum(grad_carries*carries)
+  // w.r.t. x, weights, biases. grad_carries: for mlp_jacobian's reverse strategy, gradients
+  // w.r.t. the carries in `saved` (dy/dh_i for i = L-1 down to layer; an empty tensor for none),
+  // or an empty list.
   m.def(
       "mlp_jacobian_backward(Tensor? grad_y, Tensor? grad_sq, Tensor? grad_jac, Tensor x, "
       "Tensor[] weights, Tensor[] biases, int[] activations, float[] act_params, int layer, "
-      "int strategy, Tensor[] saved, Tensor? projections=None) -> (Tensor grad_x, "
+      "int strategy, Tensor[] saved, Tensor[] grad_carries, Tensor? projections=None) -> (Tensor grad_x, "
       "Tensor[] grad_weights, "
       "Tensor[] grad_biases)");
 }

@@ -244,8 +244,11 @@ struct MLPJacobian {
   // Adjoint sweep: given the adjoint of the final carry (for the Gram epilogues: of S, with the
   // Gram's weight gradient already set), accumulate the adjoints of d[layer..] (into adj_d) and of the
   // weights (into grad_w). `adj` must be a temporary of the caller's: it is scaled in place.
+  // carry_grads (reverse only; empty, or one per carry in cs's order, an empty tensor for none):
+  // gradients w.r.t. the intermediate carries R^(i) = dy/dh_i, added as the sweep passes them.
   void carry_backward(Tensor adj, const std::vector<Tensor>& cs, const std::vector<Tensor>& ds,
-                      std::vector<Tensor>& adj_d, std::vector<Tensor>& grad_w) const {
+                      std::vector<Tensor>& adj_d, std::vector<Tensor>& grad_w,
+                      at::TensorList carry_grads = {}) const {
     const int64_t L = depth(), B = ds[0].size(0);
     auto flat = [](const Tensor& t) { return t.reshape({-1, t.size(2)}); };
     if (!forward_mode()) {
@@ -260,6 +263,7 @@ struct MLPJacobian {
         }
         adj_d[i] = Kernels::rowwise_dot(r_next, adj_s);
         adj = adj_s.mul_(ds[i].unsqueeze(1));  // adj_s is this sweep's own temporary
+        if (!carry_grads.empty() && carry_grads[L - 2 - i].numel()) adj.add_(carry_grads[L - 2 - i]);
       }
       if (projections.defined()) {  // R^(L-1) = (V * d[L-1]) W[L-1]
         Tensor vd = projections * ds[L - 1].unsqueeze(1);
@@ -364,7 +368,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
     const std::optional<Tensor>& grad_y, const std::optional<Tensor>& grad_sq,
     const std::optional<Tensor>& grad_jac, const Tensor& x, at::TensorList weights,
     at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
-    int64_t layer, int64_t strategy, at::TensorList saved,
+    int64_t layer, int64_t strategy, at::TensorList saved, at::TensorList grad_carries,
     const std::optional<Tensor>& projections) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy,
@@ -387,6 +391,21 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
               "jacext: strategies 2, 3 and 4 (Gram) never form J, so J has no gradient");
   TORCH_CHECK(!net.projections.defined() || !has_jac,
               "jacext: with projections the op returns norms only, so J has no gradient");
+  // grad_carries: gradients w.r.t. the reverse carries R^(L-1), ..., R^(layer) (= dy/dh_i, the
+  // Jacobians at the layers above `layer`), an empty tensor for none; an empty list for none at all.
+  bool has_carries = false;
+  if (!grad_carries.empty()) {
+    TORCH_CHECK(strategy == kReverse && !net.projections.defined(),
+                "jacext: carry gradients need strategy 0 (reverse) without projections");
+    TORCH_CHECK(static_cast<int64_t>(grad_carries.size()) == n_carries, "jacext: expected ", n_carries,
+                " carry gradients (an empty tensor for none), got ", grad_carries.size());
+    for (const auto j : c10::irange(n_carries)) {
+      if (!grad_carries[j].numel()) continue;
+      TORCH_CHECK(grad_carries[j].sizes() == cs[j].sizes(), "jacext: carry gradient ", j,
+                  " must have shape ", cs[j].sizes(), ", got ", grad_carries[j].sizes());
+      has_carries = true;
+    }
+  }
   // grad_sq is (B) for the norm of J, (B, k) for the norms of the k projected rows.
   Tensor g;
   if (has_sq) g = net.projections.defined() ? grad_sq->unsqueeze(2) : grad_sq->view({-1, 1, 1});
@@ -405,16 +424,17 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
     Tensor s = net.gram_input(cs, ds);
     grad_w[net.strategy == kReverseGram ? 0 : L - 1] = net.gram_weight_grad(s, g);
     net.carry_backward(p * (2 * g), cs, ds, adj_d, grad_w);
-  } else if (has_sq || has_jac) {
+  } else if (has_sq || has_jac || has_carries) {
+    // The adjoint of the final carry, a fresh tensor (carry_backward scales it in place).
     Tensor adj;
-    if (has_sq) {
-      adj = net.final_carry(cs, ds) * (2 * g);
-    }
-    if (has_jac) {
-      Tensor g = net.forward_mode() ? grad_jac->transpose(1, 2) : *grad_jac;
-      adj = adj.defined() ? adj + g : g.clone(at::MemoryFormat::Contiguous);
-    }
-    net.carry_backward(adj, cs, ds, adj_d, grad_w);
+    auto accumulate = [&adj](const Tensor& term) {
+      adj = adj.defined() ? adj.add_(term) : term.clone(at::MemoryFormat::Contiguous);
+    };
+    if (has_sq) adj = net.final_carry(cs, ds) * (2 * g);
+    if (has_jac) accumulate(net.forward_mode() ? grad_jac->transpose(1, 2) : *grad_jac);
+    if (has_carries && grad_carries.back().numel()) accumulate(grad_carries.back());
+    if (!adj.defined()) adj = at::zeros_like(cs.back());
+    net.carry_backward(adj, cs, ds, adj_d, grad_w, has_carries ? grad_carries : at::TensorList());
   }
 
   Tensor grad_h = grad_y.has_value() && grad_y->defined() ? *grad_y : at::zeros_like(ds.back());

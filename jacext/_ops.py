@@ -16,7 +16,7 @@ from .planner import (FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, Split
                       default_memory_budget, resolve_strategy, saved_shapes)
 from .reference import mlp_jacobian_backward_composite
 
-__all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "resolve_strategy", "REVERSE", "FORWARD",
+__all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "mlp_jacobians", "resolve_strategy", "REVERSE", "FORWARD",
            "REVERSE_GRAM", "GRAM1", "FORWARD_GRAM"]
 
 _ops = torch.ops.jacext
@@ -45,7 +45,7 @@ def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy)
 
 @torch.library.register_fake("jacext::mlp_jacobian_backward")
 def _backward_fake(grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-                   strategy, saved, projections=None):
+                   strategy, saved, grad_carries, projections=None):
     return (torch.empty_like(x), [w.new_empty(w.shape) for w in weights],
             [w.new_empty(w.shape[0]) for w in weights])
 
@@ -56,7 +56,7 @@ def bias_tensors(biases, weights):
 
 
 def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, saved,
-                  projections=None):
+                  projections=None, differentiable_carries=False):
     # An unused output's gradient stays None: zero-filling the (large) saved carries would cost a
     # full memory pass each, and the backward op takes None for grad_y, grad_sq and grad_jac.
     ctx.set_materialize_grads(False)
@@ -65,7 +65,10 @@ def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strat
     ctx.bias_present = [b.numel() > 0 for b in biases]
     ctx.has_projections = projections is not None
     ctx.save_for_backward(x, *weights, *biases, *([projections] if ctx.has_projections else []), *saved)
-    ctx.mark_non_differentiable(*saved)
+    # saved = d, d2, h_1..h_{L-1}, then the carries; reverse carries are the Jacobians dy/dh_i
+    # above `layer` and may be differentiated (mlp_jacobians), everything else is internal.
+    ctx.carries_start = 3 * len(weights) - 1
+    ctx.mark_non_differentiable(*(saved[:ctx.carries_start] if differentiable_carries else saved))
 
 
 def _load_forward(ctx):
@@ -76,12 +79,17 @@ def _load_forward(ctx):
     return x, weights, biases, rest, projections
 
 
-def _backward_via_op(ctx, grad_y, grad_sq, grad_jac):
+def _backward_via_op(ctx, grad_y, grad_sq, grad_jac, grad_saved=None):
     x, weights, biases, saved, projections = _load_forward(ctx)
     activations, act_params, layer, strategy = ctx.config
+    grad_carries = [] if grad_saved is None else grad_saved[ctx.carries_start:]
+    if all(g is None for g in grad_carries):
+        grad_carries = []
+    else:  # the op takes an empty tensor for a carry without gradient
+        grad_carries = [x.new_empty(0) if g is None else g for g in grad_carries]
     grad_x, grad_w, grad_b = _ops.mlp_jacobian_backward(
         grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-        strategy, saved, projections)
+        strategy, saved, grad_carries, projections)
     grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
     return grad_x, list(grad_w), grad_b
 
@@ -101,15 +109,17 @@ def _frobenius_backward(ctx, grad_y, grad_sq, grad_saved):
 
 def _jacobian_setup(ctx, inputs, output):
     x, weights, biases, activations, act_params, layer, strategy = inputs
-    _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, output[2])
+    _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, output[2],
+                  differentiable_carries=strategy == REVERSE)
 
 
 def _jacobian_backward(ctx, grad_y, grad_jac, grad_saved):
-    return (*_backward_via_op(ctx, grad_y, None, grad_jac), None, None, None, None)
+    return (*_backward_via_op(ctx, grad_y, None, grad_jac, grad_saved), None, None, None, None)
 
 
 def _backward_setup(ctx, inputs, output):
-    grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer, _, saved, projections = inputs
+    (grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer, _, saved, grad_carries,
+     projections) = inputs
     ctx.n_trailing = 0 if projections is None else 1  # as in _frobenius_setup
     ctx.projections = projections  # random draws, held constant: not differentiated
     ctx.config = (list(activations), list(act_params), layer)
@@ -117,13 +127,15 @@ def _backward_setup(ctx, inputs, output):
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
     ctx.grad_present = [g is not None for g in (grad_y, grad_sq, grad_jac)]
-    ctx.save_for_backward(*[g for g in (grad_y, grad_sq, grad_jac) if g is not None], x, *weights,
+    ctx.carry_grad_present = [g.numel() > 0 for g in grad_carries]
+    ctx.save_for_backward(*[g for g in (grad_y, grad_sq, grad_jac) if g is not None],
+                          *[g for g in grad_carries if g.numel() > 0], x, *weights,
                           *[b for b, present in zip(biases, ctx.bias_present) if present])
 
 
 def _backward_backward(ctx, gg_x, gg_w, gg_b):
     tensors = iter(ctx.saved_tensors)
-    present_grads = [next(tensors) for present in ctx.grad_present if present]
+    present_grads = [next(tensors) for present in ctx.grad_present + ctx.carry_grad_present if present]
     x = next(tensors)
     weights = [next(tensors) for _ in range(ctx.n_layers)]
     present_biases = list(tensors)
@@ -132,9 +144,11 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
     def composite(present_grads, x, weights, present_biases):
         grads, biases = iter(present_grads), iter(present_biases)
         grad_y, grad_sq, grad_jac = [next(grads) if p else None for p in ctx.grad_present]
+        grad_carries = [next(grads) if p else None for p in ctx.carry_grad_present]
         full_biases = [next(biases) if p else None for p in ctx.bias_present]
         return mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, full_biases,
-                                               activations, act_params, layer, ctx.projections)
+                                               activations, act_params, layer, ctx.projections,
+                                               grad_carries)
 
     outputs, vjp = torch.func.vjp(composite, present_grads, x, weights, present_biases)
     gg_b_present = [g for g, present in zip(gg_b, ctx.bias_present) if present]
@@ -146,10 +160,11 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
     g_grads, g_x, g_w, g_b = vjp(cotangents)
     g_grads, g_b = iter(g_grads), iter(g_b)
     grads_out = [next(g_grads) if present else None for present in ctx.grad_present]
+    g_carries = [next(g_grads) if present else None for present in ctx.carry_grad_present]
     g_biases = [next(g_b) if present else None for present in ctx.bias_present]
     # No gradient flows into `saved`: the composite differentiates through x, weights and biases.
     return (*grads_out, g_x, list(g_w), g_biases, None, None, None, None, [None] * ctx.n_saved,
-            *[None] * ctx.n_trailing)
+            g_carries, *[None] * ctx.n_trailing)
 
 
 torch.library.register_autograd("jacext::mlp_jacobian_frobenius", _frobenius_backward,
@@ -249,3 +264,19 @@ def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
     y, jac, _ = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
                                   layer, strategy)
     return y, jac
+
+
+def mlp_jacobians(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                  biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
+                  act_params=None, layers: Sequence[int] = (0,)):
+    """(y, [J_l for l in layers]): the Jacobians dy/dh_l at several layers from one reverse sweep
+    (the sweep down to the lowest layer passes every layer above it), each differentiable twice."""
+    codes, params = _normalize_activations(activations, act_params, len(weights))
+    layers = list(layers)
+    depth = len(weights)
+    if not layers or any(not isinstance(l, int) or not 0 <= l < depth for l in layers):
+        raise ValueError(f"layers must be a non-empty list of integers in [0, {depth - 1}], got {layers}")
+    y, _, saved = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
+                                    min(layers), REVERSE)
+    carries = saved[3 * depth - 1:]  # dy/dh_i for i = L-1 down to min(layers)
+    return y, [carries[depth - 1 - l] for l in layers]

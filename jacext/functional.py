@@ -1,6 +1,8 @@
 """The model-level API: pass an nn.Sequential (or jacext.MLP) and a batch."""
 from __future__ import annotations
 
+from typing import Sequence, Union
+
 import torch
 
 from . import _ops
@@ -102,12 +104,17 @@ def _hutchinson(spec, x, n_proj, generator, distribution, orthogonal, return_var
     return y, sq
 
 
-def jacobian(model, x: torch.Tensor, layer: int = 0) -> torch.Tensor:
+def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0):
     """J (B, m, n_layer): J[b] = d model(x)_b / d h_layer,b, where h_0 = x and h_l is the output
-    of the l-th Linear's activation. Differentiable twice."""
+    of the l-th Linear's activation. Differentiable twice.
+
+    With a sequence of layers, the list of their Jacobians, from one reverse sweep down to the
+    lowest (it passes every layer above: one op instead of one per layer)."""
     spec = parse_model(model)
     _check_input(spec, x)
-    return _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer)[1]
+    if isinstance(layer, int):
+        return _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer)[1]
+    return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layer)[1]
 
 
 def jacobian_gram(model, x: torch.Tensor, layer: int = 0) -> torch.Tensor:

@@ -4,7 +4,7 @@ Classification") on jacext's layer Jacobians.
 The distance of sample b to the boundary between its class y and class j, measured at layer l, is
 (f_y - f_j) / (eps + ||grad_{h_l}(f_y - f_j)||_q), q the dual of the distance norm, f the softmax
 probabilities (as the official code) or the logits. Every gradient is a row combination of the
-layer Jacobian J = df/dh_l (one Jacobian op per layer, differentiable twice): with u = e_y - e_j
+layer Jacobian J = df/dh_l (all layers from one reverse sweep, differentiable twice): with u = e_y - e_j
 (logits) or u = S_y - S_j (probabilities, S = diag(s) - s s^T the softmax Jacobian),
 grad(f_y - f_j) = u^T J. For q = 2 its norm is u^T (J J^T) u, from the m x m Gram matrix, with no
 per-class gradient formed; for q = 1 or inf only the needed rows u^T J are formed."""
@@ -49,25 +49,12 @@ def _check(spec, x, target, layers, dist_norm, on):
 
 
 def _layer_jacobians(spec, x, layers):
-    """logits (B, m) and J_l = dlogits/dh_l (B, m, n_l) for each layer, differentiable twice."""
-    logits, jacobians = None, []
-    for layer in layers:
-        y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer)
-        logits = y if logits is None else logits
-        jacobians.append(jac)
-    return logits, jacobians
-
-
-def _layer_jacobians_constant(spec, x, layers):
-    """The same Jacobians as constants (no graph), from one reverse sweep: the op's reverse carries
-    R^(l) = dy/dh_l for every l above the lowest layer are in its `saved` output (layout in
-    csrc/mlp_jacobian.h: d, act'', h_1..h_{L-1}, then R^(L-1), ..., R^(lowest))."""
-    depth, lowest = len(spec.weights), min(layers)
-    with torch.no_grad():
-        _, _, saved = torch.ops.jacext.mlp_jacobian(x, spec.weights, _ops.bias_tensors(spec.biases, spec.weights),
-                                                    spec.activations, spec.act_params, lowest, _ops.REVERSE)
-    carries = saved[3 * depth - 1:]
-    return [carries[depth - 1 - layer] for layer in layers]
+    """logits (B, m) and J_l = dlogits/dh_l (B, m, n_l) for each layer, differentiable twice: one
+    op in the planner's mode for one layer, one reverse sweep for several (it passes them all)."""
+    if len(layers) == 1:
+        y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layers[0])
+        return y, [jac]
+    return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layers)
 
 
 def _scores(logits, on):
@@ -162,7 +149,8 @@ def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequ
 
     if use_approximation:  # the norms are constants: no graph through the Jacobians
         logits = model(x)
-        jacobians = _layer_jacobians_constant(spec, x, layers)
+        with torch.no_grad():
+            _, jacobians = _layer_jacobians(spec, x, layers)
     else:
         logits, jacobians = _layer_jacobians(spec, x, layers)
     score, score_jacobian = _scores(logits, on)

@@ -33,9 +33,10 @@ def jacobian_frobenius_ref(model, x: torch.Tensor):
     return y, jac.flatten(1).pow(2).sum(1)
 
 
-def mlp_composite(x, weights, biases, activations, act_params, layer=0, projections=None):
+def mlp_composite(x, weights, biases, activations, act_params, layer=0, projections=None, carries=False):
     """(y, J) of the MLP with J = dy/dh_layer carried in reverse, in differentiable torch ops;
-    with projections V (B, k, m), V J instead of J."""
+    with projections V (B, k, m), V J instead of J. carries=True: (y, [dy/dh_i for i = L-1 down
+    to layer]), the reverse carries (the last one is J)."""
     h, ds = x, []
     for i, w in enumerate(weights):
         y = h @ w.t()
@@ -48,31 +49,36 @@ def mlp_composite(x, weights, biases, activations, act_params, layer=0, projecti
         jac = ds[-1].unsqueeze(2) * weights[-1]
     else:
         jac = (projections * ds[-1].unsqueeze(1)) @ weights[-1]
+    all_carries = [jac]
     for i in range(len(weights) - 2, layer - 1, -1):
         jac = (jac * ds[i].unsqueeze(1)) @ weights[i]
-    return h, jac
+        all_carries.append(jac)
+    return (h, all_carries) if carries else (h, jac)
 
 
 def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biases, activations,
-                                    act_params, layer, projections=None):
+                                    act_params, layer, projections=None, grad_carries=()):
     """What the op mlp_jacobian_backward computes, as differentiable torch ops: the gradients of
-    sum(grad_y*y) + sum(grad_sq*||J||^2) + sum(grad_jac*J) w.r.t. x, weights and the biases that
-    are not None (returned in that order); with projections, ||J||^2 is per projected row."""
+    sum(grad_y*y) + sum(grad_sq*||J||^2) + sum(grad_jac*J) + sum(grad_carries*carries) w.r.t. x,
+    weights and the biases that are not None (returned in that order); with projections, ||J||^2
+    is per projected row. grad_carries: [] or one per reverse carry dy/dh_i, i = L-1 down to
+    layer (None for none)."""
     present = [i for i, b in enumerate(biases) if b is not None]
 
     def outputs(x, weights, present_biases):
         full = [None] * len(weights)
         for i, b in zip(present, present_biases):
             full[i] = b
-        y, jac = mlp_composite(x, weights, full, activations, act_params, layer, projections)
+        y, carries = mlp_composite(x, weights, full, activations, act_params, layer, projections, carries=True)
+        jac = carries[-1]
         sq = jac.pow(2).sum((1, 2)) if projections is None else jac.pow(2).sum(2)
-        return y, sq, jac
+        return y, sq, jac, [c for c, g in zip(carries, grad_carries) if g is not None]
 
     primals = (x, list(weights), [biases[i] for i in present])
-    (y, sq, jac), vjp = torch.func.vjp(outputs, *primals)
+    (y, sq, jac, carries), vjp = torch.func.vjp(outputs, *primals)
     cotangents = tuple(torch.zeros_like(o) if g is None else g
                        for g, o in zip((grad_y, grad_sq, grad_jac), (y, sq, jac)))
-    return vjp(cotangents)
+    return vjp((*cotangents, [g for g in grad_carries if g is not None]))
 
 
 def hidden_states(model, x):

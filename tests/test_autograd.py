@@ -99,7 +99,7 @@ def test_opcheck_linear_output_grams(strategy, device):
         y, sq, saved = torch.ops.jacext.mlp_jacobian_frobenius(*args)
     torch.library.opcheck(torch.ops.jacext.mlp_jacobian_backward.default,
                           (torch.randn_like(y), torch.randn_like(sq), None, x, weights, biases, codes, params, 0,
-                           strategy, list(saved)))
+                           strategy, list(saved), []))
 
 
 @pytest.mark.parametrize("strategy", ["reverse", "forward"])
@@ -152,8 +152,36 @@ def test_opcheck_backward(strategy, with_jac, device):
     grad_out = torch.randn_like(out).requires_grad_()
     grad_sq, grad_jac = (None, grad_out) if with_jac else (grad_out, None)
     args = (grad_y, grad_sq, grad_jac, x, weights, biases, codes, params, 1 if with_jac else 0,
-            STRATEGIES[strategy], list(saved))
+            STRATEGIES[strategy], list(saved), [])
     torch.library.opcheck(torch.ops.jacext.mlp_jacobian_backward.default, args)
+
+
+@pytest.mark.parametrize("layers", [(0, 1, 2), (1, 2), (0, 2)], ids=str)
+def test_gradcheck_gradgradcheck_and_opcheck_with_carry_gradients(layers, device):
+    """The reverse carries (the Jacobians above the lowest layer) are differentiable outputs:
+    mlp_jacobian_backward takes their gradients (grad_carries), twice differentiable too."""
+    x, weights, biases, codes, params = random_mlp("softplus", device)
+
+    def fn(x, *flat):
+        y, jacs = jacext.ops.mlp_jacobians(x, list(flat[:3]), [flat[3], None, flat[4]], codes, params, layers)
+        return (y, *jacs)
+
+    inputs = leaves(x, weights, biases)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    low = min(layers)
+    args = (x, weights, jacext.ops.bias_tensors(biases, weights), codes, params, low, jacext.ops.REVERSE)
+    with torch.no_grad():
+        y, jac, saved = torch.ops.jacext.mlp_jacobian(*args)
+    carries = saved[3 * len(weights) - 1:]  # dy/dh_i, i = L-1 down to low
+    grad_carries = [torch.randn_like(c).requires_grad_() if len(weights) - 1 - j in layers else x.new_empty(0)
+                    for j, c in enumerate(carries)]
+    torch.library.opcheck(torch.ops.jacext.mlp_jacobian_backward.default,
+                          (torch.randn_like(y), None, None, *args[:5], low, jacext.ops.REVERSE, list(saved),
+                           grad_carries))
+    with pytest.raises(RuntimeError, match="carry gradients"):
+        torch.ops.jacext.mlp_jacobian_backward(None, None, None, *args[:5], low, jacext.ops.REVERSE, list(saved),
+                                               grad_carries[:-1])
 
 
 def test_compiled_training_step_matches_eager(device, tmp_path, monkeypatch):

@@ -120,7 +120,7 @@ def test_gradcheck_gradgradcheck_and_opcheck_with_projections(strategy, device):
                                                                   strategy, v)
     torch.library.opcheck(torch.ops.jacext.mlp_jacobian_backward.default,
                           (torch.randn_like(y), torch.randn_like(terms), None, x, [w1, w2], [b1, empty],
-                           [3, 4], [0.0] * 4, 0, strategy, list(saved), v))
+                           [3, 4], [0.0] * 4, 0, strategy, list(saved), [], v))
 
 
 def test_errors():

@@ -199,6 +199,26 @@ def test_layer_jacobian_gradients(layer, device):
         torch.testing.assert_close(g, g_ref, **TOL)
 
 
+@pytest.mark.parametrize("layers", [(0, 1, 2), (2, 0), (1,), (1, 2)], ids=str)
+def test_several_layer_jacobians_from_one_sweep(layers, device):
+    """jacobian(model, x, layers) gives every layer's J, values and gradients, from one op."""
+    model = make_mlp((4, 6, 5, 7), nn.SiLU, output_activation=nn.Tanh, device=device)
+    x = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    g = torch.Generator().manual_seed(3)
+    cotangents = [torch.randn(5, 7, (4, 6, 5)[l], generator=g, dtype=torch.float64).to(device) for l in layers]
+    jacs = jacext.jacobian(model, x, layers)
+    loss = sum((jac * c).sum() for jac, c in zip(jacs, cotangents))
+    grads = torch.autograd.grad(loss, [x] + params_of(model))
+
+    refs = [per_sample_jacobian(model[2 * l:], model[: 2 * l](x))[1] for l in layers]
+    grads_ref = torch.autograd.grad(sum((r * c).sum() for r, c in zip(refs, cotangents)), [x] + params_of(model))
+    assert len(jacs) == len(layers)
+    for jac, ref in zip(jacs, refs):
+        torch.testing.assert_close(jac, ref, **TOL)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, **TOL)
+
+
 @pytest.mark.parametrize("widths", [(17, 3, 1), (129, 17, 3, 17, 1), (40, 9, 12, 5)], ids=str)
 def test_every_strategy_of_the_op_agrees(widths, device):
     model = make_mlp(widths, nn.Tanh, output_activation=nn.Sigmoid, device=device)
