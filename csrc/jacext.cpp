@@ -34,4 +34,18 @@ TORCH_LIBRARY(jacext, m) {
       "int strategy, Tensor[] saved, Tensor[] grad_carries, Tensor? projections=None) -> (Tensor grad_x, "
       "Tensor[] grad_weights, "
       "Tensor[] grad_biases)");
+  // A square MLP as a normalizing flow (mlp_flow.h): z = mlp(x), log_dact[b] = sum of log|act'|
+  // over every layer and unit, logabsdet = sum_k log|det W_k| (0 unless logdet_value; its gradient
+  // is there either way); `saved` feeds mlp_flow_backward. relative_gradient does not change the
+  // outputs, only which gradient the backward gives (jacext/_ops.py).
+  m.def(
+      "mlp_flow(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, float[] act_params, "
+      "bool relative_gradient, bool logdet_value) -> (Tensor z, Tensor log_dact, Tensor logabsdet, "
+      "Tensor[] saved)");
+  // Gradients of sum(grad_z*z) + sum(grad_log_dact*log_dact) + grad_logabsdet*logabsdet: Euclidean,
+  // or relative (weights and biases) with relative=True; grad_x only with input_grad=True.
+  m.def(
+      "mlp_flow_backward(Tensor? grad_z, Tensor? grad_log_dact, Tensor? grad_logabsdet, Tensor x, "
+      "Tensor[] weights, Tensor[] biases, int[] activations, float[] act_params, Tensor[] saved, "
+      "bool relative, bool input_grad) -> (Tensor? grad_x, Tensor[] grad_weights, Tensor[] grad_biases)");
 }

@@ -147,15 +147,17 @@ struct MLPJacobian {
   int64_t last_carried() const { return strategy == kReverseGram ? layer + 1 : layer; }
   int64_t last_forward() const { return strategy == kForwardGram ? depth() - 1 : depth(); }
 
-  // h_0..h_L and the activations' first and second derivatives d[i], d2[i] at y_{i+1}.
+  // h_0..h_L and the activations' first and second derivatives d[i], d2[i] at y_{i+1}; the
+  // pre-activations y_{i+1} too when `ys` is given.
   void mlp_forward(const Tensor& x, std::vector<Tensor>& hs, std::vector<Tensor>& ds,
-                   std::vector<Tensor>& d2s) const {
+                   std::vector<Tensor>& d2s, std::vector<Tensor>* ys = nullptr) const {
     hs = {x};
     for (const auto i : c10::irange(depth())) {
       auto b = bias_at(biases, i);
       Tensor y = b ? at::addmm(*b, hs.back(), weights[i].t()) : at::mm(hs.back(), weights[i].t());
       auto [h, d, d2] = Kernels::activation_forward(y, activations[i], act_params[2 * i],
                                                     act_params[2 * i + 1]);
+      if (ys) ys->push_back(y);
       hs.push_back(h);
       ds.push_back(d);
       d2s.push_back(d2);

@@ -1,5 +1,6 @@
 // CPU kernels of the MLP-Jacobian ops: the elementwise passes and reductions, with
-// at::parallel_for; the GEMMs and the algorithm itself live in ../mlp_jacobian.h.
+// at::parallel_for; the GEMMs and the algorithms themselves live in ../mlp_jacobian.h
+// and ../mlp_flow.h.
 #include <ATen/Dispatch.h>
 #include <ATen/record_function.h>
 #include <ATen/Parallel.h>
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../mlp_flow.h"
 #include "../mlp_jacobian.h"
 
 namespace jacext {
@@ -118,6 +120,8 @@ TORCH_LIBRARY_IMPL(jacext, CPU, m) {
   m.impl("mlp_jacobian_frobenius", &mlp_jacobian_frobenius<CpuKernels>);
   m.impl("mlp_jacobian", &mlp_jacobian<CpuKernels>);
   m.impl("mlp_jacobian_backward", &mlp_jacobian_backward<CpuKernels>);
+  m.impl("mlp_flow", &mlp_flow<CpuKernels>);
+  m.impl("mlp_flow_backward", &mlp_flow_backward<CpuKernels>);
 }
 
 }  // namespace jacext

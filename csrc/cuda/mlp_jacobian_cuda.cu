@@ -1,5 +1,6 @@
 // CUDA kernels of the MLP-Jacobian ops: the elementwise passes and reductions, on the current
-// stream; the GEMMs (cuBLAS through ATen) and the algorithm itself live in ../mlp_jacobian.h.
+// stream; the GEMMs (cuBLAS through ATen) and the algorithms themselves live in
+// ../mlp_jacobian.h and ../mlp_flow.h.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/record_function.h>
@@ -8,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../mlp_flow.h"
 #include "../mlp_jacobian.h"
 
 namespace jacext {
@@ -147,6 +149,8 @@ TORCH_LIBRARY_IMPL(jacext, CUDA, m) {
   m.impl("mlp_jacobian_frobenius", &mlp_jacobian_frobenius<CudaKernels>);
   m.impl("mlp_jacobian", &mlp_jacobian<CudaKernels>);
   m.impl("mlp_jacobian_backward", &mlp_jacobian_backward<CudaKernels>);
+  m.impl("mlp_flow", &mlp_flow<CudaKernels>);
+  m.impl("mlp_flow_backward", &mlp_flow_backward<CudaKernels>);
 }
 
 }  // namespace jacext

@@ -1,0 +1,98 @@
+// MLP normalizing flows (Gresele et al. 2020, "Relative gradient optimization of the Jacobian
+// term in unsupervised deep learning"), written once for every device like mlp_jacobian.h.
+//
+// A flow is a square MLP z = f(x) with strictly monotone activations. Its log-Jacobian-determinant
+// per sample is  sum_k log|det W_k| + sum_k sum_i log act_k'(y_k,i):  the first sum depends on the
+// parameters only (once per call); the op returns z and both sums.
+//
+// The backward gives either the ordinary gradient or
+// the relative gradient: the Euclidean gradient G of each augmented layer
+// W~ = [[W, b], [0, 1]] right-multiplied by W~^T W~. With delta_k the adjoint of the
+// pre-activation y_k = W_k h_{k-1} + b_k, and everything summed over the batch:
+//   W_k:  delta^T h W^T W + delta^T 1 b^T W  =  delta^T (Y W)            (B n^2 + B n^2, no n^3)
+//   b_k:  delta^T h W^T b + delta^T 1 (b^T b + 1)  =  delta^T (Y b + 1)
+// (a layer without bias: the same with b = 0); the log|det W_k| term's relative gradient is
+// (W_k, b_k). In relative mode no inverse or determinant is formed.
+#pragma once
+
+#include "mlp_jacobian.h"
+
+namespace jacext {
+
+// (z, log_dact, logabsdet, saved): z = f(x) (B, n); log_dact[b] = sum over layers and units of
+// log|act'(y)|; logabsdet = sum_k log|det W_k| (one LU per layer) when logdet_value, else 0 with
+// the same gradient (its value costs O(n^3), which relative-gradient training avoids); saved =
+// d[0..L-1], d2[0..L-1], h_1..h_{L-1}, y_1..y_L for the backward. relative_gradient does not
+// change the outputs, only which gradient the backward gives (jacext/_ops.py).
+template <class Kernels>
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_flow(
+    const Tensor& x, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
+    at::ArrayRef<double> act_params, bool /*relative_gradient*/, bool logdet_value) {
+  check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
+  for (const auto i : c10::irange(weights.size())) {
+    TORCH_CHECK(weights[i].size(0) == weights[i].size(1), "jacext: a flow's weights must be square, "
+                "weight ", i, " has shape ", weights[i].sizes());
+  }
+  MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, kReverse};
+  std::vector<Tensor> hs, ds, d2s, ys;
+  net.mlp_forward(x, hs, ds, d2s, &ys);
+  Tensor log_dact = at::zeros({x.size(0)}, x.options());
+  for (const Tensor& d : ds) log_dact.add_(d.abs().log_().sum(1));
+  Tensor logabsdet = at::zeros({}, x.options());
+  if (logdet_value) {
+    for (const Tensor& w : weights) logabsdet.add_(std::get<1>(at::linalg_slogdet(w)));
+  }
+  std::vector<Tensor> saved(ds);
+  saved.insert(saved.end(), d2s.begin(), d2s.end());
+  saved.insert(saved.end(), hs.begin() + 1, hs.end() - 1);
+  saved.insert(saved.end(), ys.begin(), ys.end());
+  return {hs.back(), log_dact, logabsdet, saved};
+}
+
+// Gradients of sum(grad_z * z) + sum(grad_log_dact * log_dact) + grad_logabsdet * logabsdet
+// w.r.t. x (only when input_grad; else an undefined tensor), the weights and the biases (one per
+// layer, with or without bias): Euclidean (log|det W|'s gradient W^-T, by an inverse), or with
+// relative=true the relative gradient for the weights and biases (log|det W|'s is then (W, b)).
+template <class Kernels>
+std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_flow_backward(
+    const std::optional<Tensor>& grad_z, const std::optional<Tensor>& grad_log_dact,
+    const std::optional<Tensor>& grad_logabsdet, const Tensor& x, at::TensorList weights,
+    at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
+    at::TensorList saved, bool relative, bool input_grad) {
+  check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 4 * L - 1, "jacext: expected ", 4 * L - 1,
+              " saved tensors, got ", saved.size());
+  const Tensor* ds = saved.data();
+  const Tensor* d2s = ds + L;
+  const Tensor* hidden = d2s + L;  // h_1..h_{L-1}
+  const Tensor* ys = hidden + L - 1;
+  const bool has_log_dact = grad_log_dact.has_value() && grad_log_dact->defined();
+  const bool has_logabsdet = grad_logabsdet.has_value() && grad_logabsdet->defined();
+  Tensor grad_h = grad_z.has_value() && grad_z->defined() ? *grad_z : at::zeros_like(ds[L - 1]);
+  std::vector<Tensor> grad_w(L), grad_b(L);
+  for (int64_t i = L - 1; i >= 0; --i) {
+    // delta = d/dy of the objective: through h (act') and through log act' (act'' / act').
+    Tensor delta = grad_h * ds[i];
+    if (has_log_dact) delta.addcmul_(grad_log_dact->unsqueeze(1), d2s[i] / ds[i]);
+    const Tensor& h_in = i == 0 ? x : hidden[i - 1];
+    auto b = bias_at(biases, i);
+    if (relative) {
+      grad_w[i] = at::mm(delta.t(), at::mm(ys[i], weights[i]));
+      Tensor yb1 = b ? at::mv(ys[i], *b).add_(1) : at::ones({x.size(0)}, x.options());
+      grad_b[i] = at::mv(delta.t(), yb1);
+      if (has_logabsdet) {  // in place on the fresh gradients: no n x n temporary
+        grad_w[i].addcmul_(weights[i], *grad_logabsdet);
+        if (b) grad_b[i].addcmul_(*b, *grad_logabsdet);
+      }
+    } else {
+      grad_w[i] = at::mm(delta.t(), h_in);
+      grad_b[i] = delta.sum(0);
+      if (has_logabsdet) grad_w[i].addcmul_(at::linalg_inv(weights[i]).t(), *grad_logabsdet);
+    }
+    if (i > 0 || input_grad) grad_h = at::mm(delta, weights[i]);
+  }
+  return {input_grad ? std::optional<Tensor>(grad_h) : std::nullopt, grad_w, grad_b};
+}
+
+}  // namespace jacext
