@@ -44,10 +44,16 @@ JACEXT_HD T stable_sigmoid(T y) {
   return e / (T(1) + e);
 }
 
-// log(1 + e^y) without overflow.
+// sigmoid(y) and softplus(y) = log(1 + e^y), without overflow, from one exponential.
 template <typename T>
-JACEXT_HD T stable_softplus(T y) {
-  return (y > T(0) ? y : T(0)) + std::log1p(std::exp(-std::fabs(y)));
+struct SigmoidSoftplus {
+  T sigmoid, softplus;
+};
+
+template <typename T>
+JACEXT_HD SigmoidSoftplus<T> sigmoid_softplus(T y) {
+  T e = std::exp(-std::fabs(y));
+  return {(y >= T(0) ? T(1) : e) / (T(1) + e), (y > T(0) ? y : T(0)) + std::log1p(e)};
 }
 
 // The activation is a template parameter so that each kernel loop is compiled for one
@@ -67,8 +73,8 @@ JACEXT_HD ActDerivs<T> activation_derivs(T y, T p0, T p1) {
   } else if constexpr (Code == kSoftplus) {
     T by = p0 * y;
     if (by > p1) return {y, T(1), T(0)};
-    T s = stable_sigmoid(by);
-    return {stable_softplus(by) / p0, s, p0 * s * (T(1) - s)};
+    auto [s, sp] = sigmoid_softplus(by);
+    return {sp / p0, s, p0 * s * (T(1) - s)};
   } else if constexpr (Code == kELU) {
     if (y > T(0)) return {y, T(1), T(0)};
     T e = p0 * std::exp(y);
@@ -88,9 +94,8 @@ JACEXT_HD ActDerivs<T> activation_derivs(T y, T p0, T p1) {
     T s = stable_sigmoid(y), ds = s * (T(1) - s);
     return {y * s, s + y * ds, ds * (T(2) + y * (T(1) - T(2) * s))};
   } else if constexpr (Code == kSmoothLeakyReLU) {
-    T s = stable_sigmoid(y);
-    return {p0 * y + (T(1) - p0) * stable_softplus(y), p0 + (T(1) - p0) * s,
-            (T(1) - p0) * s * (T(1) - s)};
+    auto [s, sp] = sigmoid_softplus(y);
+    return {p0 * y + (T(1) - p0) * sp, p0 + (T(1) - p0) * s, (T(1) - p0) * s * (T(1) - s)};
   } else {  // kIdentity
     return {y, T(1), T(0)};
   }
