@@ -1,6 +1,6 @@
 """jacext: fused, exact Jacobian objectives for MLPs (compiled CPU and CUDA ops)."""
 from . import _ops as ops
-from . import flows
+from . import flows, targetprop
 from .activations import SmoothLeakyReLU
 from .functional import METHODS, jacobian, jacobian_frobenius, jacobian_gram, random_projections
 from .margin import LargeMarginLoss, large_margin_loss, margin_distances
@@ -10,4 +10,4 @@ from .planner import explain
 __version__ = "0.1.0"
 __all__ = ["MLP", "SmoothLeakyReLU", "jacobian_frobenius", "jacobian", "jacobian_gram", "ops",
            "parse_model", "random_projections", "explain", "METHODS", "margin_distances", "large_margin_loss",
-           "LargeMarginLoss", "flows"]
+           "LargeMarginLoss", "flows", "targetprop"]

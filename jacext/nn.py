@@ -103,3 +103,10 @@ class MLP(nn.Sequential):
                 layers.append(make(output_activation))
         super().__init__(*layers)
         parse_model(self)  # fail now, not at the first call, on an unsupported activation
+
+    def __getitem__(self, idx):
+        # nn.Sequential slices by calling the class with an OrderedDict, which MLP's constructor
+        # does not take: a slice is a plain nn.Sequential of the same modules.
+        if isinstance(idx, slice):
+            return nn.Sequential(*list(self._modules.values())[idx])
+        return super().__getitem__(idx)
