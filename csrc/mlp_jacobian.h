@@ -68,7 +68,8 @@ inline void check_mlp(const Tensor& x, at::TensorList weights, at::TensorList bi
   TORCH_CHECK(x.dim() == 2, "jacext: expected x of shape (batch, features), got ", x.dim(),
               "-d tensor of shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "jacext: expected x of dtype float32 or float64, got ", x.scalar_type());
+              "jacext: expected x of dtype float32 or float64, got ", x.scalar_type(),
+              " (float16 / bfloat16 run under torch.autocast, which casts them to float32)");
   TORCH_CHECK(layer >= 0 && layer < L, "jacext: layer must be in [0, ", L - 1,
               "] (0 = input, l = output of the l-th activation), got ", layer);
   TORCH_CHECK(strategy >= kReverse && strategy <= kForwardGram,

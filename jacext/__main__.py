@@ -1,13 +1,19 @@
 """Command line.
 
     python -m jacext demo      train a digits MLP with a Jacobian penalty twice, with jacext and
-                               with torch.func; print accuracy, penalty and time per step
+                               with torch.func; print accuracy, penalty and time per step, and
+                               write a PNG of the training curves and the times
+    python -m jacext bench     run every benchmark script in bench/ (source tree), print their
+                               tables, write their JSON and a PNG bar chart
     python -m jacext explain --sizes 784,1024,1000 --batch 64
                                the strategy jacext runs and each candidate's cost
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 
@@ -15,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import MLP, explain, jacobian_frobenius
-from .data import load_digits
+from .data import load_digits, load_mnist
 
 WARMUP_STEPS = 3
 
@@ -29,13 +35,22 @@ def _progress(iterable, description, total):
 
 
 def train_once(name, method, args, data):
+    """Train one model; per-epoch test accuracy and mean ||J||^2, and the mean time per step."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(args.seed)
     model = MLP([x_train.shape[1], *args.hidden, 10], activation=args.activation).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     order = torch.Generator().manual_seed(args.seed)
     steps, step_time, total_steps = 0, 0.0, 0
-    n_batches = (len(x_train) + args.batch - 1) // args.batch
+    curves = {"accuracy": [], "penalty": []}
+
+    def evaluate():
+        with torch.no_grad():
+            logits, sq = jacobian_frobenius(model, x_test)
+        curves["accuracy"].append((logits.argmax(1) == y_test).float().mean().item())
+        curves["penalty"].append(sq.mean().item())
+
+    evaluate()
     for _ in _progress(range(args.epochs), f"{name:>10}", args.epochs):
         perm = torch.randperm(len(x_train), generator=order).to(args.device)
         for start in range(0, len(x_train), args.batch):
@@ -52,16 +67,56 @@ def train_once(name, method, args, data):
                 step_time += time.perf_counter() - started
                 steps += 1
             total_steps += 1
-    assert total_steps == args.epochs * n_batches
-    with torch.no_grad():
-        logits, sq = jacobian_frobenius(model, x_test)
-    accuracy = (logits.argmax(1) == y_test).float().mean().item()
-    return {"accuracy": accuracy, "penalty": sq.mean().item(), "ms_per_step": 1e3 * step_time / max(steps, 1)}
+        evaluate()
+    return {"accuracy": curves["accuracy"][-1], "penalty": curves["penalty"][-1],
+            "ms_per_step": 1e3 * step_time / max(steps, 1), "curves": curves}
+
+
+def load_data(args):
+    """(x_train, y_train, x_test, y_test, name): the bundled digits, or MNIST from --data."""
+    if args.data is None:
+        return (*load_digits(seed=args.seed, device=args.device), "digits")
+    x_train, y_train, x_test, y_test = load_mnist(args.data)
+    if args.train_samples:
+        x_train, y_train = x_train[:args.train_samples], y_train[:args.train_samples]
+    def scale(images):
+        return (images.float() / 255).to(args.device)
+    return scale(x_train), y_train.to(args.device), scale(x_test), y_test.to(args.device), "MNIST"
+
+
+def plot_demo(rows, args, path):
+    """Test accuracy and mean ||J||^2 per epoch for both runs, and the time per step."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: no plot written; pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, r in rows.items():
+        epochs = range(len(r["curves"]["accuracy"]))
+        axes[0].plot(epochs, r["curves"]["accuracy"], "o-", label=name)
+        axes[1].plot(epochs, r["curves"]["penalty"], "o-", label=name)
+    axes[0].set(xlabel="epoch", ylabel="test accuracy", title="accuracy")
+    axes[1].set(xlabel="epoch", ylabel="mean ||J||_F^2 (test)", title="Jacobian penalty", yscale="log")
+    names = list(rows)
+    bars = axes[2].bar(names, [rows[n]["ms_per_step"] for n in names], color=["tab:blue", "tab:orange"])
+    axes[2].bar_label(bars, fmt="%.2f ms")
+    axes[2].set(ylabel="ms per training step", title="time per step (lower is better)")
+    for ax in axes[:2]:
+        ax.legend()
+    fig.suptitle(f"cross-entropy + {args.lam} * mean ||J||_F^2, MLP {args.widths} ({args.activation}), "
+                 f"batch {args.batch}, {args.device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
 
 
 def demo(args):
-    data = load_digits(seed=args.seed, device=args.device)
-    print(f"digits: {len(data[0])} train / {len(data[2])} test, MLP {[64, *args.hidden, 10]} "
+    *data, name = load_data(args)
+    args.widths = [data[0].shape[1], *args.hidden, 10]
+    print(f"{name}: {len(data[0])} train / {len(data[2])} test, MLP {args.widths} "
           f"({args.activation}), loss = cross-entropy + {args.lam} * mean ||J||_F^2, "
           f"{args.epochs} epochs of batch {args.batch} on {args.device}")
     rows = {"jacext": train_once("jacext", args.method, args, data),
@@ -78,6 +133,63 @@ def demo(args):
         verdict = f"on par ({ratio:.2f}x) with"
     print(f"\njacext ({args.method}) per training step: {verdict} torch.func vmap(jacrev) here. Both "
           f"compute the same exact penalty (the accuracy and penalty columns agree).")
+    if args.plot:
+        plot_demo(rows, args, args.plot)
+
+
+BENCH_SCRIPTS = ("frobenius", "margin", "flows", "targetprop")
+
+
+def bench_folder():
+    """bench/ beside the package: the scripts live in the source tree, not in the wheel."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if not os.path.isdir(folder):
+        sys.exit("python -m jacext bench runs the scripts in the source tree's bench/ folder, which this "
+                 f"installation lacks ({folder}); install from a source checkout (pip install -e .)")
+    return folder
+
+
+def plot_bench(outputs, path):
+    """One panel per script: median time per method (log scale), grouped by case."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no bar chart written; pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, len(outputs), figsize=(6 * len(outputs), 4.5), squeeze=False)
+    for ax, (name, results) in zip(axes[0], outputs.items()):
+        groups = list(dict.fromkeys(str(r.get("case", r.get("q", ""))) for r in results))
+        methods = list(dict.fromkeys(r["method"] for r in results))
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            times = [next((r["median_s"] * 1e3 for r in results if r["method"] == method
+                           and str(r.get("case", r.get("q", ""))) == g), float("nan")) for g in groups]
+            ax.bar([j + i * width for j in range(len(groups))], times, width, label=method)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))],
+                      [f"q={g}" if name == "margin" else g for g in groups])
+        ax.set(yscale="log", ylabel="median ms (log)", title=name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+def bench(args):
+    folder = bench_folder()
+    out_dir = args.out_dir or os.path.join(folder, "results")
+    os.makedirs(out_dir, exist_ok=True)
+    suffix = "_smoke" if args.smoke else ""
+    outputs = {}
+    for name in args.only:
+        out = os.path.join(out_dir, f"{name}_cpu{suffix}.json")
+        command = [sys.executable, os.path.join(folder, f"bench_{name}.py"), "--out", out]
+        print(f"\n=== {' '.join(command[1:])}{' --smoke' if args.smoke else ''}", flush=True)
+        subprocess.run(command + (["--smoke"] if args.smoke else []), check=True)
+        with open(out) as f:
+            outputs[name] = json.load(f)["results"]
+    plot_bench(outputs, os.path.join(out_dir, f"bench{suffix}.png"))
 
 
 def main(argv=None):
@@ -94,6 +206,14 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default=None, help="your MNIST (a folder of the IDX files or an .npz) instead of digits")
+    p.add_argument("--train-samples", type=int, default=None, help="use only the first N training samples")
+    p.add_argument("--plot", default="jacext_demo.png", help="PNG path for the curves ('' for none)")
+    b = commands.add_parser("bench", help="run every benchmark script; tables, JSON and a PNG bar chart")
+    b.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    b.add_argument("--only", type=lambda s: s.split(","), default=list(BENCH_SCRIPTS),
+                   help=f"comma-separated subset of {','.join(BENCH_SCRIPTS)}")
+    b.add_argument("--out-dir", default=None, help="where the JSON and PNG go (default bench/results)")
     e = commands.add_parser("explain", help="print the strategy jacext runs for an MLP and each candidate's cost")
     e.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], required=True,
                    help="layer widths, comma-separated, e.g. 784,1024,1000")
@@ -102,6 +222,12 @@ def main(argv=None):
     e.add_argument("--max-memory-mb", type=float, default=None,
                    help="memory budget of the op in MiB (default: a quarter of the device's memory)")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        unknown = [name for name in args.only if name not in BENCH_SCRIPTS]
+        if unknown:
+            parser.error(f"--only: unknown {unknown}; choose from {','.join(BENCH_SCRIPTS)}")
+        bench(args)
+        return
     if args.command == "explain":
         if len(args.sizes) < 2 or min(args.sizes) < 1 or args.batch < 1:
             parser.error("--sizes needs at least two positive widths and --batch a positive size")
@@ -111,7 +237,7 @@ def main(argv=None):
         return
     if args.epochs < 1 or args.batch < 1:
         parser.error("--epochs and --batch must be positive")
-    if args.epochs * -(-1348 // args.batch) <= WARMUP_STEPS:
+    if args.data is None and args.epochs * -(-1348 // args.batch) <= WARMUP_STEPS:
         parser.error(f"train for more than {WARMUP_STEPS} steps: the first {WARMUP_STEPS} are not timed")
     demo(args)
 

@@ -220,6 +220,14 @@ torch.library.register_autograd("jacext::mlp_flow_backward", _flow_backward_back
                                 setup_context=lambda ctx, inputs, output: None)
 
 
+# Mixed precision: under torch.autocast (float16 / bfloat16) the ops run in float32 (their inputs
+# are cast, the outputs are float32): a Jacobian carried through several layers and squared
+# loses too much in half precision, and the GEMMs stay on the fast path in float32.
+for _op in ("mlp_jacobian_frobenius", "mlp_jacobian", "mlp_flow"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(f"jacext::{_op}", _device, torch.float32)
+
+
 ActivationSpec = Union[int, str]
 
 
@@ -292,6 +300,11 @@ def _split_frobenius(x, weights, biases, codes, params, split: Split):
     s = split.layer
     h, c, _ = _ops.mlp_jacobian(x, weights[:s], biases[:s], codes[:s], params[:2 * s], 0, split.bottom)
     y, a, _ = _ops.mlp_jacobian(h, weights[s:], biases[s:], codes[s:], params[2 * s:], 0, split.top)
+    with torch.autocast(x.device.type, enabled=False):  # the ops' float32 results stay float32
+        return _combine_split(y, a, c, split)
+
+
+def _combine_split(y, a, c, split: Split):
     if split.gram:  # sum_ij (A^T A)_ij (C C^T)_ij: n_s^2 (m + n_0) per sample
         return y, (torch.bmm(a.transpose(1, 2), a) * torch.bmm(c, c.transpose(1, 2))).sum((1, 2))
     return y, torch.bmm(a, c).square().sum((1, 2))  # m n_s n_0 per sample

@@ -4,12 +4,13 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
+from torch import nn
 
 from . import _ops
 from .nn import parse_model
 from .reference import jacobian_frobenius_ref
 
-__all__ = ["jacobian_frobenius", "jacobian", "jacobian_gram", "random_projections", "METHODS"]
+__all__ = ["jacobian_frobenius", "JacobianFrobenius", "jacobian", "jacobian_gram", "random_projections", "METHODS"]
 
 METHODS = ("auto", "reverse", "forward", "gram", "hutchinson", "autograd")
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -121,3 +122,16 @@ def jacobian_gram(model, x: torch.Tensor, layer: int = 0) -> torch.Tensor:
     """G (B, m, m) = J J^T with J = jacobian(model, x, layer)."""
     jac = jacobian(model, x, layer)
     return jac @ jac.transpose(1, 2)
+
+
+class JacobianFrobenius(nn.Module):
+    """jacobian_frobenius as a module: JacobianFrobenius(model)(x) -> (y, sq). Wrap this, not the
+    bare model, in DistributedDataParallel: DDP synchronizes the gradients of what its forward
+    runs, and here that is the fused op (see README, distributed training)."""
+
+    def __init__(self, model: nn.Module, method: str = "auto", max_memory=None):
+        super().__init__()
+        self.model, self.method, self.max_memory = model, method, max_memory
+
+    def forward(self, x: torch.Tensor):
+        return jacobian_frobenius(self.model, x, method=self.method, max_memory=self.max_memory)

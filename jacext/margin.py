@@ -76,7 +76,12 @@ def _directions(score_jacobian, target, classes, m, dtype):
 
 
 def _gradient_norms(jac, u, q):
-    """||u_k^T J||_q per sample and class (B, k)."""
+    """||u_k^T J||_q per sample and class (B, k), in the Jacobian's precision (float32 under autocast)."""
+    with torch.autocast(jac.device.type, enabled=False):
+        return _gradient_norms_full_precision(jac, u.to(jac.dtype), q)
+
+
+def _gradient_norms_full_precision(jac, u, q):
     if q == 2:  # Gram identity: u^T (J J^T) u
         gram = torch.bmm(jac, jac.transpose(1, 2))
         sq = (torch.bmm(u, gram) * u).sum(2)

@@ -1,0 +1,49 @@
+"""DistributedDataParallel (gloo, 2 processes on CPU): the penalty's gradients equal the
+single-process ones on the whole batch."""
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import jacext
+
+WORLD = 2
+LAM = 0.1
+
+
+def make_problem():
+    torch.manual_seed(0)
+    model = jacext.MLP([6, 16, 16, 4], activation="tanh").double()
+    x = torch.randn(12, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (12,))
+    return model, x, y
+
+
+def penalized_loss(penalized, x, y):
+    logits, sq = penalized(x)
+    return F.cross_entropy(logits, y) + LAM * sq.mean()
+
+
+def worker(rank, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        model, x, y = make_problem()
+        ddp = DistributedDataParallel(jacext.JacobianFrobenius(model))
+        local = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
+        penalized_loss(ddp, x[local], y[local]).backward()  # DDP averages the ranks' gradients
+        if rank == 0:
+            torch.save([p.grad for p in model.parameters()], out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    out = tmp_path / "grads.pt"
+    mp.spawn(worker, args=(str(tmp_path / "store"), str(out)), nprocs=WORLD, join=True)
+    model, x, y = make_problem()
+    penalized_loss(jacext.JacobianFrobenius(model), x, y).backward()
+    distributed = torch.load(out)
+    assert len(distributed) == len(list(model.parameters()))
+    for g_ddp, p in zip(distributed, model.parameters()):
+        torch.testing.assert_close(g_ddp, p.grad, rtol=1e-10, atol=1e-12)
