@@ -169,8 +169,10 @@ def plot_bench(outputs, path):
             ax.bar([j + i * width for j in range(len(groups))], times, width, label=method)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))],
                       [f"q={g}" if name == "margin" else g for g in groups])
+        lowest = min(r["median_s"] * 1e3 for r in results)
         ax.set(yscale="log", ylabel="median ms (log)", title=name)
-        ax.legend(fontsize=7)
+        ax.set_ylim(bottom=lowest / 3)  # every bar visibly rises from the axis
+        ax.legend(fontsize=6, ncol=2, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"wrote {path}")
@@ -184,9 +186,12 @@ def bench(args):
     outputs = {}
     for name in args.only:
         out = os.path.join(out_dir, f"{name}_cpu{suffix}.json")
-        command = [sys.executable, os.path.join(folder, f"bench_{name}.py"), "--out", out]
-        print(f"\n=== {' '.join(command[1:])}{' --smoke' if args.smoke else ''}", flush=True)
-        subprocess.run(command + (["--smoke"] if args.smoke else []), check=True)
+        if not args.plot_only:
+            command = [sys.executable, os.path.join(folder, f"bench_{name}.py"), "--out", out]
+            print(f"\n=== {' '.join(command[1:])}{' --smoke' if args.smoke else ''}", flush=True)
+            subprocess.run(command + (["--smoke"] if args.smoke else []), check=True)
+        elif not os.path.exists(out):
+            sys.exit(f"--plot-only: {out} does not exist; run the benchmark first")
         with open(out) as f:
             outputs[name] = json.load(f)["results"]
     plot_bench(outputs, os.path.join(out_dir, f"bench{suffix}.png"))
@@ -214,6 +219,7 @@ def main(argv=None):
     b.add_argument("--only", type=lambda s: s.split(","), default=list(BENCH_SCRIPTS),
                    help=f"comma-separated subset of {','.join(BENCH_SCRIPTS)}")
     b.add_argument("--out-dir", default=None, help="where the JSON and PNG go (default bench/results)")
+    b.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON already there")
     e = commands.add_parser("explain", help="print the strategy jacext runs for an MLP and each candidate's cost")
     e.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], required=True,
                    help="layer widths, comma-separated, e.g. 784,1024,1000")
