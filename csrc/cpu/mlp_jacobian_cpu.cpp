@@ -30,6 +30,7 @@ struct CpuKernels {
     RECORD_FUNCTION("jacext::activation_forward_cpu", {});  // named in profiles
     check_cpu_dtype(y_in);
     Tensor y = y_in.contiguous();
+    if (code == kTanh || code == kSigmoid) return from_value(y, code);
     Tensor h = at::empty_like(y), d = at::empty_like(y), d2 = at::empty_like(y);
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "jacext_activation_forward_cpu", [&] {
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
@@ -46,6 +47,36 @@ struct CpuKernels {
             d2p[i] = r.d2;
           }
         });
+      });
+    });
+    return {h, d, d2};
+  }
+
+  // tanh and sigmoid: the value from ATen's vectorized kernel (scalar libm is about 10x
+  // slower), then both derivatives from the value, as in activations.h, in one loop the
+  // compiler vectorizes: tanh' = 1 - t^2, tanh'' = -2 t tanh'; s' = s (1 - s), s'' = s' (1 - 2 s).
+  static std::tuple<Tensor, Tensor, Tensor> from_value(const Tensor& y, int64_t code) {
+    Tensor h = code == kTanh ? at::tanh(y) : at::sigmoid(y);
+    Tensor d = at::empty_like(y), d2 = at::empty_like(y);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "jacext_activation_from_value_cpu", [&] {
+      const scalar_t* hp = h.const_data_ptr<scalar_t>();
+      scalar_t* dp = d.mutable_data_ptr<scalar_t>();
+      scalar_t* d2p = d2.mutable_data_ptr<scalar_t>();
+      const bool is_tanh = code == kTanh;
+      at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        if (is_tanh) {
+          for (int64_t i = begin; i < end; ++i) {
+            const scalar_t t = hp[i], s = scalar_t(1) - t * t;
+            dp[i] = s;
+            d2p[i] = scalar_t(-2) * t * s;
+          }
+        } else {
+          for (int64_t i = begin; i < end; ++i) {
+            const scalar_t v = hp[i], ds = v * (scalar_t(1) - v);
+            dp[i] = ds;
+            d2p[i] = ds * (scalar_t(1) - scalar_t(2) * v);
+          }
+        }
       });
     });
     return {h, d, d2};
