@@ -118,9 +118,11 @@ def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0):
     return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layer)[1]
 
 
-def jacobian_gram(model, x: torch.Tensor, layer: int = 0) -> torch.Tensor:
-    """G (B, m, m) = J J^T with J = jacobian(model, x, layer)."""
+def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0):
+    """G (B, m, m) = J J^T with J = jacobian(model, x, layer); a list for several layers."""
     jac = jacobian(model, x, layer)
+    if isinstance(jac, list):  # several layers
+        return [j @ j.transpose(1, 2) for j in jac]
     return jac @ jac.transpose(1, 2)
 
 

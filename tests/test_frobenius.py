@@ -213,8 +213,9 @@ def test_several_layer_jacobians_from_one_sweep(layers, device):
     refs = [per_sample_jacobian(model[2 * l:], model[: 2 * l](x))[1] for l in layers]
     grads_ref = torch.autograd.grad(sum((r * c).sum() for r, c in zip(refs, cotangents)), [x] + params_of(model))
     assert len(jacs) == len(layers)
-    for jac, ref in zip(jacs, refs):
+    for jac, ref, gram in zip(jacs, refs, jacext.jacobian_gram(model, x, layers)):
         torch.testing.assert_close(jac, ref, **TOL)
+        torch.testing.assert_close(gram, ref @ ref.transpose(1, 2), **TOL)
     for grad, grad_ref in zip(grads, grads_ref):
         torch.testing.assert_close(grad, grad_ref, **TOL)
 
