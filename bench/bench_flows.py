@@ -145,7 +145,7 @@ def main():
 
     summary = {"autodiff_over_relative": {c["name"]: ratio(c["name"]) for c in cases},
                "time_growth_with_D": {m: growth(m) for m in ("jacext-relative", "autodiff-slogdet")}}
-    print(f"\nautodiff-slogdet / jacext-relative: "
+    print("\nautodiff-slogdet / jacext-relative: "
           + ", ".join(f"{k} {v:.1f}x" for k, v in summary["autodiff_over_relative"].items()))
     print(f"step time from {cases[0]['name']} to {cases[-1]['name']}: "
           + ", ".join(f"{m} x{g:.2f}" for m, g in summary["time_growth_with_D"].items()))

@@ -91,7 +91,7 @@ def plot_demo(rows, args, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"(matplotlib is not installed: no plot written; pip install matplotlib)")
+        print("(matplotlib is not installed: no plot written; pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, r in rows.items():

@@ -6,7 +6,6 @@ import copy
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 from . import activations as act
