@@ -198,7 +198,8 @@ def bench(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m jacext", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m jacext", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="train on digits with the penalty: jacext vs torch.func")
     p.add_argument("--hidden", type=lambda s: [int(v) for v in s.split(",")], default=[256, 256],
