@@ -1,9 +1,9 @@
 // The activation table: sigma, sigma' and sigma'' for every supported activation, as inline
 // host/device functions (float math in float: std:: overloads, not the C double functions). The
 // CPU kernels and the CUDA kernels both evaluate these very formulas, so the CPU tests exercise
-// what the GPU runs; one exception: on CPU, tanh's and sigmoid's values come from ATen's
-// vectorized kernels (the derivatives from the value, by the formulas here). The codes must
-// match jacext/activations.py.
+// what the GPU runs; one exception: on CPU, the transcendental parts of tanh, sigmoid, silu,
+// softplus and smooth_leaky_relu come from ATen's vectorized kernels (tanh(y), sigmoid(y),
+// log1p(exp(-|y|))), the rest by the formulas here. The codes must match jacext/activations.py.
 #pragma once
 #include <cmath>
 #include <cstdint>

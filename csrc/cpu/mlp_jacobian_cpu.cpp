@@ -31,6 +31,7 @@ struct CpuKernels {
     check_cpu_dtype(y_in);
     Tensor y = y_in.contiguous();
     if (code == kTanh || code == kSigmoid) return from_value(y, code);
+    if (code == kSiLU || code == kSoftplus || code == kSmoothLeakyReLU) return from_sigmoid(y, code, p0, p1);
     Tensor h = at::empty_like(y), d = at::empty_like(y), d2 = at::empty_like(y);
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "jacext_activation_forward_cpu", [&] {
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
@@ -75,6 +76,47 @@ struct CpuKernels {
             const scalar_t v = hp[i], ds = v * (scalar_t(1) - v);
             dp[i] = ds;
             d2p[i] = ds * (scalar_t(1) - scalar_t(2) * v);
+          }
+        }
+      });
+    });
+    return {h, d, d2};
+  }
+
+  // silu, softplus and smooth_leaky_relu: sigmoid(u) and log1p(exp(-|u|)) (u = y, or beta y for
+  // softplus) from ATen's vectorized kernels, the rest by the formulas of activations.h in one
+  // loop without transcendental calls.
+  static std::tuple<Tensor, Tensor, Tensor> from_sigmoid(const Tensor& y, int64_t code, double p0, double p1) {
+    Tensor u = code == kSoftplus ? y * p0 : y;
+    Tensor sig = at::sigmoid(u);
+    Tensor tail = code == kSiLU ? sig : at::abs(u).neg_().exp_().log1p_();  // softplus(u) - max(u, 0)
+    Tensor h = at::empty_like(y), d = at::empty_like(y), d2 = at::empty_like(y);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "jacext_activation_from_sigmoid_cpu", [&] {
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const scalar_t* up = u.const_data_ptr<scalar_t>();
+      const scalar_t* sp = sig.const_data_ptr<scalar_t>();
+      const scalar_t* tp = tail.const_data_ptr<scalar_t>();
+      scalar_t* hp = h.mutable_data_ptr<scalar_t>();
+      scalar_t* dp = d.mutable_data_ptr<scalar_t>();
+      scalar_t* d2p = d2.mutable_data_ptr<scalar_t>();
+      const scalar_t a = static_cast<scalar_t>(p0), threshold = static_cast<scalar_t>(p1);
+      at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const scalar_t v = yp[i], s = sp[i], ds = s * (scalar_t(1) - s);
+          const scalar_t softplus = (up[i] > scalar_t(0) ? up[i] : scalar_t(0)) + tp[i];
+          if (code == kSiLU) {
+            hp[i] = v * s;
+            dp[i] = s + v * ds;
+            d2p[i] = ds * (scalar_t(2) + v * (scalar_t(1) - scalar_t(2) * s));
+          } else if (code == kSoftplus) {  // linear above beta y > threshold, as torch
+            const bool linear = up[i] > threshold;
+            hp[i] = linear ? v : softplus / a;
+            dp[i] = linear ? scalar_t(1) : s;
+            d2p[i] = linear ? scalar_t(0) : a * ds;
+          } else {  // smooth_leaky_relu: a y + (1 - a) softplus(y)
+            hp[i] = a * v + (scalar_t(1) - a) * softplus;
+            dp[i] = a + (scalar_t(1) - a) * s;
+            d2p[i] = (scalar_t(1) - a) * ds;
           }
         }
       });
