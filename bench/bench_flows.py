@@ -21,11 +21,7 @@ of its steps and scaled (the table says so).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import sys
 import time
 
 import torch
@@ -33,6 +29,8 @@ from torch.utils import benchmark
 
 from jacext.activations import SMOOTH_LEAKY_RELU, activation_derivative
 from jacext.flows import MLPFlow
+
+from common import machine_description, write_results  # bench/common.py
 
 CASES = [dict(name="D784-B10", dim=784, batch=10), dict(name="D784-B100", dim=784, batch=100),
          dict(name="D1568-B10", dim=1568, batch=10)]
@@ -125,8 +123,7 @@ def main():
         epochs.append({"method": method, "epoch_s": seconds, "fraction_run": fraction})
         print(f"epoch {method}: {seconds:.1f} s", flush=True)
 
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads)")
+    machine = machine_description()
     print(f"\n{machine}; float32; MLP flow, {args.layers} layers; one training step (mean NLL, forward + "
           f"backward), median\n")
     header = f"{'case':10} {'method':17} {'median ms':>10} {'x relative':>11}"
@@ -154,13 +151,8 @@ def main():
         note = "" if e["fraction_run"] == 1 else f" ({e['fraction_run']:.0%} of the steps run, time scaled)"
         print(f"  {e['method']:17} {e['epoch_s']:8.1f} s{note}")
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"flows_cpu{'_smoke' if args.smoke else ''}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"machine": machine, "command": " ".join(sys.argv), "layers": args.layers, "results": results,
-                   "summary": summary, "epochs": epochs}, f, indent=1)
-    print(f"\nwrote {out}")
+    write_results(args.out, "flows", "cpu", args.smoke, {"machine": machine, "layers": args.layers,
+                                                         "results": results, "summary": summary, "epochs": epochs})
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
 import time
 
 import torch
+
+from common import machine_description, write_results  # bench/common.py
 
 CASES = {
     "P1": ([784, 1024, 1000], 64),
@@ -226,21 +227,6 @@ def worker(case, widths, batch, method, args):
     print("RESULT " + json.dumps(result))
 
 
-def machine_description(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
 def print_table(machine, dtype, results):
     print(f"\n{machine}; {dtype}; penalty forward+backward, median of timed runs\n", flush=True)
     header = f"{'case':5} {'method':20} {'median ms':>11} {'x jacext-auto':>13} {'peak MB':>9} {'GFLOP/s':>8}  note"
@@ -402,13 +388,8 @@ def main():
         if rel is not None and rel > 1e-3:
             sys.exit(f"{r['case']} {r['method']}: penalty differs from the other exact methods by {rel:.2e}")
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"frobenius_{args.device}{'_smoke' if args.smoke else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"machine": machine, "command": " ".join(sys.argv), "results": results, "cost_model": costs},
-                  f, indent=1)
-    print(f"\nwrote {out}")
+    write_results(args.out, "frobenius", args.device, args.smoke,
+                  {"machine": machine, "results": results, "cost_model": costs})
 
 
 if __name__ == "__main__":

@@ -16,10 +16,7 @@ flows, a double backward) and its gradient w.r.t. every parameter, in one run:
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import sys
 
 import torch
@@ -27,6 +24,8 @@ from torch.utils import benchmark
 
 import jacext
 from jacext.reference import hidden_states, large_margin_loss_ref, margin_classes_ref
+
+from common import machine_description, write_results  # bench/common.py
 
 CASE = dict(widths=[784, 512, 512, 10], batch=128, layers=(0, 1, 2), top_k=9)
 SMOKE_CASE = dict(widths=[12, 9, 9, 5], batch=6, layers=(0, 1, 2), top_k=3)
@@ -110,7 +109,7 @@ def main():
         for method in METHODS:
             step, scale = make_step(method, model, x, target, case["layers"], case["top_k"], dist_norm,
                                     args.loop_samples)
-            values[method] = float(step())
+            values[method] = step().detach().item()
             timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
             m = timer.blocked_autorange(min_run_time=args.min_run_time)
             results.append({"dist_norm": dist_norm, "q": str(DUAL[dist_norm]), "method": method,
@@ -125,8 +124,7 @@ def main():
         ref = next(o for o in results if o["dist_norm"] == r["dist_norm"] and o["method"] == "jacext")
         r["time_vs_jacext"] = r["median_s"] / ref["median_s"]
 
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads)" if args.device == "cpu" else torch.cuda.get_device_name())
+    machine = machine_description(args.device)
     print(f"\n{machine}; float32; MLP {case['widths']} (tanh), B={case['batch']}, layers {case['layers']}, "
           f"top_k={case['top_k']}, use_approximation=False; loss forward+backward, median\n")
     header = f"{'q':4} {'method':16} {'median ms':>10} {'x jacext':>9}  note"
@@ -136,12 +134,7 @@ def main():
         note = (f"{r['scaled_from_samples']} of {case['batch']} samples timed, time scaled"
                 if r["scaled_from_samples"] else "")
         print(f"{r['q']:4} {r['method']:16} {r['median_s'] * 1e3:10.1f} {r['time_vs_jacext']:9.3g}  {note}")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"margin_{args.device}{'_smoke' if args.smoke else ''}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"machine": machine, "command": " ".join(sys.argv), "case": case, "results": results}, f, indent=1)
-    print(f"\nwrote {out}")
+    write_results(args.out, "margin", args.device, args.smoke, {"machine": machine, "case": case, "results": results})
 
 
 if __name__ == "__main__":

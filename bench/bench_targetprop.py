@@ -14,10 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +22,8 @@ from torch.utils import benchmark
 
 import jacext
 import jacext.targetprop as tp
+
+from common import machine_description, write_results  # bench/common.py
 
 CASE = dict(widths=[784, 256, 256, 10], batch=128)
 SMOKE_CASE = dict(widths=[12, 9, 9, 5], batch=6)
@@ -93,8 +91,7 @@ def main():
     for r in results:
         r["time_vs_backprop"] = r["median_s"] / base
 
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads)")
+    machine = machine_description()
     print(f"\n{machine}; float32; MLP {case['widths']} (tanh), B={case['batch']}; one training step "
           f"(optimizer steps included), median\n")
     header = f"{'method':14} {'median ms':>10} {'x backprop':>11}"
@@ -102,12 +99,7 @@ def main():
     print("-" * len(header))
     for r in results:
         print(f"{r['method']:14} {r['median_s'] * 1e3:10.2f} {r['time_vs_backprop']:11.3g}")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"targetprop_cpu{'_smoke' if args.smoke else ''}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"machine": machine, "command": " ".join(sys.argv), "case": case, "results": results}, f, indent=1)
-    print(f"\nwrote {out}")
+    write_results(args.out, "targetprop", "cpu", args.smoke, {"machine": machine, "case": case, "results": results})
 
 
 if __name__ == "__main__":
