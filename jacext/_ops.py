@@ -13,7 +13,7 @@ import torch.utils.checkpoint
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
 from . import activations as act
 from .planner import (FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, Split, batch_chunk,
-                      default_memory_budget, resolve_strategy, saved_shapes)
+                      default_memory_budget, first_carry_index, resolve_strategy, saved_shapes)
 from .reference import mlp_jacobian_backward_composite
 
 __all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "mlp_jacobians", "resolve_strategy", "REVERSE", "FORWARD",
@@ -65,9 +65,9 @@ def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strat
     ctx.bias_present = [b.numel() > 0 for b in biases]
     ctx.has_projections = projections is not None
     ctx.save_for_backward(x, *weights, *biases, *([projections] if ctx.has_projections else []), *saved)
-    # saved = d, d2, h_1..h_{L-1}, then the carries; reverse carries are the Jacobians dy/dh_i
-    # above `layer` and may be differentiated (mlp_jacobians), everything else is internal.
-    ctx.carries_start = 3 * len(weights) - 1
+    # Reverse carries are the Jacobians dy/dh_i above `layer` and may be differentiated
+    # (mlp_jacobians); the rest of `saved` is internal.
+    ctx.carries_start = first_carry_index(len(weights))
     ctx.mark_non_differentiable(*(saved[:ctx.carries_start] if differentiable_carries else saved))
 
 
@@ -336,5 +336,5 @@ def mlp_jacobians(x: torch.Tensor, weights: Sequence[torch.Tensor],
         raise ValueError(f"layers must be a non-empty list of integers in [0, {depth - 1}], got {layers}")
     y, _, saved = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
                                     min(layers), REVERSE)
-    carries = saved[3 * depth - 1:]  # dy/dh_i for i = L-1 down to min(layers)
+    carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to min(layers)
     return y, [carries[depth - 1 - l] for l in layers]

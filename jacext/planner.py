@@ -92,7 +92,7 @@ def carry_elements(widths: Sequence[int], batch: int, strategy: Strategy, layer:
         return (carry_elements(n[:s + 1], batch, strategy.bottom, frobenius=False)
                 + carry_elements(n[s:], batch, strategy.top, frobenius=False) + batch * combine)
     depth = len(n) - 1
-    carries = saved_shapes(n, batch, layer, strategy, rows)[3 * depth - 1:]
+    carries = saved_shapes(n, batch, layer, strategy, rows)[first_carry_index(depth):]
     # forward mode's first carry W^T D (B, n_layer, n_layer+1) is formed, not saved
     first = batch * n[layer] * n[layer + 1] if strategy in (FORWARD, FORWARD_GRAM) else 0
     returned = 0 if frobenius else batch * n[-1] * n[layer]
@@ -136,6 +136,12 @@ def penalty_macs(widths: Sequence[int], batch: int, strategy: Strategy, layer: i
         carry = 3 * batch * n[0] * sum(n[i] * n[i + 1] for i in range(1, depth - 1))
         return mlp + carry + 2 * n[-2] ** 2 * n[-1] + 2 * batch * n[0] * n[-2] ** 2
     raise ValueError(f"unknown strategy {strategy}")
+
+
+def first_carry_index(n_layers: int) -> int:
+    """Where the carries start in the op's `saved` list: after d and act'' for every layer and
+    h_1..h_{L-1} (csrc/mlp_jacobian.h). Reverse carries are dy/dh_i for i = L-1 down to `layer`."""
+    return 3 * n_layers - 1
 
 
 def saved_shapes(widths: Sequence[int], batch, layer: int, strategy: int, rows: Optional[int] = None):

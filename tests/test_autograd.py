@@ -173,7 +173,7 @@ def test_gradcheck_gradgradcheck_and_opcheck_with_carry_gradients(layers, device
     args = (x, weights, jacext.ops.bias_tensors(biases, weights), codes, params, low, jacext.ops.REVERSE)
     with torch.no_grad():
         y, jac, saved = torch.ops.jacext.mlp_jacobian(*args)
-    carries = saved[3 * len(weights) - 1:]  # dy/dh_i, i = L-1 down to low
+    carries = saved[jacext.planner.first_carry_index(len(weights)):]  # dy/dh_i, i = L-1 down to low
     grad_carries = [torch.randn_like(c).requires_grad_() if len(weights) - 1 - j in layers else x.new_empty(0)
                     for j, c in enumerate(carries)]
     torch.library.opcheck(torch.ops.jacext.mlp_jacobian_backward.default,
