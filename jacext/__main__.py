@@ -84,14 +84,22 @@ def load_data(args):
     return scale(x_train), y_train.to(args.device), scale(x_test), y_test.to(args.device), "MNIST"
 
 
-def plot_demo(rows, args, path):
-    """Test accuracy and mean ||J||^2 per epoch for both runs, and the time per step."""
+def _pyplot(what):
+    """matplotlib.pyplot on a file-only backend, or None (said) when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(matplotlib is not installed: no plot written; pip install matplotlib)")
+        print(f"(matplotlib is not installed: no {what} written; pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_demo(rows, args, path):
+    """Test accuracy and mean ||J||^2 per epoch for both runs, and the time per step."""
+    plt = _pyplot("plot")
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, r in rows.items():
@@ -151,12 +159,8 @@ def bench_folder():
 
 def plot_bench(outputs, path):
     """One panel per script: median time per method (log scale), grouped by case."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no bar chart written; pip install matplotlib)")
+    plt = _pyplot("bar chart")
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(outputs), figsize=(6 * len(outputs), 4.5), squeeze=False)
     for ax, (name, results) in zip(axes[0], outputs.items()):
