@@ -13,21 +13,31 @@ import numpy as np
 import torch
 
 
-def load_digits(test_fraction: float = 0.25, seed: int = 0, dtype=torch.float32, device="cpu"):
-    """(x_train, y_train, x_test, y_test): the 1797 scikit-learn digits, pixels scaled to [0, 1],
-    split at random (fixed by `seed`)."""
+def _sklearn_digits(test_fraction):
+    """scikit-learn's bundled digits (data: 0..16 grey levels, target), after checking test_fraction."""
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") from error
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    digits = sklearn_digits()
+    return sklearn_digits()
+
+
+def _random_split(n, test_fraction, generator):
+    """(train, test) indices of a random split of n samples."""
+    order = torch.randperm(n, generator=generator)
+    n_test = int(round(n * test_fraction))
+    return order[n_test:], order[:n_test]
+
+
+def load_digits(test_fraction: float = 0.25, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """(x_train, y_train, x_test, y_test): the 1797 scikit-learn digits, pixels scaled to [0, 1],
+    split at random (fixed by `seed`)."""
+    digits = _sklearn_digits(test_fraction)
     x = torch.tensor(digits.data, dtype=dtype) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(len(x) * test_fraction))
-    test, train = order[:n_test], order[n_test:]
+    train, test = _random_split(len(x), test_fraction, torch.Generator().manual_seed(seed))
     return x[train].to(device), y[train].to(device), x[test].to(device), y[test].to(device)
 
 
@@ -53,19 +63,13 @@ def logit_transform(pixels: torch.Tensor, levels: int, generator: Optional[torch
 
 def load_digits_flow(test_fraction: float = 0.25, seed: int = 0, dtype=torch.float32, device="cpu"):
     """(x_train, x_test): the scikit-learn digits (8 x 8, 17 grey levels) dequantized and
-    logit-transformed (logit_transform), flattened to 64 features; split as load_digits."""
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") from error
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    pixels = torch.tensor(sklearn_digits().data)
+    logit-transformed (logit_transform), flattened to 64 features; the noise and a random split
+    fixed by `seed`."""
+    pixels = torch.tensor(_sklearn_digits(test_fraction).data)
     generator = torch.Generator().manual_seed(seed)
     x, _ = logit_transform(pixels, levels=17, generator=generator)
-    order = torch.randperm(len(x), generator=generator)
-    n_test = int(round(len(x) * test_fraction))
-    return x[order[n_test:]].to(device, dtype), x[order[:n_test]].to(device, dtype)
+    train, test = _random_split(len(x), test_fraction, generator)
+    return x[train].to(device, dtype), x[test].to(device, dtype)
 
 
 def _read_idx(path: str) -> np.ndarray:
