@@ -58,7 +58,10 @@ if use_cuda and torch.version.cuda is None:
 
 here = os.path.dirname(os.path.abspath(__file__))
 sources = [os.path.join("csrc", "jacext.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-cxx_flags = ["-O3"]
+# -fopenmp: at::parallel_for is an inline template that runs serially unless the extension itself
+# is compiled with OpenMP (ATen/Parallel-inl.h). No link flag: the OpenMP runtime is torch's own
+# libgomp, already loaded with libtorch_cpu (a second runtime would oversubscribe the cores).
+cxx_flags = ["-O3"] + (["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin" else [])
 if use_cuda:
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"

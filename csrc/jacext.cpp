@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "workspace.h"
+
 // An importable, empty module: loading it runs the registrations below.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -10,30 +12,32 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 // biases: one per layer; an empty tensor stands for a layer without bias.
-// strategy: 0 reverse, 1 forward, 2 reverse with Gram epilogue (Frobenius only); see
-// mlp_jacobian.h.
+// strategy: 0 reverse, 1 forward, 2 reverse with Gram epilogue, 3 one-hidden-layer Gram,
+// 4 forward with Gram epilogue (2-4: Frobenius only); see mlp_jacobian.h.
+// tile (keyword-only): samples per tile, 0 for the whole batch at once (mlp_jacobian.h; the
+// result does not depend on it).
 TORCH_LIBRARY(jacext, m) {
   // y = mlp(x) and sq[b] = ||d y_b / d x_b||_F^2; `saved` feeds mlp_jacobian_backward. With
   // projections V (B, k, m): sq[b, i] = ||v_bi^T d y_b / d x_b||^2 instead (reverse strategies).
   m.def(
       "mlp_jacobian_frobenius(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
-      "float[] act_params, int strategy, Tensor? projections=None) -> (Tensor y, Tensor sq, "
-      "Tensor[] saved)");
+      "float[] act_params, int strategy, Tensor? projections=None, *, int tile=0) -> (Tensor y, "
+      "Tensor sq, Tensor[] saved)");
   // y = mlp(x) and jac[b] = d y_b / d h_layer,b  (B, m, n_layer).
   m.def(
       "mlp_jacobian(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
-      "float[] act_params, int layer, int strategy) -> (Tensor y, Tensor jac, "
+      "float[] act_params, int layer, int strategy, *, int tile=0) -> (Tensor y, Tensor jac, "
       "Tensor[] saved)");
   // Gradients of sum(grad_y*y) + sum(grad_sq*sq) + sum(grad_jac*jac) + sum(grad_carries*carries)
   // w.r.t. x, weights, biases. grad_carries: for mlp_jacobian's reverse strategy, gradients
   // w.r.t. the carries in `saved` (dy/dh_i for i = L-1 down to layer; an empty tensor for none),
-  // or an empty list.
+  // or an empty list. grad_x only with input_grad (else None); grad_biases: an empty tensor for a
+  // layer without bias.
   m.def(
       "mlp_jacobian_backward(Tensor? grad_y, Tensor? grad_sq, Tensor? grad_jac, Tensor x, "
       "Tensor[] weights, Tensor[] biases, int[] activations, float[] act_params, int layer, "
-      "int strategy, Tensor[] saved, Tensor[] grad_carries, Tensor? projections=None) -> (Tensor grad_x, "
-      "Tensor[] grad_weights, "
-      "Tensor[] grad_biases)");
+      "int strategy, Tensor[] saved, Tensor[] grad_carries, Tensor? projections=None, *, int tile=0, "
+      "bool input_grad=True) -> (Tensor? grad_x, Tensor[] grad_weights, Tensor[] grad_biases)");
   // A square MLP as a normalizing flow (mlp_flow.h): z = mlp(x), log_dact[b] = sum of log|act'|
   // over every layer and unit, logabsdet = sum_k log|det W_k| (0 unless logdet_value; its gradient
   // is there either way); `saved` feeds mlp_flow_backward. relative_gradient does not change the
@@ -48,4 +52,9 @@ TORCH_LIBRARY(jacext, m) {
       "mlp_flow_backward(Tensor? grad_z, Tensor? grad_log_dact, Tensor? grad_logabsdet, Tensor x, "
       "Tensor[] weights, Tensor[] biases, int[] activations, float[] act_params, Tensor[] saved, "
       "bool relative, bool input_grad) -> (Tensor? grad_x, Tensor[] grad_weights, Tensor[] grad_biases)");
+  // The CPU workspace (workspace.h): [cached bytes, bytes in use, limit, hits, misses]; its limit
+  // on cached bytes; giving every cached block back.
+  m.def("workspace_stats() -> int[]", &jacext::workspace_stats);
+  m.def("workspace_set_limit(int bytes) -> ()", &jacext::workspace_set_limit);
+  m.def("workspace_release() -> ()", &jacext::workspace_release);
 }

@@ -33,12 +33,35 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_flow(
     TORCH_CHECK(weights[i].size(0) == weights[i].size(1), "jacext: a flow's weights must be square, "
                 "weight ", i, " has shape ", weights[i].sizes());
   }
-  MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, kReverse};
-  std::vector<Tensor> hs, ds, d2s, ys;
-  net.mlp_forward(x, hs, ds, d2s, &ys);
-  Tensor log_dact = at::zeros({x.size(0)}, x.options());
+  const int64_t B = x.size(0), n = x.size(1), L = static_cast<int64_t>(weights.size());
+  const auto options = x.options();
+  // Every entry of a flow's `saved` is (B, n): d and act'' are materialized for every layer (ones
+  // and zeros where the activation has none), as the backward reads them all.
+  std::vector<Tensor> ds, d2s, hs = {x}, ys;
+  for (const auto i : c10::irange(L)) {
+    Tensor y = Kernels::empty({B, n}, options), h = Kernels::empty({B, n}, options);
+    Tensor d = Kernels::empty({B, n}, options), d2 = Kernels::empty({B, n}, options);
+    if (auto b = bias_at(biases, i)) {
+      addmm_into(y, *b, hs.back(), weights[i].t());
+    } else {
+      mm_into(y, hs.back(), weights[i].t());
+    }
+    h.copy_(y);  // the activation pass works in place; the backward needs y too
+    if (has_derivative(activations[i])) {
+      Kernels::activation_(h, d, has_curvature(activations[i]) ? d2 : Tensor(), activations[i],
+                           act_params[2 * i], act_params[2 * i + 1]);
+    } else {
+      d.fill_(1);
+    }
+    if (!has_curvature(activations[i])) d2.zero_();
+    ys.push_back(y);
+    hs.push_back(h);
+    ds.push_back(d);
+    d2s.push_back(d2);
+  }
+  Tensor log_dact = at::zeros({B}, options);
   for (const Tensor& d : ds) log_dact.add_(d.abs().log_().sum(1));
-  Tensor logabsdet = at::zeros({}, x.options());
+  Tensor logabsdet = at::zeros({}, options);
   if (logdet_value) {
     for (const Tensor& w : weights) logabsdet.add_(std::get<1>(at::linalg_slogdet(w)));
   }
@@ -77,17 +100,21 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     if (has_log_dact) delta.addcmul_(grad_log_dact->unsqueeze(1), d2s[i] / ds[i]);
     const Tensor& h_in = i == 0 ? x : hidden[i - 1];
     auto b = bias_at(biases, i);
+    grad_w[i] = Kernels::empty(weights[i].sizes(), x.options());  // n x n: from the workspace
+    grad_b[i] = Kernels::empty({weights[i].size(0)}, x.options());
     if (relative) {
-      grad_w[i] = at::mm(delta.t(), at::mm(ys[i], weights[i]));
+      Tensor yw = Kernels::empty(ys[i].sizes(), x.options());
+      mm_into(yw, ys[i], weights[i]);
+      mm_into(grad_w[i], delta.t(), yw);
       Tensor yb1 = b ? at::mv(ys[i], *b).add_(1) : at::ones({x.size(0)}, x.options());
-      grad_b[i] = at::mv(delta.t(), yb1);
+      at::mv_out(grad_b[i], delta.t(), yb1);
       if (has_logabsdet) {  // in place on the fresh gradients: no n x n temporary
         grad_w[i].addcmul_(weights[i], *grad_logabsdet);
         if (b) grad_b[i].addcmul_(*b, *grad_logabsdet);
       }
     } else {
-      grad_w[i] = at::mm(delta.t(), h_in);
-      grad_b[i] = delta.sum(0);
+      mm_into(grad_w[i], delta.t(), h_in);
+      at::sum_out(grad_b[i], delta, 0);
       if (has_logabsdet) grad_w[i].addcmul_(at::linalg_inv(weights[i]).t(), *grad_logabsdet);
     }
     if (i > 0 || input_grad) grad_h = at::mm(delta, weights[i]);

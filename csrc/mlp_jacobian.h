@@ -3,12 +3,26 @@
 // Notation (0-based): W[i] is (n_{i+1} x n_i), h_0 = x, y_{i+1} = h_i W[i]^T + b[i],
 // h_{i+1} = act_i(y_{i+1}), d[i] = act_i'(y_{i+1}). The Jacobian of the output w.r.t. h_l is
 //   J = D_L W_L ... D_{l+1} W_{l+1}        (per sample, m x n_l).
-// Two exact strategies carry it through the layers, each step one GEMM over the whole batch:
+// Two exact strategies carry it through the layers, each step one GEMM over a batch of samples:
 //   reverse: R^(L-1) = D_L W_L, R^(i) = (R^(i+1) D_{i+1}) W_{i+1}; J = R^(l)        (m rows)
 //   forward: U^(l+1) = W_{l+1}^T, T^(i) = U^(i) D_i, U^(i+1) = T^(i) W_{i+1}^T; J^T = T^(L)
-// The GEMMs are ATen's (BLAS / cuBLAS); the elementwise work (the activation with its first two
-// derivatives in one pass, the scaled square-sum, the row-wise dot of the backward) are the
-// device's own kernels, passed in as `Kernels` (cpu/mlp_jacobian_cpu.cpp, cuda/mlp_jacobian_cuda.cu).
+// The GEMMs are ATen's (BLAS / cuBLAS); the elementwise work is the device's own fused kernels,
+// passed in as `Kernels` (cpu/mlp_jacobian_cpu.cpp, cuda/mlp_jacobian_cuda.cu): the activation
+// with its derivatives in place of the GEMM output, one scaling pass that writes the next GEMM's
+// input (the diagonal D_k, the loss's per-sample factor and a broadcast weight in one), the
+// square-sum, the backward's row-wise dot fused with its diagonal scaling, and the MLP backward's
+// activation-derivative combination fused with the bias-gradient reduction.
+//
+// Tiles. Every op runs the batch in tiles of `tile` samples (0: one tile, the whole batch): a
+// worker takes a tile through every step, forward or backward, before the next, so the tile's
+// temporaries stay in cache and are reused (Kernels::empty: a caching workspace on CPU), and the
+// workers run their tiles side by side, each with single-threaded GEMMs; weight gradients are
+// summed per worker and added up at the end. The CPU planner picks the tile (jacext/planner.py
+// tile_size); CUDA runs one tile (the GPU wants the whole batch in each GEMM).
+//
+// Dead work is skipped: identity layers have no d (saved as an empty tensor), piecewise-linear
+// ones (identity, relu, leaky_relu) no act'' and so no adjoint of d; the MLP backward stops where
+// nothing flows; grad_x only when asked for; no bias gradient for a layer without bias.
 //
 // For the Frobenius norm, reverse mode can end without ever forming J (kReverseGram): with
 // S = R^(1) D_1 the last step is J = S W_1, and ||S W_1||^2 = sum((S G) * S) with G = W_1 W_1^T
@@ -25,10 +39,10 @@
 // G2 = W_2^T W_2 and M d (B, n_1).
 //
 // The forward ops also return `saved`, so that the backward recomputes neither a GEMM nor an
-// activation: d[0..L-1], then act''(y) for every layer, then h_1..h_{L-1}, then the carries
-// (reverse: R^(L-1), ..., R^(l); forward: U^(l+2), ..., U^(L), all before their diagonal
-// scaling; kReverseGram: R^(L-1), ..., R^(1), then P = S G; kForwardGram: U^(2), ..., U^(L-1),
-// then P = T H).
+// activation: d[0..L-1] (an empty tensor for an identity layer), then act''(y) for every layer
+// (empty where it is zero), then h_1..h_{L-1}, then the carries (reverse: R^(L-1), ..., R^(l);
+// forward: U^(l+2), ..., U^(L), all before their diagonal scaling; kReverseGram: R^(L-1), ...,
+// R^(1), then P = S G; kForwardGram: U^(2), ..., U^(L-1), then P = T H).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
@@ -45,6 +59,10 @@ namespace jacext {
 using at::Tensor;
 
 enum Strategy : int64_t { kReverse = 0, kForward = 1, kReverseGram = 2, kGram1 = 3, kForwardGram = 4 };
+
+// act' is not identically 1 (identity layers have no d), act'' not identically 0.
+inline bool has_derivative(int64_t code) { return code != kIdentity; }
+inline bool has_curvature(int64_t code) { return code != kIdentity && code != kReLU && code != kLeakyReLU; }
 
 // A layer without bias passes an empty tensor: a list of optional tensors would stop autograd
 // from reaching the biases that are present.
@@ -130,6 +148,48 @@ inline Tensor symmetric_mm(const Tensor& a, const Tensor& b) {
   return out;
 }
 
+// ATen's out= functions take a mutable reference; these write into any tensor (a view).
+inline void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
+inline void addmm_into(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b) {
+  at::addmm_out(out, bias, a, b);
+}
+
+// (n, r, c) as (n * r, c): the GEMM view of a contiguous per-sample stack of matrices.
+inline Tensor flat(const Tensor& t) { return t.view({-1, t.size(-1)}); }
+
+// Rows [b0, b0 + n) of each per-sample tensor; undefined ones (an identity layer's d) stay undefined.
+inline std::vector<Tensor> batch_rows(const std::vector<Tensor>& all, int64_t b0, int64_t n) {
+  std::vector<Tensor> out;
+  out.reserve(all.size());
+  for (const Tensor& t : all) out.push_back(t.defined() ? t.narrow(0, b0, n) : t);
+  return out;
+}
+
+// In `saved` an absent d or act'' is an empty 1-d tensor (the schema has no optional list
+// elements); in the algorithms it is an undefined tensor.
+inline Tensor absent_to_undefined(const Tensor& t) { return t.dim() == 1 ? Tensor() : t; }
+inline Tensor undefined_to_absent(const Tensor& t, const at::TensorOptions& options) {
+  return t.defined() ? t : at::empty({0}, options);
+}
+
+// One worker's sums over its tiles (see the comment at the top): weight and bias gradients per
+// layer, forward mode's first-carry weight gradient in W^T's layout, and the Gram epilogues'
+// dG = sum_b g_b S_b^T S_b (kGram1: dM = sum_b g_b d_b d_b^T). Undefined until a tile adds to it.
+struct WorkerSums {
+  std::vector<Tensor> w, b;
+  Tensor wt, gram;
+  explicit WorkerSums(int64_t layers) : w(layers), b(layers) {}
+};
+
+// What one tile of the backward reads and writes: the tile's rows of x, h_1..h_{L-1}, d, act'',
+// the carries, the incoming gradients and grad_x.
+struct BackwardTile {
+  int64_t n;
+  std::vector<Tensor> hs, ds, d2s, cs;  // hs: h_0 = x, ..., h_{L-1}
+  Tensor projections, grad_y, grad_sq, grad_jac, grad_x;
+  std::vector<Tensor> grad_carries;  // undefined for none
+};
+
 template <class Kernels>
 struct MLPJacobian {
   at::TensorList weights;
@@ -141,157 +201,316 @@ struct MLPJacobian {
   Tensor projections = Tensor();  // (B, k, m) random rows v: carry v^T J instead of J (estimator)
 
   int64_t depth() const { return static_cast<int64_t>(weights.size()); }
+  int64_t width(int64_t i) const { return i == 0 ? weights[0].size(1) : weights[i - 1].size(0); }
+  bool has_d(int64_t i) const { return has_derivative(activations[i]); }
+  bool has_d2(int64_t i) const { return has_curvature(activations[i]); }
   bool forward_mode() const { return strategy == kForward || strategy == kForwardGram; }
   bool gram_epilogue_mode() const { return strategy == kReverseGram || strategy == kForwardGram; }
   // The Gram epilogues replace the last GEMM: reverse carries stop at R^(last_carried), forward
   // carries at T^(last_forward).
   int64_t last_carried() const { return strategy == kReverseGram ? layer + 1 : layer; }
   int64_t last_forward() const { return strategy == kForwardGram ? depth() - 1 : depth(); }
-
-  // h_0..h_L and the activations' first and second derivatives d[i], d2[i] at y_{i+1}; the
-  // pre-activations y_{i+1} too when `ys` is given.
-  void mlp_forward(const Tensor& x, std::vector<Tensor>& hs, std::vector<Tensor>& ds,
-                   std::vector<Tensor>& d2s, std::vector<Tensor>* ys = nullptr) const {
-    hs = {x};
-    for (const auto i : c10::irange(depth())) {
-      auto b = bias_at(biases, i);
-      Tensor y = b ? at::addmm(*b, hs.back(), weights[i].t()) : at::mm(hs.back(), weights[i].t());
-      auto [h, d, d2] = Kernels::activation_forward(y, activations[i], act_params[2 * i],
-                                                    act_params[2 * i + 1]);
-      if (ys) ys->push_back(y);
-      hs.push_back(h);
-      ds.push_back(d);
-      d2s.push_back(d2);
-    }
+  // Rows of the reverse carry: m, or k with projections.
+  int64_t carried_rows() const { return projections.defined() ? projections.size(1) : width(depth()); }
+  int64_t n_carries() const {
+    return strategy == kGram1 ? 3 : forward_mode() ? depth() - layer - 1 : depth() - layer;
   }
 
-  // The `saved` list: d, d2, h_1..h_{L-1}, carries.
-  static std::vector<Tensor> pack_saved(const std::vector<Tensor>& hs, const std::vector<Tensor>& ds,
-                                        const std::vector<Tensor>& d2s, const std::vector<Tensor>& cs) {
-    std::vector<Tensor> saved(ds);
-    saved.insert(saved.end(), d2s.begin(), d2s.end());
-    saved.insert(saved.end(), hs.begin() + 1, hs.end() - 1);
-    saved.insert(saved.end(), cs.begin(), cs.end());
+  Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) const {
+    return Kernels::empty(sizes, options);
+  }
+
+  // out = c * x * cols * rows * sample (see Kernels::scale), a fresh (n, x.size(1), x.size(2)).
+  Tensor scaled(const Tensor& x, const Tensor& cols, const Tensor& rows, const Tensor& sample, double c,
+                int64_t n) const {
+    Tensor out = empty({n, x.size(1), x.size(2)}, x.options());
+    Kernels::scale(x, cols, rows, sample, c, out);
+    return out;
+  }
+  // x * d (columns), or x itself where d is absent (an identity layer).
+  Tensor scaled_columns(const Tensor& x, const Tensor& d) const {
+    return d.defined() ? scaled(x, d, Tensor(), Tensor(), 1.0, x.size(0)) : x;
+  }
+  // The adjoint-style product c * g * x with g (n) per sample, or (n, k) per row (projections).
+  Tensor scaled_by_loss(const Tensor& x, const Tensor& g, double c) const {
+    return g.dim() == 2 ? scaled(x, Tensor(), g, Tensor(), c, g.size(0))
+                        : scaled(x, Tensor(), Tensor(), g, c, g.size(0));
+  }
+  // d of layer i for n samples, ones for an identity layer (kGram1 multiplies by it).
+  Tensor derivative_or_ones(const std::vector<Tensor>& ds, int64_t i, int64_t n,
+                            const at::TensorOptions& options) const {
+    return ds[i].defined() ? ds[i] : empty({n, width(i + 1)}, options).fill_(1);
+  }
+
+  // The `saved` outputs of the forward ops, allocated for the whole batch (layout at the top).
+  struct Saved {
+    std::vector<Tensor> ds, d2s, hidden, cs;
+  };
+  Saved allocate_saved(int64_t B, const at::TensorOptions& options) const {
+    const int64_t L = depth(), rows = carried_rows();
+    Saved s;
+    for (const auto i : c10::irange(L)) {
+      s.ds.push_back(has_d(i) ? empty({B, width(i + 1)}, options) : Tensor());
+      s.d2s.push_back(has_d2(i) ? empty({B, width(i + 1)}, options) : Tensor());
+      if (i > 0) s.hidden.push_back(empty({B, width(i)}, options));
+    }
+    if (strategy == kGram1) {
+      const int64_t n1 = width(1);
+      s.cs = {empty({n1, n1}, options), empty({n1, n1}, options), empty({B, n1}, options)};
+    } else if (strategy == kForward) {
+      for (int64_t i = layer + 2; i <= L; ++i) s.cs.push_back(empty({B, width(layer), width(i)}, options));
+    } else if (strategy == kForwardGram) {
+      for (int64_t i = 2; i < L; ++i) s.cs.push_back(empty({B, width(0), width(i)}, options));
+      s.cs.push_back(empty({B, width(0), width(L - 1)}, options));
+    } else {
+      for (int64_t i = L - 1; i >= layer; --i) s.cs.push_back(empty({B, rows, width(i)}, options));
+      if (strategy == kReverseGram) s.cs.back() = empty({B, rows, width(1)}, options);
+    }
+    return s;
+  }
+  static std::vector<Tensor> pack_saved(const Saved& s, const at::TensorOptions& options) {
+    std::vector<Tensor> saved;
+    for (const Tensor& d : s.ds) saved.push_back(undefined_to_absent(d, options));
+    for (const Tensor& d2 : s.d2s) saved.push_back(undefined_to_absent(d2, options));
+    saved.insert(saved.end(), s.hidden.begin(), s.hidden.end());
+    saved.insert(saved.end(), s.cs.begin(), s.cs.end());
     return saved;
   }
 
-  // Jacobian carries, unscaled, in the order documented at the top of this file.
-  std::vector<Tensor> carries(const std::vector<Tensor>& ds) const {
-    const int64_t L = depth(), B = ds[0].size(0);
-    std::vector<Tensor> out;
-    if (!forward_mode()) {
-      // R^(L-1) = D_L W_L, or V D_L W_L (one GEMM) when carrying projections.
-      Tensor r = projections.defined()
-                     ? at::mm((projections * ds[L - 1].unsqueeze(1)).reshape({-1, ds[L - 1].size(1)}),
-                              weights[L - 1]).view({B, projections.size(1), weights[L - 1].size(1)})
-                     : ds[L - 1].unsqueeze(2) * weights[L - 1].unsqueeze(0);
-      out.push_back(r);
-      for (int64_t i = L - 2; i >= last_carried(); --i) {
-        Tensor s = r * ds[i].unsqueeze(1);
-        r = at::mm(s.reshape({-1, s.size(2)}), weights[i]).view({B, s.size(1), weights[i].size(1)});
-        out.push_back(r);
+  // One tile's MLP: hs = h_0..h_L (h_L the output), each y_{i+1} = h_i W_i^T + b_i written
+  // straight into h_{i+1}, then act, act' and act'' in one pass, in place.
+  void mlp_forward(const std::vector<Tensor>& hs, const std::vector<Tensor>& ds,
+                   const std::vector<Tensor>& d2s) const {
+    for (const auto i : c10::irange(depth())) {
+      Tensor h = hs[i + 1];
+      if (auto b = bias_at(biases, i)) {
+        addmm_into(h, *b, hs[i], weights[i].t());
+      } else {
+        mm_into(h, hs[i], weights[i].t());
       }
-    } else {
-      Tensor t = first_forward_carry(ds);
-      for (int64_t i = layer + 1; i < last_forward(); ++i) {
-        Tensor u = at::mm(t.reshape({-1, t.size(2)}), weights[i].t()).view({B, t.size(1), weights[i].size(0)});
-        out.push_back(u);
-        t = u * ds[i].unsqueeze(1);
+      if (has_d(i)) {
+        Kernels::activation_(h, ds[i], d2s[i], activations[i], act_params[2 * i], act_params[2 * i + 1]);
       }
     }
-    return out;
   }
 
-  // Forward mode: T^(layer+1) = W[layer]^T D_{layer+1}, formed directly (no GEMM), contiguous.
-  Tensor first_forward_carry(const std::vector<Tensor>& ds) const {
-    const Tensor& w = weights[layer];
-    Tensor t = at::empty({ds[0].size(0), w.size(1), w.size(0)}, w.options());
-    return at::mul_out(t, w.t().unsqueeze(0), ds[layer].unsqueeze(1));
-  }
-
-  // The Gram epilogues' input S: kReverseGram: S = R^(1) D_1 (B, rows, n_1), J = S W_1;
-  // kForwardGram: S = T^(L-1) (B, n_0, n_{L-1}), J^T = S W_L^T.
-  Tensor gram_input(const std::vector<Tensor>& cs, const std::vector<Tensor>& ds) const {
-    if (strategy == kReverseGram) return cs.back() * ds[0].unsqueeze(1);
+  // One tile's reverse carries into cs: R^(L-1) = d[L-1] (rows) * W[L-1], or (V * d[L-1]) W[L-1]
+  // with projections v; then R^(i) = (R^(i+1) * d[i]) W[i] down to R^(last_carried).
+  void reverse_carries(const std::vector<Tensor>& ds, const std::vector<Tensor>& cs, const Tensor& v,
+                       const Tensor& w_last) const {
     const int64_t L = depth();
-    return L - 1 == layer + 1 ? first_forward_carry(ds) : cs.back() * ds[L - 2].unsqueeze(1);
+    if (v.defined()) {
+      mm_into(flat(cs[0]), flat(scaled_columns(v, ds[L - 1])), weights[L - 1]);
+    } else {
+      Kernels::scale(w_last.unsqueeze(0), Tensor(), ds[L - 1], Tensor(), 1.0, cs[0]);
+    }
+    for (int64_t i = L - 2, j = 1; i >= last_carried(); --i, ++j) {
+      mm_into(flat(cs[j]), flat(scaled_columns(cs[j - 1], ds[i])), weights[i]);
+    }
   }
 
-  // P = S G with the sample-independent G = W_1 W_1^T (reverse) or W_L^T W_L (forward), so that
-  // ||J||^2 = sum(P * S) per sample.
-  Tensor gram_epilogue(const Tensor& s) const {
-    const Tensor& w = strategy == kReverseGram ? weights[0] : weights[depth() - 1];
-    Tensor gram = strategy == kReverseGram ? symmetric_mm(w, w.t()) : symmetric_mm(w.t(), w);
-    return at::mm(s.reshape({-1, s.size(2)}), gram).view(s.sizes());
+  // Forward mode: T^(layer+1) = W[layer]^T D_{layer+1} for n samples (wt = W[layer]^T, contiguous).
+  Tensor first_forward_carry(const Tensor& wt, const std::vector<Tensor>& ds, int64_t n) const {
+    return scaled(wt.unsqueeze(0), ds[layer], Tensor(), Tensor(), 1.0, n);
   }
 
-  // The gradient of sum_b g_b sum(P_b * S_b) w.r.t. the Gram's weight, with dG = S^T g S.
-  Tensor gram_weight_grad(const Tensor& s, const Tensor& g) const {
-    Tensor dg = symmetric_mm((s * g).reshape({-1, s.size(2)}).t(), s.reshape({-1, s.size(2)}));
-    return strategy == kReverseGram ? 2 * at::mm(dg, weights[0])
-                                    : 2 * at::mm(weights[depth() - 1], dg);
+  // One tile's forward carries into cs: U^(i+1) = T^(i) W[i]^T up to U^(last_forward).
+  void forward_carries(const Tensor& wt, const std::vector<Tensor>& ds, const std::vector<Tensor>& cs,
+                       int64_t n) const {
+    Tensor t = first_forward_carry(wt, ds, n);
+    for (int64_t i = layer + 1, j = 0; i < last_forward(); ++i, ++j) {
+      mm_into(flat(cs[j]), flat(t), weights[i].t());
+      if (i + 1 < last_forward()) t = scaled_columns(cs[j], ds[i]);
+    }
   }
 
   // Forward mode: U^(L), the last carry before its scaling by d[L-1]. With a single layer after
-  // `layer` there is no GEMM and U^(L) is W[layer]^T itself, broadcast over the batch.
-  Tensor last_unscaled(const std::vector<Tensor>& cs, const std::vector<Tensor>& ds) const {
-    if (!cs.empty()) return cs.back();
-    return weights[layer].t().unsqueeze(0).expand({ds[0].size(0), -1, -1});
+  // `layer` there is no GEMM and U^(L) is W[layer]^T itself, the same for every sample.
+  Tensor last_unscaled(const std::vector<Tensor>& cs, const Tensor& wt) const {
+    return cs.empty() ? wt.unsqueeze(0) : cs.back();
   }
 
-  // The final carry scaled: reverse gives J (B, m, n_l), forward gives J^T (B, n_l, m).
-  Tensor final_carry(const std::vector<Tensor>& cs, const std::vector<Tensor>& ds) const {
-    return forward_mode() ? last_unscaled(cs, ds) * ds.back().unsqueeze(1) : cs.back();
+  // The Gram epilogues' input S for one tile: kReverseGram: S = R^(1) D_1 (n, rows, n_1), J = S W_1;
+  // kForwardGram: S = T^(L-1) (n, n_0, n_{L-1}), J^T = S W_L^T.
+  Tensor gram_input(const Tensor& wt, const std::vector<Tensor>& ds, const std::vector<Tensor>& cs,
+                    int64_t n) const {
+    const int64_t L = depth();
+    if (strategy == kReverseGram) return scaled(cs[L - 2], ds[0], Tensor(), Tensor(), 1.0, n);
+    return L - 1 == layer + 1 ? first_forward_carry(wt, ds, n)
+                              : scaled(cs[L - 3], ds[L - 2], Tensor(), Tensor(), 1.0, n);
   }
 
-  // Adjoint sweep: given the adjoint of the final carry (for the Gram epilogues: of S, with the
-  // Gram's weight gradient already set), accumulate the adjoints of d[layer..] (into adj_d) and of the
-  // weights (into grad_w). `adj` must be a temporary of the caller's: it is scaled in place.
-  // carry_grads (reverse only; empty, or one per carry in cs's order, an empty tensor for none):
-  // gradients w.r.t. the intermediate carries R^(i) = dy/dh_i, added as the sweep passes them.
-  void carry_backward(Tensor adj, const std::vector<Tensor>& cs, const std::vector<Tensor>& ds,
-                      std::vector<Tensor>& adj_d, std::vector<Tensor>& grad_w,
-                      at::TensorList carry_grads = {}) const {
-    const int64_t L = depth(), B = ds[0].size(0);
-    auto flat = [](const Tensor& t) { return t.reshape({-1, t.size(2)}); };
+  // The sample-independent Gram of the epilogue: G = W_1 W_1^T (reverse) or H = W_L^T W_L.
+  Tensor epilogue_gram() const {
+    const Tensor& w = strategy == kReverseGram ? weights[0] : weights[depth() - 1];
+    return strategy == kReverseGram ? symmetric_mm(w, w.t()) : symmetric_mm(w.t(), w);
+  }
+
+  // One tile of ||J||_F^2 (or ||v_i^T J||^2 per projected row) into sq; cs are the tile's carries
+  // (their last entry receives P for the Gram epilogues and M d for kGram1).
+  void frobenius_tile(const std::vector<Tensor>& ds, const std::vector<Tensor>& cs, const Tensor& v,
+                      const Tensor& wt, const Tensor& w_last, const Tensor& gram, const Tensor& sq) const {
+    const int64_t n = sq.size(0), L = depth();
+    if (strategy == kGram1) {
+      Tensor d = derivative_or_ones(ds, 0, n, sq.options());
+      mm_into(cs[2], d, gram);  // M is symmetric: rows of D M are (M d_b)^T
+      Kernels::pair_sum(cs[2].unsqueeze(1), d.unsqueeze(1), sq);
+      return;
+    }
+    if (forward_mode()) {
+      forward_carries(wt, ds, cs, n);
+    } else {
+      reverse_carries(ds, cs, v, w_last);
+    }
+    if (gram_epilogue_mode()) {
+      Tensor s = gram_input(wt, ds, cs, n);
+      mm_into(flat(cs.back()), flat(s), gram);
+      Kernels::pair_sum(cs.back(), s, sq);
+    } else if (forward_mode()) {  // the last diagonal scaling happens inside the reduction
+      Kernels::square_sum(last_unscaled(cs, wt), ds[L - 1], sq);
+    } else {
+      Kernels::square_sum(cs.back(), Tensor(), sq);
+    }
+  }
+
+  // One tile of the backward (the comment above mlp_jacobian_backward), its weight and bias
+  // gradients added to `sums`.
+  void backward_tile(BackwardTile& t, WorkerSums& sums, const Tensor& wt, const Tensor& w_last) const {
+    const int64_t L = depth(), n = t.n;
+    const auto options = t.hs[0].options();
+    std::vector<Tensor> adj_d(L);  // adjoints of d, where act'' makes them matter
+    const Tensor& g = t.grad_sq;
+    bool has_carries = false;
+    for (const Tensor& c : t.grad_carries) has_carries = has_carries || c.defined();
+    if (strategy == kGram1) {
+      if (g.defined()) {
+        // sum_b g_b d_b^T M d_b: d/dd_b = 2 g_b M d_b; dM = sum_b g_b d_b d_b^T (weights: at the end)
+        Tensor d = derivative_or_ones(t.ds, 0, n, options);
+        if (has_d2(0)) adj_d[0] = scaled_by_loss(t.cs[2].unsqueeze(1), g, 2.0).squeeze(1);
+        add_mm(sums.gram, scaled_by_loss(d.unsqueeze(1), g, 1.0).squeeze(1).t(), d);
+      }
+    } else if (gram_epilogue_mode()) {
+      if (g.defined()) {
+        // sum_b g_b tr(S_b G S_b^T): d/dS_b = 2 g_b P_b; dG = sum_b g_b S_b^T S_b (weights: at the end)
+        Tensor s = gram_input(wt, t.ds, t.cs, n);
+        add_mm(sums.gram, flat(scaled_by_loss(s, g, 1.0)).t(), flat(s));
+        carry_backward(scaled_by_loss(t.cs.back(), g, 2.0), t, sums, adj_d, wt, w_last);
+      }
+    } else if (g.defined() || t.grad_jac.defined() || has_carries) {
+      // The adjoint of the final carry: J (reverse) or J^T = U^(L) D_L (forward).
+      Tensor adj;
+      if (g.defined()) {
+        adj = forward_mode() ? scaled(last_unscaled(t.cs, wt), t.ds[L - 1], Tensor(), g, 2.0, n)
+                             : scaled_by_loss(t.cs.back(), g, 2.0);
+      }
+      auto accumulate = [&](const Tensor& term) {
+        if (adj.defined()) {
+          adj.add_(term);
+        } else {
+          adj = empty(term.sizes(), options);
+          adj.copy_(term);
+        }
+      };
+      if (t.grad_jac.defined()) accumulate(forward_mode() ? t.grad_jac.transpose(1, 2) : t.grad_jac);
+      if (has_carries && t.grad_carries.back().defined()) accumulate(t.grad_carries.back());
+      if (!adj.defined()) adj = empty(t.cs.back().sizes(), options).zero_();
+      carry_backward(adj, t, sums, adj_d, wt, w_last);
+    }
+    mlp_backward(t, sums, adj_d);
+  }
+
+  // acc += a b (acc allocated by the first product).
+  void add_mm(Tensor& acc, const Tensor& a, const Tensor& b) const {
+    if (acc.defined()) {
+      acc.addmm_(a, b);
+    } else {
+      acc = empty({a.size(0), b.size(1)}, a.options());
+      mm_into(acc, a, b);
+    }
+  }
+  Tensor& zeroed(Tensor& acc, at::IntArrayRef sizes, const at::TensorOptions& options) const {
+    if (!acc.defined()) acc = empty(sizes, options).zero_();
+    return acc;
+  }
+
+  // Adjoint sweep over one tile: given the adjoint of the final carry (for the Gram epilogues: of
+  // S), add the weight gradients of the carries to `sums` and set the adjoints of d[layer..] that
+  // act'' needs (adj_d). `adj` is the sweep's own: it is scaled in place.
+  void carry_backward(Tensor adj, BackwardTile& t, WorkerSums& sums, std::vector<Tensor>& adj_d,
+                      const Tensor& wt, const Tensor& w_last) const {
+    const int64_t L = depth(), n = t.n;
+    const auto& ds = t.ds;
+    const auto& cs = t.cs;
+    const auto options = adj.options();
+    auto new_adj_d = [&](int64_t i) {
+      return has_d2(i) ? (adj_d[i] = empty({n, width(i + 1)}, options)) : Tensor();
+    };
     if (!forward_mode()) {
-      // cs[j] = R^(L-1-j); R^(i) = (R^(i+1) * d[i]) W[i].
+      // cs[j] = R^(L-1-j); R^(i) = S^(i+1) W[i] with S^(i+1) = R^(i+1) * d[i].
       for (int64_t i = layer; i <= L - 2; ++i) {
         const Tensor& r_next = cs[L - 2 - i];
         Tensor adj_s = adj;  // kReverseGram enters the loop with the adjoint of S^(layer+1)
         if (strategy != kReverseGram || i > layer) {
-          Tensor s = r_next * ds[i].unsqueeze(1);
-          grad_w[i] = at::mm(flat(s).t(), flat(adj));
-          adj_s = at::mm(flat(adj), weights[i].t()).view({B, adj.size(1), weights[i].size(0)});
+          add_mm(sums.w[i], flat(scaled_columns(r_next, ds[i])).t(), flat(adj));
+          adj_s = empty({n, adj.size(1), width(i + 1)}, options);
+          mm_into(flat(adj_s), flat(adj), weights[i].t());
         }
-        adj_d[i] = Kernels::rowwise_dot(r_next, adj_s);
-        adj = adj_s.mul_(ds[i].unsqueeze(1));  // adj_s is this sweep's own temporary
-        if (!carry_grads.empty() && carry_grads[L - 2 - i].numel()) adj.add_(carry_grads[L - 2 - i]);
+        Kernels::rowwise_dot_scale_(r_next, adj_s, ds[i], new_adj_d(i));  // adj_s becomes R^(i+1)'s adjoint
+        adj = adj_s;
+        if (!t.grad_carries.empty() && t.grad_carries[L - 2 - i].defined()) adj.add_(t.grad_carries[L - 2 - i]);
       }
-      if (projections.defined()) {  // R^(L-1) = (V * d[L-1]) W[L-1]
-        Tensor vd = projections * ds[L - 1].unsqueeze(1);
-        grad_w[L - 1] = at::mm(flat(vd).t(), flat(adj));
-        Tensor adj_vd = at::mm(flat(adj), weights[L - 1].t()).view(vd.sizes());
-        adj_d[L - 1] = Kernels::rowwise_dot(projections, adj_vd);
+      if (t.projections.defined()) {  // R^(L-1) = (V * d[L-1]) W[L-1]
+        add_mm(sums.w[L - 1], flat(scaled_columns(t.projections, ds[L - 1])).t(), flat(adj));
+        if (Tensor out = new_adj_d(L - 1); out.defined()) {
+          Tensor adj_vd = empty(t.projections.sizes(), options);
+          mm_into(flat(adj_vd), flat(adj), weights[L - 1].t());
+          Kernels::rowwise_dot_scale_(t.projections, adj_vd, Tensor(), out);
+        }
       } else {  // R^(L-1) = d[L-1] (rows) * W[L-1]
-        adj_d[L - 1] = (adj * weights[L - 1].unsqueeze(0)).sum(2);
-        grad_w[L - 1] = (adj * ds[L - 1].unsqueeze(2)).sum(0);
+        if (Tensor out = new_adj_d(L - 1); out.defined()) {
+          Kernels::pair_sum(adj, w_last.unsqueeze(0), out);
+        }
+        Kernels::batch_sum_(zeroed(sums.w[L - 1], w_last.sizes(), options), adj, Tensor(), ds[L - 1]);
       }
     } else {
-      // cs[j] = U^(layer+2+j); T^(i) = U^(i) * d[i-1], U^(i+1) = T^(i) W[i]^T.
+      // cs[j] = U^(layer+2+j); T^(i) = U^(i) * d[i-1], U^(i+1) = T^(i) W[i]^T; adj: T^(last_forward)'s.
       for (int64_t i = last_forward(); i >= layer + 2; --i) {
-        const Tensor& u = cs[i - layer - 2];
-        adj_d[i - 1] = Kernels::rowwise_dot(u, adj);
-        Tensor adj_u = adj.mul_(ds[i - 1].unsqueeze(1));  // adj is this sweep's own temporary
-        Tensor t_prev = i - 1 == layer + 1 ? first_forward_carry(ds)
-                                           : cs[i - layer - 3] * ds[i - 2].unsqueeze(1);
-        grad_w[i - 1] = at::mm(flat(adj_u).t(), flat(t_prev));
-        adj = at::mm(flat(adj_u), weights[i - 1]).view({B, adj.size(1), weights[i - 1].size(1)});
+        Kernels::rowwise_dot_scale_(cs[i - layer - 2], adj, ds[i - 1], new_adj_d(i - 1));  // U^(i)'s adjoint
+        Tensor t_prev = i - 1 == layer + 1 ? first_forward_carry(wt, ds, n)
+                                           : scaled_columns(cs[i - layer - 3], ds[i - 2]);
+        add_mm(sums.w[i - 1], flat(adj).t(), flat(t_prev));
+        Tensor adj_t = empty({n, adj.size(1), width(i - 1)}, options);
+        mm_into(flat(adj_t), flat(adj), weights[i - 1]);
+        adj = adj_t;
       }
       // T^(layer+1) = W[layer]^T * d[layer] (columns).
-      adj_d[layer] = Kernels::rowwise_dot(adj, weights[layer].t().unsqueeze(0));
-      grad_w[layer] = (adj * ds[layer].unsqueeze(1)).sum(0).t();
+      if (Tensor out = new_adj_d(layer); out.defined()) Kernels::rowwise_dot_scale_(wt.unsqueeze(0), adj, Tensor(), out);
+      Kernels::batch_sum_(zeroed(sums.wt, wt.sizes(), options), adj, ds[layer], Tensor());
     }
+  }
+
+  // The MLP's own backward over one tile: d/dy_{i+1} = grad_h * d[i] + adj_d[i] * act''[i], its
+  // bias gradient in the same pass; it stops where nothing flows (grad_h and adj_d absent).
+  void mlp_backward(BackwardTile& t, WorkerSums& sums, const std::vector<Tensor>& adj_d) const {
+    const int64_t n = t.n;
+    const auto options = t.hs[0].options();
+    Tensor grad_h = t.grad_y;
+    bool wrote_grad_x = false;
+    for (int64_t i = depth() - 1; i >= 0; --i) {
+      if (!grad_h.defined() && !adj_d[i].defined()) continue;  // zero: nothing reaches the layers below
+      Tensor g = empty({n, width(i + 1)}, options);
+      Tensor grad_b = bias_at(biases, i) ? zeroed(sums.b[i], {width(i + 1)}, options) : Tensor();
+      Kernels::mlp_delta(grad_h, t.ds[i], adj_d[i], t.d2s[i], g, grad_b);
+      add_mm(sums.w[i], g.t(), t.hs[i]);
+      if (i > 0) {
+        grad_h = empty({n, width(i)}, options);
+        mm_into(grad_h, g, weights[i]);
+      } else if (t.grad_x.defined()) {
+        mm_into(t.grad_x, g, weights[0]);
+        wrote_grad_x = true;
+      }
+    }
+    if (t.grad_x.defined() && !wrote_grad_x) t.grad_x.zero_();
   }
 };
 
@@ -312,82 +531,120 @@ inline Tensor checked_projections(const std::optional<Tensor>& projections, cons
   return v.contiguous();
 }
 
+inline void check_tile(int64_t tile) {
+  TORCH_CHECK(tile >= 0, "jacext: tile must be >= 0 samples (0: the whole batch at once), got ", tile);
+}
+
+// y = mlp(x), sq (B) = ||J||_F^2 (or (B, k) per projected row) and `saved`, tile by tile.
 template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
-    const std::optional<Tensor>& projections) {
+    const std::optional<Tensor>& projections, int64_t tile) {
   check_mlp(x, weights, biases, activations, act_params, 0, strategy);
+  check_tile(tile);
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, strategy,
                            checked_projections(projections, x, weights, strategy)};
-  std::vector<Tensor> hs, ds, d2s;
-  net.mlp_forward(x, hs, ds, d2s);
-  Tensor sq;
+  const int64_t B = x.size(0), L = net.depth();
+  const auto options = x.options();
+  Tensor y = net.empty({B, net.width(L)}, options);
+  Tensor sq = net.projections.defined() ? net.empty({B, net.carried_rows()}, options) : net.empty({B}, options);
+  auto saved = net.allocate_saved(B, options);
+  // What every tile shares, once per call: the Grams, W^T for forward mode's first carry, and
+  // the last weight contiguous for the reverse mode's first carry.
+  Tensor gram, wt, w_last = weights[L - 1].contiguous();
   if (strategy == kGram1) {
-    Tensor g1 = symmetric_mm(weights[0], weights[0].t()), g2 = symmetric_mm(weights[1].t(), weights[1]);
-    Tensor md = at::mm(ds[0], g1 * g2);  // M is symmetric: rows of D M = (M d_b)^T
-    sq = (md * ds[0]).sum(1);
-    return {hs.back(), sq, net.pack_saved(hs, ds, d2s, {g1, g2, md})};
+    saved.cs[0].copy_(symmetric_mm(weights[0], weights[0].t()));
+    saved.cs[1].copy_(symmetric_mm(weights[1].t(), weights[1]));
+    gram = saved.cs[0] * saved.cs[1];
+  } else if (net.gram_epilogue_mode()) {
+    gram = net.epilogue_gram();
   }
-  std::vector<Tensor> cs = net.carries(ds);
-  // With projections, one squared norm per projected row: (B, k).
-  if (net.gram_epilogue_mode()) {
-    Tensor s = net.gram_input(cs, ds);
-    Tensor p = net.gram_epilogue(s);
-    // The estimator needs each projected row's norm; the exact norm only their sum (fused).
-    sq = net.projections.defined() ? (p * s).sum(2) : Kernels::rowwise_dot(p, s).sum(1);
-    cs.push_back(p);
-  } else if (net.projections.defined()) {
-    sq = cs.back().square().sum(2);
-  } else {
-    // Fused epilogue: the forward mode's last diagonal scaling happens inside the reduction.
-    sq = net.forward_mode() ? Kernels::scaled_square_sum(net.last_unscaled(cs, ds), ds.back())
-                            : Kernels::scaled_square_sum(cs.back(), Tensor());
-  }
-  return {hs.back(), sq, net.pack_saved(hs, ds, d2s, cs)};
+  if (net.forward_mode()) wt = weights[0].t().contiguous();
+  std::vector<Tensor> per_sample_cs(saved.cs.begin() + (strategy == kGram1 ? 2 : 0), saved.cs.end());
+  Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
+    std::vector<Tensor> hs = {x.narrow(0, b0, n)};
+    for (const Tensor& h : batch_rows(saved.hidden, b0, n)) hs.push_back(h);
+    hs.push_back(y.narrow(0, b0, n));
+    std::vector<Tensor> ds = batch_rows(saved.ds, b0, n), d2s = batch_rows(saved.d2s, b0, n);
+    net.mlp_forward(hs, ds, d2s);
+    std::vector<Tensor> cs = batch_rows(per_sample_cs, b0, n);
+    if (strategy == kGram1) cs.insert(cs.begin(), {saved.cs[0], saved.cs[1]});
+    Tensor v = net.projections.defined() ? net.projections.narrow(0, b0, n) : Tensor();
+    net.frobenius_tile(ds, cs, v, wt, w_last, gram, sq.narrow(0, b0, n));
+  });
+  return {y, sq, net.pack_saved(saved, options)};
 }
 
+// y = mlp(x), jac[b] = d y_b / d h_layer,b (B, m, n_layer) and `saved`, tile by tile.
 template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t layer,
-    int64_t strategy) {
+    int64_t strategy, int64_t tile) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
+  check_tile(tile);
   TORCH_CHECK(strategy == kReverse || strategy == kForward, "jacext: mlp_jacobian forms J; "
               "strategies 2, 3 and 4 (Gram) are for the Frobenius norm only");
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy};
-  std::vector<Tensor> hs, ds, d2s;
-  net.mlp_forward(x, hs, ds, d2s);
-  std::vector<Tensor> cs = net.carries(ds);
-  Tensor final_carry = net.final_carry(cs, ds);
-  Tensor jac = net.forward_mode() ? final_carry.transpose(1, 2).contiguous() : final_carry.clone();
-  return {hs.back(), jac, net.pack_saved(hs, ds, d2s, cs)};
+  const int64_t B = x.size(0), L = net.depth();
+  const auto options = x.options();
+  Tensor y = net.empty({B, net.width(L)}, options);
+  Tensor jac = net.empty({B, net.width(L), net.width(layer)}, options);
+  auto saved = net.allocate_saved(B, options);
+  Tensor wt = net.forward_mode() ? weights[layer].t().contiguous() : Tensor();
+  Tensor w_last = weights[L - 1].contiguous();
+  Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
+    std::vector<Tensor> hs = {x.narrow(0, b0, n)};
+    for (const Tensor& h : batch_rows(saved.hidden, b0, n)) hs.push_back(h);
+    hs.push_back(y.narrow(0, b0, n));
+    std::vector<Tensor> ds = batch_rows(saved.ds, b0, n), d2s = batch_rows(saved.d2s, b0, n);
+    net.mlp_forward(hs, ds, d2s);
+    std::vector<Tensor> cs = batch_rows(saved.cs, b0, n);
+    Tensor jac_tile = jac.narrow(0, b0, n);
+    if (net.forward_mode()) {
+      net.forward_carries(wt, ds, cs, n);
+      Tensor jt = net.scaled(net.last_unscaled(cs, wt), ds[L - 1], Tensor(), Tensor(), 1.0, n);
+      jac_tile.copy_(jt.transpose(1, 2));
+    } else {
+      net.reverse_carries(ds, cs, Tensor(), w_last);
+      jac_tile.copy_(cs.back());
+    }
+  });
+  return {y, jac, net.pack_saved(saved, options)};
 }
 
-// Gradients of  sum(grad_y * y) + sum(grad_sq * ||J||_F^2) + sum(grad_jac * J)  w.r.t. x, the
-// weights and the biases (a bias gradient is returned for every layer, with or without bias).
+// Gradients of  sum(grad_y * y) + sum(grad_sq * ||J||_F^2) + sum(grad_jac * J)
+// + sum(grad_carries * carries)  w.r.t. x (when input_grad; else undefined), the weights and the
+// biases (an empty tensor for a layer without bias), tile by tile: each worker sums its tiles'
+// weight gradients, and the sums (and the Grams' weight gradients) are added up at the end.
 template <class Kernels>
-std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backward(
+std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backward(
     const std::optional<Tensor>& grad_y, const std::optional<Tensor>& grad_sq,
     const std::optional<Tensor>& grad_jac, const Tensor& x, at::TensorList weights,
     at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
     int64_t layer, int64_t strategy, at::TensorList saved, at::TensorList grad_carries,
-    const std::optional<Tensor>& projections) {
+    const std::optional<Tensor>& projections, int64_t tile, bool input_grad) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
+  check_tile(tile);
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy,
                            checked_projections(projections, x, weights, strategy)};
-  const int64_t L = net.depth();
-  const int64_t n_carries = strategy == kGram1 ? 3 : net.forward_mode() ? L - layer - 1 : L - layer;
+  const int64_t L = net.depth(), B = x.size(0);
+  const auto options = x.options();
+  const int64_t n_carries = net.n_carries();
   const int64_t n_saved = 3 * L - 1 + n_carries;
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == n_saved, "jacext: expected ", n_saved,
               " saved tensors, got ", saved.size());
-  std::vector<Tensor> ds(saved.begin(), saved.begin() + L);
-  std::vector<Tensor> d2s(saved.begin() + L, saved.begin() + 2 * L);
-  std::vector<Tensor> hs = {x};
-  hs.insert(hs.end(), saved.begin() + 2 * L, saved.begin() + 3 * L - 1);
+  std::vector<Tensor> ds, d2s;
+  for (const auto i : c10::irange(L)) {
+    ds.push_back(absent_to_undefined(saved[i]));
+    d2s.push_back(absent_to_undefined(saved[L + i]));
+    TORCH_CHECK(ds[i].defined() == net.has_d(i) && d2s[i].defined() == net.has_d2(i),
+                "jacext: the saved activation derivatives of layer ", i, " do not match its activation");
+  }
+  std::vector<Tensor> hidden(saved.begin() + 2 * L, saved.begin() + 3 * L - 1);
   std::vector<Tensor> cs(saved.begin() + 3 * L - 1, saved.end());
 
-  std::vector<Tensor> adj_d(L), grad_w(L), grad_b(L);
   const bool has_sq = grad_sq.has_value() && grad_sq->defined();
   const bool has_jac = grad_jac.has_value() && grad_jac->defined();
   TORCH_CHECK(strategy == kReverse || strategy == kForward || !has_jac,
@@ -396,60 +653,90 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backwa
               "jacext: with projections the op returns norms only, so J has no gradient");
   // grad_carries: gradients w.r.t. the reverse carries R^(L-1), ..., R^(layer) (= dy/dh_i, the
   // Jacobians at the layers above `layer`), an empty tensor for none; an empty list for none at all.
-  bool has_carries = false;
+  std::vector<Tensor> carry_grads;
   if (!grad_carries.empty()) {
     TORCH_CHECK(strategy == kReverse && !net.projections.defined(),
                 "jacext: carry gradients need strategy 0 (reverse) without projections");
     TORCH_CHECK(static_cast<int64_t>(grad_carries.size()) == n_carries, "jacext: expected ", n_carries,
                 " carry gradients (an empty tensor for none), got ", grad_carries.size());
     for (const auto j : c10::irange(n_carries)) {
-      if (!grad_carries[j].numel()) continue;
+      if (!grad_carries[j].numel()) {
+        carry_grads.push_back(Tensor());
+        continue;
+      }
       TORCH_CHECK(grad_carries[j].sizes() == cs[j].sizes(), "jacext: carry gradient ", j,
                   " must have shape ", cs[j].sizes(), ", got ", grad_carries[j].sizes());
-      has_carries = true;
+      carry_grads.push_back(grad_carries[j]);
     }
   }
-  // grad_sq is (B) for the norm of J, (B, k) for the norms of the k projected rows.
-  Tensor g;
-  if (has_sq) g = net.projections.defined() ? grad_sq->unsqueeze(2) : grad_sq->view({-1, 1, 1});
-  if (strategy == kGram1 && has_sq) {
-    // sum_b g_b d_b^T M d_b: d/dd_b = 2 g_b M d_b; with dM = sum_b g_b d_b d_b^T,
-    // d/dW_1 = 2 (dM .* G2) W_1 and d/dW_2 = 2 W_2 (dM .* G1).
-    const Tensor &g1 = cs[0], &g2 = cs[1], &md = cs[2];
-    adj_d[0] = md * (2 * *grad_sq).unsqueeze(1);
-    Tensor dm = symmetric_mm((ds[0] * grad_sq->unsqueeze(1)).t(), ds[0]);
-    grad_w[0] = 2 * at::mm(dm * g2, weights[0]);
-    grad_w[1] = 2 * at::mm(weights[1], dm * g1);
-  } else if (net.gram_epilogue_mode() && has_sq) {
-    // sum_b g_b tr(S_b G S_b^T): d/dS_b = 2 g_b P_b; G's weight gets gram_weight_grad.
-    Tensor p = cs.back();
-    cs.pop_back();
-    Tensor s = net.gram_input(cs, ds);
-    grad_w[net.strategy == kReverseGram ? 0 : L - 1] = net.gram_weight_grad(s, g);
-    net.carry_backward(p * (2 * g), cs, ds, adj_d, grad_w);
-  } else if (has_sq || has_jac || has_carries) {
-    // The adjoint of the final carry, a fresh tensor (carry_backward scales it in place).
-    Tensor adj;
-    auto accumulate = [&adj](const Tensor& term) {
-      adj = adj.defined() ? adj.add_(term) : term.clone(at::MemoryFormat::Contiguous);
-    };
-    if (has_sq) adj = net.final_carry(cs, ds) * (2 * g);
-    if (has_jac) accumulate(net.forward_mode() ? grad_jac->transpose(1, 2) : *grad_jac);
-    if (has_carries && grad_carries.back().numel()) accumulate(grad_carries.back());
-    if (!adj.defined()) adj = at::zeros_like(cs.back());
-    net.carry_backward(adj, cs, ds, adj_d, grad_w, has_carries ? grad_carries : at::TensorList());
-  }
+  Tensor wt = net.forward_mode() ? weights[layer].t().contiguous() : Tensor();
+  Tensor w_last = weights[L - 1].contiguous();
+  Tensor grad_x = input_grad ? net.empty(x.sizes(), options) : Tensor();
+  // kGram1's G1 and G2 are sample-independent: not cut into tiles.
+  const int64_t shared_carries = strategy == kGram1 ? 2 : 0;
+  std::vector<Tensor> per_sample_cs(cs.begin() + shared_carries, cs.end());
+  std::vector<WorkerSums> sums(Kernels::max_workers(), WorkerSums(L));
+  Kernels::for_tiles(B, tile, [&](int64_t worker, int64_t b0, int64_t n) {
+    BackwardTile t;
+    t.n = n;
+    t.hs = {x.narrow(0, b0, n)};
+    for (const Tensor& h : batch_rows(hidden, b0, n)) t.hs.push_back(h);
+    t.ds = batch_rows(ds, b0, n);
+    t.d2s = batch_rows(d2s, b0, n);
+    t.cs = batch_rows(per_sample_cs, b0, n);
+    if (strategy == kGram1) t.cs.insert(t.cs.begin(), {cs[0], cs[1]});
+    if (net.projections.defined()) t.projections = net.projections.narrow(0, b0, n);
+    if (grad_y.has_value() && grad_y->defined()) t.grad_y = grad_y->narrow(0, b0, n);
+    if (has_sq) t.grad_sq = grad_sq->narrow(0, b0, n);
+    if (has_jac) t.grad_jac = grad_jac->narrow(0, b0, n);
+    t.grad_carries = batch_rows(carry_grads, b0, n);
+    if (input_grad) t.grad_x = grad_x.narrow(0, b0, n);
+    net.backward_tile(t, sums[worker], wt, w_last);
+  });
 
-  Tensor grad_h = grad_y.has_value() && grad_y->defined() ? *grad_y : at::zeros_like(ds.back());
-  for (int64_t i = L - 1; i >= 0; --i) {
-    // d/dy_{i+1} of the loss: through h (act') and, where the Jacobian uses it, through d (act'').
-    Tensor g = grad_h * ds[i];
-    if (adj_d[i].defined()) g.addcmul_(adj_d[i], d2s[i]);
-    grad_w[i] = grad_w[i].defined() ? at::addmm(grad_w[i], g.t(), hs[i]) : at::mm(g.t(), hs[i]);
-    grad_b[i] = g.sum(0);
-    grad_h = at::mm(g, weights[i]);
+  // Add up the workers' sums; a layer nothing reached gets zeros.
+  auto total = [&](auto member, int64_t i, at::IntArrayRef sizes) {
+    Tensor out;
+    for (WorkerSums& s : sums) {
+      Tensor& part = (s.*member)[i];
+      if (!part.defined()) continue;
+      if (out.defined()) {
+        out.add_(part);
+      } else {
+        out = part;
+      }
+    }
+    return out.defined() ? out : net.empty(sizes, options).zero_();
+  };
+  auto total_of = [&](Tensor WorkerSums::*member) {
+    Tensor out;
+    for (WorkerSums& s : sums) {
+      if (!(s.*member).defined()) continue;
+      if (out.defined()) {
+        out.add_(s.*member);
+      } else {
+        out = s.*member;
+      }
+    }
+    return out;
+  };
+  std::vector<Tensor> grad_w(L), grad_b(L);
+  for (const auto i : c10::irange(L)) {
+    grad_w[i] = total(&WorkerSums::w, i, weights[i].sizes());
+    grad_b[i] = bias_at(biases, i) ? total(&WorkerSums::b, i, {net.width(i + 1)}) : at::empty({0}, options);
   }
-  return {grad_h, grad_w, grad_b};
+  if (Tensor gwt = total_of(&WorkerSums::wt); gwt.defined()) grad_w[layer].add_(gwt.t());
+  if (Tensor dgram = total_of(&WorkerSums::gram); dgram.defined()) {
+    if (strategy == kGram1) {  // d/dW_1 = 2 (dM .* G2) W_1, d/dW_2 = 2 W_2 (dM .* G1)
+      grad_w[0].addmm_(dgram * cs[1], weights[0], 1.0, 2.0);
+      grad_w[1].addmm_(weights[1], dgram * cs[0], 1.0, 2.0);
+    } else if (strategy == kReverseGram) {  // G = W_1 W_1^T: d/dW_1 = 2 dG W_1
+      grad_w[0].addmm_(dgram, weights[0], 1.0, 2.0);
+    } else {  // H = W_L^T W_L: d/dW_L = 2 W_L dH
+      grad_w[L - 1].addmm_(weights[L - 1], dgram, 1.0, 2.0);
+    }
+  }
+  return {input_grad ? std::optional<Tensor>(grad_x) : std::nullopt, grad_w, grad_b};
 }
 
 }  // namespace jacext

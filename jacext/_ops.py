@@ -27,27 +27,28 @@ def _widths(x, weights):
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_frobenius")
-def _frobenius_fake(x, weights, biases, activations, act_params, strategy, projections=None):
+def _frobenius_fake(x, weights, biases, activations, act_params, strategy, projections=None, *, tile=0):
     B = x.shape[0]
     rows = None if projections is None else projections.shape[1]
-    saved = [x.new_empty(s) for s in saved_shapes(_widths(x, weights), B, 0, strategy, rows)]
+    saved = [x.new_empty(s) for s in saved_shapes(_widths(x, weights), B, 0, strategy, rows, activations)]
     sq = x.new_empty(B) if projections is None else x.new_empty(B, rows)
     return x.new_empty(B, weights[-1].shape[0]), sq, saved
 
 
 @torch.library.register_fake("jacext::mlp_jacobian")
-def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy):
-    saved = [x.new_empty(s) for s in saved_shapes(_widths(x, weights), x.shape[0], layer, strategy)]
+def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy, *, tile=0):
     widths = _widths(x, weights)
+    saved = [x.new_empty(s) for s in saved_shapes(widths, x.shape[0], layer, strategy, None, activations)]
     return (x.new_empty(x.shape[0], widths[-1]), x.new_empty(x.shape[0], widths[-1], widths[layer]),
             saved)
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_backward")
 def _backward_fake(grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-                   strategy, saved, grad_carries, projections=None):
-    return (torch.empty_like(x), [w.new_empty(w.shape) for w in weights],
-            [w.new_empty(w.shape[0]) for w in weights])
+                   strategy, saved, grad_carries, projections=None, *, tile=0, input_grad=True):
+    # contiguous like the kernels' outputs (x may not be); an empty bias gradient for a layer without bias
+    return (x.new_empty(x.shape) if input_grad else None, [w.new_empty(w.shape) for w in weights],
+            [w.new_empty(w.shape[0] if b.numel() else 0) for w, b in zip(weights, biases)])
 
 
 def bias_tensors(biases, weights):
@@ -55,12 +56,13 @@ def bias_tensors(biases, weights):
     return [w.new_empty(0) if b is None else b for b, w in zip(biases, weights)]
 
 
-def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, saved,
+def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, tile, saved,
                   projections=None, differentiable_carries=False):
     # An unused output's gradient stays None: zero-filling the (large) saved carries would cost a
     # full memory pass each, and the backward op takes None for grad_y, grad_sq and grad_jac.
     ctx.set_materialize_grads(False)
     ctx.config = (list(activations), list(act_params), layer, strategy)
+    ctx.tile = tile  # the backward runs the same tiles
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
     ctx.has_projections = projections is not None
@@ -89,17 +91,18 @@ def _backward_via_op(ctx, grad_y, grad_sq, grad_jac, grad_saved=None):
         grad_carries = [x.new_empty(0) if g is None else g for g in grad_carries]
     grad_x, grad_w, grad_b = _ops.mlp_jacobian_backward(
         grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-        strategy, saved, grad_carries, projections)
+        strategy, saved, grad_carries, projections, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
     grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
     return grad_x, list(grad_w), grad_b
 
 
-def _frobenius_setup(ctx, inputs, output):
+def _frobenius_setup(ctx, inputs, keyword_only_inputs, output):
     x, weights, biases, activations, act_params, strategy, projections = inputs
     # The dispatcher drops a trailing argument left at its default (None), so the backward
     # returns a gradient slot for `projections` only when one was passed.
     ctx.n_trailing = 0 if projections is None else 1
-    _save_forward(ctx, x, weights, biases, activations, act_params, 0, strategy, output[2], projections)
+    _save_forward(ctx, x, weights, biases, activations, act_params, 0, strategy, keyword_only_inputs.get("tile", 0),
+                  output[2], projections)
 
 
 def _frobenius_backward(ctx, grad_y, grad_sq, grad_saved):
@@ -107,17 +110,17 @@ def _frobenius_backward(ctx, grad_y, grad_sq, grad_saved):
     return (*_backward_via_op(ctx, grad_y, grad_sq, None), None, None, None, *[None] * ctx.n_trailing)
 
 
-def _jacobian_setup(ctx, inputs, output):
+def _jacobian_setup(ctx, inputs, keyword_only_inputs, output):
     x, weights, biases, activations, act_params, layer, strategy = inputs
-    _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, output[2],
-                  differentiable_carries=strategy == REVERSE)
+    _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, keyword_only_inputs.get("tile", 0),
+                  output[2], differentiable_carries=strategy == REVERSE)
 
 
 def _jacobian_backward(ctx, grad_y, grad_jac, grad_saved):
     return (*_backward_via_op(ctx, grad_y, None, grad_jac, grad_saved), None, None, None, None)
 
 
-def _backward_setup(ctx, inputs, output):
+def _backward_setup(ctx, inputs, keyword_only_inputs, output):
     (grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer, _, saved, grad_carries,
      projections) = inputs
     ctx.n_trailing = 0 if projections is None else 1  # as in _frobenius_setup

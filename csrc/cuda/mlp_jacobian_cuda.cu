@@ -1,7 +1,8 @@
-// CUDA kernels of the MLP-Jacobian ops: the elementwise passes and reductions, on the current
-// stream; the GEMMs (cuBLAS through ATen) and the algorithms themselves live in
-// ../mlp_jacobian.h and ../mlp_flow.h.
-#include <ATen/AccumulateType.h>
+// CUDA kernels of the MLP-Jacobian ops: the fused elementwise passes and reductions, on the
+// current stream; the GEMMs (cuBLAS through ATen) and the algorithms themselves live in
+// ../mlp_jacobian.h and ../mlp_flow.h. The GPU runs the whole batch as one tile (each GEMM over
+// every sample); tensors come from torch's caching allocator. Sums accumulate in double, as on
+// the CPU, so the two devices agree.
 #include <ATen/Dispatch.h>
 #include <ATen/record_function.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,7 +19,7 @@ namespace {
 constexpr int kThreads = 256;
 
 int blocks_for(int64_t n) {
-  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)));
 }
 
 void check_cuda_dtype(const Tensor& t) {
@@ -26,120 +27,246 @@ void check_cuda_dtype(const Tensor& t) {
               "jacext: CUDA kernels support float32 and float64, got ", t.scalar_type());
 }
 
+// An optional input's data (nullptr when undefined); callers pass contiguous tensors (contiguous()).
+template <typename T>
+const T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+Tensor contiguous(const Tensor& t) { return t.defined() ? t.contiguous() : t; }
+
+#define JACEXT_GRID_STRIDE(i, n)                                                       \
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
 template <int64_t Code, typename scalar_t>
-__global__ void activation_forward_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ h,
-                                          scalar_t* __restrict__ d, scalar_t* __restrict__ d2,
-                                          int64_t n, scalar_t p0, scalar_t p1) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    ActDerivs<scalar_t> r = activation_derivs<Code, scalar_t>(y[i], p0, p1);
+__global__ void activation_kernel(scalar_t* __restrict__ h, scalar_t* __restrict__ d,
+                                  scalar_t* __restrict__ d2, int64_t n, scalar_t p0, scalar_t p1) {
+  JACEXT_GRID_STRIDE(i, n) {
+    ActDerivs<scalar_t> r = activation_derivs<Code, scalar_t>(h[i], p0, p1);
     h[i] = r.value;
     d[i] = r.d1;
-    d2[i] = r.d2;
+    if (d2) d2[i] = r.d2;
   }
 }
 
-// One block per sample: sq[b] = sum_{r,j} (x[b,r,j] * d[b,j])^2.
-template <typename scalar_t, typename acc_t>
-__global__ void scaled_square_sum_kernel(const scalar_t* __restrict__ x,
-                                         const scalar_t* __restrict__ d,
-                                         scalar_t* __restrict__ sq, int64_t R, int64_t N) {
-  const int64_t b = blockIdx.x;
-  const scalar_t* xb = x + b * R * N;
-  acc_t total = 0;
-  for (int64_t i = threadIdx.x; i < R * N; i += blockDim.x) {
-    acc_t v = static_cast<acc_t>(xb[i]) * (d ? d[b * N + i % N] : scalar_t(1));
-    total += v * v;
+// out[b,r,j] = c * x[b',r,j] * cols[b,j] * rows[b,r] * sample[b] (b' = 0 when x_stride is 0).
+template <typename scalar_t>
+__global__ void scale_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ cols,
+                             const scalar_t* __restrict__ rows, const scalar_t* __restrict__ sample,
+                             scalar_t c, scalar_t* __restrict__ out, int64_t n, int64_t R, int64_t N,
+                             int64_t x_stride) {
+  JACEXT_GRID_STRIDE(i, n * R * N) {
+    const int64_t b = i / (R * N), r = (i / N) % R, j = i % N;
+    scalar_t v = x[b * x_stride + r * N + j] * c;
+    if (cols) v *= cols[b * N + j];
+    if (rows) v *= rows[b * R + r];
+    if (sample) v *= sample[b];
+    out[i] = v;
   }
-  __shared__ acc_t partial[kThreads];
+}
+
+// One block per output element (a sample, or a sample's row): sum over j (and r) of
+// a[b,r,j] * c[b',r,j] * cols[b,j]^2, in double.
+template <typename scalar_t>
+__global__ void reduce_product_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ c,
+                                      const scalar_t* __restrict__ cols, scalar_t* __restrict__ out,
+                                      int64_t R, int64_t N, int64_t a_stride, int64_t c_stride,
+                                      bool per_row) {
+  const int64_t o = blockIdx.x;
+  const int64_t b = per_row ? o / R : o;
+  const int64_t r0 = per_row ? o % R : 0, r1 = per_row ? r0 + 1 : R;
+  double total = 0;
+  for (int64_t k = r0 * N + threadIdx.x; k < r1 * N; k += blockDim.x) {
+    const int64_t j = k % N;
+    double v = static_cast<double>(a[b * a_stride + k]) * c[b * c_stride + k];
+    if (cols) v *= static_cast<double>(cols[b * N + j]) * cols[b * N + j];
+    total += v;
+  }
+  __shared__ double partial[kThreads];
   partial[threadIdx.x] = total;
   __syncthreads();
   for (int stride = kThreads / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
     __syncthreads();
   }
-  if (threadIdx.x == 0) sq[b] = static_cast<scalar_t>(partial[0]);
+  if (threadIdx.x == 0) out[o] = static_cast<scalar_t>(partial[0]);
 }
 
-// One thread per (b, j): out[b,j] = sum_r x[b,r,j] * y[b,r,j] (consecutive j: coalesced reads);
-// y_batch_stride is 0 when y is the same for every sample.
-template <typename scalar_t, typename acc_t>
-__global__ void rowwise_dot_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
-                                   scalar_t* __restrict__ out, int64_t B, int64_t R, int64_t N,
-                                   int64_t y_batch_stride) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < B * N;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+// One thread per (b, j): adj_d[b,j] = sum_r r[b',r,j] adj[b,r,j], then adj[b,:,j] *= d[b,j]
+// (consecutive j: coalesced reads).
+template <typename scalar_t>
+__global__ void rowwise_dot_scale_kernel(const scalar_t* __restrict__ r, scalar_t* __restrict__ adj,
+                                         const scalar_t* __restrict__ d, scalar_t* __restrict__ adj_d,
+                                         int64_t n, int64_t R, int64_t N, int64_t r_stride) {
+  JACEXT_GRID_STRIDE(i, n * N) {
     const int64_t b = i / N, j = i % N;
-    const scalar_t* xb = x + b * R * N + j;
-    const scalar_t* yb = y + b * y_batch_stride + j;
-    acc_t acc = 0;
-    for (int64_t r = 0; r < R; ++r) acc += static_cast<acc_t>(xb[r * N]) * yb[r * N];
-    out[i] = static_cast<scalar_t>(acc);
+    const scalar_t* rb = r + b * r_stride + j;
+    scalar_t* ab = adj + b * R * N + j;
+    const scalar_t dj = d ? d[i] : scalar_t(1);
+    double acc = 0;
+    for (int64_t row = 0; row < R; ++row) {
+      acc += static_cast<double>(rb[row * N]) * ab[row * N];
+      if (d) ab[row * N] *= dj;
+    }
+    if (adj_d) adj_d[i] = static_cast<scalar_t>(acc);
+  }
+}
+
+// One thread per (r, j): acc[r,j] += sum_b x[b,r,j] * cols[b,j] * rows[b,r].
+template <typename scalar_t>
+__global__ void batch_sum_kernel(scalar_t* __restrict__ acc, const scalar_t* __restrict__ x,
+                                 const scalar_t* __restrict__ cols, const scalar_t* __restrict__ rows,
+                                 int64_t n, int64_t R, int64_t N) {
+  JACEXT_GRID_STRIDE(i, R * N) {
+    const int64_t r = i / N, j = i % N;
+    double total = 0;
+    for (int64_t b = 0; b < n; ++b) {
+      double v = x[(b * R + r) * N + j];
+      if (cols) v *= cols[b * N + j];
+      if (rows) v *= rows[b * R + r];
+      total += v;
+    }
+    acc[i] += static_cast<scalar_t>(total);
+  }
+}
+
+// g = grad_h * d + adj_d * d2 (absent terms left out, an absent d is 1).
+template <typename scalar_t>
+__global__ void mlp_delta_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ d,
+                                 const scalar_t* __restrict__ adj_d, const scalar_t* __restrict__ d2,
+                                 scalar_t* __restrict__ g, int64_t total) {
+  JACEXT_GRID_STRIDE(i, total) {
+    scalar_t v = grad_h ? (d ? grad_h[i] * d[i] : grad_h[i]) : scalar_t(0);
+    if (adj_d && d2) v += adj_d[i] * d2[i];
+    g[i] = v;
   }
 }
 
 struct CudaKernels {
-  // h = act(y), d = act'(y), d2 = act''(y) in one pass.
-  static std::tuple<Tensor, Tensor, Tensor> activation_forward(const Tensor& y_in, int64_t code,
-                                                               double p0, double p1) {
-    RECORD_FUNCTION("jacext::activation_forward_cuda", {});  // named in profiles
-    check_cuda_dtype(y_in);
-    const at::cuda::OptionalCUDAGuard device_guard(y_in.device());
-    Tensor y = y_in.contiguous();
-    Tensor h = at::empty_like(y), d = at::empty_like(y), d2 = at::empty_like(y);
-    const int64_t n = y.numel();
-    if (n == 0) return {h, d, d2};
-    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "jacext_activation_forward_cuda", [&] {
+  static Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);
+  }
+
+  static int64_t max_workers() { return 1; }
+
+  // The whole batch is one tile on the GPU.
+  template <class F>
+  static void for_tiles(int64_t B, int64_t /*tile*/, F&& f) {
+    if (B > 0) f(0, 0, B);
+  }
+
+  static void activation_(const Tensor& h, const Tensor& d, const Tensor& d2, int64_t code, double p0,
+                          double p1) {
+    RECORD_FUNCTION("jacext::activation_cuda", {});  // named in profiles
+    check_cuda_dtype(h);
+    const at::cuda::OptionalCUDAGuard device_guard(h.device());
+    const int64_t n = h.numel();
+    if (n == 0) return;
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "jacext_activation_cuda", [&] {
       dispatch_activation(code, [&](auto act) {
-        activation_forward_kernel<decltype(act)::value, scalar_t>
+        activation_kernel<decltype(act)::value, scalar_t>
             <<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                y.const_data_ptr<scalar_t>(), h.mutable_data_ptr<scalar_t>(),
-                d.mutable_data_ptr<scalar_t>(), d2.mutable_data_ptr<scalar_t>(), n,
+                h.mutable_data_ptr<scalar_t>(), d.mutable_data_ptr<scalar_t>(),
+                d2.defined() ? d2.mutable_data_ptr<scalar_t>() : nullptr, n,
                 static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
-    return {h, d, d2};
   }
 
-  static Tensor scaled_square_sum(const Tensor& x_in, const Tensor& d_in) {
-    RECORD_FUNCTION("jacext::scaled_square_sum_cuda", {});  // named in profiles
-    check_cuda_dtype(x_in);
-    const at::cuda::OptionalCUDAGuard device_guard(x_in.device());
+  static void scale(const Tensor& x_in, const Tensor& cols_in, const Tensor& rows_in,
+                    const Tensor& sample_in, double c, const Tensor& out) {
+    const Tensor cols = contiguous(cols_in), rows = contiguous(rows_in), sample = contiguous(sample_in);
+    RECORD_FUNCTION("jacext::scale_cuda", {});
+    check_cuda_dtype(out);
+    const at::cuda::OptionalCUDAGuard device_guard(out.device());
     Tensor x = x_in.contiguous();
-    Tensor d = d_in.defined() ? d_in.contiguous() : d_in;
-    const int64_t B = x.size(0), R = x.size(1), N = x.size(2);
-    Tensor sq = at::empty({B}, x.options());
-    if (B == 0) return sq;
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "jacext_scaled_square_sum_cuda", [&] {
-      using acc_t = at::acc_type<scalar_t, true>;
-      scaled_square_sum_kernel<scalar_t, acc_t>
-          <<<B, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              x.const_data_ptr<scalar_t>(), d.defined() ? d.const_data_ptr<scalar_t>() : nullptr,
-              sq.mutable_data_ptr<scalar_t>(), R, N);
+    const int64_t n = out.size(0), R = out.size(1), N = out.size(2);
+    if (n * R * N == 0) return;
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_scale_cuda", [&] {
+      scale_kernel<scalar_t><<<blocks_for(n * R * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols), data_or_null<scalar_t>(rows),
+          data_or_null<scalar_t>(sample), static_cast<scalar_t>(c), out.mutable_data_ptr<scalar_t>(), n, R, N,
+          x.size(0) == 1 ? 0 : R * N);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return sq;
   }
 
-  static Tensor rowwise_dot(const Tensor& x_in, const Tensor& y_in) {
-    RECORD_FUNCTION("jacext::rowwise_dot_cuda", {});  // named in profiles
-    check_cuda_dtype(x_in);
-    const at::cuda::OptionalCUDAGuard device_guard(x_in.device());
-    Tensor x = x_in.contiguous(), y = y_in.contiguous();
-    const int64_t B = x.size(0), R = x.size(1), N = x.size(2);
-    const int64_t y_batch_stride = y.size(0) == 1 ? 0 : R * N;
-    Tensor out = at::empty({B, N}, x.options());
-    if (B * N == 0) return out;
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "jacext_rowwise_dot_cuda", [&] {
-      using acc_t = at::acc_type<scalar_t, true>;
-      rowwise_dot_kernel<scalar_t, acc_t>
-          <<<blocks_for(B * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-              out.mutable_data_ptr<scalar_t>(), B, R, N, y_batch_stride);
+  static void square_sum(const Tensor& x, const Tensor& cols, const Tensor& out) {
+    RECORD_FUNCTION("jacext::square_sum_cuda", {});
+    reduce_product(x, x, cols, out);
+  }
+
+  static void pair_sum(const Tensor& a, const Tensor& c, const Tensor& out) {
+    RECORD_FUNCTION("jacext::pair_sum_cuda", {});
+    reduce_product(a, c, Tensor(), out);
+  }
+
+  static void reduce_product(const Tensor& a_in, const Tensor& c_in, const Tensor& cols_in, const Tensor& out) {
+    const Tensor cols = contiguous(cols_in);
+    check_cuda_dtype(out);
+    const at::cuda::OptionalCUDAGuard device_guard(out.device());
+    Tensor a = a_in.contiguous(), c = c_in.contiguous();
+    const int64_t R = a.size(1), N = a.size(2);
+    if (out.numel() == 0) return;
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_reduce_product_cuda", [&] {
+      reduce_product_kernel<scalar_t><<<out.numel(), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          a.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols),
+          out.mutable_data_ptr<scalar_t>(), R, N, a.size(0) == 1 ? 0 : R * N, c.size(0) == 1 ? 0 : R * N,
+          out.dim() == 2);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return out;
+  }
+
+  static void rowwise_dot_scale_(const Tensor& r_in, const Tensor& adj, const Tensor& d_in, const Tensor& adj_d) {
+    const Tensor d = contiguous(d_in);
+    RECORD_FUNCTION("jacext::rowwise_dot_scale_cuda", {});
+    check_cuda_dtype(adj);
+    if (!adj_d.defined() && !d.defined()) return;
+    const at::cuda::OptionalCUDAGuard device_guard(adj.device());
+    Tensor r = r_in.contiguous();
+    const int64_t n = adj.size(0), R = adj.size(1), N = adj.size(2);
+    if (n * N == 0) return;
+    AT_DISPATCH_FLOATING_TYPES(adj.scalar_type(), "jacext_rowwise_dot_scale_cuda", [&] {
+      rowwise_dot_scale_kernel<scalar_t><<<blocks_for(n * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          r.const_data_ptr<scalar_t>(), adj.mutable_data_ptr<scalar_t>(), data_or_null<scalar_t>(d),
+          adj_d.defined() ? adj_d.mutable_data_ptr<scalar_t>() : nullptr, n, R, N, r.size(0) == 1 ? 0 : R * N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void batch_sum_(const Tensor& acc, const Tensor& x_in, const Tensor& cols_in, const Tensor& rows_in) {
+    const Tensor cols = contiguous(cols_in), rows = contiguous(rows_in);
+    RECORD_FUNCTION("jacext::batch_sum_cuda", {});
+    check_cuda_dtype(acc);
+    const at::cuda::OptionalCUDAGuard device_guard(acc.device());
+    Tensor x = x_in.contiguous();
+    const int64_t n = x.size(0), R = x.size(1), N = x.size(2);
+    if (R * N == 0) return;
+    AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "jacext_batch_sum_cuda", [&] {
+      batch_sum_kernel<scalar_t><<<blocks_for(R * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          acc.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols),
+          data_or_null<scalar_t>(rows), n, R, N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void mlp_delta(const Tensor& grad_h_in, const Tensor& d_in, const Tensor& adj_d_in, const Tensor& d2_in,
+                        const Tensor& g, const Tensor& grad_b) {
+    const Tensor d = contiguous(d_in), adj_d = contiguous(adj_d_in), d2 = contiguous(d2_in);
+    RECORD_FUNCTION("jacext::mlp_delta_cuda", {});
+    check_cuda_dtype(g);
+    const at::cuda::OptionalCUDAGuard device_guard(g.device());
+    Tensor grad_h = contiguous(grad_h_in);
+    if (g.numel() == 0) return;
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "jacext_mlp_delta_cuda", [&] {
+      mlp_delta_kernel<scalar_t><<<blocks_for(g.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          data_or_null<scalar_t>(grad_h), data_or_null<scalar_t>(d), data_or_null<scalar_t>(adj_d),
+          data_or_null<scalar_t>(d2), g.mutable_data_ptr<scalar_t>(), g.numel());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (grad_b.defined()) grad_b.add_(g.sum(0));  // ATen's column sums, on the current stream
   }
 };
 
