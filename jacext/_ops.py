@@ -13,7 +13,7 @@ import torch.utils.checkpoint
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
 from . import activations as act
 from .planner import (FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, Split, batch_chunk,
-                      default_memory_budget, first_carry_index, resolve_strategy, saved_shapes)
+                      default_memory_budget, first_carry_index, resolve_strategy, saved_shapes, tile_size)
 from .reference import mlp_jacobian_backward_composite
 
 __all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "mlp_jacobians", "resolve_strategy", "REVERSE", "FORWARD",
@@ -279,7 +279,8 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     def run(x, projections):
         if isinstance(strategy, Split):
             return _split_frobenius(x, weights, biases, codes, params, strategy)
-        return _ops.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections)[:2]
+        tile = tile_size(widths, x.shape[0], strategy, x.element_size(), rows, device=x.device)
+        return _ops.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections, tile=tile)[:2]
 
     if torch.compiler.is_compiling():  # a compiled graph runs the batch in one call
         return run(x, projections)
@@ -301,8 +302,11 @@ def _split_frobenius(x, weights, biases, codes, params, split: Split):
     """(y, ||J||^2) with J = A C split at hidden layer s: C = dh_s/dx and A = dy/dh_s from two
     jacobian ops (each differentiable twice), combined per sample."""
     s = split.layer
-    h, c, _ = _ops.mlp_jacobian(x, weights[:s], biases[:s], codes[:s], params[:2 * s], 0, split.bottom)
-    y, a, _ = _ops.mlp_jacobian(h, weights[s:], biases[s:], codes[s:], params[2 * s:], 0, split.top)
+    widths = _widths(x, weights)
+    h, c, _ = _ops.mlp_jacobian(x, weights[:s], biases[:s], codes[:s], params[:2 * s], 0, split.bottom,
+                                tile=tile_size(widths[:s + 1], x.shape[0], split.bottom, x.element_size(), device=x.device))
+    y, a, _ = _ops.mlp_jacobian(h, weights[s:], biases[s:], codes[s:], params[2 * s:], 0, split.top,
+                                tile=tile_size(widths[s:], x.shape[0], split.top, x.element_size(), device=x.device))
     with torch.autocast(x.device.type, enabled=False):  # the ops' float32 results stay float32
         return _combine_split(y, a, c, split)
 
@@ -321,9 +325,11 @@ def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
     if not 0 <= layer < len(weights):
         raise ValueError(f"layer must be in [0, {len(weights) - 1}] for a model with {len(weights)} "
                          f"Linear layers, got {layer}")
-    strategy = resolve_strategy(method, _widths(x, weights), layer, frobenius=False, batch=x.shape[0])
+    widths = _widths(x, weights)
+    strategy = resolve_strategy(method, widths, layer, frobenius=False, batch=x.shape[0])
+    tile = tile_size(widths, x.shape[0], strategy, x.element_size(), layer=layer, device=x.device)
     y, jac, _ = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                  layer, strategy)
+                                  layer, strategy, tile=tile)
     return y, jac
 
 
@@ -337,7 +343,8 @@ def mlp_jacobians(x: torch.Tensor, weights: Sequence[torch.Tensor],
     depth = len(weights)
     if not layers or any(not isinstance(l, int) or not 0 <= l < depth for l in layers):
         raise ValueError(f"layers must be a non-empty list of integers in [0, {depth - 1}], got {layers}")
+    tile = tile_size(_widths(x, weights), x.shape[0], REVERSE, x.element_size(), layer=min(layers), device=x.device)
     y, _, saved = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                    min(layers), REVERSE)
+                                    min(layers), REVERSE, tile=tile)
     carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to min(layers)
     return y, [carries[depth - 1 - l] for l in layers]

@@ -172,6 +172,51 @@ def saved_shapes(widths: Sequence[int], batch, layer: int, strategy: int, rows: 
     return shapes
 
 
+def _l2_cache_bytes() -> int:
+    """One core's L2 cache (Linux sysfs), or 512 KiB where it cannot be read."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            text = f.read().strip().upper()
+        return int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text)
+    except (OSError, ValueError, KeyError, IndexError):
+        return 512 * 2**10
+
+
+L2_CACHE_BYTES = _l2_cache_bytes()
+# A tile's working set is about this many copies of its largest per-sample carry (the saved carry,
+# the scaled GEMM input, the adjoint and the GEMM's output in the backward).
+TILE_WORKING_COPIES = 4
+# Fewer GEMM rows than this per tile and the per-call overhead and the weight's trips through the
+# cache cost more than the cache saves (measured: bench/bench_tiles.py, bench/results/tiles_cpu.json).
+MIN_TILE_ROWS = 256
+
+
+def tile_size(widths: Sequence[int], batch: int, strategy: int, element_size: int = 4,
+              rows: Optional[int] = None, layer: int = 0, device="cpu", threads: Optional[int] = None) -> int:
+    """Samples per tile for the op (0: the whole batch in one tile). On the CPU a tile holds the
+    samples whose working set (TILE_WORKING_COPIES copies of the largest per-sample carry) fits one
+    core's L2 cache, but at least MIN_TILE_ROWS GEMM rows and at most an equal share of the batch
+    per thread. The whole batch runs at once where one sample's working set alone overflows L2
+    (tiles would not stay in cache) or where a thread's share has too few GEMM rows (MKL splits
+    one large GEMM better). CUDA runs the whole batch."""
+    if torch.device(device).type != "cpu" or not isinstance(batch, int) or batch == 0:
+        return 0
+    threads = torch.get_num_threads() if threads is None else threads
+    n, depth = list(widths), len(widths) - 1
+    carries = saved_shapes(n, 1, layer, strategy, rows)[first_carry_index(depth):]
+    per_sample = [math.prod(shape[1:]) for shape in carries if shape[0] == 1]
+    if strategy in (FORWARD, FORWARD_GRAM):  # the first carry W^T D is formed per tile, not saved
+        per_sample.append(n[layer] * n[layer + 1])
+    working_set = TILE_WORKING_COPIES * max(per_sample + [max(n)]) * element_size
+    # rows per sample of the carries' GEMMs
+    gemm_rows = 1 if strategy == GRAM1 else n[layer] if strategy in (FORWARD, FORWARD_GRAM) else (rows or n[-1])
+    share = -(-batch // max(threads, 1))
+    if working_set > L2_CACHE_BYTES or share * gemm_rows < MIN_TILE_ROWS:
+        return 0
+    tile = min(share, max(L2_CACHE_BYTES // working_set, -(-MIN_TILE_ROWS // gemm_rows)))
+    return 0 if tile >= batch else tile
+
+
 def footprint(widths: Sequence[int], batch: int, strategy: Strategy, element_size: int = 4,
               rows: Optional[int] = None) -> int:
     """Estimated peak bytes of one forward + backward of the op: what it saves for the backward,
@@ -267,11 +312,12 @@ class Plan:
     """What jacobian_frobenius(model, x, method, max_memory=...) will run, and what each candidate
     would cost."""
 
-    def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory):
+    def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory, tile):
         self.widths, self.batch, self.method = widths, batch, method
         self.candidates = candidates  # {strategy: (multiply-adds, predicted cost, estimated peak bytes)}
         self.choice = choice
         self.chunk, self.max_memory = chunk, max_memory  # samples per op call, the budget in bytes
+        self.tile = tile  # samples per tile inside the op (0: the whole call at once)
 
     def __repr__(self):
         lines = [f"MLP {self.widths}, batch {self.batch}, method={self.method!r}: runs "
@@ -289,6 +335,11 @@ class Plan:
                          f"each recomputed in the backward (about 1/3 more multiply-adds)")
         else:
             lines.append(f"  {budget}: the whole batch in one call")
+        if self.tile:
+            lines.append(f"  tiles of {self.tile} samples: each thread takes a tile through every layer while its "
+                         f"carries stay in its {L2_CACHE_BYTES // 1024} KiB L2 cache")
+        else:
+            lines.append("  no tiles: each step runs over the whole call's samples at once")
         return "\n".join(lines)
 
 
@@ -310,4 +361,5 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None) ->
                   for strategy in strategies + ([split] if split else [])}
     max_memory = default_memory_budget(x.device) if max_memory is None else max_memory
     chunk = batch_chunk(widths, batch, choice, x.element_size(), max_memory)
-    return Plan(widths, batch, method, candidates, choice, chunk, max_memory)
+    tile = 0 if isinstance(choice, Split) else tile_size(widths, chunk, choice, x.element_size(), device=x.device)
+    return Plan(widths, batch, method, candidates, choice, chunk, max_memory, tile)

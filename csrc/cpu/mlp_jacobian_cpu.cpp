@@ -10,6 +10,7 @@
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
@@ -58,7 +59,10 @@ struct CpuKernels {
       return;
     }
     const int64_t n_tiles = (B + tile - 1) / tile;
+    // The op runs below autograd: its worker threads must too (dispatch keys, grad mode, ...).
+    const at::ThreadLocalState caller_state;
     at::parallel_for(0, n_tiles, 1, [&](int64_t first, int64_t last) {
+      at::ThreadLocalStateGuard state_guard(caller_state);
       const int64_t worker = at::get_thread_num();
       for (int64_t t = first; t < last; ++t) f(worker, t * tile, std::min(tile, B - t * tile));
     });
