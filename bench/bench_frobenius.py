@@ -6,8 +6,8 @@ ratio to jacext's automatic choice. After the table, the cost model against the 
 each exact jacext row, the GEMM multiply-adds jacext.planner counts for its strategy, and whether
 ranking the strategies by that count ranks them as their measured times do.
 
-    python bench/bench_frobenius.py                      # P1, P2, P3 on the CPU
-    python bench/bench_frobenius.py --cases P2
+    python bench/bench_frobenius.py                      # every case on the CPU
+    python bench/bench_frobenius.py --cases P2,P5,P6 --repeats 5   # ratios as medians of 5 runs
     python bench/bench_frobenius.py --device cuda
     python bench/bench_frobenius.py --smoke              # tiny sizes, seconds (CI)
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -37,17 +38,23 @@ import torch
 
 from common import machine_description, write_results  # bench/common.py
 
+# name: (widths, batch, output activation); tanh hidden layers
 CASES = {
-    "P1": ([784, 1024, 1000], 64),
-    "P2": ([784, 256, 256, 10], 128),
-    "P3": ([784, 1024, 1024, 1000], 64),
-    "P1b": ([784, 1024, 1000], 256),
-    "P4": ([784, 256, 32, 256, 784], 128),  # a contractive autoencoder: the split at its bottleneck
+    "P1": ([784, 1024, 1000], 64, None),
+    "P2": ([784, 256, 256, 10], 128, None),
+    "P3": ([784, 1024, 1024, 1000], 64, None),
+    "P1b": ([784, 1024, 1000], 256, None),
+    "P4": ([784, 256, 32, 256, 784], 128, None),  # a contractive autoencoder: the split at its bottleneck
+    "P5": ([64, 256, 256], 256, "tanh"),  # the penalty on the last hidden layer's Jacobian (m = 256)
+    "P6": ([64, 256, 256, 10], 256, None),  # the digits demo classifier's penalty step
 }
-SMOKE_CASES = {"S1": ([20, 16, 12], 4), "S2": ([12, 16, 16, 3], 5), "S3": ([24, 12, 2, 12, 24], 5)}
+SMOKE_CASES = {"S1": ([20, 16, 12], 4, None), "S2": ([12, 16, 16, 3], 5, None), "S3": ([24, 12, 2, 12, 24], 5, None),
+               "S4": ([6, 9, 9], 5, "tanh")}
 METHODS = ["jacext-auto", "jacext-reverse", "jacext-forward", "autograd-loop", "vmap-jacrev", "vmap-jacfwd", "random-1proj",
            "jacext-hutchinson-1", "jax-vmap-jacrev", "jax-vmap-jacfwd"]
 ESTIMATES = ("random-1proj", "jacext-hutchinson-1")
+EXACT = ("jacext-auto", "jacext-reverse", "jacext-forward", "vmap-jacrev", "vmap-jacfwd", "jax-vmap-jacrev",
+         "jax-vmap-jacfwd")
 
 
 def make_step(method, model, x, loop_outputs, max_memory=None):
@@ -58,7 +65,7 @@ def make_step(method, model, x, loop_outputs, max_memory=None):
     def per_sample(xi):
         return model(xi.unsqueeze(0)).squeeze(0)
 
-    m = model[-1].out_features
+    m = [module for module in model if isinstance(module, torch.nn.Linear)][-1].out_features
     scale = 1.0
     if method == "jacext-hutchinson-1":
         def penalty():
@@ -103,10 +110,10 @@ def make_step(method, model, x, loop_outputs, max_memory=None):
     return step, scale
 
 
-def jax_step(method, model, x, device):
+def jax_step(method, model, x, device, output_tanh):
     """The timed function for a JAX peer: the gradient of the batch-mean penalty of the same MLP
-    (jacext.MLP's tanh hidden layers, linear output, its weights), jit-compiled. It returns the
-    per-sample penalty."""
+    (jacext.MLP's tanh hidden layers, a linear or tanh output, its weights), jit-compiled. It
+    returns the per-sample penalty."""
     import jax
     import jax.numpy as jnp
 
@@ -120,7 +127,7 @@ def jax_step(method, model, x, device):
         h = xi
         for i, (w, b) in enumerate(params):
             h = w @ h + b
-            if i < len(params) - 1:
+            if i < len(params) - 1 or output_tanh:
                 h = jnp.tanh(h)
         return h
 
@@ -171,7 +178,7 @@ def peak_rss_growth(fn):
     return result, max(peak[0] - base, 0)
 
 
-def worker(case, widths, batch, method, args):
+def worker(case, widths, batch, output_activation, method, args):
     import jacext
     from torch.utils import benchmark
 
@@ -179,10 +186,10 @@ def worker(case, widths, batch, method, args):
     torch.manual_seed(0)
     device = torch.device("cpu" if on_jax else args.device)  # JAX copies the weights from the host
     dtype = getattr(torch, args.dtype)
-    model = jacext.MLP(widths, activation="tanh").to(device=device, dtype=dtype)
+    model = jacext.MLP(widths, activation="tanh", output_activation=output_activation).to(device=device, dtype=dtype)
     x = torch.randn(batch, widths[0], dtype=dtype).to(device)  # the same x on every device
     if on_jax:
-        step, scale = jax_step(method, model, x, args.device), 1.0
+        step, scale = jax_step(method, model, x, args.device, output_activation == "tanh"), 1.0
     else:
         budget = None if args.max_memory_mb is None else int(args.max_memory_mb * 2**20)
         step, scale = make_step(method, model, x, args.loop_outputs, budget)
@@ -204,7 +211,8 @@ def worker(case, widths, batch, method, args):
     measurement = timer.blocked_autorange(min_run_time=args.min_run_time)
     median = measurement.median * scale
     result = {
-        "case": case, "method": method, "widths": widths, "batch": batch, "device": args.device,
+        "case": case, "method": method, "widths": widths, "batch": batch, "output_activation": output_activation,
+        "repeat": args.repeat, "device": args.device,
         "dtype": args.dtype, "median_s": median, "runs": len(measurement.times),
         "scaled_from_outputs": (min(args.loop_outputs, widths[-1]) if method == "autograd-loop" else None),
         "peak_bytes": None if peak is None else max(int(peak), 0),
@@ -213,12 +221,14 @@ def worker(case, widths, batch, method, args):
         "sq_mean": float(sq.double().mean()),
     }
     if method.startswith("jacext-"):
-        from jacext.planner import penalty_macs, predicted_cost, resolve_strategy, strategy_name
+        from jacext.planner import Split, penalty_macs, predicted_cost, resolve_strategy, strategy_name, tile_size
 
         projections = 1 if method == "jacext-hutchinson-1" else 0
         strategy = resolve_strategy(method.split("-")[1], widths, batch=batch, projections=projections,
-                                    output_linear=True)  # jacext.MLP: no output activation
+                                    output_linear=output_activation is None)
         result["strategy"] = strategy_name(strategy)
+        result["tile"] = 0 if isinstance(strategy, Split) else tile_size(widths, batch, strategy, x.element_size(),
+                                                                         projections or None, device=device)
         macs = penalty_macs(widths, batch, strategy, projections=projections)
         result["macs"] = macs
         result["predicted_cost"] = predicted_cost(widths, batch, strategy, projections=projections)
@@ -228,7 +238,8 @@ def worker(case, widths, batch, method, args):
 
 
 def print_table(machine, dtype, results):
-    print(f"\n{machine}; {dtype}; penalty forward+backward, median of timed runs\n", flush=True)
+    print(f"\n{machine}; {dtype}; penalty forward+backward, median of timed runs (with --repeats: the median "
+          f"over the runs, and the median of the per-run ratios)\n", flush=True)
     header = f"{'case':5} {'method':20} {'median ms':>11} {'x jacext-auto':>13} {'peak MB':>9} {'GFLOP/s':>8}  note"
     print(header)
     print("-" * len(header))
@@ -248,6 +259,9 @@ def print_table(machine, dtype, results):
             note.append("memory " + r["peak_kind"])
         gflops = f"{r['gflops_per_s']:8.1f}" if "gflops_per_s" in r else " " * 8
         ratio = f"{r['time_vs_jacext_auto']:13.3g}" if "time_vs_jacext_auto" in r else " " * 13
+        if len(r.get("run_medians_s", [])) > 1 and "time_vs_jacext_auto_range" in r and r["method"] != "jacext-auto":
+            low, high = r["time_vs_jacext_auto_range"]
+            note.append(f"ratio over {len(r['run_medians_s'])} runs {low:.3g}-{high:.3g}")
         peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r["peak_bytes"] is not None else " " * 9
         print(f"{r['case']:5} {r['method']:20} {r['median_s'] * 1e3:11.1f} {ratio} "
               f"{peak} {gflops}  {', '.join(note)}")
@@ -310,9 +324,51 @@ def print_cost_model(model):
         print(f"{case}: {verdict}")
 
 
+def run_worker(args, name, method, repeat):
+    """One (case, method) in its own process; its RESULT line as a dict."""
+    command = [sys.executable, os.path.abspath(__file__), "--worker", name, method,
+               "--device", args.device, "--dtype", args.dtype, "--repeat", str(repeat),
+               "--min-run-time", str(args.min_run_time), "--loop-outputs", str(args.loop_outputs)]
+    if args.max_memory_mb is not None:
+        command += ["--max-memory-mb", str(args.max_memory_mb)]
+    if args.smoke:
+        command.append("--smoke")
+    run = subprocess.run(command, capture_output=True, text=True)
+    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        sys.exit(f"{name} {method} failed:\n{run.stdout}\n{run.stderr}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def summarize(runs, cases):
+    """One row per (case, method): the median of its runs' medians, and its time over jacext-auto's
+    as the median of the per-run ratios (each run's methods ran one after another), with their range."""
+    results = []
+    for name in cases:
+        methods = list(dict.fromkeys(r["method"] for r in runs if r["case"] == name))
+        auto = {r["repeat"]: r for r in runs if r["case"] == name and r["method"] == "jacext-auto"}
+        for method in methods:
+            mine = [r for r in runs if r["case"] == name and r["method"] == method]
+            row = dict(mine[0])
+            row.pop("repeat")
+            row["median_s"] = statistics.median(r["median_s"] for r in mine)
+            row["run_medians_s"] = [r["median_s"] for r in mine]
+            ratios = [r["median_s"] / auto[r["repeat"]]["median_s"] for r in mine if r["repeat"] in auto]
+            if ratios:
+                row["time_vs_jacext_auto"] = statistics.median(ratios)
+                row["time_vs_jacext_auto_range"] = [min(ratios), max(ratios)]
+            if "gflops_per_s" in row:
+                row["gflops_per_s"] = 2 * row["macs"] / row["median_s"] / 1e9
+            results.append(row)
+        exact = [r for r in results if r["case"] == name and r["method"] in EXACT]
+        for r in exact:  # exact methods must agree on the value they time
+            r["sq_rel_diff_vs_first_exact"] = abs(r["sq_mean"] - exact[0]["sq_mean"]) / abs(exact[0]["sq_mean"])
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="P1,P2,P3,P1b,P4", help="comma-separated names from " + ",".join(CASES))
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated names from " + ",".join(CASES))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--max-memory-mb", type=float, default=None,
                         help="max_memory (MiB) for the jacext rows (default: jacext's default budget)")
@@ -320,11 +376,15 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timed runs per method")
     parser.add_argument("--loop-outputs", type=int, default=16, help="outputs timed for autograd-loop")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every case's methods this many times over (each in its own process); the "
+                        "table gives the median time and the median of the per-run ratios")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, short runs (CI)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/frobenius_<device>.json, "
                         "frobenius_<device>_smoke.json with --smoke)")
     parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.table:
         with open(args.table) as f:
@@ -338,8 +398,8 @@ def main():
     if args.smoke:
         args.min_run_time, args.loop_outputs = 0.05, 4
     if args.worker:
-        widths, batch = cases[args.worker[0]]
-        worker(args.worker[0], widths, batch, args.worker[1], args)
+        widths, batch, output_activation = cases[args.worker[0]]
+        worker(args.worker[0], widths, batch, output_activation, args.worker[1], args)
         return
 
     methods = args.methods.split(",")
@@ -347,37 +407,16 @@ def main():
     if jax_methods and (missing := jax_missing(args.device)):
         print(f"skipping {', '.join(jax_methods)}: {missing}", flush=True)
         methods = [method for method in methods if method not in jax_methods]
-    results = []
-    total = len(cases) * len(methods)
-    for name, (widths, batch) in cases.items():
-        for method in methods:
-            started = time.time()
-            command = [sys.executable, os.path.abspath(__file__), "--worker", name, method,
-                       "--device", args.device, "--dtype", args.dtype,
-                       "--min-run-time", str(args.min_run_time), "--loop-outputs", str(args.loop_outputs)]
-            if args.max_memory_mb is not None:
-                command += ["--max-memory-mb", str(args.max_memory_mb)]
-            if args.smoke:
-                command.append("--smoke")
-            run = subprocess.run(command, capture_output=True, text=True)
-            lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
-            if run.returncode != 0 or not lines:
-                sys.exit(f"{name} {method} failed:\n{run.stdout}\n{run.stderr}")
-            results.append(json.loads(lines[-1][len("RESULT "):]))
-            print(f"[{len(results)}/{total}] {name} {method}: {results[-1]['median_s'] * 1e3:.1f} ms "
-                  f"({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
-
-    for name, (widths, batch) in cases.items():
-        rows = [r for r in results if r["case"] == name]
-        reference = next((r for r in rows if r["method"] == "jacext-auto"), None)
-        exact = [r for r in rows if r["method"] in ("jacext-auto", "jacext-reverse", "jacext-forward",
-                                                    "vmap-jacrev", "vmap-jacfwd", "jax-vmap-jacrev",
-                                                    "jax-vmap-jacfwd")]
-        for r in rows:
-            if reference:
-                r["time_vs_jacext_auto"] = r["median_s"] / reference["median_s"]
-            if exact and r in exact:  # exact methods must agree on the value they time
-                r["sq_rel_diff_vs_first_exact"] = abs(r["sq_mean"] - exact[0]["sq_mean"]) / abs(exact[0]["sq_mean"])
+    runs = []
+    total = len(cases) * len(methods) * args.repeats
+    for repeat in range(args.repeats):
+        for name in cases:
+            for method in methods:
+                started = time.time()
+                runs.append(run_worker(args, name, method, repeat))
+                print(f"[{len(runs)}/{total}] {name} {method}: {runs[-1]['median_s'] * 1e3:.1f} ms "
+                      f"({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
+    results = summarize(runs, cases)
 
     machine = machine_description(args.device)
     print_table(machine, args.dtype, results)
@@ -389,7 +428,7 @@ def main():
             sys.exit(f"{r['case']} {r['method']}: penalty differs from the other exact methods by {rel:.2e}")
 
     write_results(args.out, "frobenius", args.device, args.smoke,
-                  {"machine": machine, "results": results, "cost_model": costs})
+                  {"machine": machine, "repeats": args.repeats, "results": results, "runs": runs, "cost_model": costs})
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ def tile_size(widths: Sequence[int], batch: int, strategy: int, element_size: in
     """Samples per tile for the op (0: the whole batch in one tile). On the CPU a tile holds the
     samples whose working set (TILE_WORKING_COPIES copies of the largest per-sample carry) fits one
     core's L2 cache, but at least MIN_TILE_ROWS GEMM rows and at most an equal share of the batch
-    per thread. The whole batch runs at once where one sample's working set alone overflows L2
+    per thread, and as many tiles for every thread. The whole batch runs at once where one
+    sample's working set alone overflows L2
     (tiles would not stay in cache) or where a thread's share has too few GEMM rows (MKL splits
     one large GEMM better). CUDA runs the whole batch."""
     if torch.device(device).type != "cpu" or not isinstance(batch, int) or batch == 0:
@@ -214,6 +215,10 @@ def tile_size(widths: Sequence[int], batch: int, strategy: int, element_size: in
     if working_set > L2_CACHE_BYTES or share * gemm_rows < MIN_TILE_ROWS:
         return 0
     tile = min(share, max(L2_CACHE_BYTES // working_set, -(-MIN_TILE_ROWS // gemm_rows)))
+    # as many tiles per thread: a thread with one tile more than the others would set the pace
+    tiles = -(-batch // tile)
+    tiles = -(-tiles // threads) * threads
+    tile = -(-batch // tiles)
     return 0 if tile >= batch else tile
 
 
