@@ -15,13 +15,21 @@ Then seconds per epoch at the seed's setting (60000 samples, D = 784, B = 10, Ad
 included, random data): the relative epoch is run in full, the autodiff one on --epoch-fraction
 of its steps and scaled (the table says so).
 
-    python bench/bench_flows.py            # the cases above, 2 layers, float32
-    python bench/bench_flows.py --smoke    # tiny sizes, seconds (CI)
+    python bench/bench_flows.py               # the cases above, 2 layers, float32
+    python bench/bench_flows.py --repeats 5   # ratios as the median of 5 runs
+    python bench/bench_flows.py --smoke       # tiny sizes, seconds (CI)
+
+Each case and method (and each epoch) runs in its own process.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -91,6 +99,18 @@ def time_epoch(method, dim, batch, layers, samples, fraction):
     return (time.perf_counter() - start) * (samples / batch) / steps
 
 
+def in_subprocess(args, *worker_args):
+    """Run this script with --worker ... in its own process; its RESULT line as a dict."""
+    command = [sys.executable, os.path.abspath(__file__), "--layers", str(args.layers),
+               "--min-run-time", str(args.min_run_time), "--epoch-samples", str(args.epoch_samples),
+               *worker_args] + (["--smoke"] if args.smoke else [])
+    run = subprocess.run(command, capture_output=True, text=True)
+    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        sys.exit(f"{' '.join(worker_args)} failed:\n{run.stdout}\n{run.stderr}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
@@ -99,33 +119,58 @@ def main():
     parser.add_argument("--epoch-samples", type=int, default=60000)
     parser.add_argument("--epoch-fraction", type=float, default=0.1,
                         help="fraction of the autodiff epoch actually run (the relative epoch runs in full)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time every (case, method) this many times over (each in its own process); the table "
+                        "gives the median time and the median of the per-run ratios")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/flows_cpu[_smoke].json)")
+    parser.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--epoch-worker", nargs=2, metavar=("METHOD", "FRACTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cases = SMOKE_CASES if args.smoke else CASES
     if args.smoke:
         args.min_run_time, args.epoch_samples = min(args.min_run_time, 0.1), 200
+    if args.worker:
+        case = next(c for c in cases if c["name"] == args.worker[0])
+        median = time_step(args.worker[1], case["dim"], case["batch"], args.layers, args.min_run_time)
+        print("RESULT " + json.dumps({"median_s": median}))
+        return
+    if args.epoch_worker:
+        seconds = time_epoch(args.epoch_worker[0], cases[0]["dim"], cases[0]["batch"], args.layers,
+                             args.epoch_samples, float(args.epoch_worker[1]))
+        print("RESULT " + json.dumps({"epoch_s": seconds}))
+        return
 
+    runs = []
+    for repeat in range(args.repeats):
+        for case in cases:
+            for method in METHODS:
+                median = in_subprocess(args, "--worker", case["name"], method)["median_s"]
+                runs.append({"case": case["name"], "method": method, "repeat": repeat, "median_s": median})
+                print(f"{case['name']} {method}: {median * 1e3:.3f} ms", flush=True)
     results = []
     for case in cases:
+        relative = {r["repeat"]: r["median_s"] for r in runs if r["case"] == case["name"]
+                    and r["method"] == "jacext-relative"}
         for method in METHODS:
-            median = time_step(method, case["dim"], case["batch"], args.layers, args.min_run_time)
+            own = [r for r in runs if r["case"] == case["name"] and r["method"] == method]
+            ratios = [r["median_s"] / relative[r["repeat"]] for r in own]
             results.append({"case": case["name"], "dim": case["dim"], "batch": case["batch"], "method": method,
-                            "median_s": median})
-            print(f"{case['name']} {method}: {median * 1e3:.3f} ms", flush=True)
-    for r in results:
-        relative = next(o for o in results if o["case"] == r["case"] and o["method"] == "jacext-relative")
-        r["time_vs_relative"] = r["median_s"] / relative["median_s"]
+                            "median_s": statistics.median(r["median_s"] for r in own),
+                            "run_medians_s": [r["median_s"] for r in own],
+                            "time_vs_relative": statistics.median(ratios),
+                            "time_vs_relative_range": [min(ratios), max(ratios)]})
 
     epoch_dim, epoch_batch = cases[0]["dim"], cases[0]["batch"]
     epochs = []
     for method, fraction in (("jacext-relative", 1.0), ("autodiff-slogdet", args.epoch_fraction)):
-        seconds = time_epoch(method, epoch_dim, epoch_batch, args.layers, args.epoch_samples, fraction)
+        seconds = in_subprocess(args, "--epoch-worker", method, str(fraction))["epoch_s"]
         epochs.append({"method": method, "epoch_s": seconds, "fraction_run": fraction})
         print(f"epoch {method}: {seconds:.1f} s", flush=True)
 
     machine = machine_description()
     print(f"\n{machine}; float32; MLP flow, {args.layers} layers; one training step (mean NLL, forward + "
-          f"backward), median\n")
+          f"backward), median" + (f" over {args.repeats} runs (ratio: the median of the per-run ratios)"
+                                  if args.repeats > 1 else "") + "; each case and method in its own process\n")
     header = f"{'case':10} {'method':17} {'median ms':>10} {'x relative':>11}"
     print(header)
     print("-" * len(header))
@@ -152,7 +197,8 @@ def main():
         print(f"  {e['method']:17} {e['epoch_s']:8.1f} s{note}")
 
     write_results(args.out, "flows", "cpu", args.smoke, {"machine": machine, "layers": args.layers,
-                                                         "results": results, "summary": summary, "epochs": epochs})
+                                                         "repeats": args.repeats, "results": results, "runs": runs,
+                                                         "summary": summary, "epochs": epochs})
 
 
 if __name__ == "__main__":

@@ -11,12 +11,19 @@ flows, a double backward) and its gradient w.r.t. every parameter, in one run:
                   the time is scaled by B / that number
 
     python bench/bench_margin.py              # 784-512-512-10, B=128, layers (0,1,2), top_k=9
+    python bench/bench_margin.py --repeats 5  # ratios as the median of 5 runs
     python bench/bench_margin.py --smoke      # tiny sizes, seconds (CI)
+
+Each (q, method) runs in its own process.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import statistics
+import subprocess
 import sys
 
 import torch
@@ -84,6 +91,22 @@ def make_step(method, model, x, target, layers, top_k, dist_norm, loop_samples):
     return step, scale
 
 
+def worker(args, case, dist_norm, method):
+    """Time one (q, method) in this process; print its RESULT line."""
+    torch.manual_seed(0)
+    model = jacext.MLP(case["widths"], activation="tanh").to(args.device)
+    x = torch.randn(case["batch"], case["widths"][0], device=args.device)
+    target = torch.randint(0, case["widths"][-1], (case["batch"],), device=args.device)
+    step, scale = make_step(method, model, x, target, case["layers"], case["top_k"], dist_norm, args.loop_samples)
+    value = step().detach().item()  # warm-up, and the value the methods must agree on
+    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=args.min_run_time)
+    print("RESULT " + json.dumps({"dist_norm": dist_norm, "q": str(DUAL[dist_norm]), "method": method,
+                                  "repeat": args.repeat, "median_s": m.median * scale, "runs": len(m.times),
+                                  "loss": value,
+                                  "scaled_from_samples": args.loop_samples if method == "seed-loop" else None}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
@@ -91,50 +114,83 @@ def main():
     parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timed runs per method")
     parser.add_argument("--loop-samples", type=int, default=2, help="samples timed for seed-loop")
     parser.add_argument("--layers", default=None, help="comma-separated layers (default 0,1,2)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every method this many times over (each in its own process); the table gives "
+                        "the median time and the median of the per-run ratios")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/margin_<device>[_smoke].json)")
+    parser.add_argument("--worker", nargs=2, metavar=("DIST_NORM", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     case = dict(SMOKE_CASE if args.smoke else CASE)
     if args.layers is not None:
         case["layers"] = tuple(int(l) for l in args.layers.split(","))
     if args.smoke:
         args.min_run_time = min(args.min_run_time, 0.2)
+    if args.worker:
+        worker(args, case, float(args.worker[0]) if args.worker[0] == "inf" else int(args.worker[0]), args.worker[1])
+        return
 
-    torch.manual_seed(0)
-    model = jacext.MLP(case["widths"], activation="tanh").to(args.device)
-    x = torch.randn(case["batch"], case["widths"][0], device=args.device)
-    target = torch.randint(0, case["widths"][-1], (case["batch"],), device=args.device)
+    methods = args.methods.split(",")
+    runs = []
+    for repeat in range(args.repeats):
+        for dist_norm in (2, 1):  # q = 2 and q = inf
+            for method in methods:
+                command = [sys.executable, os.path.abspath(__file__), "--worker", str(dist_norm), method,
+                           "--device", args.device, "--min-run-time", str(args.min_run_time),
+                           "--loop-samples", str(args.loop_samples), "--repeat", str(repeat)]
+                if args.layers is not None:
+                    command += ["--layers", args.layers]
+                if args.smoke:
+                    command.append("--smoke")
+                run = subprocess.run(command, capture_output=True, text=True)
+                lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+                if run.returncode != 0 or not lines:
+                    sys.exit(f"q={DUAL[dist_norm]} {method} failed:\n{run.stdout}\n{run.stderr}")
+                runs.append(json.loads(lines[-1][len("RESULT "):]))
+                print(f"[{len(runs)}/{2 * len(methods) * args.repeats}] q={DUAL[dist_norm]} {method}: "
+                      f"{runs[-1]['median_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+
     results = []
-    for dist_norm in (2, 1):  # q = 2 and q = inf
-        values = {}
-        for method in METHODS:
-            step, scale = make_step(method, model, x, target, case["layers"], case["top_k"], dist_norm,
-                                    args.loop_samples)
-            values[method] = step().detach().item()
-            timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
-            m = timer.blocked_autorange(min_run_time=args.min_run_time)
-            results.append({"dist_norm": dist_norm, "q": str(DUAL[dist_norm]), "method": method,
-                            "median_s": m.median * scale, "runs": len(m.times),
-                            "scaled_from_samples": args.loop_samples if method == "seed-loop" else None})
-            print(f"q={DUAL[dist_norm]} {method}: {m.median * scale * 1e3:.1f} ms", flush=True)
+    for dist_norm in (2, 1):
+        mine = [r for r in runs if r["dist_norm"] == dist_norm]
+        losses = {r["method"]: r["loss"] for r in mine}
         # the batched reference computes the same loss; the loop covers only its samples
-        if abs(values["jacext"] - values["autograd-batch"]) > 1e-4 * max(1.0, abs(values["autograd-batch"])):
-            sys.exit(f"q={DUAL[dist_norm]}: jacext's loss {values['jacext']} differs from autograd's "
-                     f"{values['autograd-batch']}")
-    for r in results:
-        ref = next(o for o in results if o["dist_norm"] == r["dist_norm"] and o["method"] == "jacext")
-        r["time_vs_jacext"] = r["median_s"] / ref["median_s"]
+        if "jacext" in losses and "autograd-batch" in losses and \
+                abs(losses["jacext"] - losses["autograd-batch"]) > 1e-4 * max(1.0, abs(losses["autograd-batch"])):
+            sys.exit(f"q={DUAL[dist_norm]}: jacext's loss {losses['jacext']} differs from autograd's "
+                     f"{losses['autograd-batch']}")
+        jacext_runs = {r["repeat"]: r["median_s"] for r in mine if r["method"] == "jacext"}
+        for method in methods:
+            own = [r for r in mine if r["method"] == method]
+            row = dict(own[0])
+            row.pop("repeat")
+            row["median_s"] = statistics.median(r["median_s"] for r in own)
+            row["run_medians_s"] = [r["median_s"] for r in own]
+            ratios = [r["median_s"] / jacext_runs[r["repeat"]] for r in own if r["repeat"] in jacext_runs]
+            if ratios:
+                row["time_vs_jacext"] = statistics.median(ratios)
+                row["time_vs_jacext_range"] = [min(ratios), max(ratios)]
+            results.append(row)
 
     machine = machine_description(args.device)
     print(f"\n{machine}; float32; MLP {case['widths']} (tanh), B={case['batch']}, layers {case['layers']}, "
-          f"top_k={case['top_k']}, use_approximation=False; loss forward+backward, median\n")
+          f"top_k={case['top_k']}, use_approximation=False; loss forward+backward, median"
+          + (f" over {args.repeats} runs (each method in its own process; ratio: the median of the per-run ratios)"
+             if args.repeats > 1 else " (each method in its own process)") + "\n")
     header = f"{'q':4} {'method':16} {'median ms':>10} {'x jacext':>9}  note"
     print(header)
     print("-" * len(header))
     for r in results:
         note = (f"{r['scaled_from_samples']} of {case['batch']} samples timed, time scaled"
                 if r["scaled_from_samples"] else "")
-        print(f"{r['q']:4} {r['method']:16} {r['median_s'] * 1e3:10.1f} {r['time_vs_jacext']:9.3g}  {note}")
-    write_results(args.out, "margin", args.device, args.smoke, {"machine": machine, "case": case, "results": results})
+        if args.repeats > 1 and r["method"] != "jacext" and "time_vs_jacext_range" in r:
+            low, high = r["time_vs_jacext_range"]
+            note = ", ".join(filter(None, [note, f"ratio over {args.repeats} runs {low:.3g}-{high:.3g}"]))
+        ratio = f"{r['time_vs_jacext']:9.3g}" if "time_vs_jacext" in r else " " * 9
+        print(f"{r['q']:4} {r['method']:16} {r['median_s'] * 1e3:10.1f} {ratio}  {note}")
+    write_results(args.out, "margin", args.device, args.smoke,
+                  {"machine": machine, "case": case, "repeats": args.repeats, "results": results, "runs": runs})
 
 
 if __name__ == "__main__":

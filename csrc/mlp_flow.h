@@ -42,9 +42,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_flow(
     Tensor y = Kernels::empty({B, n}, options), h = Kernels::empty({B, n}, options);
     Tensor d = Kernels::empty({B, n}, options), d2 = Kernels::empty({B, n}, options);
     if (auto b = bias_at(biases, i)) {
-      addmm_into(y, *b, hs.back(), weights[i].t());
+      Kernels::addmm(y, *b, hs.back(), weights[i].t());
     } else {
-      mm_into(y, hs.back(), weights[i].t());
+      Kernels::mm(y, hs.back(), weights[i].t());
     }
     h.copy_(y);  // the activation pass works in place; the backward needs y too
     if (has_derivative(activations[i])) {
@@ -92,32 +92,45 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
   const Tensor* ys = hidden + L - 1;
   const bool has_log_dact = grad_log_dact.has_value() && grad_log_dact->defined();
   const bool has_logabsdet = grad_logabsdet.has_value() && grad_logabsdet->defined();
+  const int64_t B = x.size(0), n = x.size(1);
+  const auto options = x.options();
   Tensor grad_h = grad_z.has_value() && grad_z->defined() ? *grad_z : at::zeros_like(ds[L - 1]);
   std::vector<Tensor> grad_w(L), grad_b(L);
   for (int64_t i = L - 1; i >= 0; --i) {
+    const bool next = i > 0 || input_grad;  // grad_h for the layer below (grad_x for i = 0)
+    // The relative gradient's Y W and the next grad_h = delta W read W once, as one GEMM of the
+    // rows [Y; delta]: delta is written into the second half of that buffer (not for grad_x,
+    // which is returned and so gets memory of its own).
+    const bool stacked = relative && i > 0;
+    Tensor rows = Kernels::empty({stacked ? 2 * B : B, n}, options);
+    Tensor delta = rows.narrow(0, stacked ? B : 0, B);
     // delta = d/dy of the objective: through h (act') and through log act' (act'' / act').
-    Tensor delta = grad_h * ds[i];
+    at::mul_out(delta, grad_h, ds[i]);
     if (has_log_dact) delta.addcmul_(grad_log_dact->unsqueeze(1), d2s[i] / ds[i]);
     const Tensor& h_in = i == 0 ? x : hidden[i - 1];
     auto b = bias_at(biases, i);
-    grad_w[i] = Kernels::empty(weights[i].sizes(), x.options());  // n x n: from the workspace
-    grad_b[i] = Kernels::empty({weights[i].size(0)}, x.options());
+    grad_w[i] = Kernels::empty(weights[i].sizes(), options);  // n x n: from the workspace
+    grad_b[i] = Kernels::empty({weights[i].size(0)}, options);
     if (relative) {
-      Tensor yw = Kernels::empty(ys[i].sizes(), x.options());
-      mm_into(yw, ys[i], weights[i]);
-      mm_into(grad_w[i], delta.t(), yw);
-      Tensor yb1 = b ? at::mv(ys[i], *b).add_(1) : at::ones({x.size(0)}, x.options());
+      if (stacked) rows.narrow(0, 0, B).copy_(ys[i]);
+      Tensor product = Kernels::empty({rows.size(0), n}, options);
+      Kernels::mm(product, stacked ? rows : ys[i], weights[i]);
+      // delta^T (Y W), plus log|det W|'s relative gradient W, in one pass over the n x n result
+      Kernels::rank_update(grad_w[i], delta, product.narrow(0, 0, B), has_logabsdet ? weights[i] : Tensor(),
+                           has_logabsdet ? *grad_logabsdet : Tensor());
+      Tensor yb1 = b ? at::mv(ys[i], *b).add_(1) : at::ones({B}, options);
       at::mv_out(grad_b[i], delta.t(), yb1);
-      if (has_logabsdet) {  // in place on the fresh gradients: no n x n temporary
-        grad_w[i].addcmul_(weights[i], *grad_logabsdet);
-        if (b) grad_b[i].addcmul_(*b, *grad_logabsdet);
-      }
+      if (has_logabsdet && b) grad_b[i].addcmul_(*b, *grad_logabsdet);
+      if (stacked) grad_h = product.narrow(0, B, B);
     } else {
-      mm_into(grad_w[i], delta.t(), h_in);
+      Kernels::mm(grad_w[i], delta.t(), h_in);
       at::sum_out(grad_b[i], delta, 0);
       if (has_logabsdet) grad_w[i].addcmul_(at::linalg_inv(weights[i]).t(), *grad_logabsdet);
     }
-    if (i > 0 || input_grad) grad_h = at::mm(delta, weights[i]);
+    if (next && !stacked) {
+      grad_h = Kernels::empty({B, n}, options);
+      Kernels::mm(grad_h, delta, weights[i]);
+    }
   }
   return {input_grad ? std::optional<Tensor>(grad_h) : std::nullopt, grad_w, grad_b};
 }

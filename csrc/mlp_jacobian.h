@@ -164,12 +164,6 @@ inline Tensor symmetric_mm(const Tensor& a, const Tensor& b) {
   return out;
 }
 
-// ATen's out= functions take a mutable reference; these write into any tensor (a view).
-inline void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
-inline void addmm_into(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b) {
-  at::addmm_out(out, bias, a, b);
-}
-
 // (n, r, c) as (n * r, c): the GEMM view of a contiguous per-sample stack of matrices.
 inline Tensor flat(const Tensor& t) { return t.view({-1, t.size(-1)}); }
 
@@ -301,9 +295,9 @@ struct MLPJacobian {
     for (const auto i : c10::irange(depth())) {
       Tensor h = hs[i + 1];
       if (auto b = bias_at(biases, i)) {
-        addmm_into(h, *b, hs[i], weights[i].t());
+        Kernels::addmm(h, *b, hs[i], weights[i].t());
       } else {
-        mm_into(h, hs[i], weights[i].t());
+        Kernels::mm(h, hs[i], weights[i].t());
       }
       if (has_d(i)) {
         Kernels::activation_(h, ds[i], d2s[i], activations[i], act_params[2 * i], act_params[2 * i + 1]);
@@ -317,12 +311,12 @@ struct MLPJacobian {
                        const Tensor& w_last) const {
     const int64_t L = depth();
     if (v.defined()) {
-      mm_into(flat(cs[0]), flat(scaled_columns(v, ds[L - 1])), weights[L - 1]);
+      Kernels::mm(flat(cs[0]), flat(scaled_columns(v, ds[L - 1])), weights[L - 1]);
     } else {
       Kernels::scale(w_last.unsqueeze(0), Tensor(), ds[L - 1], Tensor(), 1.0, cs[0]);
     }
     for (int64_t i = L - 2, j = 1; i >= last_carried(); --i, ++j) {
-      mm_into(flat(cs[j]), flat(scaled_columns(cs[j - 1], ds[i])), weights[i]);
+      Kernels::mm(flat(cs[j]), flat(scaled_columns(cs[j - 1], ds[i])), weights[i]);
     }
   }
 
@@ -336,7 +330,7 @@ struct MLPJacobian {
                        int64_t n) const {
     Tensor t = first_forward_carry(wt, ds, n);
     for (int64_t i = layer + 1, j = 0; i < last_forward(); ++i, ++j) {
-      mm_into(flat(cs[j]), flat(t), weights[i].t());
+      Kernels::mm(flat(cs[j]), flat(t), weights[i].t());
       if (i + 1 < last_forward()) t = scaled_columns(cs[j], ds[i]);
     }
   }
@@ -370,7 +364,7 @@ struct MLPJacobian {
     const int64_t n = sq.size(0), L = depth();
     if (strategy == kGram1) {
       Tensor d = derivative_or_ones(ds, 0, n, sq.options());
-      mm_into(cs[2], d, gram);  // M is symmetric: rows of D M are (M d_b)^T
+      Kernels::mm(cs[2], d, gram);  // M is symmetric: rows of D M are (M d_b)^T
       Kernels::pair_sum(cs[2].unsqueeze(1), d.unsqueeze(1), sq);
       return;
     }
@@ -381,7 +375,7 @@ struct MLPJacobian {
     }
     if (gram_epilogue_mode()) {
       Tensor s = gram_input(wt, ds, cs, n);
-      mm_into(flat(cs.back()), flat(s), gram);
+      Kernels::mm(flat(cs.back()), flat(s), gram);
       Kernels::pair_sum(cs.back(), s, sq);
     } else if (forward_mode()) {  // the last diagonal scaling happens inside the reduction
       Kernels::square_sum(last_unscaled(cs, wt), ds[L - 1], sq);
@@ -442,7 +436,7 @@ struct MLPJacobian {
       acc.addmm_(a, b);
     } else {
       acc = empty({a.size(0), b.size(1)}, a.options());
-      mm_into(acc, a, b);
+      Kernels::mm(acc, a, b);
     }
   }
   // acc += a b, symmetric: the lower blocks only (mirrored once all tiles are summed).
@@ -475,7 +469,7 @@ struct MLPJacobian {
         if (strategy != kReverseGram || i > layer) {
           add_mm(sums.w[i], flat(scaled_columns(r_next, ds[i])).t(), flat(adj));
           adj_s = empty({n, adj.size(1), width(i + 1)}, options);
-          mm_into(flat(adj_s), flat(adj), weights[i].t());
+          Kernels::mm(flat(adj_s), flat(adj), weights[i].t());
         }
         Kernels::rowwise_dot_scale_(r_next, adj_s, ds[i], new_adj_d(i));  // adj_s becomes R^(i+1)'s adjoint
         adj = adj_s;
@@ -485,7 +479,7 @@ struct MLPJacobian {
         add_mm(sums.w[L - 1], flat(scaled_columns(t.projections, ds[L - 1])).t(), flat(adj));
         if (Tensor out = new_adj_d(L - 1); out.defined()) {
           Tensor adj_vd = empty(t.projections.sizes(), options);
-          mm_into(flat(adj_vd), flat(adj), weights[L - 1].t());
+          Kernels::mm(flat(adj_vd), flat(adj), weights[L - 1].t());
           Kernels::rowwise_dot_scale_(t.projections, adj_vd, Tensor(), out);
         }
       } else {  // R^(L-1) = d[L-1] (rows) * W[L-1]
@@ -502,7 +496,7 @@ struct MLPJacobian {
                                            : scaled_columns(cs[i - layer - 3], ds[i - 2]);
         add_mm(sums.w[i - 1], flat(adj).t(), flat(t_prev));
         Tensor adj_t = empty({n, adj.size(1), width(i - 1)}, options);
-        mm_into(flat(adj_t), flat(adj), weights[i - 1]);
+        Kernels::mm(flat(adj_t), flat(adj), weights[i - 1]);
         adj = adj_t;
       }
       // T^(layer+1) = W[layer]^T * d[layer] (columns).
@@ -526,9 +520,9 @@ struct MLPJacobian {
       add_mm(sums.w[i], g.t(), t.hs[i]);
       if (i > 0) {
         grad_h = empty({n, width(i)}, options);
-        mm_into(grad_h, g, weights[i]);
+        Kernels::mm(grad_h, g, weights[i]);
       } else if (t.grad_x.defined()) {
-        mm_into(t.grad_x, g, weights[0]);
+        Kernels::mm(t.grad_x, g, weights[0]);
         wrote_grad_x = true;
       }
     }

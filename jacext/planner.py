@@ -199,8 +199,9 @@ def tile_size(widths: Sequence[int], batch: int, strategy: int, element_size: in
     per thread, and as many tiles for every thread. The whole batch runs at once where one
     sample's working set alone overflows L2
     (tiles would not stay in cache) or where a thread's share has too few GEMM rows (MKL splits
-    one large GEMM better). CUDA runs the whole batch."""
-    if torch.device(device).type != "cpu" or not isinstance(batch, int) or batch == 0:
+    one large GEMM better). CUDA, and a graph under torch.compile, run the whole batch."""
+    if (torch.device(device).type != "cpu" or not isinstance(batch, int) or batch == 0
+            or torch.compiler.is_compiling()):  # a compiled graph runs the batch in one call
         return 0
     threads = torch.get_num_threads() if threads is None else threads
     n, depth = list(widths), len(widths) - 1

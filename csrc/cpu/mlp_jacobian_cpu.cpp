@@ -25,6 +25,8 @@ namespace jacext {
 namespace {
 
 constexpr int64_t kGrain = 2048;  // elements per thread below which a pass runs on one thread
+constexpr int64_t kFewRows = 256, kSplitColumns = 512;  // CpuKernels::product
+constexpr int64_t kSmallRank = 32;                      // CpuKernels::rank_update
 
 void check_cpu_dtype(const Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
@@ -48,6 +50,30 @@ struct CpuKernels {
   }
 
   static int64_t max_workers() { return at::get_num_threads(); }
+
+  // out = a b and out = bias + a b, into any tensor (a view). MKL runs a product with few rows
+  // (a small batch) on one thread; outside tiles, its columns are split over the threads instead
+  // (measured: 10 x 784 x 784 in 0.66x the time, 100 x 1024 x 1024 in 0.88x).
+  static void mm(Tensor out, const Tensor& a, const Tensor& b) { product(out, Tensor(), a, b); }
+  static void addmm(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b) { product(out, bias, a, b); }
+
+  static void product(Tensor& out, const Tensor& bias, const Tensor& a, const Tensor& b) {
+    const int64_t n = b.size(1);
+    if (a.size(0) > kFewRows || n < kSplitColumns || at::in_parallel_region() || at::get_num_threads() < 2) {
+      bias.defined() ? at::addmm_out(out, bias, a, b) : at::mm_out(out, a, b);
+      return;
+    }
+    const at::ThreadLocalState caller_state;
+    at::parallel_for(0, n, kSplitColumns / 4, [&](int64_t c0, int64_t c1) {
+      at::ThreadLocalStateGuard state_guard(caller_state);
+      Tensor part = out.narrow(1, c0, c1 - c0);
+      if (bias.defined()) {
+        at::addmm_out(part, bias.narrow(0, c0, c1 - c0), a, b.narrow(1, c0, c1 - c0));
+      } else {
+        at::mm_out(part, a, b.narrow(1, c0, c1 - c0));
+      }
+    });
+  }
 
   // f(worker, first sample, samples) for each tile of `tile` samples (0: one tile of B), the tiles
   // spread over the threads; worker is the thread's index, for its own gradient sums.
@@ -332,6 +358,44 @@ struct CpuKernels {
             } else {
               for (int64_t j = 0; j < N; ++j) ar[j] += xr[j] * f;
             }
+          }
+        }
+      });
+    });
+  }
+
+  // out = a^T y + c w for a (k, R), y (k, N) and w (R, N) (w undefined: no such term; c a 0-d
+  // tensor): the flow's relative gradient delta^T (Y W) with log|det W|'s term. For a small batch k
+  // one pass over out, row by row (MKL runs a rank-k product at half speed there, and the c w term
+  // would be a second pass); a larger batch goes to the GEMM.
+  static void rank_update(Tensor out, const Tensor& a_in, const Tensor& y_in, const Tensor& w_in, const Tensor& c) {
+    RECORD_FUNCTION("jacext::rank_update_cpu", {});
+    check_cpu_dtype(out);
+    const int64_t k = a_in.size(0), R = out.size(0), N = out.size(1);
+    if (k > kSmallRank) {
+      mm(out, a_in.t(), y_in);
+      if (w_in.defined()) out.addcmul_(w_in, c);
+      return;
+    }
+    Tensor a = a_in.contiguous(), y = y_in.contiguous(), w = contiguous(w_in);
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_rank_update_cpu", [&] {
+      const scalar_t* ap = a.const_data_ptr<scalar_t>();
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const scalar_t* wp = data_or_null<scalar_t>(w);
+      const scalar_t cw = wp ? c.item<scalar_t>() : scalar_t(0);
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, R, std::max<int64_t>(1, kGrain / std::max<int64_t>(k * N, 1)), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          scalar_t* orow = op + r * N;
+          if (wp) {
+            for (int64_t j = 0; j < N; ++j) orow[j] = cw * wp[r * N + j];
+          } else {
+            for (int64_t j = 0; j < N; ++j) orow[j] = scalar_t(0);
+          }
+          for (int64_t b = 0; b < k; ++b) {
+            const scalar_t f = ap[b * R + r];
+            const scalar_t* yb = yp + b * N;
+            for (int64_t j = 0; j < N; ++j) orow[j] += f * yb[j];
           }
         }
       });

@@ -150,10 +150,22 @@ struct CudaKernels {
 
   static int64_t max_workers() { return 1; }
 
+  // out = a b and out = bias + a b (cuBLAS through ATen), into any tensor (a view).
+  static void mm(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
+  static void addmm(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b) {
+    at::addmm_out(out, bias, a, b);
+  }
+
   // The whole batch is one tile on the GPU.
   template <class F>
   static void for_tiles(int64_t B, int64_t /*tile*/, F&& f) {
     if (B > 0) f(0, 0, B);
+  }
+
+  // out = a^T y + c w (w undefined: no such term; c a 0-d tensor, read on the device: no sync).
+  static void rank_update(Tensor out, const Tensor& a, const Tensor& y, const Tensor& w, const Tensor& c) {
+    mm(out, a.t(), y);
+    if (w.defined()) out.addcmul_(w, c);
   }
 
   static void activation_(const Tensor& h, const Tensor& d, const Tensor& d2, int64_t code, double p0,
