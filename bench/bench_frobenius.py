@@ -221,7 +221,8 @@ def worker(case, widths, batch, output_activation, method, args):
         "sq_mean": float(sq.double().mean()),
     }
     if method.startswith("jacext-"):
-        from jacext.planner import Split, penalty_macs, predicted_cost, resolve_strategy, strategy_name, tile_size
+        from jacext.planner import (Split, carry_elements, penalty_macs, predicted_cost, resolve_strategy,
+                                    strategy_name, tile_size)
 
         projections = 1 if method == "jacext-hutchinson-1" else 0
         strategy = resolve_strategy(method.split("-")[1], widths, batch=batch, projections=projections,
@@ -231,6 +232,7 @@ def worker(case, widths, batch, output_activation, method, args):
                                                                          projections or None, device=device)
         macs = penalty_macs(widths, batch, strategy, projections=projections)
         result["macs"] = macs
+        result["carry_elements"] = carry_elements(widths, batch, strategy, rows=projections or None)
         result["predicted_cost"] = predicted_cost(widths, batch, strategy, projections=projections)
         result["max_memory_mb"] = args.max_memory_mb
         result["gflops_per_s"] = 2 * macs / median / 1e9
@@ -304,7 +306,30 @@ def cost_model(results):
     return model
 
 
-def print_cost_model(model):
+def fit_carry_cost(results):
+    """The planner's two constants refitted to this run: time = macs / rate + elements * t_element by
+    least squares over every exact jacext row, t_element as multiply-add equivalents at that rate
+    (what planner.CARRY_ELEMENT_COST holds). None with fewer than two distinct rows."""
+    rows = [r for r in results if "carry_elements" in r and r["method"] not in ESTIMATES]
+    if len({(r["macs"], r["carry_elements"]) for r in rows}) < 2:
+        return None
+    # normal equations of t = a m + b e, each row weighted by 1/t (relative errors)
+    w = [1 / r["median_s"] ** 2 for r in rows]
+    smm = sum(wi * r["macs"] ** 2 for wi, r in zip(w, rows))
+    see = sum(wi * r["carry_elements"] ** 2 for wi, r in zip(w, rows))
+    sme = sum(wi * r["macs"] * r["carry_elements"] for wi, r in zip(w, rows))
+    smt = sum(wi * r["macs"] * r["median_s"] for wi, r in zip(w, rows))
+    set_ = sum(wi * r["carry_elements"] * r["median_s"] for wi, r in zip(w, rows))
+    det = smm * see - sme ** 2
+    if det <= 0:
+        return None
+    a, b = (smt * see - set_ * sme) / det, (smm * set_ - sme * smt) / det
+    if a <= 0 or b < 0:  # overhead-dominated sizes (--smoke): no meaningful fit
+        return None
+    return {"macs_per_s": 1 / a, "seconds_per_element": b, "carry_element_cost": b / a}
+
+
+def print_cost_model(model, fit=None):
     print("\ncost model (jacext.planner.predicted_cost: multiply-adds + carried elements) vs measured; ranks "
           "over distinct strategies, each timed by its fastest row\n")
     header = (f"{'case':5} {'method':20} {'strategy':24} {'G mult-adds':>11} {'G cost':>9} {'median ms':>11} "
@@ -322,6 +347,10 @@ def print_cost_model(model):
                    "one strategy timed, nothing to rank" if len({r["strategy"] for r in entry["rows"]}) < 2 else
                    "the predicted ranking agrees with the measured one")
         print(f"{case}: {verdict}")
+    if fit:
+        print(f"\nrefit to this run: {fit['macs_per_s'] / 1e9:.1f} G multiply-adds/s, "
+              f"{fit['seconds_per_element'] * 1e9:.2f} ns per carried element = "
+              f"{fit['carry_element_cost']:.0f} multiply-adds (planner.CARRY_ELEMENT_COST)")
 
 
 def run_worker(args, name, method, repeat):
@@ -391,7 +420,7 @@ def main():
             saved = json.load(f)
         print_table(saved["machine"], saved["results"][0]["dtype"], saved["results"])
         if "cost_model" in saved:
-            print_cost_model(saved["cost_model"])
+            print_cost_model(saved["cost_model"], saved.get("carry_cost_fit"))
         return
 
     cases = SMOKE_CASES if args.smoke else {name: CASES[name] for name in args.cases.split(",")}
@@ -421,14 +450,16 @@ def main():
     machine = machine_description(args.device)
     print_table(machine, args.dtype, results)
     costs = cost_model(results)
-    print_cost_model(costs)
+    fit = fit_carry_cost(results)
+    print_cost_model(costs, fit)
     for r in results:
         rel = r.get("sq_rel_diff_vs_first_exact")
         if rel is not None and rel > 1e-3:
             sys.exit(f"{r['case']} {r['method']}: penalty differs from the other exact methods by {rel:.2e}")
 
     write_results(args.out, "frobenius", args.device, args.smoke,
-                  {"machine": machine, "repeats": args.repeats, "results": results, "runs": runs, "cost_model": costs})
+                  {"machine": machine, "repeats": args.repeats, "results": results, "runs": runs, "cost_model": costs,
+                   "carry_cost_fit": fit})
 
 
 if __name__ == "__main__":

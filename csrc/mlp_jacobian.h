@@ -400,13 +400,22 @@ struct MLPJacobian {
         if (has_d2(0)) adj_d[0] = scaled_by_loss(t.cs[2].unsqueeze(1), g, 2.0).squeeze(1);
         add_mm_lower(sums.gram, scaled_by_loss(d.unsqueeze(1), g, 1.0).squeeze(1).t(), d);
       }
-    } else if (gram_epilogue_mode()) {
+    } else if (gram_epilogue_mode() && (g.defined() || t.grad_jac.defined() || has_carries)) {
+      // sum_b g_b tr(S_b G S_b^T): d/dS_b = 2 g_b P_b, dG = sum_b g_b S_b^T S_b. mlp_jacobian's
+      // J J^T = S G S^T with gradient A: d/dS_b = (A_b + A_b^T) P_b, dG = sum_b S_b^T sym(A_b) S_b
+      // with sym(A) = (A + A^T) / 2. (The weights' share of dG: at the end.)
+      Tensor s = gram_input(wt, t.ds, t.cs, n);
+      Tensor adj = empty(s.sizes(), options).zero_();
       if (g.defined()) {
-        // sum_b g_b tr(S_b G S_b^T): d/dS_b = 2 g_b P_b; dG = sum_b g_b S_b^T S_b (weights: at the end)
-        Tensor s = gram_input(wt, t.ds, t.cs, n);
         add_mm_lower(sums.gram, flat(scaled_by_loss(s, g, 1.0)).t(), flat(s));
-        carry_backward(scaled_by_loss(t.cs.back(), g, 2.0), t, sums, adj_d, wt, w_last);
+        adj.add_(scaled_by_loss(t.cs.back(), g, 2.0));
       }
+      if (t.grad_jac.defined()) {
+        Tensor sym = (t.grad_jac + t.grad_jac.transpose(1, 2)).mul_(0.5);
+        add_mm_lower(sums.gram, flat(s).t(), flat(at::bmm(sym, s)));
+        adj.add_(at::bmm(sym, t.cs.back()), 2.0);
+      }
+      carry_backward(adj, t, sums, adj_d, wt, w_last);
     } else if (g.defined() || t.grad_jac.defined() || has_carries) {
       // The adjoint of the final carry: J (reverse) or J^T = U^(L) D_L (forward).
       Tensor adj;
@@ -592,7 +601,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
   return {y, sq, net.pack_saved(saved, options)};
 }
 
-// y = mlp(x), jac[b] = d y_b / d h_layer,b (B, m, n_layer) and `saved`, tile by tile.
+// y = mlp(x), jac[b] = d y_b / d h_layer,b (B, m, n_layer) and `saved`, tile by tile; with strategy
+// kReverseGram (layer 0), jac[b] = J_b J_b^T (B, m, m) by the Gram epilogue instead:
+// S G S^T with G = W_1 W_1^T once per batch, m n_1^2 instead of m n_1 n_0 multiply-adds per sample.
 template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
@@ -600,16 +611,19 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     int64_t strategy, int64_t tile) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
   check_tile(tile);
-  TORCH_CHECK(strategy == kReverse || strategy == kForward, "jacext: mlp_jacobian forms J; "
-              "strategies 2, 3 and 4 (Gram) are for the Frobenius norm only");
+  TORCH_CHECK(strategy == kReverse || strategy == kForward || strategy == kReverseGram,
+              "jacext: mlp_jacobian forms J (strategies 0 and 1) or, at the input, J J^T (strategy 2); "
+              "strategies 3 and 4 are for the Frobenius norm only");
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy};
-  const int64_t B = x.size(0), L = net.depth();
+  const int64_t B = x.size(0), L = net.depth(), m = net.width(L);
   const auto options = x.options();
-  Tensor y = net.empty({B, net.width(L)}, options);
-  Tensor jac = net.empty({B, net.width(L), net.width(layer)}, options);
+  const bool gram = strategy == kReverseGram;  // J J^T = S G S^T: J itself is never formed
+  Tensor y = net.empty({B, m}, options);
+  Tensor jac = net.empty({B, m, gram ? m : net.width(layer)}, options);
   auto saved = net.allocate_saved(B, options);
   Tensor wt = net.forward_mode() ? weights[layer].t().contiguous() : Tensor();
   Tensor w_last = weights[L - 1].contiguous();
+  Tensor g = gram ? net.epilogue_gram() : Tensor();
   Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
     std::vector<Tensor> hs = {x.narrow(0, b0, n)};
     for (const Tensor& h : batch_rows(saved.hidden, b0, n)) hs.push_back(h);
@@ -622,6 +636,11 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
       net.forward_carries(wt, ds, cs, n);
       Tensor jt = net.scaled(net.last_unscaled(cs, wt), ds[L - 1], Tensor(), Tensor(), 1.0, n);
       jac_tile.copy_(jt.transpose(1, 2));
+    } else if (gram) {
+      net.reverse_carries(ds, cs, Tensor(), w_last);
+      Tensor s = net.gram_input(wt, ds, cs, n);
+      Kernels::mm(flat(cs.back()), flat(s), g);  // P = S G, saved
+      at::bmm_out(jac_tile, cs.back(), s.transpose(1, 2));
     } else {
       net.reverse_carries(ds, cs, Tensor(), w_last);
       jac_tile.copy_(cs.back());
@@ -663,16 +682,18 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
 
   const bool has_sq = grad_sq.has_value() && grad_sq->defined();
   const bool has_jac = grad_jac.has_value() && grad_jac->defined();
-  TORCH_CHECK(strategy == kReverse || strategy == kForward || !has_jac,
-              "jacext: strategies 2, 3 and 4 (Gram) never form J, so J has no gradient");
+  TORCH_CHECK(strategy == kReverse || strategy == kForward || strategy == kReverseGram || !has_jac,
+              "jacext: strategies 3 and 4 (Gram) never form J, so J has no gradient");
   TORCH_CHECK(!net.projections.defined() || !has_jac,
               "jacext: with projections the op returns norms only, so J has no gradient");
   // grad_carries: gradients w.r.t. the reverse carries R^(L-1), ..., R^(layer) (= dy/dh_i, the
   // Jacobians at the layers above `layer`), an empty tensor for none; an empty list for none at all.
   std::vector<Tensor> carry_grads;
   if (!grad_carries.empty()) {
-    TORCH_CHECK(strategy == kReverse && !net.projections.defined(),
-                "jacext: carry gradients need strategy 0 (reverse) without projections");
+    TORCH_CHECK((strategy == kReverse || strategy == kReverseGram) && !net.projections.defined(),
+                "jacext: carry gradients need strategy 0 or 2 (reverse) without projections");
+    TORCH_CHECK(strategy != kReverseGram || (!grad_carries.empty() && !grad_carries.back().numel()),
+                "jacext: with strategy 2 the last saved carry is P = S G, not a Jacobian: it takes no gradient");
     TORCH_CHECK(static_cast<int64_t>(grad_carries.size()) == n_carries, "jacext: expected ", n_carries,
                 " carry gradients (an empty tensor for none), got ", grad_carries.size());
     for (const auto j : c10::irange(n_carries)) {

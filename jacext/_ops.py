@@ -16,7 +16,7 @@ from .planner import (FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, Split
                       default_memory_budget, first_carry_index, resolve_strategy, saved_shapes, tile_size)
 from .reference import mlp_jacobian_backward_composite
 
-__all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "mlp_jacobians", "resolve_strategy", "REVERSE", "FORWARD",
+__all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "mlp_jacobians", "mlp_jacobian_grams", "resolve_strategy", "REVERSE", "FORWARD",
            "REVERSE_GRAM", "GRAM1", "FORWARD_GRAM"]
 
 _ops = torch.ops.jacext
@@ -39,8 +39,8 @@ def _frobenius_fake(x, weights, biases, activations, act_params, strategy, proje
 def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy, *, tile=0):
     widths = _widths(x, weights)
     saved = [x.new_empty(s) for s in saved_shapes(widths, x.shape[0], layer, strategy, None, activations)]
-    return (x.new_empty(x.shape[0], widths[-1]), x.new_empty(x.shape[0], widths[-1], widths[layer]),
-            saved)
+    columns = widths[-1] if strategy == REVERSE_GRAM else widths[layer]  # strategy 2: J J^T
+    return x.new_empty(x.shape[0], widths[-1]), x.new_empty(x.shape[0], widths[-1], columns), saved
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_backward")
@@ -68,9 +68,10 @@ def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strat
     ctx.has_projections = projections is not None
     ctx.save_for_backward(x, *weights, *biases, *([projections] if ctx.has_projections else []), *saved)
     # Reverse carries are the Jacobians dy/dh_i above `layer` and may be differentiated
-    # (mlp_jacobians); the rest of `saved` is internal.
+    # (mlp_jacobians); the rest of `saved` is internal (with strategy 2 the last carry too: P = S G).
     ctx.carries_start = first_carry_index(len(weights))
-    ctx.mark_non_differentiable(*(saved[:ctx.carries_start] if differentiable_carries else saved))
+    internal = saved[:ctx.carries_start] + (saved[-1:] if strategy == REVERSE_GRAM else [])
+    ctx.mark_non_differentiable(*(internal if differentiable_carries else saved))
 
 
 def _load_forward(ctx):
@@ -113,7 +114,7 @@ def _frobenius_backward(ctx, grad_y, grad_sq, grad_saved):
 def _jacobian_setup(ctx, inputs, keyword_only_inputs, output):
     x, weights, biases, activations, act_params, layer, strategy = inputs
     _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, keyword_only_inputs.get("tile", 0),
-                  output[2], differentiable_carries=strategy == REVERSE)
+                  output[2], differentiable_carries=strategy in (REVERSE, REVERSE_GRAM))
 
 
 def _jacobian_backward(ctx, grad_y, grad_jac, grad_saved):
@@ -125,7 +126,8 @@ def _backward_setup(ctx, inputs, keyword_only_inputs, output):
      projections) = inputs
     ctx.n_trailing = 0 if projections is None else 1  # as in _frobenius_setup
     ctx.projections = projections  # random draws, held constant: not differentiated
-    ctx.config = (list(activations), list(act_params), layer)
+    # strategy 2 with a gradient for J: the op returned J J^T (mlp_jacobian's Gram output)
+    ctx.config = (list(activations), list(act_params), layer, inputs[9] == REVERSE_GRAM and grad_jac is not None)
     ctx.n_saved = len(saved)
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
@@ -142,7 +144,7 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
     x = next(tensors)
     weights = [next(tensors) for _ in range(ctx.n_layers)]
     present_biases = list(tensors)
-    activations, act_params, layer = ctx.config
+    activations, act_params, layer, gram_output = ctx.config
 
     def composite(present_grads, x, weights, present_biases):
         grads, biases = iter(present_grads), iter(present_biases)
@@ -151,7 +153,7 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
         full_biases = [next(biases) if p else None for p in ctx.bias_present]
         return mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, full_biases,
                                                activations, act_params, layer, ctx.projections,
-                                               grad_carries)
+                                               grad_carries, gram_output)
 
     outputs, vjp = torch.func.vjp(composite, present_grads, x, weights, present_biases)
     gg_b_present = [g for g, present in zip(gg_b, ctx.bias_present) if present]
@@ -348,3 +350,33 @@ def mlp_jacobians(x: torch.Tensor, weights: Sequence[torch.Tensor],
                                     min(layers), REVERSE, tile=tile)
     carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to min(layers)
     return y, [carries[depth - 1 - l] for l in layers]
+
+
+def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                       biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
+                       act_params=None, layers: Sequence[int] = (0,)):
+    """(y, [J_l J_l^T for l in layers]), each (B, m, m) and differentiable twice, from one reverse
+    sweep. At the input layer J_0 J_0^T = S G S^T (S = R^(1) D_1, G = W_1 W_1^T once per batch)
+    replaces J_0 = S W_1 where that needs fewer multiply-adds (the planner's choice between the
+    reverse carry and its Gram epilogue): m n_1^2 instead of m n_1 n_0 per sample."""
+    codes, params = _normalize_activations(activations, act_params, len(weights))
+    layers = list(layers)
+    depth = len(weights)
+    if not layers or any(not isinstance(l, int) or not 0 <= l < depth for l in layers):
+        raise ValueError(f"layers must be a non-empty list of integers in [0, {depth - 1}], got {layers}")
+    widths = _widths(x, weights)
+    gram_at_input = 0 in layers and resolve_strategy("reverse", widths, batch=x.shape[0]) == REVERSE_GRAM
+    strategy, low = (REVERSE_GRAM, 0) if gram_at_input else (REVERSE, min(layers))
+    tile = tile_size(widths, x.shape[0], strategy, x.element_size(), layer=low, device=x.device)
+    y, out, saved = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
+                                      low, strategy, tile=tile)
+    carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to low (strategy 2: then P)
+    grams = []
+    with torch.autocast(x.device.type, enabled=False):  # the op's float32 results stay float32
+        for l in layers:
+            if l == 0 and gram_at_input:
+                grams.append(out)
+            else:
+                jac = carries[depth - 1 - l]
+                grams.append(jac @ jac.transpose(1, 2))
+    return y, grams

@@ -119,11 +119,15 @@ def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0):
 
 
 def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0):
-    """G (B, m, m) = J J^T with J = jacobian(model, x, layer); a list for several layers."""
-    jac = jacobian(model, x, layer)
-    if isinstance(jac, list):  # several layers
-        return [j @ j.transpose(1, 2) for j in jac]
-    return jac @ jac.transpose(1, 2)
+    """G (B, m, m) = J J^T with J = jacobian(model, x, layer); a list for several layers (one
+    reverse sweep). At the input layer of a net whose first hidden layer is narrower than its
+    input, J J^T = S G S^T (G = W_1 W_1^T once per batch) without forming J."""
+    spec = parse_model(model)
+    _check_input(spec, x)
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    _, grams = _ops.mlp_jacobian_grams(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+                                       layers=layers)
+    return grams[0] if isinstance(layer, int) else grams
 
 
 class JacobianFrobenius(nn.Module):

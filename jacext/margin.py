@@ -7,7 +7,8 @@ probabilities (as the official code) or the logits. Every gradient is a row comb
 layer Jacobian J = df/dh_l (all layers from one reverse sweep, differentiable twice): with u = e_y - e_j
 (logits) or u = S_y - S_j (probabilities, S = diag(s) - s s^T the softmax Jacobian),
 grad(f_y - f_j) = u^T J. For q = 2 its norm is u^T (J J^T) u, from the m x m Gram matrix, with no
-per-class gradient formed; for q = 1 or inf only the needed rows u^T J are formed."""
+per-class gradient formed (at the input layer J J^T comes from the Gram epilogue S G S^T where that
+is cheaper than J); for q = 1 or inf only the needed rows u^T J are formed."""
 from __future__ import annotations
 
 import math
@@ -48,6 +49,12 @@ def _check(spec, x, target, layers, dist_norm, on):
         raise ValueError(f"on must be 'probs' or 'logits', got {on!r}")
 
 
+def _layer_grams(spec, x, layers):
+    """logits and G_l = J_l J_l^T (B, m, m) for each layer, differentiable twice: one reverse sweep,
+    the input layer's by the Gram epilogue where it is cheaper (ops.mlp_jacobian_grams)."""
+    return _ops.mlp_jacobian_grams(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layers)
+
+
 def _layer_jacobians(spec, x, layers):
     """logits (B, m) and J_l = dlogits/dh_l (B, m, n_l) for each layer, differentiable twice: one
     op in the planner's mode for one layer, one reverse sweep for several (it passes them all)."""
@@ -76,15 +83,15 @@ def _directions(score_jacobian, target, classes, m, dtype):
 
 
 def _gradient_norms(jac, u, q):
-    """||u_k^T J||_q per sample and class (B, k), in the Jacobian's precision (float32 under autocast)."""
+    """||u_k^T J||_q per sample and class (B, k), in the Jacobian's precision (float32 under
+    autocast); for q = 2, `jac` is the Gram matrix J J^T (B, m, m)."""
     with torch.autocast(jac.device.type, enabled=False):
         return _gradient_norms_full_precision(jac, u.to(jac.dtype), q)
 
 
 def _gradient_norms_full_precision(jac, u, q):
     if q == 2:  # Gram identity: u^T (J J^T) u
-        gram = torch.bmm(jac, jac.transpose(1, 2))
-        sq = (torch.bmm(u, gram) * u).sum(2)
+        sq = (torch.bmm(u, jac) * u).sum(2)
         # sqrt's derivative is infinite at 0 (u = 0 for j = y): keep it out of the graph there
         return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq.new_zeros(()))
     rows = torch.bmm(u, jac)  # only the k needed gradients
@@ -111,7 +118,8 @@ def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Seque
     m = spec.widths[-1]
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= m - 1):
         raise ValueError(f"top_k must be an integer in [1, {m - 1}] or None, got {top_k!r}")
-    logits, jacobians = _layer_jacobians(spec, x, layers)
+    q = DUAL_NORM[dist_norm]
+    logits, jacobians = (_layer_grams if q == 2 else _layer_jacobians)(spec, x, layers)
     score, score_jacobian = _scores(logits, on)
     if top_k is None:
         classes = torch.arange(m, device=x.device).expand(x.shape[0], m)
@@ -119,7 +127,6 @@ def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Seque
         classes = _competitors(score, target, top_k)
     diff = score.gather(1, target.view(-1, 1)) - score.gather(1, classes)
     u = _directions(score_jacobian, target, classes, m, logits.dtype)
-    q = DUAL_NORM[dist_norm]
     dist = torch.stack([diff / (epsilon + _gradient_norms(jac, u, q)) for jac in jacobians], dim=1)
     if top_k is None:
         dist = dist.masked_fill((classes == target.view(-1, 1)).unsqueeze(1), math.inf)
@@ -152,19 +159,20 @@ def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequ
     if len(weights) != len(layers) or any(not w > 0 for w in weights):
         raise ValueError(f"layers_weights must hold {len(layers)} positive numbers, got {layers_weights!r}")
 
+    q = DUAL_NORM[dist_norm]
+    layer_matrices = _layer_grams if q == 2 else _layer_jacobians  # q = 2 needs only J J^T
     if use_approximation:  # the norms are constants: no graph through the Jacobians
         logits = model(x)
         with torch.no_grad():
-            _, jacobians = _layer_jacobians(spec, x, layers)
+            _, jacobians = layer_matrices(spec, x, layers)
     else:
-        logits, jacobians = _layer_jacobians(spec, x, layers)
+        logits, jacobians = layer_matrices(spec, x, layers)
     score, score_jacobian = _scores(logits, on)
     classes = _competitors(score, target, top_k)
     diff = score.gather(1, target.view(-1, 1)) - score.gather(1, classes)
     if use_approximation and score_jacobian is not None:
         score_jacobian = score_jacobian.detach()
     u = _directions(score_jacobian, target, classes, m, logits.dtype)
-    q = DUAL_NORM[dist_norm]
     lower = gamma * (1 - alpha_factor)
     losses = []
     for jac, weight in zip(jacobians, weights):

@@ -73,11 +73,12 @@ def best_split(widths: Sequence[int], batch: int) -> Optional[Split]:
     return _cheapest(splits, lambda split: predicted_cost(n, batch, split))
 
 
-# The cost model's second term. An elementwise pass over a fresh carry tensor (the sigma' scaling,
-# the backward's adjoint products and row-wise dots) takes about 1.4 ns per element on the CPU
-# measured here, page faults included: the time of ~100 multiply-adds at its GEMM rate (~75 G
-# multiply-adds/s). A forward and backward make about four such passes over every carry element.
-CARRY_ELEMENT_COST = 400
+# The cost model's second term: the elementwise work around the GEMMs (the scaling passes, the
+# backward's row-wise dots, the square-sums), per element of the per-sample tensors a plan
+# carries, in multiply-add equivalents. Refitted by least squares to every exact jacext row of a
+# bench_frobenius run (it prints the fit): 180 on the 2-core EPYC of bench/results after the
+# fusion work (it was 400 when every pass ran over freshly mapped memory).
+CARRY_ELEMENT_COST = 180
 
 
 def carry_elements(widths: Sequence[int], batch: int, strategy: Strategy, layer: int = 0,

@@ -57,11 +57,12 @@ def mlp_composite(x, weights, biases, activations, act_params, layer=0, projecti
 
 
 def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biases, activations,
-                                    act_params, layer, projections=None, grad_carries=()):
+                                    act_params, layer, projections=None, grad_carries=(), gram_output=False):
     """What the op mlp_jacobian_backward computes, as differentiable torch ops: the gradients of
     sum(grad_y*y) + sum(grad_sq*||J||^2) + sum(grad_jac*J) + sum(grad_carries*carries) w.r.t. x,
     weights and the biases that are not None (returned in that order); with projections, ||J||^2
-    is per projected row. grad_carries: [] or one per reverse carry dy/dh_i, i = L-1 down to
+    is per projected row; with gram_output, grad_jac is the gradient of J J^T (mlp_jacobian's
+    output with strategy 2). grad_carries: [] or one per reverse carry dy/dh_i, i = L-1 down to
     layer (None for none)."""
     present = [i for i, b in enumerate(biases) if b is not None]
 
@@ -72,7 +73,8 @@ def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biase
         y, carries = mlp_composite(x, weights, full, activations, act_params, layer, projections, carries=True)
         jac = carries[-1]
         sq = jac.pow(2).sum((1, 2)) if projections is None else jac.pow(2).sum(2)
-        return y, sq, jac, [c for c, g in zip(carries, grad_carries) if g is not None]
+        jac_out = jac @ jac.transpose(1, 2) if gram_output else jac
+        return y, sq, jac_out, [c for c, g in zip(carries, grad_carries) if g is not None]
 
     primals = (x, list(weights), [biases[i] for i in present])
     (y, sq, jac, carries), vjp = torch.func.vjp(outputs, *primals)

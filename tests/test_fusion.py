@@ -230,3 +230,59 @@ def test_identity_hidden_layer_in_every_mode():
             got = values_and_grads(model, x, lambda x: frobenius(model, x, strategy, tile))
             for a, b in zip([got[1], *got[2]], [ref[1], *ref[2]]):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def gram_op_fn(weights, biases, codes, params, tile):
+    """fn(x, *weights, *biases) -> (y, J J^T) from mlp_jacobian with strategy 2 (the Gram output)."""
+    n = len(weights)
+
+    def fn(x, *flat):
+        ws, bs = list(flat[:n]), list(flat[n:])
+        y, gram, _ = torch.ops.jacext.mlp_jacobian(x, ws, bs, codes, params, 0, REVERSE_GRAM, tile=tile)
+        return y, gram
+
+    return fn
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "softplus", "identity"])
+@pytest.mark.parametrize("tile", [0, 2])
+def test_gram_output_of_mlp_jacobian(activation, tile):
+    """mlp_jacobian with strategy 2 returns J J^T at the input by S G S^T (J never formed): values
+    and gradients against J J^T from torch.func, gradcheck, gradgradcheck and opcheck."""
+    model = make_mlp([6, 4, 5, 3], dict(ACTIVATIONS)[activation], output_activation=nn.Sigmoid)
+    spec, biases = op_inputs(model, None)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    fn = gram_op_fn(spec.weights, biases, spec.activations, spec.act_params, tile)
+    y, gram = fn(x, *spec.weights, *biases)
+    _, jac = per_sample_jacobian(model, x)
+    torch.testing.assert_close(gram, jac @ jac.transpose(1, 2), rtol=1e-10, atol=1e-10)
+    inputs = [x] + [t.detach().clone().requires_grad_() for t in (*spec.weights, *biases)]
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    torch.library.opcheck(torch.ops.jacext.mlp_jacobian.default,
+                          (x, spec.weights, biases, spec.activations, spec.act_params, 0, REVERSE_GRAM), {"tile": tile})
+
+
+def test_gram_output_with_carry_gradients():
+    """Strategy 2's sweep passes the upper layers too: J_l J_l^T for several layers (jacobian_gram)
+    and their gradients, the input layer's by the Gram epilogue, against torch.func Jacobians."""
+    model = make_mlp([9, 5, 6, 3], nn.Tanh)
+    x = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
+    spec, _ = op_inputs(model, None)
+    assert jacext.ops.resolve_strategy("reverse", spec.widths, batch=7) == REVERSE_GRAM  # 5 < 9: the epilogue
+    grams = jacext.jacobian_gram(model, x, layer=(0, 1, 2))
+    _, jacs = jacext.ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+                                       layers=(0, 1, 2))
+    _, jac0 = per_sample_jacobian(model, x)
+    jacs[0] = jac0
+    params = [x, *model.parameters()]
+
+    def grads(outputs):
+        objective = sum(o.sin().sum() for o in outputs)
+        return [torch.zeros_like(p) if g is None else g
+                for g, p in zip(torch.autograd.grad(objective, params, allow_unused=True), params)]
+
+    for g, j in zip(grams, jacs):
+        torch.testing.assert_close(g, j @ j.transpose(1, 2), rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads(grams), grads([j @ j.transpose(1, 2) for j in jacs])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
