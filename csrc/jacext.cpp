@@ -23,12 +23,14 @@ TORCH_LIBRARY(jacext, m) {
       "mlp_jacobian_frobenius(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
       "float[] act_params, int strategy, Tensor? projections=None, *, int tile=0) -> (Tensor y, "
       "Tensor sq, Tensor[] saved)");
-  // y = mlp(x) and jac[b] = d y_b / d h_layer,b  (B, m, n_layer).
+  // y = mlp(x) and jac[b] = d y_b / d h_layer,b  (B, m, n_layer); with gram (strategy 2, layer 0)
+  // jac[b] = J_b J_b^T (B, m, m) by the Gram epilogue, J never formed.
   m.def(
       "mlp_jacobian(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
-      "float[] act_params, int layer, int strategy, *, int tile=0) -> (Tensor y, Tensor jac, "
-      "Tensor[] saved)");
+      "float[] act_params, int layer, int strategy, *, int tile=0, bool gram=False) -> (Tensor y, "
+      "Tensor jac, Tensor[] saved)");
   // Gradients of sum(grad_y*y) + sum(grad_sq*sq) + sum(grad_jac*jac) + sum(grad_carries*carries)
+  // (with strategy 2, grad_jac is the gradient of mlp_jacobian's J J^T)
   // w.r.t. x, weights, biases. grad_carries: for mlp_jacobian's reverse strategy, gradients
   // w.r.t. the carries in `saved` (dy/dh_i for i = L-1 down to layer; an empty tensor for none),
   // or an empty list. grad_x only with input_grad (else None); grad_biases: an empty tensor for a

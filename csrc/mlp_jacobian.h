@@ -601,23 +601,22 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
   return {y, sq, net.pack_saved(saved, options)};
 }
 
-// y = mlp(x), jac[b] = d y_b / d h_layer,b (B, m, n_layer) and `saved`, tile by tile; with strategy
-// kReverseGram (layer 0), jac[b] = J_b J_b^T (B, m, m) by the Gram epilogue instead:
+// y = mlp(x), jac[b] = d y_b / d h_layer,b (B, m, n_layer) and `saved`, tile by tile; with gram
+// (strategy kReverseGram, layer 0), jac[b] = J_b J_b^T (B, m, m) by the Gram epilogue instead:
 // S G S^T with G = W_1 W_1^T once per batch, m n_1^2 instead of m n_1 n_0 multiply-adds per sample.
 template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t layer,
-    int64_t strategy, int64_t tile) {
+    int64_t strategy, int64_t tile, bool gram) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
   check_tile(tile);
-  TORCH_CHECK(strategy == kReverse || strategy == kForward || strategy == kReverseGram,
-              "jacext: mlp_jacobian forms J (strategies 0 and 1) or, at the input, J J^T (strategy 2); "
-              "strategies 3 and 4 are for the Frobenius norm only");
+  TORCH_CHECK(gram ? strategy == kReverseGram : (strategy == kReverse || strategy == kForward),
+              "jacext: mlp_jacobian forms J with strategy 0 or 1, and J J^T at the input with strategy 2 and "
+              "gram=True; otherwise strategies 2, 3 and 4 (Gram) are for the Frobenius norm only");
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy};
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L);
-  const auto options = x.options();
-  const bool gram = strategy == kReverseGram;  // J J^T = S G S^T: J itself is never formed
+  const auto options = x.options();  // gram: J J^T = S G S^T, J itself is never formed
   Tensor y = net.empty({B, m}, options);
   Tensor jac = net.empty({B, m, gram ? m : net.width(layer)}, options);
   auto saved = net.allocate_saved(B, options);

@@ -36,10 +36,10 @@ def _frobenius_fake(x, weights, biases, activations, act_params, strategy, proje
 
 
 @torch.library.register_fake("jacext::mlp_jacobian")
-def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy, *, tile=0):
+def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy, *, tile=0, gram=False):
     widths = _widths(x, weights)
     saved = [x.new_empty(s) for s in saved_shapes(widths, x.shape[0], layer, strategy, None, activations)]
-    columns = widths[-1] if strategy == REVERSE_GRAM else widths[layer]  # strategy 2: J J^T
+    columns = widths[-1] if gram else widths[layer]  # gram: J J^T
     return x.new_empty(x.shape[0], widths[-1]), x.new_empty(x.shape[0], widths[-1], columns), saved
 
 
@@ -369,7 +369,7 @@ def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
     strategy, low = (REVERSE_GRAM, 0) if gram_at_input else (REVERSE, min(layers))
     tile = tile_size(widths, x.shape[0], strategy, x.element_size(), layer=low, device=x.device)
     y, out, saved = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                      low, strategy, tile=tile)
+                                      low, strategy, tile=tile, gram=gram_at_input)
     carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to low (strategy 2: then P)
     grams = []
     with torch.autocast(x.device.type, enabled=False):  # the op's float32 results stay float32

@@ -238,7 +238,7 @@ def gram_op_fn(weights, biases, codes, params, tile):
 
     def fn(x, *flat):
         ws, bs = list(flat[:n]), list(flat[n:])
-        y, gram, _ = torch.ops.jacext.mlp_jacobian(x, ws, bs, codes, params, 0, REVERSE_GRAM, tile=tile)
+        y, gram, _ = torch.ops.jacext.mlp_jacobian(x, ws, bs, codes, params, 0, REVERSE_GRAM, tile=tile, gram=True)
         return y, gram
 
     return fn
@@ -260,7 +260,8 @@ def test_gram_output_of_mlp_jacobian(activation, tile):
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
     torch.library.opcheck(torch.ops.jacext.mlp_jacobian.default,
-                          (x, spec.weights, biases, spec.activations, spec.act_params, 0, REVERSE_GRAM), {"tile": tile})
+                          (x, spec.weights, biases, spec.activations, spec.act_params, 0, REVERSE_GRAM),
+                          {"tile": tile, "gram": True})
 
 
 def test_gram_output_with_carry_gradients():
