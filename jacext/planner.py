@@ -10,6 +10,7 @@ combines them per sample: ||J||^2 = sum((A^T A) .* (C C^T)), which wins where a 
 (a bottleneck) sits between wide inputs and outputs."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -198,13 +199,20 @@ def tile_size(widths: Sequence[int], batch: int, strategy: int, element_size: in
     samples whose working set (TILE_WORKING_COPIES copies of the largest per-sample carry) fits one
     core's L2 cache, but at least MIN_TILE_ROWS GEMM rows and at most an equal share of the batch
     per thread, and as many tiles for every thread. The whole batch runs at once where one
-    sample's working set alone overflows L2
-    (tiles would not stay in cache) or where a thread's share has too few GEMM rows (MKL splits
-    one large GEMM better). CUDA, and a graph under torch.compile, run the whole batch."""
+    sample's working set alone overflows L2 (tiles would not stay in cache) or where a thread's
+    share has too few GEMM rows (MKL splits one large GEMM better). CUDA, and a graph under
+    torch.compile, run the whole batch. Cached by its arguments."""
     if (torch.device(device).type != "cpu" or not isinstance(batch, int) or batch == 0
             or torch.compiler.is_compiling()):  # a compiled graph runs the batch in one call
         return 0
     threads = torch.get_num_threads() if threads is None else threads
+    return _cached_tile(tuple(widths), batch, strategy, element_size, rows, layer, threads)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_tile(widths, batch: int, strategy: int, element_size: int, rows: Optional[int], layer: int,
+                 threads: int) -> int:
+    """tile_size on the CPU, for a thread count."""
     n, depth = list(widths), len(widths) - 1
     carries = saved_shapes(n, 1, layer, strategy, rows)[first_carry_index(depth):]
     per_sample = [math.prod(shape[1:]) for shape in carries if shape[0] == 1]
@@ -278,6 +286,17 @@ def applicable(strategy: int, widths: Sequence[int], layer: int = 0, frobenius: 
 
 def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobenius: bool = True,
                      batch: int = 64, projections: int = 0, output_linear: bool = False) -> Strategy:
+    """The strategy for a method name (_choose_strategy), cached by its arguments: planning a step
+    costs a few hundred microseconds, more than a small step's GPU work."""
+    if not isinstance(batch, int):  # a symbolic size under torch.compile: plan for a typical batch
+        batch = 64
+    if torch.compiler.is_compiling():  # traced, not cached
+        return _choose_strategy(method, tuple(widths), layer, frobenius, batch, projections, output_linear)
+    return _cached_strategy(method, tuple(widths), layer, frobenius, batch, projections, output_linear)
+
+
+def _choose_strategy(method: str, widths: Sequence[int], layer: int = 0, frobenius: bool = True,
+                     batch: int = 64, projections: int = 0, output_linear: bool = False) -> Strategy:
     """The strategy for a method name ("hutchinson": the reverse carry of k = `projections`
     random rows; "gram": the one-hidden-layer Gram formula where it applies, else the cheapest of
     the Gram epilogues and the splits).
@@ -288,8 +307,6 @@ def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobeni
     if method not in ("auto", "reverse", "forward", "gram", "hutchinson"):
         raise ValueError(f"unknown method {method!r} for the op; expected 'auto', 'reverse', 'forward', "
                          f"'gram' or 'hutchinson'")
-    if not isinstance(batch, int):  # a symbolic size under torch.compile: plan for a typical batch
-        batch = 64
     def able(strategy):
         return applicable(strategy, widths, layer, frobenius, projections, output_linear)
 
@@ -313,6 +330,9 @@ def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobeni
         return forward
     candidates = [reverse, forward] + ([GRAM1] if able(GRAM1) else []) + ([split] if split else [])
     return _cheapest(candidates, cost)
+
+
+_cached_strategy = functools.lru_cache(maxsize=512)(_choose_strategy)
 
 
 class Plan:
