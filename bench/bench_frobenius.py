@@ -205,6 +205,9 @@ def worker(case, widths, batch, output_activation, method, args):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        # jacext keeps the previous step's memory for reuse (its workspace): give it back first, so
+        # that the growth is the step's working memory, as for the methods that allocate afresh
+        jacext.release_workspace()
         sq, peak = peak_rss_growth(step)
     sq = torch.from_dlpack(sq) if on_jax else sq.detach()
     timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
@@ -217,7 +220,8 @@ def worker(case, widths, batch, output_activation, method, args):
         "scaled_from_outputs": (min(args.loop_outputs, widths[-1]) if method == "autograd-loop" else None),
         "peak_bytes": None if peak is None else max(int(peak), 0),
         "peak_kind": ("not measured: JAX's GPU memory is not torch's" if peak is None else
-                      "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS growth during one step"),
+                      "cuda max_memory_allocated" if device.type == "cuda" else
+                      "peak RSS growth during one step (jacext's workspace emptied first)"),
         "sq_mean": float(sq.double().mean()),
     }
     if method.startswith("jacext-"):
