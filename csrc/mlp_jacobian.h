@@ -440,14 +440,7 @@ struct MLPJacobian {
   }
 
   // acc += a b (acc allocated by the first product).
-  void add_mm(Tensor& acc, const Tensor& a, const Tensor& b) const {
-    if (acc.defined()) {
-      acc.addmm_(a, b);
-    } else {
-      acc = empty({a.size(0), b.size(1)}, a.options());
-      Kernels::mm(acc, a, b);
-    }
-  }
+  void add_mm(Tensor& acc, const Tensor& a, const Tensor& b) const { Kernels::add_mm(acc, a, b); }
   // acc += a b, symmetric: the lower blocks only (mirrored once all tiles are summed).
   void add_mm_lower(Tensor& acc, const Tensor& a, const Tensor& b) const {
     if (!acc.defined()) acc = empty({a.size(0), a.size(0)}, a.options()).zero_();

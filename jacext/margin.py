@@ -8,7 +8,10 @@ layer Jacobian J = df/dh_l (all layers from one reverse sweep, differentiable tw
 (logits) or u = S_y - S_j (probabilities, S = diag(s) - s s^T the softmax Jacobian),
 grad(f_y - f_j) = u^T J. For q = 2 its norm is u^T (J J^T) u, from the m x m Gram matrix, with no
 per-class gradient formed (at the input layer J J^T comes from the Gram epilogue S G S^T where that
-is cheaper than J); for q = 1 or inf only the needed rows u^T J are formed."""
+is cheaper than J); for q = 1 or inf only the needed rows u^T J are formed. For q = inf at the input
+layer, J = S W_1 (S = R^(1) D_1, the reverse carry one layer up) is not formed either: the rows
+(u^T S) W_1 are, and their max-norm's backward reads one column of W_1 per row instead of two GEMMs
+with W_1 (the max depends on one entry of each row)."""
 from __future__ import annotations
 
 import math
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from . import _ops
+from . import activations as act
 from .nn import parse_model
 
 __all__ = ["margin_distances", "large_margin_loss", "LargeMarginLoss"]
@@ -64,6 +68,72 @@ def _layer_jacobians(spec, x, layers):
     return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layers)
 
 
+def _layer_matrices(q):
+    """What the norms are computed from: J J^T for q = 2, the input layer's J in factors for
+    q = inf, the Jacobians for q = 1 (whose gradient needs every entry of each row)."""
+    return _layer_grams if q == 2 else _layer_factors if q == math.inf else _layer_jacobians
+
+
+class _InputFactor:
+    """The input-layer Jacobian J_0 = S W_1 kept as its two factors: S = R^(1) D_1 (B, m, n_1), the
+    reverse carry at layer 1 scaled by the first activation's derivative, and W_1 (n_1, n_0)."""
+
+    def __init__(self, s, w):
+        self.s, self.w = s, w
+
+
+def _layer_factors(spec, x, layers):
+    """As _layer_jacobians, but the input layer's J_0 as an _InputFactor (q = inf): the sweep stops
+    at layer 1, and D_1 comes from x W_1^T + b_1 by torch ops (differentiable twice, like the carry)."""
+    if 0 not in layers or len(spec.weights) < 2:
+        return _layer_jacobians(spec, x, layers)
+    above = sorted(set(layers) - {0} | {1})
+    y, jacobians = _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=above)
+    carry = dict(zip(above, jacobians))
+    dtype = carry[1].dtype  # float32 under autocast, as the op's outputs
+    w, b = spec.weights[0].to(dtype), spec.biases[0]
+    with torch.autocast(x.device.type, enabled=False):
+        pre = x.to(dtype) @ w.t() if b is None else torch.addmm(b.to(dtype), x.to(dtype), w.t())
+        d1 = act.activation_derivative(pre, spec.activations[0], *spec.act_params[:2])
+        # under no_grad (use_approximation) the factors are constants, W_1 included
+        factor = _InputFactor(carry[1] * d1.unsqueeze(1), w if torch.is_grad_enabled() else w.detach())
+    return y, [factor if l == 0 else carry[l] for l in layers]
+
+
+class _MaxAbsOfProduct(torch.autograd.Function):
+    """max_i |(a @ w)[..., i]| for a (B, k, n) and w (n, n_0). The max depends on one entry of each
+    row, so the backward gathers one column of w per row and scatters into one column of dw: O(B k n)
+    instead of the two (B k) x n x n_0 GEMMs autograd would run. Ties go to the first maximal entry
+    (torch.amax would split the gradient between them; they have probability zero). The backward is
+    made of differentiable torch ops, so this is differentiable twice (the max is piecewise linear)."""
+
+    @staticmethod
+    def forward(a, w):
+        rows = a @ w
+        value, index = rows.abs().max(dim=-1)
+        sign = rows.gather(-1, index.unsqueeze(-1)).squeeze(-1).sign()
+        return value, index, sign
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, w = inputs
+        _, index, sign = output
+        ctx.mark_non_differentiable(index, sign)
+        ctx.save_for_backward(a, w, index, sign)
+
+    @staticmethod
+    def backward(ctx, grad_value, grad_index, grad_sign):
+        a, w, index, sign = ctx.saved_tensors
+        g = grad_value * sign  # (B, k): d value = g . (da w + a dw) at the maximal column
+        columns = index.reshape(-1)
+        grad_a = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_a = w.t().index_select(0, columns).view_as(a) * g.unsqueeze(-1)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(w.t()).index_add(0, columns, (a * g.unsqueeze(-1)).reshape(-1, a.shape[-1])).t()
+        return grad_a, grad_w
+
+
 def _scores(logits, on):
     """The scores f (B, m) and the rows of df/dlogits (B, m, m), or None for the identity."""
     if on == "logits":
@@ -85,11 +155,14 @@ def _directions(score_jacobian, target, classes, m, dtype):
 def _gradient_norms(jac, u, q):
     """||u_k^T J||_q per sample and class (B, k), in the Jacobian's precision (float32 under
     autocast); for q = 2, `jac` is the Gram matrix J J^T (B, m, m)."""
-    with torch.autocast(jac.device.type, enabled=False):
-        return _gradient_norms_full_precision(jac, u.to(jac.dtype), q)
+    with torch.autocast(u.device.type, enabled=False):
+        dtype = jac.s.dtype if isinstance(jac, _InputFactor) else jac.dtype
+        return _gradient_norms_full_precision(jac, u.to(dtype), q)
 
 
 def _gradient_norms_full_precision(jac, u, q):
+    if isinstance(jac, _InputFactor):  # q = inf at the input layer: the rows (u^T S) W_1
+        return _MaxAbsOfProduct.apply(torch.bmm(u, jac.s), jac.w)[0]
     if q == 2:  # Gram identity: u^T (J J^T) u
         sq = (torch.bmm(u, jac) * u).sum(2)
         # sqrt's derivative is infinite at 0 (u = 0 for j = y): keep it out of the graph there
@@ -119,7 +192,7 @@ def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Seque
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= m - 1):
         raise ValueError(f"top_k must be an integer in [1, {m - 1}] or None, got {top_k!r}")
     q = DUAL_NORM[dist_norm]
-    logits, jacobians = (_layer_grams if q == 2 else _layer_jacobians)(spec, x, layers)
+    logits, jacobians = _layer_matrices(q)(spec, x, layers)
     score, score_jacobian = _scores(logits, on)
     if top_k is None:
         classes = torch.arange(m, device=x.device).expand(x.shape[0], m)
@@ -160,7 +233,7 @@ def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequ
         raise ValueError(f"layers_weights must hold {len(layers)} positive numbers, got {layers_weights!r}")
 
     q = DUAL_NORM[dist_norm]
-    layer_matrices = _layer_grams if q == 2 else _layer_jacobians  # q = 2 needs only J J^T
+    layer_matrices = _layer_matrices(q)
     if use_approximation:  # the norms are constants: no graph through the Jacobians
         logits = model(x)
         with torch.no_grad():

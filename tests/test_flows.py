@@ -90,9 +90,10 @@ def augmented_relative(grad_w, grad_b, w, b):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("n_layers", [1, 2, 4])
-def test_relative_gradient_is_the_autodiff_gradient_times_wtw(n_layers, bias, device):
-    flow = random_flow(n_layers=n_layers, bias=bias, device=device, seed=n_layers)
-    x = torch.randn(8, 5, dtype=torch.float64, device=device, requires_grad=True)
+@pytest.mark.parametrize("dim", [5, 37])  # 37: the rank-update kernel's full column blocks, an odd row
+def test_relative_gradient_is_the_autodiff_gradient_times_wtw(n_layers, bias, dim, device):
+    flow = random_flow(dim=dim, n_layers=n_layers, bias=bias, device=device, seed=n_layers)
+    x = torch.randn(8, dim, dtype=torch.float64, device=device, requires_grad=True)
     linears = [m for m in flow.net if isinstance(m, nn.Linear)]
     params = [p for m in linears for p in ([m.weight] if m.bias is None else [m.weight, m.bias])]
     grads = torch.autograd.grad(flow.nll(x), [x] + params)
@@ -113,6 +114,20 @@ def test_relative_gradient_is_the_autodiff_gradient_times_wtw(n_layers, bias, de
     torch.testing.assert_close(no_logdet, loss + flow.log_abs_det_weights(), **TOL)
     for g, want in zip(torch.autograd.grad(no_logdet, [x] + params), relative):
         torch.testing.assert_close(g, want, **TOL)
+
+
+@pytest.mark.parametrize("batch", [3, 20])  # the small-batch rank update, and the GEMM beyond it
+def test_relative_gradient_in_float32(batch, device):
+    """The float32 kernels against the float64 ones on the same flow (the identity above is checked in
+    float64; this checks the float32 code paths)."""
+    flow = random_flow(dim=37, n_layers=2, device=device, seed=4)
+    x = torch.randn(batch, 37, dtype=torch.float64, device=device)
+    params = list(flow.parameters())
+    want = torch.autograd.grad(flow.nll(x, relative_gradient=True), params)
+    flow32 = flow.float()
+    got = torch.autograd.grad(flow32.nll(x.float(), relative_gradient=True), list(flow32.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
 
 
 def op_inputs(device, bias=(True, False)):

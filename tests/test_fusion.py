@@ -41,11 +41,12 @@ def model_for(strategy, activation_factory, widths=(5, 7, 6, 4)):
 
 
 def values_and_grads(model, x, fn):
-    """(y, sq, gradients of a weighted objective w.r.t. x and every parameter)."""
+    """(y, sq, gradients of a weighted objective w.r.t. x and every parameter); the objective's
+    weights are drawn in float64 whatever the dtype, so that dtypes can be compared."""
     y, sq = fn(x)
     g = torch.Generator().manual_seed(3)
-    objective = (torch.randn(y.shape, generator=g, dtype=y.dtype) * y).sum() \
-        + ((torch.rand(sq.shape, generator=g, dtype=sq.dtype) + 0.5) * sq).sum()
+    objective = (torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype) * y).sum() \
+        + ((torch.rand(sq.shape, generator=g, dtype=torch.float64).to(sq.dtype) + 0.5) * sq).sum()
     grads = torch.autograd.grad(objective, [x, *model.parameters()], allow_unused=True)
     return y, sq, [torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads, [x, *model.parameters()])]
 
@@ -63,6 +64,22 @@ def test_tiled_and_whole_batch_agree(strategy, activation):
     torch.testing.assert_close(tiled[1], whole[1], rtol=1e-12, atol=1e-12)
     for a, b in zip(tiled[2], whole[2]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_float32_kernels_match_float64(strategy):
+    """The float32 instantiations of the CPU loops (the float64 ones are checked at 1e-12 above), with
+    widths that fill their vector blocks and leave tails, tiled and whole, against float64."""
+    widths = (20, 33, 5) if ALL_STRATEGIES[strategy] == GRAM1 else (20, 33, 18, 5)
+    model = make_mlp(list(widths), nn.Tanh)
+    x = torch.randn(13, 20, dtype=torch.float64, requires_grad=True)
+    want = values_and_grads(model, x, lambda x: frobenius(model, x, ALL_STRATEGIES[strategy], 0))
+    model32 = model.float()
+    x32 = x.detach().float().requires_grad_()
+    for tile in (0, 3):
+        got = values_and_grads(model32, x32, lambda x: frobenius(model32, x, ALL_STRATEGIES[strategy], tile))
+        for g, w in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * max(w.abs().max().item(), 1.0))
 
 
 @pytest.mark.parametrize("batch", [1, TILE - 1, TILE, TILE + 1, 3 * TILE + 2])

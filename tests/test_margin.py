@@ -95,6 +95,30 @@ def test_gradcheck_without_approximation():
     assert torch.autograd.gradcheck(loss, inputs)
 
 
+def test_input_layer_max_norm_differentiable_twice():
+    """q = inf at the input layer runs the rows (u^T S) W_1 through their own max-norm function, whose
+    backward reads one column of W_1 per row: its first and second derivatives against finite
+    differences, and the whole loss's gradient by gradcheck."""
+    from jacext.margin import _MaxAbsOfProduct
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: _MaxAbsOfProduct.apply(a, w)[0], (a, w))
+    assert torch.autograd.gradgradcheck(lambda a, w: _MaxAbsOfProduct.apply(a, w)[0] ** 2, (a, w))
+
+    model, x, target = model_and_data("cpu")
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss(x, *params):
+        return jacext.large_margin_loss(_with(model, names, params), x, target, layers=(0, 2), gamma=0.3,
+                                        alpha_factor=1.5, top_k=2, dist_norm=1, worst_case_loss=False,
+                                        use_approximation=False)
+
+    inputs = [x.clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in model.parameters()]
+    assert torch.autograd.gradcheck(loss, inputs)
+
+
 def _with(model, names, params):
     """A copy of `model` whose parameters are the given tensors (so gradcheck can perturb them)."""
     clone = copy.deepcopy(model)

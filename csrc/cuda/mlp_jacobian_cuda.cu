@@ -156,6 +156,16 @@ struct CudaKernels {
     at::addmm_out(out, bias, a, b);
   }
 
+  // acc += a b (acc = a b when undefined).
+  static void add_mm(Tensor& acc, const Tensor& a, const Tensor& b) {
+    if (acc.defined()) {
+      acc.addmm_(a, b);
+    } else {
+      acc = empty({a.size(0), b.size(1)}, a.options());
+      mm(acc, a, b);
+    }
+  }
+
   // The whole batch is one tile on the GPU.
   template <class F>
   static void for_tiles(int64_t B, int64_t /*tile*/, F&& f) {
