@@ -60,7 +60,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_flow(
     d2s.push_back(d2);
   }
   Tensor log_dact = at::zeros({B}, options);
-  for (const Tensor& d : ds) log_dact.add_(d.abs().log_().sum(1));
+  for (const auto i : c10::irange(L)) {
+    if (has_derivative(activations[i])) log_dact.add_(ds[i].abs().log_().sum(1));  // else log 1 = 0
+  }
   Tensor logabsdet = at::zeros({}, options);
   if (logdet_value) {
     for (const Tensor& w : weights) logabsdet.add_(std::get<1>(at::linalg_slogdet(w)));

@@ -128,7 +128,8 @@ class _MaxAbsOfProduct(torch.autograd.Function):
         columns = index.reshape(-1)
         grad_a = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_a = w.t().index_select(0, columns).view_as(a) * g.unsqueeze(-1)
+            # rows of a contiguous W^T: gathering W's columns in place would read it with a stride
+            grad_a = w.t().contiguous().index_select(0, columns).view_as(a) * g.unsqueeze(-1)
         if ctx.needs_input_grad[1]:
             grad_w = torch.zeros_like(w.t()).index_add(0, columns, (a * g.unsqueeze(-1)).reshape(-1, a.shape[-1])).t()
         return grad_a, grad_w

@@ -116,12 +116,13 @@ def test_relative_gradient_is_the_autodiff_gradient_times_wtw(n_layers, bias, di
         torch.testing.assert_close(g, want, **TOL)
 
 
-@pytest.mark.parametrize("batch", [3, 20])  # the small-batch rank update, and the GEMM beyond it
-def test_relative_gradient_in_float32(batch, device):
+@pytest.mark.parametrize("dim", [37, 260])  # 260: the small-batch x W^T loops too
+@pytest.mark.parametrize("batch", [3, 20, 30])  # the small-batch rank update, and the GEMMs beyond
+def test_relative_gradient_in_float32(batch, dim, device):
     """The float32 kernels against the float64 ones on the same flow (the identity above is checked in
     float64; this checks the float32 code paths)."""
-    flow = random_flow(dim=37, n_layers=2, device=device, seed=4)
-    x = torch.randn(batch, 37, dtype=torch.float64, device=device)
+    flow = random_flow(dim=dim, n_layers=2, device=device, seed=4)
+    x = torch.randn(batch, dim, dtype=torch.float64, device=device)
     params = list(flow.parameters())
     want = torch.autograd.grad(flow.nll(x, relative_gradient=True), params)
     flow32 = flow.float()

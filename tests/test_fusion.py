@@ -82,6 +82,22 @@ def test_float32_kernels_match_float64(strategy):
             torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * max(w.abs().max().item(), 1.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [1, 5, 24, 25])
+def test_small_batch_products_against_torch_func(batch, dtype):
+    """A batch of at most 24 rows with at least 256 inputs takes the CPU's own x W^T loops (blocks of
+    4 rows by 3 columns, a tail of each); 25 rows go to MKL. Values and gradients against torch.func."""
+    model = make_mlp([301, 8, 5], nn.Tanh)
+    x = torch.randn(batch, 301, dtype=torch.float64, requires_grad=True)
+    ref = values_and_grads(model, x, lambda x: jacobian_frobenius_ref(model, x))
+    model = model.to(dtype)
+    xd = x.detach().to(dtype).requires_grad_()
+    got = values_and_grads(model, xd, lambda x: jacext.jacobian_frobenius(model, x))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for a, b in zip([got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]]):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
 @pytest.mark.parametrize("batch", [1, TILE - 1, TILE, TILE + 1, 3 * TILE + 2])
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_tile_boundaries_against_torch_func(strategy, batch):
