@@ -1,9 +1,11 @@
-"""Build jacext: a C++ extension, plus CUDA kernels when a GPU is visible or JACEXT_FORCE_CUDA=1.
+"""Build jacext: a C++ extension, plus CUDA kernels whenever torch is a CUDA build and a CUDA
+toolkit (nvcc) is found, whether or not a GPU is visible (clusters build on login nodes).
 
     pip install --no-build-isolation -e .          # compiles against the installed torch
 
-JACEXT_FORCE_CUDA=1 builds the CUDA kernels without a visible GPU (CI does, for sm_80 and sm_90
-unless TORCH_CUDA_ARCH_LIST says otherwise); JACEXT_FORCE_CPU=1 skips them even with a GPU.
+JACEXT_FORCE_CPU=1 skips the CUDA kernels; JACEXT_FORCE_CUDA=1 makes their absence an error. Without
+a visible GPU and without TORCH_CUDA_ARCH_LIST, the kernels are built for sm_80 and sm_90 plus PTX
+(which newer GPUs compile when the library loads).
 """
 import glob
 import os
@@ -39,22 +41,21 @@ def pip_nvidia_includes():
 
 force_cuda = os.environ.get("JACEXT_FORCE_CUDA") == "1"
 force_cpu = os.environ.get("JACEXT_FORCE_CPU") == "1"
-if force_cuda and not force_cpu and "CUDA_HOME" not in os.environ:
-    cuda_home = find_cuda_home()
-    if cuda_home:
-        os.environ["CUDA_HOME"] = cuda_home
 
-import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it on import)
+import torch  # noqa: E402
+
+# CUDA_HOME must be settled before torch.utils.cpp_extension is imported: it reads it then.
+cuda_home = None if force_cpu or torch.version.cuda is None else find_cuda_home()
+if cuda_home and "CUDA_HOME" not in os.environ:
+    os.environ["CUDA_HOME"] = cuda_home
+use_cuda = cuda_home is not None
+if force_cuda and not use_cuda:
+    sys.exit("jacext: JACEXT_FORCE_CUDA=1, but " + (
+        "JACEXT_FORCE_CPU=1 is set too" if force_cpu else
+        "the installed torch is a CPU build" if torch.version.cuda is None else
+        "no CUDA toolkit was found (set CUDA_HOME, or put nvcc on PATH)"))
+
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-
-if not force_cpu and "CUDA_HOME" not in os.environ and torch.cuda.is_available():
-    cuda_home = find_cuda_home()
-    if cuda_home:
-        os.environ["CUDA_HOME"] = cuda_home
-
-use_cuda = not force_cpu and (force_cuda or torch.cuda.is_available())
-if use_cuda and torch.version.cuda is None:
-    sys.exit("jacext: a CUDA build was asked for, but the installed torch is a CPU build")
 
 here = os.path.dirname(os.path.abspath(__file__))
 sources = [os.path.join("csrc", "jacext.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
@@ -64,7 +65,7 @@ sources = [os.path.join("csrc", "jacext.cpp")] + sorted(glob.glob(os.path.join("
 cxx_flags = ["-O3"] + (["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin" else [])
 if use_cuda:
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # PTX: GPUs newer than sm_90 JIT-compile it
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     includes = pip_nvidia_includes()
     extension = CUDAExtension(
@@ -81,8 +82,9 @@ else:
         "jacext._C", sources, include_dirs=[os.path.join(here, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
     )
-    print("jacext: building CPU kernels only"
-          + (" (JACEXT_FORCE_CPU=1)" if force_cpu else " (no GPU visible; JACEXT_FORCE_CUDA=1 adds CUDA)"))
+    reason = ("JACEXT_FORCE_CPU=1" if force_cpu else "torch is a CPU build" if torch.version.cuda is None
+              else "no CUDA toolkit found: set CUDA_HOME or put nvcc on PATH")
+    print(f"jacext: building CPU kernels only ({reason})")
 
 setup(
     ext_modules=[extension],

@@ -18,6 +18,7 @@ of its steps and scaled (the table says so).
     python bench/bench_flows.py               # the cases above, 2 layers, float32
     python bench/bench_flows.py --repeats 5   # ratios as the median of 5 runs
     python bench/bench_flows.py --smoke       # tiny sizes, seconds (CI)
+    python bench/bench_flows.py --device cuda
 
 Each case and method (and each epoch) runs in its own process.
 """
@@ -67,10 +68,10 @@ def make_loss(method, flow):
     return lambda x: autodiff_nll(flow, x)
 
 
-def time_step(method, dim, batch, layers, min_run_time):
+def time_step(method, dim, batch, layers, min_run_time, device):
     torch.manual_seed(0)
-    flow = MLPFlow(dim, layers)
-    x = torch.randn(batch, dim)
+    flow = MLPFlow(dim, layers).to(device)
+    x = torch.randn(batch, dim).to(device)
     loss, params = make_loss(method, flow), list(flow.parameters())
 
     def step():
@@ -81,12 +82,12 @@ def time_step(method, dim, batch, layers, min_run_time):
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def time_epoch(method, dim, batch, layers, samples, fraction):
+def time_epoch(method, dim, batch, layers, samples, fraction, device):
     """Seconds for one epoch (Adam step included) over `samples` random samples, from running
     `fraction` of its steps (scaled by 1 / fraction)."""
     torch.manual_seed(0)
-    flow = MLPFlow(dim, layers)
-    data = torch.randn(samples, dim)
+    flow = MLPFlow(dim, layers).to(device)
+    data = torch.randn(samples, dim).to(device)
     optimizer = torch.optim.Adam(flow.parameters(), lr=1e-5)
     loss = make_loss(method, flow)
     steps = max(1, int(round(samples / batch * fraction)))
@@ -96,12 +97,14 @@ def time_epoch(method, dim, batch, layers, samples, fraction):
         optimizer.zero_grad()
         loss(data[order[i * batch:(i + 1) * batch]]).backward()
         optimizer.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) * (samples / batch) / steps
 
 
 def in_subprocess(args, *worker_args):
     """Run this script with --worker ... in its own process; its RESULT line as a dict."""
-    command = [sys.executable, os.path.abspath(__file__), "--layers", str(args.layers),
+    command = [sys.executable, os.path.abspath(__file__), "--layers", str(args.layers), "--device", args.device,
                "--min-run-time", str(args.min_run_time), "--epoch-samples", str(args.epoch_samples),
                *worker_args] + (["--smoke"] if args.smoke else [])
     run = subprocess.run(command, capture_output=True, text=True)
@@ -114,6 +117,7 @@ def in_subprocess(args, *worker_args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timed runs per method and case")
     parser.add_argument("--epoch-samples", type=int, default=60000)
@@ -131,12 +135,12 @@ def main():
         args.min_run_time, args.epoch_samples = min(args.min_run_time, 0.1), 200
     if args.worker:
         case = next(c for c in cases if c["name"] == args.worker[0])
-        median = time_step(args.worker[1], case["dim"], case["batch"], args.layers, args.min_run_time)
+        median = time_step(args.worker[1], case["dim"], case["batch"], args.layers, args.min_run_time, args.device)
         print("RESULT " + json.dumps({"median_s": median}))
         return
     if args.epoch_worker:
         seconds = time_epoch(args.epoch_worker[0], cases[0]["dim"], cases[0]["batch"], args.layers,
-                             args.epoch_samples, float(args.epoch_worker[1]))
+                             args.epoch_samples, float(args.epoch_worker[1]), args.device)
         print("RESULT " + json.dumps({"epoch_s": seconds}))
         return
 
@@ -167,7 +171,7 @@ def main():
         epochs.append({"method": method, "epoch_s": seconds, "fraction_run": fraction})
         print(f"epoch {method}: {seconds:.1f} s", flush=True)
 
-    machine = machine_description()
+    machine = machine_description(args.device)
     print(f"\n{machine}; float32; MLP flow, {args.layers} layers; one training step (mean NLL, forward + "
           f"backward), median" + (f" over {args.repeats} runs (ratio: the median of the per-run ratios)"
                                   if args.repeats > 1 else "") + "; each case and method in its own process\n")
@@ -196,7 +200,7 @@ def main():
         note = "" if e["fraction_run"] == 1 else f" ({e['fraction_run']:.0%} of the steps run, time scaled)"
         print(f"  {e['method']:17} {e['epoch_s']:8.1f} s{note}")
 
-    write_results(args.out, "flows", "cpu", args.smoke, {"machine": machine, "layers": args.layers,
+    write_results(args.out, "flows", args.device, args.smoke, {"machine": machine, "layers": args.layers,
                                                          "repeats": args.repeats, "results": results, "runs": runs,
                                                          "summary": summary, "epochs": epochs})
 

@@ -68,6 +68,7 @@ def make_step(method, model, x, y):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-run-time", type=float, default=3.0)
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/targetprop_cpu[_smoke].json)")
     args = parser.parse_args()
@@ -78,9 +79,9 @@ def main():
     results = []
     for method in METHODS:
         torch.manual_seed(0)
-        model = jacext.MLP(case["widths"], activation="tanh")
-        x = torch.randn(case["batch"], case["widths"][0])
-        y = torch.randint(0, case["widths"][-1], (case["batch"],))
+        model = jacext.MLP(case["widths"], activation="tanh").to(args.device)
+        x = torch.randn(case["batch"], case["widths"][0]).to(args.device)
+        y = torch.randint(0, case["widths"][-1], (case["batch"],)).to(args.device)
         step = make_step(method, model, x, y)
         step()
         timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
@@ -91,7 +92,7 @@ def main():
     for r in results:
         r["time_vs_backprop"] = r["median_s"] / base
 
-    machine = machine_description()
+    machine = machine_description(args.device)
     print(f"\n{machine}; float32; MLP {case['widths']} (tanh), B={case['batch']}; one training step "
           f"(optimizer steps included), median\n")
     header = f"{'method':14} {'median ms':>10} {'x backprop':>11}"
@@ -99,7 +100,7 @@ def main():
     print("-" * len(header))
     for r in results:
         print(f"{r['method']:14} {r['median_s'] * 1e3:10.2f} {r['time_vs_backprop']:11.3g}")
-    write_results(args.out, "targetprop", "cpu", args.smoke, {"machine": machine, "case": case, "results": results})
+    write_results(args.out, "targetprop", args.device, args.smoke, {"machine": machine, "case": case, "results": results})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "device_formulas.h"
 #include "workspace.h"
 
 // An importable, empty module: loading it runs the registrations below.
@@ -59,4 +60,6 @@ TORCH_LIBRARY(jacext, m) {
   m.def("workspace_stats() -> int[]", &jacext::workspace_stats);
   m.def("workspace_set_limit(int bytes) -> ()", &jacext::workspace_set_limit);
   m.def("workspace_release() -> ()", &jacext::workspace_release);
+  // Whether the CPU kernels run the device's activation formulas (device_formulas.h).
+  m.def("device_formulas() -> bool", &jacext::device_formulas);
 }

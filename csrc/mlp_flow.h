@@ -127,7 +127,8 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     } else {
       Kernels::mm(grad_w[i], delta.t(), h_in);
       at::sum_out(grad_b[i], delta, 0);
-      if (has_logabsdet) grad_w[i].addcmul_(at::linalg_inv(weights[i]).t(), *grad_logabsdet);
+      // linalg_inv_ex: no error check, so no host sync on the GPU (a singular W gives inf / nan)
+      if (has_logabsdet) grad_w[i].addcmul_(std::get<0>(at::linalg_inv_ex(weights[i])).t(), *grad_logabsdet);
     }
     if (next && !stacked) {
       grad_h = Kernels::empty({B, n}, options);

@@ -2,13 +2,15 @@
 from . import _ops as ops
 from . import flows, targetprop
 from .activations import SmoothLeakyReLU
-from .functional import METHODS, JacobianFrobenius, jacobian, jacobian_frobenius, jacobian_gram, random_projections
+from .functional import (METHODS, Jacobian, JacobianFrobenius, JacobianGram, jacobian, jacobian_frobenius, jacobian_gram,
+                         random_projections)
 from .margin import LargeMarginLoss, large_margin_loss, margin_distances
 from .nn import MLP, parse_model
 from .planner import explain
 from .workspace import release_workspace, set_workspace_limit, workspace_stats
 
 __version__ = "0.1.0"
-__all__ = ["MLP", "SmoothLeakyReLU", "jacobian_frobenius", "JacobianFrobenius", "jacobian", "jacobian_gram", "ops",
+__all__ = ["MLP", "SmoothLeakyReLU", "jacobian_frobenius", "JacobianFrobenius", "jacobian", "Jacobian", "jacobian_gram",
+           "JacobianGram", "ops",
            "parse_model", "random_projections", "explain", "METHODS", "margin_distances", "large_margin_loss",
            "LargeMarginLoss", "flows", "targetprop", "workspace_stats", "set_workspace_limit", "release_workspace"]

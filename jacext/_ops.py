@@ -5,6 +5,8 @@ backward op differentiates through reference.mlp_jacobian_backward_composite (to
 gives the double backward and every higher order."""
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -13,13 +15,78 @@ import torch.utils.checkpoint
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
 from . import activations as act
 from .planner import (FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, Split, batch_chunk,
-                      default_memory_budget, first_carry_index, resolve_strategy, saved_shapes, tile_size)
+                      default_memory_budget, first_carry_index, op_element_size, resolve_strategy, saved_shapes,
+                      tile_size)
 from .reference import mlp_jacobian_backward_composite
 
 __all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "mlp_jacobians", "mlp_jacobian_grams", "resolve_strategy", "REVERSE", "FORWARD",
-           "REVERSE_GRAM", "GRAM1", "FORWARD_GRAM"]
+           "REVERSE_GRAM", "GRAM1", "FORWARD_GRAM", "device_formulas", "has_cuda_kernels", "op_element_size", "warn_if_tf32"]
 
 _ops = torch.ops.jacext
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build of jacext has CUDA kernels (setup.py builds them whenever torch is a CUDA
+    build and a CUDA toolkit is found)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("jacext::mlp_jacobian_frobenius", "CUDA")
+
+
+def _warn_if_gpu_without_kernels():
+    """Once, at import: a visible GPU that this build cannot use would otherwise show up only as
+    "Could not run ... with arguments from the 'CUDA' backend" at the first call."""
+    if torch.cuda.is_available() and not has_cuda_kernels():
+        warnings.warn("jacext: a CUDA GPU is visible, but this build of jacext has no CUDA kernels (it was "
+                      "built against a CPU build of torch, or no CUDA toolkit was found); reinstall with the "
+                      "CUDA torch installed and nvcc on PATH (or CUDA_HOME set): pip install "
+                      "--no-build-isolation -e .", RuntimeWarning, stacklevel=3)
+
+
+_warn_if_gpu_without_kernels()
+
+_tf32_warned = False
+
+
+def warn_if_tf32(device: torch.device, dtype: torch.dtype) -> None:
+    """Once per process: jacext's float32 CUDA GEMMs follow torch's TF32 setting like every other
+    matmul, and with it on (torch.backends.cuda.matmul.allow_tf32, or
+    torch.set_float32_matmul_precision("high")) each carry GEMM rounds its inputs to a 10-bit
+    mantissa: Jacobian norms to about 1e-3 relative instead of 1e-6."""
+    global _tf32_warned
+    if (_tf32_warned or device.type != "cuda" or dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            or torch.compiler.is_compiling() or not torch.backends.cuda.matmul.allow_tf32):
+        return
+    _tf32_warned = True
+    warnings.warn("jacext: TF32 is enabled for CUDA matmuls (torch.backends.cuda.matmul.allow_tf32), so "
+                  "jacext's float32 GEMMs run in TF32 too: Jacobian norms come out to about 1e-3 relative. "
+                  "Set torch.backends.cuda.matmul.allow_tf32 = False (or float32_matmul_precision "
+                  "'highest') for full float32.", RuntimeWarning, stacklevel=3)
+
+def device_formulas() -> bool:
+    """Whether the CPU kernels evaluate the activations by the CUDA kernels' formulas
+    (csrc/activations.h) instead of ATen's vectorized ones: JACEXT_DEVICE_FORMULAS=1 in the
+    environment when the library loaded (csrc/device_formulas.h)."""
+    return torch.ops.jacext.device_formulas()
+
+
+def explained_functorch_errors(fn):
+    """Decorates an entry point so that the error torch raises for an op under torch.func.grad
+    (torch.library.register_autograd's wrapper cannot run under it in torch <= 2.13, pytorch#170834)
+    says what works instead."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as error:
+            if "setup_context staticmethod" not in str(error):
+                raise
+            raise RuntimeError(
+                "jacext: its ops cannot be differentiated by torch.func.grad / vjp / jacrev / jvp in this "
+                "version of torch (torch.library.register_autograd's wrapper is not functorch-ready, "
+                "pytorch#170834). Differentiate with torch.autograd.grad or .backward() instead: the "
+                "samples are independent, so the gradient of the batch's sum w.r.t. x holds every sample's "
+                "input gradient; torch.func.vmap (over samples or stacked weights) works.") from error
+    return wrapper
+
 
 def _widths(x, weights):
     """[n_0, ..., n_L] of the MLP."""
@@ -155,14 +222,16 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
                                                activations, act_params, layer, ctx.projections,
                                                grad_carries, gram_output)
 
-    outputs, vjp = torch.func.vjp(composite, present_grads, x, weights, present_biases)
+    with torch.autocast(x.device.type, enabled=False):  # float32 like the op it differentiates
+        outputs, vjp = torch.func.vjp(composite, present_grads, x, weights, present_biases)
     gg_b_present = [g for g, present in zip(gg_b, ctx.bias_present) if present]
     cotangents = (
         torch.zeros_like(outputs[0]) if gg_x is None else gg_x,
         [torch.zeros_like(o) if g is None else g for g, o in zip(gg_w, outputs[1])],
         [torch.zeros_like(o) if g is None else g for g, o in zip(gg_b_present, outputs[2])],
     )
-    g_grads, g_x, g_w, g_b = vjp(cotangents)
+    with torch.autocast(x.device.type, enabled=False):
+        g_grads, g_x, g_w, g_b = vjp(cotangents)
     g_grads, g_b = iter(g_grads), iter(g_b)
     grads_out = [next(g_grads) if present else None for present in ctx.grad_present]
     g_carries = [next(g_grads) if present else None for present in ctx.carry_grad_present]
@@ -182,14 +251,15 @@ torch.library.register_autograd("jacext::mlp_jacobian_backward", _backward_backw
 
 @torch.library.register_fake("jacext::mlp_flow")
 def _flow_fake(x, weights, biases, activations, act_params, relative_gradient, logdet_value):
-    saved = [torch.empty_like(x) for _ in range(4 * len(weights) - 1)]
-    return torch.empty_like(x), x.new_empty(x.shape[0]), x.new_empty(()), saved
+    # contiguous like the kernel's outputs, whatever x's strides (empty_like would copy them)
+    saved = [x.new_empty(x.shape) for _ in range(4 * len(weights) - 1)]
+    return x.new_empty(x.shape), x.new_empty(x.shape[0]), x.new_empty(()), saved
 
 
 @torch.library.register_fake("jacext::mlp_flow_backward")
 def _flow_backward_fake(grad_z, grad_log_dact, grad_logabsdet, x, weights, biases, activations, act_params,
                         saved, relative, input_grad):
-    return (torch.empty_like(x) if input_grad else None, [w.new_empty(w.shape) for w in weights],
+    return (x.new_empty(x.shape) if input_grad else None, [w.new_empty(w.shape) for w in weights],
             [w.new_empty(w.shape[0]) for w in weights])
 
 
@@ -225,12 +295,119 @@ torch.library.register_autograd("jacext::mlp_flow_backward", _flow_backward_back
                                 setup_context=lambda ctx, inputs, output: None)
 
 
-# Mixed precision: under torch.autocast (float16 / bfloat16) the ops run in float32 (their inputs
-# are cast, the outputs are float32): a Jacobian carried through several layers and squared
-# loses too much in half precision, and the GEMMs stay on the fast path in float32.
+# torch.func.vmap. Over the samples (x batched, the weights not: vmap(lambda xi: f(model, xi[None]))):
+# the vmapped dimension is folded into the op's batch, one call for all. Over anything else (an
+# ensemble of stacked weights, torch.func.stack_module_state + functional_call): one call per
+# vmapped index, stacked; values and gradients are the loop's.
+def _moved(value, dim):
+    """A vmapped argument with its vmapped dimension first (lists element by element)."""
+    if isinstance(value, (list, tuple)):
+        dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(value)
+        return [_moved(v, d) for v, d in zip(value, dims)]
+    return value if dim is None else value.movedim(dim, 0)
+
+
+def _batched(dim):
+    return any(_batched(d) for d in dim) if isinstance(dim, (list, tuple)) else dim is not None
+
+
+def _select(value, dim, index):
+    if isinstance(value, (list, tuple)):
+        dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(value)
+        return [_select(v, d, index) for v, d in zip(value, dims)]
+    return value if dim is None else value.select(dim, index)
+
+
+def _stacked(outputs):
+    """The per-index outputs of a loop stacked along a new first dimension (lists element by element)."""
+    first = outputs[0]
+    if isinstance(first, (list, tuple)):
+        return [_stacked([o[i] for o in outputs]) for i in range(len(first))]
+    return torch.stack(outputs)
+
+
+def _zeros_like(structure):
+    return [_zeros_like(s) for s in structure] if isinstance(structure, (list, tuple)) else 0
+
+
+def _register_vmap(name, sample_inputs):
+    """`sample_inputs`: the positions of the per-sample arguments (x, and the estimator's projections)."""
+    op = getattr(_ops, name).default
+
+    def rule(info, in_dims, *args, **kwargs):
+        if all(not _batched(d) for i, d in enumerate(in_dims) if i not in sample_inputs):
+            return _folded(info.batch_size, in_dims, args, kwargs)
+        outputs = [op(*_select(args, in_dims, v), **kwargs) for v in range(info.batch_size)]
+        stacked = _stacked(outputs)
+        return tuple(stacked), tuple(_zeros_like(stacked))
+
+    def _folded(size, in_dims, args, kwargs):
+        args = list(args)
+        samples = None
+        for i in sample_inputs:
+            if i >= len(args) or args[i] is None:
+                continue
+            value = args[i] if in_dims[i] is not None else args[i].unsqueeze(0).expand(size, *args[i].shape)
+            value = _moved(value, in_dims[i])
+            samples = value.shape[1]
+            args[i] = value.reshape(size * samples, *value.shape[2:])
+        outputs = op(*args, **kwargs)
+
+        def unfold(t):
+            if t.dim() > 0 and t.shape[0] == size * samples:  # per sample: (size, samples, ...)
+                return t.reshape(size, samples, *t.shape[1:]), 0
+            return t, None  # shared by the batch (the Grams of strategy 3, an absent d, log|det W|)
+
+        results, dims = [], []
+        for out in outputs:
+            if isinstance(out, (list, tuple)):
+                pairs = [unfold(t) for t in out]
+                results.append([t for t, _ in pairs])
+                dims.append([d for _, d in pairs])
+            else:
+                t, d = unfold(out)
+                results.append(t)
+                dims.append(d)
+        return tuple(results), tuple(dims)
+
+    torch.library.register_vmap(f"jacext::{name}", rule)
+
+
+_register_vmap("mlp_jacobian_frobenius", sample_inputs=(0, 6))  # x, projections
+_register_vmap("mlp_jacobian", sample_inputs=(0,))
+_register_vmap("mlp_flow", sample_inputs=(0,))
+
+
+# Mixed precision: under torch.autocast (float16 / bfloat16) the ops run in float32 (their
+# floating inputs other than float64 are cast, the outputs are float32): a Jacobian carried through
+# several layers and squared loses too much in half precision, and the GEMMs stay on the fast path
+# in float32. This is torch.library.register_autocast's rule, registered here because that helper
+# refuses keyword arguments (the ops' `tile`, `gram`) in torch 2.11 - 2.14.
+_autocast_lib = torch.library.Library("jacext", "IMPL")
+
+
+def _to_float32(value, device_type):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float32(v, device_type) for v in value)
+    if (isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == device_type
+            and value.dtype is not torch.float64):
+        return value.float()
+    return value
+
+
+def _register_float32_autocast(name):
+    op = getattr(_ops, name).default
+    for device_type in ("cpu", "cuda"):
+        def kernel(*args, device_type=device_type, **kwargs):
+            with torch.autocast(device_type, enabled=False):  # excludes the autocast key: no recursion
+                return op(*_to_float32(args, device_type), **kwargs)
+
+        _autocast_lib.impl(name, kernel, "Autocast" + device_type.upper())
+
+
 for _op in ("mlp_jacobian_frobenius", "mlp_jacobian", "mlp_flow"):
-    for _device in ("cpu", "cuda"):
-        torch.library.register_autocast(f"jacext::{_op}", _device, torch.float32)
+    _register_float32_autocast(_op)
+
 
 
 ActivationSpec = Union[int, str]
@@ -253,6 +430,7 @@ def _normalize_activations(activations: Sequence[ActivationSpec], act_params, n_
     return codes, [float(p) for p in act_params]
 
 
+@explained_functorch_errors
 def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
                            biases: Sequence[Optional[torch.Tensor]],
                            activations: Sequence[ActivationSpec], act_params=None,
@@ -269,6 +447,7 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     Under torch.compile the batch runs in one call."""
     if (method == "hutchinson") != (projections is not None):
         raise ValueError("projections go with method='hutchinson', and only with it")
+    warn_if_tf32(x.device, x.dtype)
     codes, params = _normalize_activations(activations, act_params, len(weights))
     rows = None if projections is None else projections.shape[1]
     widths = _widths(x, weights)
@@ -281,14 +460,14 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     def run(x, projections):
         if isinstance(strategy, Split):
             return _split_frobenius(x, weights, biases, codes, params, strategy)
-        tile = tile_size(widths, x.shape[0], strategy, x.element_size(), rows, device=x.device)
+        tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), rows, device=x.device)
         return _ops.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections, tile=tile)[:2]
 
     if torch.compiler.is_compiling():  # a compiled graph runs the batch in one call
         return run(x, projections)
     if max_memory is None:
         max_memory = default_memory_budget(x.device)
-    chunk = batch_chunk(widths, x.shape[0], strategy, x.element_size(), max_memory, rows)
+    chunk = batch_chunk(widths, x.shape[0], strategy, op_element_size(x), max_memory, rows)
     if chunk == x.shape[0]:
         return run(x, projections)
     # Checkpointing keeps each chunk's carries alive only during its own forward and backward.
@@ -306,9 +485,9 @@ def _split_frobenius(x, weights, biases, codes, params, split: Split):
     s = split.layer
     widths = _widths(x, weights)
     h, c, _ = _ops.mlp_jacobian(x, weights[:s], biases[:s], codes[:s], params[:2 * s], 0, split.bottom,
-                                tile=tile_size(widths[:s + 1], x.shape[0], split.bottom, x.element_size(), device=x.device))
+                                tile=tile_size(widths[:s + 1], x.shape[0], split.bottom, op_element_size(x), device=x.device))
     y, a, _ = _ops.mlp_jacobian(h, weights[s:], biases[s:], codes[s:], params[2 * s:], 0, split.top,
-                                tile=tile_size(widths[s:], x.shape[0], split.top, x.element_size(), device=x.device))
+                                tile=tile_size(widths[s:], x.shape[0], split.top, op_element_size(x), device=x.device))
     with torch.autocast(x.device.type, enabled=False):  # the ops' float32 results stay float32
         return _combine_split(y, a, c, split)
 
@@ -319,39 +498,44 @@ def _combine_split(y, a, c, split: Split):
     return y, torch.bmm(a, c).square().sum((1, 2))  # m n_s n_0 per sample
 
 
+@explained_functorch_errors
 def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
                  biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
                  act_params=None, layer: int = 0, method: str = "auto"):
     """(y, J): the MLP output and J[b] = dy_b/dh_layer,b of shape (B, m, n_layer)."""
+    warn_if_tf32(x.device, x.dtype)
     codes, params = _normalize_activations(activations, act_params, len(weights))
     if not 0 <= layer < len(weights):
         raise ValueError(f"layer must be in [0, {len(weights) - 1}] for a model with {len(weights)} "
                          f"Linear layers, got {layer}")
     widths = _widths(x, weights)
     strategy = resolve_strategy(method, widths, layer, frobenius=False, batch=x.shape[0])
-    tile = tile_size(widths, x.shape[0], strategy, x.element_size(), layer=layer, device=x.device)
+    tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), layer=layer, device=x.device)
     y, jac, _ = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
                                   layer, strategy, tile=tile)
     return y, jac
 
 
+@explained_functorch_errors
 def mlp_jacobians(x: torch.Tensor, weights: Sequence[torch.Tensor],
                   biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
                   act_params=None, layers: Sequence[int] = (0,)):
     """(y, [J_l for l in layers]): the Jacobians dy/dh_l at several layers from one reverse sweep
     (the sweep down to the lowest layer passes every layer above it), each differentiable twice."""
+    warn_if_tf32(x.device, x.dtype)
     codes, params = _normalize_activations(activations, act_params, len(weights))
     layers = list(layers)
     depth = len(weights)
     if not layers or any(not isinstance(l, int) or not 0 <= l < depth for l in layers):
         raise ValueError(f"layers must be a non-empty list of integers in [0, {depth - 1}], got {layers}")
-    tile = tile_size(_widths(x, weights), x.shape[0], REVERSE, x.element_size(), layer=min(layers), device=x.device)
+    tile = tile_size(_widths(x, weights), x.shape[0], REVERSE, op_element_size(x), layer=min(layers), device=x.device)
     y, _, saved = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
                                     min(layers), REVERSE, tile=tile)
     carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to min(layers)
     return y, [carries[depth - 1 - l] for l in layers]
 
 
+@explained_functorch_errors
 def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
                        biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
                        act_params=None, layers: Sequence[int] = (0,)):
@@ -359,6 +543,7 @@ def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
     sweep. At the input layer J_0 J_0^T = S G S^T (S = R^(1) D_1, G = W_1 W_1^T once per batch)
     replaces J_0 = S W_1 where that needs fewer multiply-adds (the planner's choice between the
     reverse carry and its Gram epilogue): m n_1^2 instead of m n_1 n_0 per sample."""
+    warn_if_tf32(x.device, x.dtype)
     codes, params = _normalize_activations(activations, act_params, len(weights))
     layers = list(layers)
     depth = len(weights)
@@ -367,7 +552,7 @@ def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
     widths = _widths(x, weights)
     gram_at_input = 0 in layers and resolve_strategy("reverse", widths, batch=x.shape[0]) == REVERSE_GRAM
     strategy, low = (REVERSE_GRAM, 0) if gram_at_input else (REVERSE, min(layers))
-    tile = tile_size(widths, x.shape[0], strategy, x.element_size(), layer=low, device=x.device)
+    tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), layer=low, device=x.device)
     y, out, saved = _ops.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
                                       low, strategy, tile=tile, gram=gram_at_input)
     carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to low (strategy 2: then P)

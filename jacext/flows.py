@@ -59,9 +59,11 @@ class MLPFlow(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a tensor of shape (batch, {self.dim}), got {shape}")
 
+    @_ops.explained_functorch_errors
     def _fused(self, x, relative_gradient, logdet_value=True):
         """(z, sum log act' per sample, sum_k log|det W_k|) from the fused op (csrc/mlp_flow.h)."""
         self._check(x)
+        _ops.warn_if_tf32(x.device, x.dtype)
         spec = parse_model(self.net)
         z, log_dact, logabsdet, _ = torch.ops.jacext.mlp_flow(
             x, spec.weights, _ops.bias_tensors(spec.biases, spec.weights), spec.activations, spec.act_params,

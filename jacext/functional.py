@@ -10,7 +10,8 @@ from . import _ops
 from .nn import parse_model
 from .reference import jacobian_frobenius_ref
 
-__all__ = ["jacobian_frobenius", "JacobianFrobenius", "jacobian", "jacobian_gram", "random_projections", "METHODS"]
+__all__ = ["jacobian_frobenius", "JacobianFrobenius", "jacobian", "Jacobian", "jacobian_gram", "JacobianGram",
+           "random_projections", "METHODS"]
 
 METHODS = ("auto", "reverse", "forward", "gram", "hutchinson", "autograd")
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -82,14 +83,27 @@ def random_projections(batch: int, n_proj: int, n_out: int, *, distribution: str
     if orthogonal and n_proj > n_out:
         raise ValueError(f"orthogonal projections need n_proj <= {n_out} (the number of outputs), got {n_proj}")
     source = generator.device if generator is not None else torch.device(device)
-    if orthogonal:  # QR of a Gaussian matrix: each column uniform on the sphere
+    if orthogonal:  # an orthonormal frame of a Gaussian matrix: each column uniform on the sphere
         gaussian = torch.randn(batch, n_out, n_proj, generator=generator, device=source, dtype=torch.float64)
-        rows = torch.linalg.qr(gaussian).Q.transpose(1, 2) * n_out ** 0.5
+        rows = _orthonormal_columns(gaussian).transpose(1, 2) * n_out ** 0.5
     elif distribution == "gaussian":
         rows = torch.randn(batch, n_proj, n_out, generator=generator, device=source, dtype=torch.float64)
     else:
         rows = torch.randint(0, 2, (batch, n_proj, n_out), generator=generator, device=source) * 2 - 1
     return rows.to(device=device, dtype=dtype)
+
+
+def _orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
+    """Q of a = Q R with R's diagonal positive (a: (B, m, k) float64, full column rank), by CholeskyQR2:
+    R from the Cholesky factor of a^T a, twice. Batched Cholesky and triangular solves are one
+    kernel each on a GPU, where a batched QR loops over the samples; the _ex form checks nothing,
+    so nothing waits for the device. Two passes keep Q orthonormal to rounding for condition
+    numbers up to ~1e7 (a Gaussian matrix's is about its size)."""
+    q = a
+    for _ in range(2):
+        factor, _ = torch.linalg.cholesky_ex(q.transpose(1, 2) @ q)
+        q = torch.linalg.solve_triangular(factor, q.transpose(1, 2), upper=False).transpose(1, 2)
+    return q
 
 
 def _hutchinson(spec, x, n_proj, generator, distribution, orthogonal, return_variance, max_memory):
@@ -133,11 +147,35 @@ def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0):
 class JacobianFrobenius(nn.Module):
     """jacobian_frobenius as a module: JacobianFrobenius(model)(x) -> (y, sq). Wrap this, not the
     bare model, in DistributedDataParallel: DDP synchronizes the gradients of what its forward
-    runs, and here that is the fused op (see README, distributed training)."""
+    runs, and here that is the fused op (see README, distributed training). As a module it also
+    goes through torch.func.functional_call, so an ensemble of stacked weights can be vmapped
+    (docs/api.md). Keyword arguments (method, n_proj, generator, ...) are jacobian_frobenius's."""
 
-    def __init__(self, model: nn.Module, method: str = "auto", max_memory=None):
+    def __init__(self, model: nn.Module, method: str = "auto", **options):
         super().__init__()
-        self.model, self.method, self.max_memory = model, method, max_memory
+        self.model, self.method, self.options = model, method, options
 
     def forward(self, x: torch.Tensor):
-        return jacobian_frobenius(self.model, x, method=self.method, max_memory=self.max_memory)
+        return jacobian_frobenius(self.model, x, method=self.method, **self.options)
+
+
+class Jacobian(nn.Module):
+    """jacobian as a module: Jacobian(model, layer)(x) -> J (for DDP and functional_call)."""
+
+    def __init__(self, model: nn.Module, layer: Union[int, Sequence[int]] = 0):
+        super().__init__()
+        self.model, self.layer = model, layer
+
+    def forward(self, x: torch.Tensor):
+        return jacobian(self.model, x, layer=self.layer)
+
+
+class JacobianGram(nn.Module):
+    """jacobian_gram as a module: JacobianGram(model, layer)(x) -> J J^T (for DDP and functional_call)."""
+
+    def __init__(self, model: nn.Module, layer: Union[int, Sequence[int]] = 0):
+        super().__init__()
+        self.model, self.layer = model, layer
+
+    def forward(self, x: torch.Tensor):
+        return jacobian_gram(self.model, x, layer=self.layer)

@@ -232,6 +232,14 @@ def _cached_tile(widths, batch: int, strategy: int, element_size: int, rows: Opt
     return 0 if tile >= batch else tile
 
 
+def op_element_size(x: torch.Tensor) -> int:
+    """Bytes per element of the dtype the ops run in for x: float32's under autocast for a half x
+    (the ops cast it; memory estimates and tiles count that), x's own otherwise."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return 4
+    return x.element_size()
+
+
 def footprint(widths: Sequence[int], batch: int, strategy: Strategy, element_size: int = 4,
               rows: Optional[int] = None) -> int:
     """Estimated peak bytes of one forward + backward of the op: what it saves for the backward,
@@ -248,11 +256,19 @@ def footprint(widths: Sequence[int], batch: int, strategy: Strategy, element_siz
 
 
 def default_memory_budget(device) -> int:
-    """A quarter of the device's memory: room for the model, the optimizer and the data beside."""
+    """A quarter of the device's memory, room for the model, the optimizer and the data beside; on a
+    GPU at most half of what was free when jacext first planned for it (cached per device: asking
+    the driver every step would cost more than a small step's work)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 4
+        return _cuda_memory_budget(torch.cuda.current_device() if device.index is None else device.index)
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_memory_budget(index: int) -> int:
+    free, total = torch.cuda.mem_get_info(index)
+    return min(total // 4, free // 2)
 
 
 def batch_chunk(widths: Sequence[int], batch, strategy: Strategy, element_size: int, max_memory: int,
@@ -384,9 +400,9 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None) ->
                   if applicable(st, widths, output_linear=output_linear)]
     split = best_split(widths, batch)
     candidates = {strategy: (penalty_macs(widths, batch, strategy), predicted_cost(widths, batch, strategy),
-                             footprint(widths, batch, strategy, x.element_size()))
+                             footprint(widths, batch, strategy, op_element_size(x)))
                   for strategy in strategies + ([split] if split else [])}
     max_memory = default_memory_budget(x.device) if max_memory is None else max_memory
-    chunk = batch_chunk(widths, batch, choice, x.element_size(), max_memory)
-    tile = 0 if isinstance(choice, Split) else tile_size(widths, chunk, choice, x.element_size(), device=x.device)
+    chunk = batch_chunk(widths, batch, choice, op_element_size(x), max_memory)
+    tile = 0 if isinstance(choice, Split) else tile_size(widths, chunk, choice, op_element_size(x), device=x.device)
     return Plan(widths, batch, method, candidates, choice, chunk, max_memory, tile)

@@ -206,3 +206,24 @@ def test_compiled_training_step_matches_eager(device, tmp_path, monkeypatch):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
     optimizer.step()
     assert compiled(x, target).item() < compiled_loss.item()
+
+
+def test_compiled_ops_with_a_non_contiguous_input(device, tmp_path, monkeypatch):
+    """torch.compile checks the real outputs' strides against the fake kernels': both must be
+    contiguous whatever x's layout (here a transposed x), for every op."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    from jacext.flows import MLPFlow
+
+    torch.manual_seed(0)
+    model = jacext.MLP([6, 8, 4], activation="tanh").to(device)
+    flow = MLPFlow(6, 2).to(device)
+    x = torch.randn(6, 5, device=device).t()  # (5, 6), strides (1, 5)
+    assert not x.is_contiguous()
+
+    def objective(x):
+        y, sq = jacext.jacobian_frobenius(model, x)
+        jac = jacext.jacobian(model, x, layer=0)
+        return y.sum() + sq.sum() + jac.square().sum() + flow.log_prob(x).sum()
+
+    compiled = torch.compile(objective, fullgraph=True)
+    torch.testing.assert_close(compiled(x), objective(x), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,6 @@
 """DESIGN.md section 6: every bad input gives a correct result or a clear error."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -10,19 +12,24 @@ from helpers import make_mlp
 
 
 @pytest.fixture
-def model():
-    return make_mlp((5, 7, 3), nn.Tanh)
+def model(device):
+    """A float64 model on each test device (tests read the device from its parameters)."""
+    return make_mlp((5, 7, 3), nn.Tanh, device=device)
+
+
+def device_of(model):
+    return next(model.parameters()).device
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 3, 5)])
 def test_wrong_rank(model, shape):
     with pytest.raises(ValueError, match="shape"):
-        jacext.jacobian_frobenius(model, torch.randn(shape, dtype=torch.float64))
+        jacext.jacobian_frobenius(model, torch.randn(shape, dtype=torch.float64, device=device_of(model)))
 
 
 def test_wrong_width(model):
     with pytest.raises(ValueError, match="4 features"):
-        jacext.jacobian_frobenius(model, torch.randn(2, 4, dtype=torch.float64))
+        jacext.jacobian_frobenius(model, torch.randn(2, 4, dtype=torch.float64, device=device_of(model)))
 
 
 def test_not_a_tensor(model):
@@ -39,18 +46,19 @@ def test_unsupported_dtypes_on_cpu(dtype):
 
 def test_mixed_dtypes(model):
     with pytest.raises(RuntimeError, match="weight 0 has dtype Double but x has Float"):
-        jacext.jacobian_frobenius(model, torch.randn(2, 5, dtype=torch.float32))
+        jacext.jacobian_frobenius(model, torch.randn(2, 5, dtype=torch.float32, device=device_of(model)))
 
 
 @cuda_only
-def test_mixed_devices(model):
+def test_mixed_devices_cuda():
+    model = make_mlp((5, 7, 3), nn.Tanh)
     with pytest.raises(RuntimeError, match="is on cpu but x is on cuda"):
         jacext.jacobian_frobenius(model, torch.randn(2, 5, dtype=torch.float64, device="cuda"))
 
 
 @pytest.mark.parametrize("layout", ["strided", "expanded", "transposed"])
 def test_non_contiguous_inputs_are_accepted(model, layout):
-    base = torch.randn(4, 10, dtype=torch.float64)
+    base = torch.randn(4, 10, dtype=torch.float64, device=device_of(model))
     x = {"strided": base[:, ::2], "expanded": base[:1, :5].expand(4, 5), "transposed": base[:, :5].t().contiguous().t()}[layout]
     for method in ("reverse", "forward"):
         y, sq = jacext.jacobian_frobenius(model, x, method=method)
@@ -59,12 +67,12 @@ def test_non_contiguous_inputs_are_accepted(model, layout):
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
 
 
-def test_non_contiguous_weights_are_accepted():
+def test_non_contiguous_weights_are_accepted(device):
     g = torch.Generator().manual_seed(0)
-    w1 = torch.randn(5, 7, generator=g, dtype=torch.float64).t()  # (7, 5), not contiguous
-    w2 = torch.randn(3, 7, generator=g, dtype=torch.float64)
-    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
-    model = nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 3, bias=False)).double()
+    w1 = torch.randn(5, 7, generator=g, dtype=torch.float64).to(device).t()  # (7, 5), not contiguous
+    w2 = torch.randn(3, 7, generator=g, dtype=torch.float64).to(device)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device)
+    model = nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 3, bias=False)).double().to(device)
     with torch.no_grad():
         model[0].weight.copy_(w1)
         model[2].weight.copy_(w2)
@@ -75,7 +83,7 @@ def test_non_contiguous_weights_are_accepted():
 
 @pytest.mark.parametrize("method", ["reverse", "forward"])
 def test_nan_and_inf_propagate_per_sample(model, method):
-    x = torch.randn(3, 5, dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64, device=device_of(model))
     x[1, 2] = float("nan")
     x[2, 0] = float("inf")
     y, sq = jacext.jacobian_frobenius(model, x, method=method)
@@ -113,27 +121,27 @@ def test_no_linear_layer():
 
 def test_unknown_method(model):
     with pytest.raises(ValueError, match="unknown method 'exact'"):
-        jacext.jacobian_frobenius(model, torch.randn(2, 5, dtype=torch.float64), method="exact")
+        jacext.jacobian_frobenius(model, torch.randn(2, 5, dtype=torch.float64, device=device_of(model)), method="exact")
 
 
 def test_estimator_options_on_exact_method(model):
     with pytest.raises(ValueError, match="apply to method='hutchinson' only"):
-        jacext.jacobian_frobenius(model, torch.randn(2, 5, dtype=torch.float64), n_proj=4)
+        jacext.jacobian_frobenius(model, torch.randn(2, 5, dtype=torch.float64, device=device_of(model)), n_proj=4)
 
 
 @pytest.mark.parametrize("layer", [-1, 2])
 def test_layer_out_of_range(model, layer):
     with pytest.raises(ValueError, match=r"layer must be in \[0, 1\]"):
-        jacext.jacobian(model, torch.randn(2, 5, dtype=torch.float64), layer=layer)
+        jacext.jacobian(model, torch.randn(2, 5, dtype=torch.float64, device=device_of(model)), layer=layer)
 
 
-def test_op_level_errors():
-    x = torch.randn(2, 5, dtype=torch.float64)
-    w1, w2 = torch.randn(7, 5, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+def test_op_level_errors(device):
+    x = torch.randn(2, 5, dtype=torch.float64, device=device)
+    w1, w2 = torch.randn(7, 5, dtype=torch.float64, device=device), torch.randn(3, 6, dtype=torch.float64, device=device)
     with pytest.raises(RuntimeError, match=r"weight 1 has shape \[3, 6\] but its input has 7 features"):
         jacext.ops.mlp_jacobian_frobenius(x, [w1, w2], [None, None], ["tanh", "identity"])
     with pytest.raises(RuntimeError, match=r"bias 0 must have shape \(7\)"):
-        jacext.ops.mlp_jacobian_frobenius(x, [w1], [torch.zeros(3, dtype=torch.float64)], ["tanh"])
+        jacext.ops.mlp_jacobian_frobenius(x, [w1], [torch.zeros(3, dtype=torch.float64, device=device)], ["tanh"])
     with pytest.raises(RuntimeError, match="unknown activation code 42"):
         jacext.ops.mlp_jacobian_frobenius(x, [w1], [None], [42])
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
@@ -156,3 +164,37 @@ def test_mlp_builder_errors():
         jacext.MLP([5])
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         jacext.MLP([5, 3, 2], activation="swish")
+
+
+def test_warnings_about_the_cuda_setup(monkeypatch):
+    """Two warnings a GPU user needs and a CPU machine can check: a visible GPU that this build has
+    no kernels for, and TF32 (once per process)."""
+    import jacext._ops as ops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if ops.has_cuda_kernels():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ops._warn_if_gpu_without_kernels()  # nothing to say
+    else:
+        with pytest.warns(RuntimeWarning, match="no CUDA kernels"):
+            ops._warn_if_gpu_without_kernels()
+
+    monkeypatch.setattr(ops, "_tf32_warned", False)
+    matmul = torch.backends.cuda.matmul  # a settings object: assigned, not monkeypatched
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        ops.warn_if_tf32(torch.device("cpu"), torch.float32)  # CPU: no TF32
+        assert not ops._tf32_warned
+        with pytest.warns(RuntimeWarning, match="TF32"):
+            ops.warn_if_tf32(torch.device("cuda"), torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ops.warn_if_tf32(torch.device("cuda"), torch.float32)  # once
+            ops._tf32_warned = False
+            matmul.allow_tf32 = False
+            ops.warn_if_tf32(torch.device("cuda"), torch.float32)  # off: nothing to say
+        assert not ops._tf32_warned
+    finally:
+        matmul.allow_tf32 = before

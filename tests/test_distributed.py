@@ -1,5 +1,6 @@
-"""DistributedDataParallel (gloo, 2 processes on CPU): the penalty's gradients equal the
-single-process ones on the whole batch."""
+"""DistributedDataParallel (gloo, 2 processes on CPU; NCCL, 2 processes on 2 GPUs where there are
+two): the penalty's gradients equal the single-process ones on the whole batch."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,12 +13,12 @@ WORLD = 2
 LAM = 0.1
 
 
-def make_problem():
+def make_problem(device="cpu"):
     torch.manual_seed(0)
     model = jacext.MLP([6, 16, 16, 4], activation="tanh").double()
     x = torch.randn(12, 6, dtype=torch.float64)
     y = torch.randint(0, 4, (12,))
-    return model, x, y
+    return model.to(device), x.to(device), y.to(device)
 
 
 def penalized_loss(penalized, x, y):
@@ -25,25 +26,33 @@ def penalized_loss(penalized, x, y):
     return F.cross_entropy(logits, y) + LAM * sq.mean()
 
 
-def worker(rank, store, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+def worker(rank, store, out, backend):
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        model, x, y = make_problem()
-        ddp = DistributedDataParallel(jacext.JacobianFrobenius(model))
+        device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        model, x, y = make_problem(device)
+        ddp = DistributedDataParallel(jacext.JacobianFrobenius(model), device_ids=[rank] if backend == "nccl" else None)
         local = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
         penalized_loss(ddp, x[local], y[local]).backward()  # DDP averages the ranks' gradients
         if rank == 0:
-            torch.save([p.grad for p in model.parameters()], out)
+            torch.save([p.grad.cpu() for p in model.parameters()], out)
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_single_process(tmp_path):
+TWO_GPUS = torch.cuda.device_count() >= 2 and dist.is_nccl_available()
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    not TWO_GPUS, reason="NCCL needs two visible GPUs"))])
+def test_ddp_gradients_equal_single_process(tmp_path, backend):
     out = tmp_path / "grads.pt"
-    mp.spawn(worker, args=(str(tmp_path / "store"), str(out)), nprocs=WORLD, join=True)
-    model, x, y = make_problem()
+    mp.spawn(worker, args=(str(tmp_path / "store"), str(out), backend), nprocs=WORLD, join=True)
+    model, x, y = make_problem("cuda:0" if backend == "nccl" else "cpu")
     penalized_loss(jacext.JacobianFrobenius(model), x, y).backward()
     distributed = torch.load(out)
     assert len(distributed) == len(list(model.parameters()))
     for g_ddp, p in zip(distributed, model.parameters()):
-        torch.testing.assert_close(g_ddp, p.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g_ddp, p.grad.cpu(), rtol=1e-10, atol=1e-12)

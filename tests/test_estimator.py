@@ -144,3 +144,18 @@ def test_errors():
     with pytest.raises(RuntimeError, match="projections must have shape"):
         torch.ops.jacext.mlp_jacobian_frobenius(x, spec.weights, biases, spec.activations, spec.act_params,
                                                 jacext.ops.REVERSE, torch.ones(2, 1, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_orthonormal_frames_of_gaussian_matrices(k):
+    """CholeskyQR2 (no per-sample QR, no host sync): Q^T Q = I, and a = Q R with R upper triangular
+    with a positive diagonal, as the QR whose Q is uniformly distributed."""
+    from jacext.functional import _orthonormal_columns
+
+    a = torch.randn(6, 40, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    q = _orthonormal_columns(a)
+    torch.testing.assert_close(q.transpose(1, 2) @ q, torch.eye(k, dtype=torch.float64).expand(6, k, k),
+                               rtol=0, atol=1e-12)
+    r = q.transpose(1, 2) @ a
+    torch.testing.assert_close(r, r.triu(), rtol=0, atol=1e-10)
+    assert (torch.diagonal(r, dim1=1, dim2=2) > 0).all()

@@ -242,13 +242,13 @@ def test_logit_transform_log_det():
 def train_flow(relative, x_train, x_test, epochs, lr=1e-3, batch=10):
     """Adam on the mean NLL; the held-out mean log-likelihood before and after every epoch."""
     torch.manual_seed(0)
-    flow = MLPFlow(x_train.shape[1], 2).double()
+    flow = MLPFlow(x_train.shape[1], 2).double().to(x_train.device)
     optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
     order = torch.Generator().manual_seed(1)
     with torch.no_grad():
         curve = [flow.log_prob(x_test).mean().item()]
     for _ in range(epochs):
-        perm = torch.randperm(len(x_train), generator=order)
+        perm = torch.randperm(len(x_train), generator=order).to(x_train.device)
         for i in range(0, len(x_train), batch):
             optimizer.zero_grad()
             flow.nll(x_train[perm[i:i + batch]], relative_gradient=relative, logdet_value=False).backward()
@@ -258,8 +258,8 @@ def train_flow(relative, x_train, x_test, epochs, lr=1e-3, batch=10):
     return curve
 
 
-def test_relative_gradient_training_on_digits_matches_autodiff():
-    x_train, x_test = load_digits_flow(dtype=torch.float64)
+def test_relative_gradient_training_on_digits_matches_autodiff(device):
+    x_train, x_test = (x.to(device) for x in load_digits_flow(dtype=torch.float64))
     relative = train_flow(True, x_train, x_test, epochs=4)
     autodiff = train_flow(False, x_train, x_test, epochs=4)
     print("held-out log-likelihood per epoch: relative", [round(v, 2) for v in relative],

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import jacext
+from jacext import planner
 from jacext.planner import FORWARD, FORWARD_GRAM, REVERSE, REVERSE_GRAM, batch_chunk, footprint
 from conftest import cuda_only
 from helpers import make_mlp, weighted_objective
@@ -96,3 +97,22 @@ def test_chunking_lowers_the_measured_peak():
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - base)
     assert peaks[1] < peaks[0] / 2
+
+
+def test_cuda_budget_follows_free_memory_once(monkeypatch):
+    """On a GPU the default budget is min(a quarter of the memory, half of what is free), read from
+    the driver once per device (no query every step)."""
+    calls = []
+
+    def mem_get_info(index):
+        calls.append(index)
+        return (6 * 2**30, 80 * 2**30)  # 6 GiB free of 80
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    planner._cuda_memory_budget.cache_clear()
+    try:
+        assert planner.default_memory_budget("cuda:3") == 3 * 2**30
+        assert planner.default_memory_budget("cuda:3") == 3 * 2**30
+        assert calls == [3]
+    finally:
+        planner._cuda_memory_budget.cache_clear()

@@ -86,3 +86,43 @@ def test_cuda_autocast_runs_in_float32(dtype):
     _, sq_ref = jacext.jacobian_frobenius(model, x.float())
     assert sq.dtype == torch.float32
     torch.testing.assert_close(sq, sq_ref, **FLOAT32_TOL)
+
+
+def test_autocast_with_tiles_and_a_realistic_batch():
+    """The planner tiles an everyday-width batch (the op's keyword-only tile argument): autocast's
+    rule must pass it on. Values against float32 on the rounded inputs; the plan's memory estimate
+    counts the float32 the op runs in, not the half input."""
+    torch.manual_seed(0)
+    model = jacext.MLP([64, 96, 96, 10])
+    x = torch.randn(64, 64).bfloat16()
+    spec = jacext.parse_model(model)
+    strategy = jacext.ops.resolve_strategy("auto", spec.widths, batch=64, output_linear=True)
+    assert jacext.planner.tile_size(spec.widths, 64, strategy, 4) > 0  # the case is tiled
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, sq = jacext.jacobian_frobenius(model, x)
+        J = jacext.jacobian(model, x)
+    y_ref, sq_ref = jacext.jacobian_frobenius(model, x.float())
+    torch.testing.assert_close(sq, sq_ref, **FLOAT32_TOL)
+    torch.testing.assert_close(J, jacext.jacobian(model, x.float()), **FLOAT32_TOL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert jacext.ops.op_element_size(x) == 4
+    assert jacext.ops.op_element_size(x) == 2
+
+
+def test_double_backward_under_autocast_runs_in_float32():
+    """The backward op's own backward (a composite of torch ops) under autocast: float32 like the rest."""
+    model = make_mlp((8, 12, 4), nn.Tanh, dtype=torch.float32)
+    x = torch.randn(5, 8)
+
+    def second_order(x):
+        xg = x.clone().requires_grad_()
+        _, sq = jacext.jacobian_frobenius(model, xg, method="reverse")
+        (gx,) = torch.autograd.grad(sq.sum(), xg, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), list(model.parameters()))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inputs: only the composite could round
+        got = second_order(x)
+    want = second_order(x)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, **FLOAT32_TOL)

@@ -85,18 +85,18 @@ def test_layer_targets_bad_input():
 def train(model, step, x, y, epochs, batch=32, end_epoch=None):
     order = torch.Generator().manual_seed(0)
     for _ in range(epochs):
-        for b in torch.randperm(len(x), generator=order).split(batch):
+        for b in torch.randperm(len(x), generator=order).to(x.device).split(batch):
             step(x[b], y[b])
         if end_epoch:
             end_epoch()
 
 
-def test_dtp_with_learned_inverses_and_gn_train_digits():
-    x_train, y_train, x_test, y_test = load_digits()
+def test_dtp_with_learned_inverses_and_gn_train_digits(device):
+    x_train, y_train, x_test, y_test = load_digits(device=device)
     accuracy = {}
     for name in ("dtp", "gn", "backprop"):
         torch.manual_seed(0)
-        model = jacext.MLP([64, 128, 128, 10], activation="tanh")
+        model = jacext.MLP([64, 128, 128, 10], activation="tanh").to(device)
         if name == "backprop":
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 

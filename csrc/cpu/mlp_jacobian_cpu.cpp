@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../device_formulas.h"
 #include "../mlp_flow.h"
 #include "../mlp_jacobian.h"
 #include "../workspace.h"
@@ -208,22 +209,25 @@ JACEXT_CPU_CLONES void rowwise_dot_scale_samples(const T* rr, int64_t r_stride, 
   }
 }
 
-// acc[r,j] += sum_{b < n} x[b,r,j] * cols[b,j] * rows[b,r] for the rows [r0, r1) of acc.
-template <typename T>
-JACEXT_CPU_CLONES void batch_sum_rows(T* acc, const T* x, const T* cols, const T* rows, int64_t n, int64_t R, int64_t N,
-                                      int64_t r0, int64_t r1) {
+// acc[r,j] += sum_{b < n} x[b,r,j] * cols[b,j] * rows[b,r] for the rows [r0, r1) of acc, the sum
+// over b in double (sums: N accumulators).
+template <typename T, typename Acc>
+JACEXT_CPU_CLONES void batch_sum_rows(T* acc, const T* x, const T* cols, const T* rows, Acc* sums, int64_t n,
+                                      int64_t R, int64_t N, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    T* ar = acc + r * N;
+    std::fill(sums, sums + N, Acc(0));
     for (int64_t b = 0; b < n; ++b) {
       const T* xr = x + (b * R + r) * N;
       const T f = rows ? rows[b * R + r] : T(1);
       if (cols) {
         const T* cb = cols + b * N;
-        for (int64_t j = 0; j < N; ++j) ar[j] += xr[j] * cb[j] * f;
+        for (int64_t j = 0; j < N; ++j) sums[j] += static_cast<Acc>(xr[j] * cb[j] * f);
       } else {
-        for (int64_t j = 0; j < N; ++j) ar[j] += xr[j] * f;
+        for (int64_t j = 0; j < N; ++j) sums[j] += static_cast<Acc>(xr[j] * f);
       }
     }
+    T* ar = acc + r * N;
+    for (int64_t j = 0; j < N; ++j) ar[j] = static_cast<T>(ar[j] + sums[j]);
   }
 }
 
@@ -247,12 +251,14 @@ JACEXT_CPU_CLONES void mlp_delta_samples(const T* grad_h, const T* d, const T* a
   }
 }
 
-// sums[j] += sum_{b < n} g[b, j] for the columns [j0, j1).
-template <typename T>
-JACEXT_CPU_CLONES void column_sums(T* sums, const T* g, int64_t n, int64_t N, int64_t j0, int64_t j1) {
+// out[j] += sum_{b < n} g[b, j] for the columns [j0, j1), in double (sums: j1 - j0 accumulators).
+template <typename T, typename Acc>
+JACEXT_CPU_CLONES void column_sums(T* out, const T* g, Acc* sums, int64_t n, int64_t N, int64_t j0, int64_t j1) {
+  std::fill(sums, sums + (j1 - j0), Acc(0));
   for (int64_t b = 0; b < n; ++b) {
-    for (int64_t j = j0; j < j1; ++j) sums[j] += g[b * N + j];
+    for (int64_t j = j0; j < j1; ++j) sums[j - j0] += g[b * N + j];
   }
+  for (int64_t j = j0; j < j1; ++j) out[j] = static_cast<T>(out[j] + sums[j - j0]);
 }
 
 // Register-blocked loops use GCC's vector extensions: Vec<T> is 32 bytes (one AVX2 register in
@@ -510,8 +516,10 @@ struct CpuKernels {
     RECORD_FUNCTION("jacext::activation_cpu", {});  // named in profiles
     check_cpu_dtype(h);
     TORCH_INTERNAL_ASSERT(h.is_contiguous() && d.is_contiguous() && (!d2.defined() || d2.is_contiguous()));
-    if (code == kTanh || code == kSigmoid) return from_value(h, d, d2, code);
-    if (code == kSiLU || code == kSoftplus || code == kSmoothLeakyReLU) return from_sigmoid(h, d, d2, code, p0, p1);
+    if (!device_formulas()) {  // ATen's vectorized transcendentals, unless the device's formulas are asked for
+      if (code == kTanh || code == kSigmoid) return from_value(h, d, d2, code);
+      if (code == kSiLU || code == kSoftplus || code == kSmoothLeakyReLU) return from_sigmoid(h, d, d2, code, p0, p1);
+    }
     AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "jacext_activation_cpu", [&] {
       scalar_t* hp = h.mutable_data_ptr<scalar_t>();
       scalar_t* dp = d.mutable_data_ptr<scalar_t>();
@@ -667,7 +675,8 @@ struct CpuKernels {
       scalar_t* ap = acc.mutable_data_ptr<scalar_t>();
       // rows of acc split over the threads: each thread owns its rows
       at::parallel_for(0, R, std::max<int64_t>(1, kGrain / std::max<int64_t>(n * N, 1)), [&](int64_t begin, int64_t end) {
-        batch_sum_rows(ap, xp, cp, rp, n, R, N, begin, end);
+        std::vector<at::acc_type<scalar_t, false>> sums(N);
+        batch_sum_rows(ap, xp, cp, rp, sums.data(), n, R, N, begin, end);
       });
     });
   }
@@ -717,7 +726,8 @@ struct CpuKernels {
       if (grad_b.defined()) {  // columns split over the threads
         scalar_t* bp = grad_b.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
-          column_sums(bp, gp, n, N, begin, end);
+          std::vector<at::acc_type<scalar_t, false>> sums(end - begin);
+          column_sums(bp, gp, sums.data(), n, N, begin, end);
         });
       }
     });

@@ -288,7 +288,8 @@ struct CudaKernels {
           data_or_null<scalar_t>(d2), g.mutable_data_ptr<scalar_t>(), g.numel());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    if (grad_b.defined()) grad_b.add_(g.sum(0));  // ATen's column sums, on the current stream
+    // ATen's column sums on the current stream, accumulated in double as the CPU's
+    if (grad_b.defined()) grad_b.add_(at::sum(g, {0}, false, at::kDouble));
   }
 };
 
