@@ -1,0 +1,31 @@
+"""python -m jacext: every demo task on tiny sizes (both runs reach the same numbers, the PNG is
+written), and explain."""
+import pytest
+
+from jacext.__main__ import TASKS, main
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_demo_task_runs_and_both_runs_agree(task, tmp_path, capsys):
+    png = tmp_path / "demo.png"
+    rows = main(["demo", "--task", task, "--epochs", "2", "--batch", "512", "--hidden", "16", "--code", "4",
+                 "--plot", str(png), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "measured in this run" in out and "torch.func vmap(jacrev)" in out
+    jac, ref = rows["jacext"], rows["torch.func"]
+    assert len(jac["curves"]["loss"]) == 3  # before training and after each epoch
+    for a, b in zip(jac["curves"]["loss"] + jac["curves"]["penalty"], ref["curves"]["loss"] + ref["curves"]["penalty"]):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert jac["ms_per_step"] > 0 and ref["ms_per_step"] > 0
+    assert png.exists() and png.stat().st_size > 10_000
+
+
+def test_demo_rejects_bad_sizes():
+    with pytest.raises(SystemExit):
+        main(["demo", "--code", "0"])
+
+
+def test_explain_prints_the_plan(capsys):
+    main(["explain", "--sizes", "784,256,256,10", "--batch", "128"])
+    out = capsys.readouterr().out
+    assert "reverse + Gram epilogue" in out and "<- chosen" in out
