@@ -155,12 +155,13 @@ class Linearization:
     layer. Under torch.autocast it runs in float32, as the ops do."""
 
     def __init__(self, spec, x: torch.Tensor, layer: int = 0):
-        for i, w in enumerate(spec.weights):
-            if w.dtype != x.dtype or w.device != x.device:
+        self.device_type = x.device.type
+        autocast = torch.is_autocast_enabled(self.device_type)
+        for i, w in enumerate(spec.weights):  # the ops' own checks (autocast casts every dtype)
+            if w.device != x.device or (w.dtype != x.dtype and not autocast):
                 raise RuntimeError(f"jacext: weight {i} has dtype {w.dtype} on {w.device} but x has {x.dtype} "
                                    f"on {x.device}")
-        self.device_type = x.device.type
-        self.dtype = torch.float32 if torch.is_autocast_enabled(self.device_type) else x.dtype
+        self.dtype = torch.float32 if autocast else x.dtype
         self.maps = []  # (W_k, d_k or None for an identity layer) for the layers above `layer`
         with torch.no_grad(), torch.autocast(self.device_type, enabled=False):
             h = x.to(self.dtype)
