@@ -56,7 +56,8 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     residual ||(I - Q Q^T) J||_F^2 from the other n_proj - 2 r rows (I - Q Q^T) v
     (`distribution`), all reverse rows in one fused pass. Unbiased for every Q, so with Q held
     fixed the value and its gradient are unbiased; where J's singular values decay, the
-    residual is small and so is the variance (exact once r = m, at n_proj >= 3 m).
+    residual is small and so is the variance (exact once r = m, at n_proj >= 3 m); on a flat
+    spectrum (a net at initialization) its variance is above Hutchinson's at equal n_proj.
     `return_variance=True` (n_proj - 2 r >= 2) gives the residual terms' sample variance divided
     by their number: an unbiased estimate of the estimate's variance.
 
@@ -172,6 +173,13 @@ class Linearization:
                 if i >= layer:
                     self.maps.append((w, None if code == act.IDENTITY else act.activation_derivative(pre, code, p0, p1)))
                 h = act.activation_value(pre, code, p0, p1)
+
+    def subset(self, index: torch.Tensor) -> "Linearization":
+        """The same maps for the samples `index` only."""
+        part = object.__new__(Linearization)
+        part.device_type, part.dtype = self.device_type, self.dtype
+        part.maps = [(w, None if d is None else d[index]) for w, d in self.maps]
+        return part
 
     def forward_product(self, t: torch.Tensor) -> torch.Tensor:
         """(B, k, n_layer) rows t_i -> (B, k, m) rows J t_i."""

@@ -230,23 +230,36 @@ def _start(spec, x, init, generator):
 
 def _power_iteration(linearization, u, n_iter, tol):
     """Top left singular vectors (B, m) of each J by alternating products, to the relative
-    residual tol (see jacobian_spectral_norm)."""
+    residual tol (see jacobian_spectral_norm). Each round runs on the samples still above tol
+    only (one slow sample does not keep the batch's GEMMs going); under torch.compile every round
+    runs on the whole batch."""
     compiling = torch.compiler.is_compiling()
+    active = None  # the samples still iterating (None: all)
+    u = u.to(linearization.dtype)
     for _ in range(n_iter):
-        w = linearization.reverse_product(u.unsqueeze(1)).squeeze(1)  # u^T J
+        part = u if active is None else u[active]
+        w = linearization.reverse_product(part.unsqueeze(1)).squeeze(1)  # u^T J
         sigma = w.norm(dim=1, keepdim=True)
         v = w / sigma.clamp_min(torch.finfo(w.dtype).tiny)  # J = 0: v = 0, and u stays
         z = linearization.forward_product(v.unsqueeze(1)).squeeze(1)  # J v
-        residual = (z - sigma * u.to(z.dtype)).norm(dim=1)
-        u = _normalized(z, u.to(z.dtype))
-        unconverged = residual > tol * sigma.squeeze(1)  # NaN samples do not hold the others back
-        if not compiling and not unconverged.any():
+        relative_residual = (z - sigma * part).norm(dim=1) / sigma.squeeze(1)
+        part = _normalized(z, part)
+        u = part if active is None else u.index_copy(0, active, part)
+        if compiling:
+            continue
+        unconverged = relative_residual > tol  # NaN samples (and J = 0: 0 / 0) do not hold the others back
+        if not unconverged.any():
             return u
-    if not compiling and unconverged.any():
-        worst = (residual / sigma.squeeze(1))[unconverged].max().item()
-        warnings.warn(f"jacext.jacobian_spectral_norm: power iteration left {int(unconverged.sum())} of {len(u)} "
+        if not unconverged.all():
+            keep = unconverged.nonzero().squeeze(1)
+            active = keep if active is None else active[keep]
+            linearization = linearization.subset(keep)
+            relative_residual = relative_residual[keep]
+    if not compiling:
+        warnings.warn(f"jacext.jacobian_spectral_norm: power iteration left {len(relative_residual)} of {len(u)} "
                       f"samples above tol={tol:g} after n_iter={n_iter} iterations (largest relative residual "
-                      f"{worst:.3g}); their s is a lower bound of ||J||_2", RuntimeWarning, stacklevel=3)
+                      f"{relative_residual.max().item():.3g}); their s is a lower bound of ||J||_2",
+                      RuntimeWarning, stacklevel=3)
     return u
 
 
