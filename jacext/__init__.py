@@ -7,10 +7,12 @@ from .functional import (METHODS, Jacobian, JacobianFrobenius, JacobianGram, jac
 from .margin import LargeMarginLoss, large_margin_loss, margin_distances
 from .nn import MLP, parse_model
 from .planner import explain
+from .spectral import jacobian_spectral_norm
 from .workspace import release_workspace, set_workspace_limit, workspace_stats
 
 __version__ = "0.1.0"
 __all__ = ["MLP", "SmoothLeakyReLU", "jacobian_frobenius", "JacobianFrobenius", "jacobian", "Jacobian", "jacobian_gram",
            "JacobianGram", "ops",
            "parse_model", "random_projections", "explain", "METHODS", "margin_distances", "large_margin_loss",
-           "LargeMarginLoss", "flows", "targetprop", "workspace_stats", "set_workspace_limit", "release_workspace"]
+           "LargeMarginLoss", "flows", "targetprop", "workspace_stats", "set_workspace_limit", "release_workspace",
+           "jacobian_spectral_norm"]

@@ -218,7 +218,7 @@ def demo(args):
     return rows
 
 
-BENCH_SCRIPTS = ("frobenius", "margin", "flows", "targetprop")
+BENCH_SCRIPTS = ("frobenius", "margin", "flows", "targetprop", "spectral")
 
 
 def bench_folder():

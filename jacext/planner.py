@@ -386,9 +386,20 @@ class Plan:
         return "\n".join(lines)
 
 
-def explain(model, x, method: str = "auto", max_memory: Optional[int] = None) -> Plan:
+def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *, objective: str = "frobenius",
+            **options) -> Plan:
     """The plan for jacobian_frobenius(model, x, method, max_memory=max_memory) with every exact
-    candidate's cost: `print(jacext.explain(model, x))`."""
+    candidate's cost: `print(jacext.explain(model, x))`. objective="spectral_norm": the plan of
+    jacobian_spectral_norm(model, x, method=method, **options) (layer, n_iter, tol) instead."""
+    if objective == "spectral_norm":
+        if max_memory is not None:
+            raise ValueError("explain: max_memory applies to objective='frobenius'")
+        from .spectral import spectral_plan
+        return spectral_plan(model, x, method, **options)
+    if objective != "frobenius":
+        raise ValueError(f"explain: objective must be 'frobenius' or 'spectral_norm', got {objective!r}")
+    if options:
+        raise TypeError(f"explain: {sorted(options)} apply to objective='spectral_norm' only")
     from .activations import IDENTITY
     from .nn import parse_model
 

@@ -140,3 +140,15 @@ def large_margin_loss_ref(model, x, target, layers, gamma, alpha_factor, top_k, 
         loss = torch.relu(gamma - torch.clamp(dist, min=gamma * (1 - alpha_factor))) - gamma
         losses.append(loss.sum(1).mean())
     return torch.stack(losses).mean()
+
+
+def spectral_norm_ref(model, x: torch.Tensor, layer: int = 0):
+    """(y, ||dy_b/dh_layer,b||_2 per sample): vmap(jacrev) of the modules after the layer-th
+    activation (layer 0: the whole model) at h_layer, then torch.linalg.matrix_norm(J, 2)."""
+    modules = list(model)
+    cut = 0
+    for _ in range(layer):  # past the next activation
+        cut = next(i for i in range(cut, len(modules)) if not isinstance(modules[i], nn.Linear)) + 1
+    h = nn.Sequential(*modules[:cut])(x)
+    y, jac = per_sample_jacobian(nn.Sequential(*modules[cut:]), h)
+    return y, torch.linalg.matrix_norm(jac, 2)

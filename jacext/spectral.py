@@ -1,0 +1,281 @@
+"""The spectral norm ||J||_2 of each sample's layer Jacobian J = dy/dh_layer (the local Lipschitz
+constant), differentiable, on jacext's ops.
+
+Two paths (jacobian_spectral_norm's `method`, chosen by predicted cost for "auto"):
+- exact: the smaller Gram matrix, J J^T (m x m, jacobian_gram) or J^T J (n_layer x n_layer, from
+  jacobian), and its largest eigenvalue; s = sqrt of it.
+- power: alternating products u <- J v / |J v|, v <- J^T u / |J^T u| per sample without
+  gradient (functional.Linearization), to a tolerance; then s = ||u^T J|| with u held fixed, the
+  fused reverse op with one projection row (ops.mlp_jacobian_frobenius with projections u
+  returns ||u^T J||^2). At the top left singular vector u its gradient is u^T dJ v, the
+  gradient of ||J||_2 (s is stationary in u there). For a layer l > 0, J is the input Jacobian of
+  the layers above l at h_l, which the layers below compute differentiably.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional
+
+import torch
+
+from . import _ops
+from . import activations as act
+from .functional import Linearization, _check_input
+from .nn import parse_model
+from .planner import REVERSE, predicted_cost, resolve_strategy
+
+__all__ = ["jacobian_spectral_norm", "spectral_plan", "SPECTRAL_METHODS"]
+
+SPECTRAL_METHODS = ("auto", "exact", "power")
+# Multiply-add equivalents per k^3 of the batched symmetric eigen-decomposition of a k x k Gram
+# matrix (eigenvalues and vectors, which the backward needs: about 9 k^3 flops, Golub & Van Loan).
+EIGH_COST = 9
+# One small torch op's dispatch (~5 us) in multiply-add equivalents (~50 G/s): a power round runs
+# 4 ops per layer and 8 more, which decides its time for small nets.
+OP_OVERHEAD = 250_000
+
+
+def _macs(widths) -> int:
+    """Multiply-adds per sample of one product through the layers (J t or u^T J)."""
+    return sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def _path_costs(widths, batch: int, layer: int, n_iter: int) -> dict:
+    """{path: predicted cost of one forward + backward} in the planner's multiply-add equivalents.
+    The power path is counted at n_iter iterations, its upper bound."""
+    n = list(widths)
+    m, n_l = n[-1], n[layer]
+    k = min(m, n_l)
+    jacobian = REVERSE if m <= n_l else resolve_strategy("auto", n, layer, frobenius=False, batch=batch)
+    gram = 3 * batch * k * k * max(m, n_l)  # J J^T or J^T J and its backward
+    above = n[layer:]
+    final = predicted_cost(above, batch, resolve_strategy("hutchinson", above, batch=batch, projections=1),
+                           projections=1)
+    rounds = n_iter * (2 * batch * _macs(above) + OP_OVERHEAD * (4 * (len(above) - 1) + 8))
+    power = batch * _macs(n) + rounds + 3 * batch * _macs(n[:layer + 1]) + final
+    return {"exact": predicted_cost(n, batch, jacobian, layer, frobenius=False) + gram + EIGH_COST * batch * k ** 3,
+            "power": power}
+
+
+def _choose_path(widths, batch: int, layer: int, n_iter: int, method: str) -> str:
+    """"exact" or "power" for a method name: the path of lower predicted cost for "auto"."""
+    if method != "auto":
+        return method
+    costs = _path_costs(widths, batch, layer, n_iter)
+    return "exact" if costs["exact"] <= costs["power"] else "power"
+
+
+_cached_path = functools.lru_cache(maxsize=512)(_choose_path)
+
+
+def choose_path(widths, batch, layer: int, n_iter: int, method: str) -> str:
+    """_choose_path, cached by its arguments (traced, not cached, under torch.compile)."""
+    if not isinstance(batch, int):  # a symbolic size under torch.compile: plan for a typical batch
+        batch = 64
+    choose = _choose_path if torch.compiler.is_compiling() else _cached_path
+    return choose(tuple(widths), batch, layer, n_iter, method)
+
+
+class SpectralPlan:
+    """What jacobian_spectral_norm(model, x, layer, method, n_iter) runs, and each path's cost."""
+
+    def __init__(self, widths, batch, layer, method, n_iter, tol):
+        self.widths, self.batch, self.layer, self.method, self.n_iter, self.tol = widths, batch, layer, method, n_iter, tol
+        self.costs = _path_costs(widths, batch, layer, n_iter)
+        self.choice = choose_path(widths, batch, layer, n_iter, method)
+
+    def path_name(self, path: str) -> str:
+        m, n_l = self.widths[-1], self.widths[self.layer]
+        if path == "exact":
+            return f"exact: eigenvalues of J J^T ({m} x {m})" if m <= n_l else \
+                f"exact: eigenvalues of J^T J ({n_l} x {n_l})"
+        return f"power iteration (<= {self.n_iter} iterations, tol {self.tol:g})"
+
+    def __repr__(self):
+        lines = [f"MLP {self.widths}, batch {self.batch}, spectral norm of dy/dh_{self.layer}, method={self.method!r}: "
+                 f"runs {self.path_name(self.choice)}",
+                 f"  {'path':48}{'predicted cost':>16}"]
+        for path, cost in self.costs.items():
+            mark = "  <- chosen" if path == self.choice else ""
+            lines.append(f"  {self.path_name(path):48}{cost / 1e9:>14.4g} G{mark}")
+        lines.append(f"  (forward + backward, multiply-add equivalents as for the Frobenius plans; the eigen-"
+                     f"decomposition at {EIGH_COST} k^3, the power path at all n_iter iterations)")
+        return "\n".join(lines)
+
+
+def _check_options(spec, x, layer, method, n_iter, tol, init):
+    depth = len(spec.weights)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < depth:
+        raise ValueError(f"layer must be an integer in [0, {depth - 1}] (0 = input, l = output of the l-th "
+                         f"activation), got {layer!r}")
+    if method not in SPECTRAL_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {SPECTRAL_METHODS}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be a positive integer, got {n_iter!r}")
+    if not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if init is not None:
+        if not isinstance(init, torch.Tensor):
+            raise TypeError(f"init must be a torch.Tensor of shape ({x.shape[0]}, {spec.widths[-1]}), "
+                            f"got {type(init).__name__}")
+        if init.shape != (x.shape[0], spec.widths[-1]):
+            raise ValueError(f"init must have shape ({x.shape[0]}, {spec.widths[-1]}) (one left vector per "
+                             f"sample), got {tuple(init.shape)}")
+
+
+def spectral_plan(model, x: torch.Tensor, method: str = "auto", layer: int = 0, n_iter: int = 100,
+                  tol: float = 1e-3) -> SpectralPlan:
+    """The plan of jacobian_spectral_norm(model, x, layer, method=method, n_iter=n_iter):
+    `print(jacext.explain(model, x, objective="spectral_norm", layer=1))`."""
+    spec = parse_model(model)
+    _check_input(spec, x)
+    _check_options(spec, x, layer, method, n_iter, tol, None)
+    return SpectralPlan(spec.widths, x.shape[0], layer, method, n_iter, tol)
+
+
+def _sqrt(sq):
+    """sqrt with a zero gradient at 0 (sqrt's is infinite there: J = 0, or u^T J = 0) that keeps
+    NaN and inf."""
+    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq * 0)
+
+
+def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: str = "auto", n_iter: int = 100,
+                           tol: float = 1e-3, init: Optional[torch.Tensor] = None, generator=None,
+                           return_vectors: bool = False):
+    """(y, s): y == model(x) (B, m) and s[b] = ||J_b||_2, the largest singular value of
+    J_b = dy_b/dh_layer,b (h_0 = x, h_l the output of the l-th activation). Differentiable.
+
+    method: "exact" (the largest eigenvalue of the smaller Gram matrix, J J^T or J^T J: exact,
+    differentiable twice), "power" (power iteration, below) or "auto" (the one of lower predicted
+    cost: exact for small m or n_layer; `jacext.explain(model, x, objective="spectral_norm")`).
+
+    "power": from u = init (B, m) (e.g. the previous step's vectors, see return_vectors) or a
+    Gaussian draw from `generator`, up to n_iter rounds of v = J^T u / |J^T u|,
+    u = J v / |J v| per sample, without gradient, until every sample's relative residual
+    |J v - sigma u| / sigma (sigma = |J^T u|) is at most tol: then (u, v, sigma) is an exact
+    singular triplet of some J + E with ||E||_2 <= tol * sigma. s = ||u^T J|| follows with u held
+    fixed, by the fused op; it is a lower bound of ||J||_2 whose error is of order tol^2 s when
+    the top singular value is separated, and its gradient u^T dJ v is within order tol of the
+    exact one. The residual shrinks by about (s_2 / s_1)^2 a round: at random initialization the
+    top values of a net's Jacobian are close (s_2 / s_1 ~ 0.94 for 784-256-256-10 tanh, which
+    takes ~100 rounds for tol=1e-3), so warm starts pay. A sample still above tol after n_iter
+    rounds gets a RuntimeWarning (its s is still a lower bound). The second derivative is that of
+    ||u^T J|| with u fixed, not of ||J||_2. Under torch.compile all n_iter rounds run (no
+    data-dependent exit, no warning).
+
+    Repeated top singular value (s_1 = s_2): ||J||_2 is not differentiable there. s stays exact
+    (power iteration converges to some vector of the top singular space), and the gradient is
+    u^T dJ v for one top singular pair (u, v) of that space, a subgradient, as
+    torch.linalg.matrix_norm(J, 2) gives; which pair depends on the start (power) or on LAPACK
+    (exact). Close but distinct top values slow the vectors, not s.
+
+    return_vectors=True returns (y, s, u) with u (B, m) the top left singular vectors (no
+    gradient), to pass as init= for the same samples at the next step. J = 0 gives s = 0 with a
+    zero gradient; NaN/Inf propagate per sample; an empty batch gives empty outputs."""
+    spec = parse_model(model)
+    _check_input(spec, x)
+    _check_options(spec, x, layer, method, n_iter, tol, init)
+    path = choose_path(spec.widths, x.shape[0], layer, n_iter, method)
+    if path == "exact":
+        y, s, u = _exact(spec, x, layer, return_vectors)
+    else:
+        u = _power_iteration(Linearization(spec, x, layer), _start(spec, x, init, generator), n_iter, tol)
+        y, s = _power_value(spec, x, layer, u)
+    return (y, s, u) if return_vectors else (y, s)
+
+
+def _exact(spec, x, layer, vectors):
+    """(y, s, u or None) from the largest eigenvalue of J J^T (m <= n_layer) or J^T J."""
+    args = (x, spec.weights, spec.biases, spec.activations, spec.act_params)
+    left = spec.widths[-1] <= spec.widths[layer]
+    if left:
+        y, (gram,) = _ops.mlp_jacobian_grams(*args, layers=[layer])
+    else:
+        y, jac = _ops.mlp_jacobian(*args, layer=layer)
+    with torch.autocast(x.device.type, enabled=False):  # the ops' float32 results stay float32
+        if not left:
+            gram = jac.transpose(1, 2) @ jac
+        # LAPACK raises on NaN: decompose the finite Grams only; trace(G) = ||J||_F^2 carries NaN / inf
+        finite = gram.isfinite().all(2).all(1)
+        safe = torch.where(finite[:, None, None], gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
+        if vectors:  # the vectors leave the graph: the eigenvalue's gradient alone, v v^T
+            eigenvalues, eigenvectors = torch.linalg.eigh(safe)
+            top_vector = eigenvectors[:, :, -1].detach()
+        else:
+            eigenvalues = torch.linalg.eigvalsh(safe)
+        top = torch.where(finite, eigenvalues[:, -1], gram.diagonal(dim1=1, dim2=2).sum(1))
+        s = _sqrt(top)
+        if vectors and not left:  # u = J v / |J v|, any unit vector where J v = 0
+            jv = (jac.detach() @ top_vector.unsqueeze(2)).squeeze(2)
+            top_vector = _normalized(jv, torch.eye(1, jv.shape[1], dtype=jv.dtype, device=jv.device).expand_as(jv))
+    return y, s, top_vector if vectors else None
+
+
+def _normalized(u, fallback):
+    """u / |u| per row, `fallback` where |u| = 0."""
+    norm = u.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, u / norm.clamp_min(torch.finfo(u.dtype).tiny), fallback)
+
+
+def _start(spec, x, init, generator):
+    """The first left vectors (B, m): init where it is nonzero, else Gaussian draws."""
+    source = generator.device if generator is not None else x.device
+    draw = torch.randn(x.shape[0], spec.widths[-1], generator=generator, device=source, dtype=torch.float64)
+    draw = draw.to(device=x.device, dtype=x.dtype)
+    if init is None:
+        return _normalized(draw, draw)
+    return _normalized(init.detach().to(device=x.device, dtype=x.dtype), _normalized(draw, draw))
+
+
+def _power_iteration(linearization, u, n_iter, tol):
+    """Top left singular vectors (B, m) of each J by alternating products, to the relative
+    residual tol (see jacobian_spectral_norm). Each round runs on the samples still above tol
+    only (one slow sample does not keep the batch's GEMMs going); under torch.compile every round
+    runs on the whole batch."""
+    compiling = torch.compiler.is_compiling()
+    active = None  # the samples still iterating (None: all)
+    u = u.to(linearization.dtype)
+    for _ in range(n_iter):
+        part = u if active is None else u[active]
+        w = linearization.reverse_product(part.unsqueeze(1)).squeeze(1)  # u^T J
+        sigma = w.norm(dim=1, keepdim=True)
+        v = w / sigma.clamp_min(torch.finfo(w.dtype).tiny)  # J = 0: v = 0, and u stays
+        z = linearization.forward_product(v.unsqueeze(1)).squeeze(1)  # J v
+        relative_residual = (z - sigma * part).norm(dim=1) / sigma.squeeze(1)
+        part = _normalized(z, part)
+        u = part if active is None else u.index_copy(0, active, part)
+        if compiling:
+            continue
+        unconverged = relative_residual > tol  # NaN samples (and J = 0: 0 / 0) do not hold the others back
+        if not unconverged.any():
+            return u
+        if not unconverged.all():
+            keep = unconverged.nonzero().squeeze(1)
+            active = keep if active is None else active[keep]
+            linearization = linearization.subset(keep)
+            relative_residual = relative_residual[keep]
+    if not compiling:
+        warnings.warn(f"jacext.jacobian_spectral_norm: power iteration left {len(relative_residual)} of {len(u)} "
+                      f"samples above tol={tol:g} after n_iter={n_iter} iterations (largest relative residual "
+                      f"{relative_residual.max().item():.3g}); their s is a lower bound of ||J||_2",
+                      RuntimeWarning, stacklevel=3)
+    return u
+
+
+def _power_value(spec, x, layer, u):
+    """(y, ||u^T J||) with u fixed: h_layer by the layers below (differentiable), then the fused
+    op with one projection row on the layers above."""
+    h = x
+    dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype  # as the op runs
+    with torch.autocast(x.device.type, enabled=False):
+        for i in range(layer):
+            b = spec.biases[i]
+            h = act.activation_value(torch.nn.functional.linear(h.to(dtype), spec.weights[i].to(dtype),
+                                                                None if b is None else b.to(dtype)),
+                                     spec.activations[i], *spec.act_params[2 * i:2 * i + 2])
+    y, sq = _ops.mlp_jacobian_frobenius(h, spec.weights[layer:], spec.biases[layer:], spec.activations[layer:],
+                                        spec.act_params[2 * layer:], method="hutchinson",
+                                        projections=u.unsqueeze(1))
+    with torch.autocast(x.device.type, enabled=False):
+        return y, _sqrt(sq.squeeze(1))
