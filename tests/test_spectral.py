@@ -206,12 +206,13 @@ def test_zero_init_rows_are_replaced_by_a_draw():
 class SpectralNorm(nn.Module):
     """s of the wrapped model as a module, so that torch.func.functional_call can swap its parameters."""
 
-    def __init__(self, model, method):
+    def __init__(self, model, method, second_order=False):
         super().__init__()
-        self.model, self.method = model, method
+        self.model, self.method, self.second_order = model, method, second_order
 
     def forward(self, x):
-        return jacext.jacobian_spectral_norm(self.model, x, method=self.method, **TIGHT)[1]
+        options = dict(TIGHT, second_order=True) if self.second_order else TIGHT
+        return jacext.jacobian_spectral_norm(self.model, x, method=self.method, **options)[1]
 
 
 def test_gradcheck_and_exact_gradgradcheck():
@@ -219,14 +220,17 @@ def test_gradcheck_and_exact_gradgradcheck():
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().requires_grad_() for p in model.parameters()]
 
-    def fn(method):
-        module = SpectralNorm(model, method)
+    def fn(method, second_order=False):
+        module = SpectralNorm(model, method, second_order)
         names = [name for name, _ in module.named_parameters()]
         return lambda x, *p: torch.func.functional_call(module, dict(zip(names, p)), (x,))
 
-    assert torch.autograd.gradcheck(fn("exact"), (x, *params))
-    assert torch.autograd.gradgradcheck(fn("exact"), (x, *params))
-    assert torch.autograd.gradcheck(fn("power"), (x, *params))  # first order: u^T dJ v
+    assert torch.autograd.gradcheck(fn("exact"), (x, *params))  # first order: u^T dJ v
+    assert torch.autograd.gradcheck(fn("exact", True), (x, *params))
+    assert torch.autograd.gradgradcheck(fn("exact", True), (x, *params))
+    assert torch.autograd.gradcheck(fn("power"), (x, *params))
+    with pytest.raises(ValueError, match="second_order"):
+        jacext.jacobian_spectral_norm(model, x, method="power", second_order=True)
 
 
 def test_autocast_runs_in_float32():
