@@ -105,8 +105,8 @@ def make_step(method, model, x):
 
 def worker(args, case, method):
     """Time one method in this process; print its RESULT line."""
-    model = make_model(case["widths"])
-    x = torch.randn(case["batch"], case["widths"][0], generator=torch.Generator().manual_seed(1))
+    model = make_model(case["widths"]).to(args.device)
+    x = torch.randn(case["batch"], case["widths"][0], generator=torch.Generator().manual_seed(1)).to(args.device)
     step = make_step(method, model, x)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -153,6 +153,7 @@ def relative_errors(nets, ks, draws):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timed runs per method")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every method this many times over (each in its own process); the table gives "
@@ -176,7 +177,7 @@ def main():
     runs = []
     for repeat in range(args.repeats):
         for method in methods:
-            command = [sys.executable, os.path.abspath(__file__), "--worker", method,
+            command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--device", args.device,
                        "--min-run-time", str(args.min_run_time), "--repeat", str(repeat)]
             if args.smoke:
                 command.append("--smoke")
@@ -212,7 +213,7 @@ def main():
             row["time_vs_baseline_range"] = [min(ratios), max(ratios)]
         results.append(row)
 
-    machine = machine_description("cpu")
+    machine = machine_description(args.device)
     print(f"\n{machine}; float32; MLP {case['widths']} (tanh), B={case['batch']}; loss forward+backward, median"
           + (f" over {args.repeats} runs (each method in its own process; ratio: the median of the per-run ratios)"
              if args.repeats > 1 else " (each method in its own process)") + "\n")
@@ -252,7 +253,7 @@ def main():
             print(f"{net:9} {s21} {first['top_share_of_frobenius']:7.3f} {cells}")
         print("\n(s2/s1 and s1^2/F: the median over 8 samples of J's second-to-first singular value ratio and of the "
               "top singular value's share of ||J||_F^2)")
-    write_results(args.out, "spectral", "cpu", args.smoke,
+    write_results(args.out, "spectral", args.device, args.smoke,
                   {"machine": machine, "case": case, "repeats": args.repeats, "results": results, "runs": runs,
                    "errors": errors})
 
