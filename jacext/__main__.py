@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -215,7 +216,26 @@ def demo(args):
           f"the epochs).")
     if args.plot:
         plot_demo(rows, task, args, args.plot)
+    if args.json:
+        write_demo_json(rows, task, args, ratio)
     return rows
+
+
+def write_demo_json(rows, task, args, ratio):
+    """The run's times and curves as bench JSON (bench/headline.py reads README's demo row from it)."""
+    import platform
+
+    payload = {"command": args.command_line, "task": task.name, "description": task.description, "widths": args.widths,
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+                          f"{torch.__version__} ({torch.get_num_threads()} threads), {args.device}",
+               "results": [{"method": name, "median_s": r["ms_per_step"] / 1e3,
+                            "time_vs_jacext": r["ms_per_step"] / rows["jacext"]["ms_per_step"],
+                            "metric": r["metric"], "curves": r["curves"]} for name, r in rows.items()],
+               "speedup": ratio}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {args.json}")
 
 
 BENCH_SCRIPTS = ("frobenius", "margin", "flows", "targetprop", "spectral")
@@ -301,6 +321,7 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="your MNIST (a folder of the IDX files or an .npz) instead of digits")
     p.add_argument("--train-samples", type=int, default=None, help="use only the first N training samples")
     p.add_argument("--plot", default="jacext_demo.png", help="PNG path for the curves ('' for none)")
+    p.add_argument("--json", default=None, help="also write the times and curves to this JSON path")
     b = commands.add_parser("bench", help="run every benchmark script; tables, JSON and a PNG bar chart")
     b.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     b.add_argument("--only", type=lambda s: s.split(","), default=list(BENCH_SCRIPTS),
@@ -315,6 +336,7 @@ def main(argv=None):
     e.add_argument("--max-memory-mb", type=float, default=None,
                    help="memory budget of the op in MiB (default: a quarter of the device's memory)")
     args = parser.parse_args(argv)
+    args.command_line = "python -m jacext " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.command == "bench":
         unknown = [name for name in args.only if name not in BENCH_SCRIPTS]
         if unknown:

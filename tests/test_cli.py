@@ -1,5 +1,7 @@
 """python -m jacext: every demo task on tiny sizes (both runs reach the same numbers, the PNG is
 written), and explain."""
+import json
+
 import pytest
 
 from jacext.__main__ import TASKS, main
@@ -7,9 +9,13 @@ from jacext.__main__ import TASKS, main
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_demo_task_runs_and_both_runs_agree(task, tmp_path, capsys):
-    png = tmp_path / "demo.png"
+    png, out_json = tmp_path / "demo.png", tmp_path / "demo.json"
     rows = main(["demo", "--task", task, "--epochs", "2", "--batch", "512", "--hidden", "16", "--code", "4",
-                 "--plot", str(png), "--device", "cpu"])
+                 "--plot", str(png), "--device", "cpu", "--json", str(out_json)])
+    saved = json.loads(out_json.read_text())
+    assert saved["command"].startswith("python -m jacext demo --task") and saved["task"] == task
+    assert [r["method"] for r in saved["results"]] == ["jacext", "torch.func"]
+    assert saved["speedup"] == pytest.approx(saved["results"][1]["time_vs_jacext"])
     out = capsys.readouterr().out
     assert "measured in this run" in out and "torch.func vmap(jacrev)" in out
     jac, ref = rows["jacext"], rows["torch.func"]
