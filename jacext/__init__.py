@@ -3,6 +3,7 @@ from . import _ops as ops
 from . import flows, targetprop
 from .activations import SmoothLeakyReLU
 from .functional import METHODS, JacobianFrobenius, jacobian, jacobian_frobenius, jacobian_gram, random_projections
+from .laplacian import divergence, jacobian_diagonal, laplacian
 from .margin import LargeMarginLoss, large_margin_loss, margin_distances
 from .nn import MLP, parse_model
 from .planner import explain
@@ -12,3 +13,4 @@ __version__ = "0.1.0"
 __all__ = ["MLP", "SmoothLeakyReLU", "jacobian_frobenius", "JacobianFrobenius", "jacobian", "jacobian_gram", "ops",
            "parse_model", "random_projections", "explain", "METHODS", "margin_distances", "large_margin_loss",
            "LargeMarginLoss", "flows", "targetprop", "workspace_stats", "set_workspace_limit", "release_workspace"]
+__all__ += ["laplacian", "divergence", "jacobian_diagonal"]

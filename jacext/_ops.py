@@ -380,3 +380,10 @@ def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
                 jac = carries[depth - 1 - l]
                 grams.append(jac @ jac.transpose(1, 2))
     return y, grams
+
+
+# The forward-carry ops (Laplacian, Jacobian diagonal) live in _laplacian_ops; their op-level entry
+# points are reachable here too, beside the others.
+from ._laplacian_ops import mlp_jacobian_diagonal, mlp_laplacian  # noqa: E402
+
+__all__ += ["mlp_laplacian", "mlp_jacobian_diagonal"]
