@@ -145,7 +145,7 @@ def demo(args):
         plot_demo(rows, args, args.plot)
 
 
-BENCH_SCRIPTS = ("frobenius", "margin", "flows", "targetprop")
+BENCH_SCRIPTS = ("frobenius", "margin", "flows", "targetprop", "laplacian")
 
 
 def bench_folder():

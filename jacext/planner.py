@@ -224,12 +224,12 @@ def _cached_tile(widths, batch: int, strategy: int, element_size: int, rows: Opt
     return _balanced_tile(working_set, gemm_rows, batch, threads)
 
 
-def _balanced_tile(working_set: int, gemm_rows: int, batch: int, threads: int) -> int:
+def _balanced_tile(working_set: int, gemm_rows: int, batch: int, threads: int, min_rows: int = MIN_TILE_ROWS) -> int:
     """tile_size's rule from one sample's working set (bytes) and GEMM rows."""
     share = -(-batch // max(threads, 1))
-    if working_set > L2_CACHE_BYTES or share * gemm_rows < MIN_TILE_ROWS:
+    if working_set > L2_CACHE_BYTES or share * gemm_rows < min_rows:
         return 0
-    tile = min(share, max(L2_CACHE_BYTES // working_set, -(-MIN_TILE_ROWS // gemm_rows)))
+    tile = min(share, max(L2_CACHE_BYTES // working_set, -(-min_rows // gemm_rows)))
     # as many tiles per thread: a thread with one tile more than the others would set the pace
     tiles = -(-batch // tile)
     tiles = -(-tiles // threads) * threads
@@ -536,25 +536,24 @@ def resolve_diagonal_strategy(method: str, widths: Sequence[int], activations: S
                      lambda st: carry_cost(widths, batch, activations, diagonal_layout(widths, st), st))
 
 
-# A tile's GEMMs should hold at least MIN_TILE_ROWS rows of a layer this wide (narrower layers: more
-# rows): below it the ~10 ATen calls per layer and tile cost more than the cache saves (measured
-# with bench/bench_laplacian.py's shapes and a 48-wide PINN: 256 samples per tile ran in 0.8x the
-# time of the L2 rule's 128).
-CARRY_TILE_WIDTH = 128
+# A carry tile's GEMMs have at least this many rows: below it they run slower and the ~20 ATen calls
+# per layer and tile cost more than the cache saves. Measured (one thread, bench_laplacian's L1 and
+# L2 and a 48-wide PINN at B = 1024): 208, 88 and 256 samples per tile ran in 0.93x, 0.95x and 0.8x
+# the time of 52, 22 and 128 (MIN_TILE_ROWS).
+CARRY_MIN_TILE_ROWS = 1024
 
 
 def carry_tile_size(widths: Sequence[int], batch, layout: CarryLayout, element_size: int = 4, device="cpu",
                     threads: Optional[int] = None) -> int:
     """tile_size's rule for a forward carry (samples per tile, 0 for the whole batch): one sample's
-    working set is TILE_WORKING_COPIES copies of its widest carry, and its GEMMs have `rows` rows,
-    counted in rows of a CARRY_TILE_WIDTH-wide layer's work for narrower nets."""
+    working set is TILE_WORKING_COPIES copies of its widest carry, its GEMMs have `rows` rows, and a
+    tile at least CARRY_MIN_TILE_ROWS."""
     if (torch.device(device).type != "cpu" or not isinstance(batch, int) or batch == 0
             or torch.compiler.is_compiling()):
         return 0
     threads = torch.get_num_threads() if threads is None else threads
-    width = max(widths)
-    working_set = TILE_WORKING_COPIES * layout.rows * width * element_size
-    return int(_balanced_tile(working_set, layout.rows * min(1.0, (width / CARRY_TILE_WIDTH) ** 2), batch, threads))
+    working_set = TILE_WORKING_COPIES * layout.rows * max(widths) * element_size
+    return _balanced_tile(working_set, layout.rows, batch, threads, CARRY_MIN_TILE_ROWS)
 
 
 class CarryPlan:
