@@ -267,8 +267,7 @@ struct ForwardCarry {
   }
 };
 
-
-// act' of a tile's layer i, ones for an identity layer (the closed forms multiply by it).
+// act' of a tile's layer, or ones for an identity layer (the closed forms multiply by it).
 inline Tensor derivative_or_ones(const Tensor& d, int64_t n, int64_t width, const at::TensorOptions& options) {
   return d.defined() ? d : at::ones({n, width}, options);
 }
@@ -282,7 +281,7 @@ inline void copy_or_zero(const Tensor& out, const Tensor& src) {
   }
 }
 
-inline Tensor defined_or_empty(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+inline Tensor value_or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 // ---------------------------------------------------------------------------------------------
 // The Laplacian: y, J (when `gradient`) and Delta y = sum_j d^2 y / dx_j^2, all (B, m, ...).
@@ -348,8 +347,8 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L), n0 = x.size(1);
   const auto options = x.options();
   const CarrySaved saved = net.unpack_saved(saved_list);
-  const Tensor grad_y = defined_or_empty(grad_y_in), grad_grad = defined_or_empty(grad_grad_in),
-               grad_lap = defined_or_empty(grad_lap_in);
+  const Tensor grad_y = value_or_undefined(grad_y_in), grad_grad = value_or_undefined(grad_grad_in),
+               grad_lap = value_or_undefined(grad_lap_in);
   TORCH_CHECK(!grad_grad.defined() || gradient, "jacext: the gradient was not returned (gradient=False), so it "
               "takes no incoming gradient");
   for (const auto& [g, name, sizes] : {std::tuple<Tensor, const char*, std::vector<int64_t>>{grad_y, "grad_y", {B, m}},
@@ -515,7 +514,7 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
   const int64_t B = x.size(0), L = net.depth(), n0 = x.size(1);
   const auto options = x.options();
   const CarrySaved saved = net.unpack_saved(saved_list);
-  const Tensor grad_y = defined_or_empty(grad_y_in), grad_out = defined_or_empty(grad_out_in);
+  const Tensor grad_y = value_or_undefined(grad_y_in), grad_out = value_or_undefined(grad_out_in);
   TORCH_CHECK(!grad_y.defined() || grad_y.sizes() == at::IntArrayRef({B, n0}), "jacext: grad_y must have shape ",
               at::IntArrayRef({B, n0}), ", got ", grad_y.sizes());
   const std::vector<int64_t> out_sizes = strategy == kTraceGram2 ? std::vector<int64_t>{B}
