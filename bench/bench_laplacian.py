@@ -14,6 +14,9 @@ gradient w.r.t. every parameter), float32:
                   the layers, torch ops and autograd, without fusion
   folx            JAX's forward Laplacian (folx.forward_laplacian, vmapped) under jax.jit, with
                   jax.grad (optional: pip install folx; skipped with the reason when absent)
+  gemm-floor      not a peer: the GEMMs of jacext's plan alone (the same calls on the same shapes,
+                  the tiles shared by the threads, nothing else): what jacext's step cannot get
+                  below without faster GEMMs
 
 Divergence case (a continuous normalizing flow's exact trace; loss = mean tr(dy/dx)):
 
@@ -56,7 +59,7 @@ CASES = [dict(name="L1", kind="laplacian", widths=[3] + [128] * 4 + [1], batch=4
 SMOKE_CASES = [dict(name="L1", kind="laplacian", widths=[3, 16, 16, 1], batch=32),
                dict(name="L2", kind="laplacian", widths=[4, 16, 16, 1], batch=16),
                dict(name="D1", kind="divergence", widths=[6, 16, 16, 6], batch=16)]
-METHODS = {"laplacian": ["jacext", "autograd-loop", "vmap-hessian", "torch-carry", "folx"],
+METHODS = {"laplacian": ["jacext", "gemm-floor", "autograd-loop", "vmap-hessian", "torch-carry", "folx"],
            "divergence": ["jacext", "jacext-forward", "vmap-jacfwd", "vmap-jacrev"]}
 # the issue's targets: jacext's speed-up over the best peer
 TARGETS = {"L1": 3.0, "L2": 3.0, "D1": 5.0}
@@ -86,6 +89,57 @@ def laplacian_torch_carry(model, x):
         t = torch.tanh(z)
         d1 = 1 - t * t
         h, jac, lap = t, d1.unsqueeze(1) * p, d1 * q - 2 * t * d1 * p.square().sum(1)
+
+
+def time_gemm_floor(case, min_run_time):
+    """The GEMM calls of jacext's Laplacian plan for this case, per tile (planner.carry_tile_size),
+    on torch.get_num_threads() Python threads that share the tiles, each GEMM on one thread (as in
+    the op); the elementwise passes are left out: the part of a step that only faster GEMMs cut."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jacext.activations import IDENTITY, TANH
+    from jacext.planner import carry_tile_size, laplacian_layout
+
+    widths, batch, threads = case["widths"], case["batch"], torch.get_num_threads()
+    layout = laplacian_layout(widths, [TANH] * (len(widths) - 2) + [IDENTITY], False)
+    tile = carry_tile_size(widths, batch, layout, 4, "cpu") or batch
+    rows, top = layout.rows, layout.carried
+    tiles = [min(tile, batch - start) for start in range(0, batch, tile)]
+    weights = [torch.randn(n_out, n_in) for n_in, n_out in zip(widths[:-1], widths[1:])]
+
+    def worker_buffers():  # each thread's carries, adjoints, output gradient and weight gradients
+        carries = [torch.randn(tile * rows, widths[i]) for i in range(top + 1)]
+        adjoints = [torch.randn(tile * rows, widths[i + 1]) for i in range(top)]
+        return carries, adjoints, torch.randn(tile, widths[-1]), [torch.zeros_like(w) for w in weights]
+
+    buffers = [worker_buffers() for _ in range(threads)]
+
+    def run(worker):
+        carries, adjoints, grad_out, grads = buffers[worker]
+        for n in tiles[worker::threads]:
+            c, a, g = [t[:n * rows] for t in carries], [t[:n * rows] for t in adjoints], grad_out[:n]
+            for i in range(top):  # forward: one GEMM over the stacked rows per carried layer
+                torch.mm(c[i], weights[i].t(), out=c[i + 1])
+            for row in (0, rows - 1):  # the thin last layer maps h and Delta: forward and backward
+                torch.mm(c[top][row::rows], weights[top].t())
+                grads[top].addmm_(g.t(), c[top][row::rows])
+                torch.mm(g, weights[top])
+            for i in reversed(range(top)):  # backward: the weight gradient, then the adjoint below
+                grads[i].addmm_(a[i].t(), c[i])
+                torch.mm(a[i], weights[i], out=c[i]) if i > 0 else torch.mm(a[i][::rows], weights[i])
+
+    torch.set_num_threads(1)
+    with ThreadPoolExecutor(threads) as pool:
+        def step():
+            list(pool.map(run, range(threads)))
+
+        warm_up(step, min_run_time)
+        times, started = [], time.perf_counter()
+        while time.perf_counter() - started < min_run_time or len(times) < 5:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def laplacian_loss(method, model, x):
@@ -211,6 +265,8 @@ def main():
         case = next(c for c in cases if c["name"] == args.worker[0])
         if args.worker[1] == "folx":
             median, note = time_folx(case, args.min_run_time)
+        elif args.worker[1] == "gemm-floor":
+            median, note = time_gemm_floor(case, args.min_run_time), None
         else:
             median, note = time_torch(case, args.worker[1], args.min_run_time), None
         print("RESULT " + json.dumps({"median_s": median, "note": note}))

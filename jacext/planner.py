@@ -537,9 +537,10 @@ def resolve_diagonal_strategy(method: str, widths: Sequence[int], activations: S
 
 
 # A carry tile's GEMMs have at least this many rows: below it they run slower and the ~20 ATen calls
-# per layer and tile cost more than the cache saves. Measured (one thread, bench_laplacian's L1 and
-# L2 and a 48-wide PINN at B = 1024): 208, 88 and 256 samples per tile ran in 0.93x, 0.95x and 0.8x
-# the time of 52, 22 and 128 (MIN_TILE_ROWS).
+# per layer and tile cost more than the cache saves. Measured on one thread of a loaded 2-core EPYC
+# (so indicative): bench_laplacian's L1 at 208 samples per tile in 0.95x the median time of 52
+# (MIN_TILE_ROWS), L2 at 88 in 0.86x that of 22, examples/pinn_poisson.py's net at 256 in 0.8x the
+# best time of 128.
 CARRY_MIN_TILE_ROWS = 1024
 
 
