@@ -116,7 +116,7 @@ def worker(args, case, method):
     row = {"case": "spectral" if method in SPECTRAL_METHODS else "frobenius", "method": method, "repeat": args.repeat, "median_s": m.median, "runs": len(m.times), "loss": value,
            "unconverged_warnings": sum(issubclass(w.category, RuntimeWarning) for w in caught)}
     if method.startswith("jacext-"):
-        plan = jacext.explain(model, x, method="power" if "power" in method else "auto", objective="spectral_norm")
+        plan = jacext.explain(model, x, method="power" if "power" in method else "auto", quantity="spectral_norm")
         row["path"] = plan.path_name(plan.choice)
     print("RESULT " + json.dumps(row))
 

@@ -104,6 +104,63 @@ JACEXT_HD ActDerivs<T> activation_derivs(T y, T p0, T p1) {
   }
 }
 
+// Value and first three derivatives: sigma''' is what the Laplacian's backward needs
+// (mlp_laplacian.h). Kept beside activation_derivs (which the first-order kernels use) rather
+// than folded into it, so that those kernels compute nothing they do not read; the value and the
+// first two derivatives are those of activation_derivs.
+template <typename T>
+struct ActDerivs3 {
+  T value, d1, d2, d3;
+};
+
+// tanh and sigmoid from their value v (the CPU kernels take v from ATen's vectorized kernels):
+// tanh' = 1 - v^2, tanh'' = -2 v tanh', tanh''' = -2 tanh' (1 - 3 v^2); sigmoid' = v (1 - v),
+// sigmoid'' = sigmoid' (1 - 2 v), sigmoid''' = sigmoid' (1 - 6 v + 6 v^2).
+template <int64_t Code, typename T>
+JACEXT_HD ActDerivs3<T> derivs3_from_value(T v) {
+  static_assert(Code == kTanh || Code == kSigmoid, "only tanh and sigmoid follow from their value");
+  if constexpr (Code == kTanh) {
+    T s = T(1) - v * v;
+    return {v, s, T(-2) * v * s, T(-2) * s * (T(1) - T(3) * v * v)};
+  } else {
+    T ds = v * (T(1) - v);
+    return {v, ds, ds * (T(1) - T(2) * v), ds * (T(1) - T(6) * v + T(6) * v * v)};
+  }
+}
+
+template <int64_t Code, typename T>
+JACEXT_HD ActDerivs3<T> activation_derivs3(T y, T p0, T p1) {
+  const ActDerivs<T> r = activation_derivs<Code, T>(y, p0, p1);
+  if constexpr (Code == kTanh || Code == kSigmoid) {
+    return derivs3_from_value<Code, T>(r.value);
+  } else if constexpr (Code == kSoftplus) {  // beta^2 s' (1 - 2 s) at s = sigmoid(beta y); 0 where linear
+    if (p0 * y > p1) return {r.value, r.d1, r.d2, T(0)};
+    return {r.value, r.d1, r.d2, p0 * r.d2 * (T(1) - T(2) * r.d1)};
+  } else if constexpr (Code == kELU) {  // alpha e^y for y <= 0, like d1 and d2
+    return {r.value, r.d1, r.d2, r.d2};
+  } else if constexpr (Code == kGELU) {  // phi(y) (y^3 - 4 y)
+    const T inv_sqrt_2pi = T(0.39894228040143267794);
+    return {r.value, r.d1, r.d2, inv_sqrt_2pi * std::exp(T(-0.5) * y * y) * y * (y * y - T(4))};
+  } else if constexpr (Code == kGELUTanh) {
+    // f = y (1 + t(u)) / 2: f''' = 3/2 t'' + y/2 t''' with t'' = s (u'' - 2 t u'^2) and
+    // t''' = s (u''' - 6 t u' u'' + (6 t^2 - 2) u'^3), s = 1 - t^2.
+    const T k = T(0.79788456080286535588), c = T(0.044715);
+    T u = k * (y + c * y * y * y), du = k * (T(1) + T(3) * c * y * y), ddu = k * T(6) * c * y, dddu = k * T(6) * c;
+    T t = std::tanh(u), s = T(1) - t * t;
+    T t2 = s * (ddu - T(2) * t * du * du);
+    T t3 = s * (dddu - T(6) * t * du * ddu + (T(6) * t * t - T(2)) * du * du * du);
+    return {r.value, r.d1, r.d2, T(1.5) * t2 + T(0.5) * y * t3};
+  } else if constexpr (Code == kSiLU) {  // 3 s'' + y s''' with s = sigmoid(y)
+    T s = stable_sigmoid(y), ds = s * (T(1) - s);
+    return {r.value, r.d1, r.d2, ds * (T(3) * (T(1) - T(2) * s) + y * (T(1) - T(6) * s + T(6) * s * s))};
+  } else if constexpr (Code == kSmoothLeakyReLU) {  // (1 - alpha) s' (1 - 2 s)
+    T s = stable_sigmoid(y);
+    return {r.value, r.d1, r.d2, r.d2 * (T(1) - T(2) * s)};
+  } else {  // identity, relu, leaky_relu: piecewise linear
+    return {r.value, r.d1, r.d2, T(0)};
+  }
+}
+
 // Calls f(std::integral_constant<int64_t, Code>{}) for a runtime activation code (validated
 // before any kernel runs; an unknown code falls back to identity).
 template <typename F>

@@ -4,6 +4,7 @@ from . import flows, targetprop
 from .activations import SmoothLeakyReLU
 from .functional import (METHODS, Jacobian, JacobianFrobenius, JacobianGram, jacobian, jacobian_frobenius, jacobian_gram,
                          random_projections)
+from .laplacian import divergence, jacobian_diagonal, laplacian
 from .margin import LargeMarginLoss, large_margin_loss, margin_distances
 from .nn import MLP, parse_model
 from .planner import explain
@@ -15,4 +16,4 @@ __all__ = ["MLP", "SmoothLeakyReLU", "jacobian_frobenius", "JacobianFrobenius", 
            "JacobianGram", "ops",
            "parse_model", "random_projections", "explain", "METHODS", "margin_distances", "large_margin_loss",
            "LargeMarginLoss", "flows", "targetprop", "workspace_stats", "set_workspace_limit", "release_workspace",
-           "jacobian_spectral_norm"]
+           "jacobian_spectral_norm", "laplacian", "divergence", "jacobian_diagonal"]

@@ -238,7 +238,7 @@ def write_demo_json(rows, task, args, ratio):
     print(f"wrote {args.json}")
 
 
-BENCH_SCRIPTS = ("frobenius", "margin", "flows", "targetprop", "spectral")
+BENCH_SCRIPTS = ("frobenius", "margin", "flows", "targetprop", "spectral", "laplacian")
 
 
 def bench_folder():

@@ -326,6 +326,16 @@ def _stacked(outputs):
     return torch.stack(outputs)
 
 
+def _on_meta(value, batch=None):
+    """An argument on the meta device (shapes only); `batch` replaces a tensor's first size."""
+    if isinstance(value, (list, tuple)):
+        return [_on_meta(v) for v in value]
+    if not isinstance(value, torch.Tensor):
+        return value
+    shape = value.shape if batch is None else (batch, *value.shape[1:])
+    return torch.empty(shape, dtype=value.dtype, device="meta")
+
+
 def _zeros_like(structure):
     return [_zeros_like(s) for s in structure] if isinstance(structure, (list, tuple)) else 0
 
@@ -352,20 +362,24 @@ def _register_vmap(name, sample_inputs):
             samples = value.shape[1]
             args[i] = value.reshape(size * samples, *value.shape[2:])
         outputs = op(*args, **kwargs)
+        # which outputs are per sample: those whose first size follows the batch's, by the fake
+        # kernel on meta tensors one sample larger (a Gram of the weights may be as long as the batch)
+        probe = [_on_meta(a, size * samples + 1 if i in sample_inputs else None) for i, a in enumerate(args)]
+        pattern = op(*probe, **kwargs)
 
-        def unfold(t):
-            if t.dim() > 0 and t.shape[0] == size * samples:  # per sample: (size, samples, ...)
-                return t.reshape(size, samples, *t.shape[1:]), 0
-            return t, None  # shared by the batch (the Grams of strategy 3, an absent d, log|det W|)
+        def unfold(t, shape_of_probe):
+            if shape_of_probe.dim() > 0 and shape_of_probe.shape[0] == size * samples + 1:
+                return t.reshape(size, samples, *t.shape[1:]), 0  # per sample: (size, samples, ...)
+            return t, None  # shared by the batch (strategy 3's Grams, an absent d, log|det W|)
 
         results, dims = [], []
-        for out in outputs:
+        for out, shapes in zip(outputs, pattern):
             if isinstance(out, (list, tuple)):
-                pairs = [unfold(t) for t in out]
+                pairs = [unfold(t, p) for t, p in zip(out, shapes)]
                 results.append([t for t, _ in pairs])
                 dims.append([d for _, d in pairs])
             else:
-                t, d = unfold(out)
+                t, d = unfold(out, shapes)
                 results.append(t)
                 dims.append(d)
         return tuple(results), tuple(dims)
@@ -565,3 +579,10 @@ def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
                 jac = carries[depth - 1 - l]
                 grams.append(jac @ jac.transpose(1, 2))
     return y, grams
+
+
+# The forward-carry ops (Laplacian, Jacobian diagonal) live in _laplacian_ops; their op-level entry
+# points are reachable here too, beside the others.
+from ._laplacian_ops import mlp_jacobian_diagonal, mlp_laplacian  # noqa: E402
+
+__all__ += ["mlp_laplacian", "mlp_jacobian_diagonal"]

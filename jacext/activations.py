@@ -126,3 +126,36 @@ def activation_derivative(y: torch.Tensor, code: int, p0: float, p1: float) -> t
     if code == SMOOTH_LEAKY_RELU:
         return p0 + (1 - p0) * torch.sigmoid(y)
     raise ValueError(f"unknown activation code {code}")
+
+
+def activation_second_derivative(y: torch.Tensor, code: int, p0: float, p1: float) -> torch.Tensor:
+    """sigma''(y) in closed form (csrc/activations.h's d2), written with differentiable torch ops:
+    the Laplacian's reference and double backward differentiate it (autograd yields sigma''')."""
+    zero = torch.zeros_like(y)
+    if code in (IDENTITY, RELU, LEAKY_RELU):
+        return zero
+    if code == TANH:
+        t = torch.tanh(y)
+        return -2 * t * (1 - t * t)
+    if code == SIGMOID:
+        s = torch.sigmoid(y)
+        return s * (1 - s) * (1 - 2 * s)
+    if code == SOFTPLUS:
+        s = torch.sigmoid(p0 * y)
+        return torch.where(p0 * y > p1, zero, p0 * s * (1 - s))
+    if code == ELU:
+        return torch.where(y > 0, zero, p0 * torch.exp(torch.clamp(y, max=0)))
+    if code == GELU:
+        return torch.exp(-0.5 * y * y) / math.sqrt(2 * math.pi) * (2 - y * y)
+    if code == GELU_TANH:
+        k, c = math.sqrt(2 / math.pi), 0.044715
+        t = torch.tanh(k * (y + c * y ** 3))
+        du, ddu = k * (1 + 3 * c * y * y), 6 * k * c * y
+        return (1 - t * t) * (du + 0.5 * y * (ddu - 2 * t * du * du))
+    if code == SILU:
+        s = torch.sigmoid(y)
+        return s * (1 - s) * (2 + y * (1 - 2 * s))
+    if code == SMOOTH_LEAKY_RELU:
+        s = torch.sigmoid(y)
+        return (1 - p0) * s * (1 - s)
+    raise ValueError(f"unknown activation code {code}")

@@ -221,10 +221,15 @@ def _cached_tile(widths, batch: int, strategy: int, element_size: int, rows: Opt
     working_set = TILE_WORKING_COPIES * max(per_sample + [max(n)]) * element_size
     # rows per sample of the carries' GEMMs
     gemm_rows = 1 if strategy == GRAM1 else n[layer] if strategy in (FORWARD, FORWARD_GRAM) else (rows or n[-1])
+    return _balanced_tile(working_set, gemm_rows, batch, threads)
+
+
+def _balanced_tile(working_set: int, gemm_rows: int, batch: int, threads: int, min_rows: int = MIN_TILE_ROWS) -> int:
+    """tile_size's rule from one sample's working set (bytes) and GEMM rows."""
     share = -(-batch // max(threads, 1))
-    if working_set > L2_CACHE_BYTES or share * gemm_rows < MIN_TILE_ROWS:
+    if working_set > L2_CACHE_BYTES or share * gemm_rows < min_rows:
         return 0
-    tile = min(share, max(L2_CACHE_BYTES // working_set, -(-MIN_TILE_ROWS // gemm_rows)))
+    tile = min(share, max(L2_CACHE_BYTES // working_set, -(-min_rows // gemm_rows)))
     # as many tiles per thread: a thread with one tile more than the others would set the pace
     tiles = -(-batch // tile)
     tiles = -(-tiles // threads) * threads
@@ -386,22 +391,25 @@ class Plan:
         return "\n".join(lines)
 
 
-def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *, objective: str = "frobenius",
-            **options) -> Plan:
+def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *, quantity: str = "frobenius",
+            **options):
     """The plan for jacobian_frobenius(model, x, method, max_memory=max_memory) with every exact
-    candidate's cost: `print(jacext.explain(model, x))`. objective="spectral_norm": the plan of
-    jacobian_spectral_norm(model, x, method=method, **options) (layer, n_iter, tol) instead."""
-    if objective == "spectral_norm":
-        if max_memory is not None:
-            raise ValueError("explain: max_memory applies to objective='frobenius'")
-        from .spectral import spectral_plan
-        return spectral_plan(model, x, method, **options)
-    if objective != "frobenius":
-        raise ValueError(f"explain: objective must be 'frobenius' or 'spectral_norm', got {objective!r}")
-    if options:
-        raise TypeError(f"explain: {sorted(options)} apply to objective='spectral_norm' only")
+    candidate's cost: `print(jacext.explain(model, x))`. quantity "spectral_norm": the plan of
+    jacobian_spectral_norm(model, x, method=method, **options) (layer, n_iter, tol); "laplacian",
+    "divergence" or "jacobian_diagonal": the plan of that function (explain_carry; options
+    return_gradient, n_proj)."""
     from .activations import IDENTITY
     from .nn import parse_model
+
+    if quantity != "frobenius" and max_memory is not None:
+        raise ValueError("explain: max_memory applies to the Frobenius norm's plan only")
+    if quantity == "spectral_norm":
+        from .spectral import spectral_plan
+        return spectral_plan(model, x, method, **options)
+    if quantity != "frobenius":
+        return explain_carry(model, x, quantity, method, **options)
+    if options:
+        raise TypeError(f"explain: {sorted(options)} do not apply to quantity='frobenius'")
 
     spec = parse_model(model)
     widths, batch = spec.widths, x.shape[0]
@@ -417,3 +425,220 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     chunk = batch_chunk(widths, batch, choice, op_element_size(x), max_memory)
     tile = 0 if isinstance(choice, Split) else tile_size(widths, chunk, choice, op_element_size(x), device=x.device)
     return Plan(widths, batch, method, candidates, choice, chunk, max_memory, tile)
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward-carry ops (csrc/mlp_laplacian.h): the Laplacian, the Jacobian diagonal and the
+# divergence. A plan carries `rows` rows per sample, [h; c tangent rows; Delta], through the first
+# `carried` layers; above them the op's epilogue maps what it needs.
+
+CARRY_FORWARD, DIAGONAL_GRAM1, TRACE_GRAM2 = 0, 1, 2  # mlp_jacobian_diagonal's strategies
+DIAGONAL_STRATEGY_NAMES = {CARRY_FORWARD: "forward columns + diagonal epilogue",
+                           DIAGONAL_GRAM1: "one-hidden-layer closed form", TRACE_GRAM2: "two-hidden-layer trace"}
+
+
+@dataclass(frozen=True)
+class CarryLayout:
+    """What a forward-carry op carries: `columns` tangent rows, the Laplacian's Delta row or not,
+    through the first `carried` layers; `extra` is the width of the epilogue's saved tensor."""
+    columns: int
+    laplacian: bool
+    carried: int
+    extra: int = 0
+
+    @property
+    def rows(self) -> int:
+        return 1 + self.columns + int(self.laplacian)
+
+
+def laplacian_layout(widths: Sequence[int], activations: Sequence[int], gradient: bool) -> CarryLayout:
+    """The n_0 columns and Delta through every layer, or, with a linear output layer and no
+    gradient returned, through all but the last, which maps h and Delta alone."""
+    from .activations import IDENTITY
+    depth = len(widths) - 1
+    thin_top = not gradient and activations[-1] == IDENTITY
+    return CarryLayout(widths[0], True, depth - 1 if thin_top else depth)
+
+
+def diagonal_layout(widths: Sequence[int], strategy: int, projections: int = 0) -> CarryLayout:
+    """kForward: the n_0 columns up to the last layer and the row-dot epilogue (k projected columns
+    through every layer with projections); the closed forms carry h alone."""
+    depth = len(widths) - 1
+    if strategy == TRACE_GRAM2:
+        return CarryLayout(0, False, depth, widths[2])
+    if strategy == DIAGONAL_GRAM1:
+        return CarryLayout(0, False, depth, widths[0])
+    if projections:
+        return CarryLayout(projections, False, depth)
+    return CarryLayout(widths[0], False, depth - 1, widths[0])
+
+
+def carry_saved_shapes(widths: Sequence[int], batch, activations: Sequence[int], layout: CarryLayout):
+    """Shapes of a forward-carry op's `saved` outputs (layout documented in csrc/mlp_laplacian.h)."""
+    from .activations import IDENTITY, LEAKY_RELU, RELU
+
+    B, depth, rows = batch, len(widths) - 1, layout.rows
+    curved = [code not in (IDENTITY, RELU, LEAKY_RELU) for code in activations]
+    d1 = [(0,) if activations[i] == IDENTITY else (B, widths[i + 1]) for i in range(depth)]
+    d2 = [(B, widths[i + 1]) if curved[i] else (0,) for i in range(depth)]
+    d3 = [(B, widths[i + 1]) if curved[i] and layout.laplacian else (0,) for i in range(depth)]
+    hidden = [(B, rows, widths[i]) for i in range(1, depth)]
+    pre = [(B, rows, widths[i + 1]) if i < layout.carried and rows > 1 and curved[i] else (0,) for i in range(depth)]
+    return d1 + d2 + d3 + hidden + pre + [(B, layout.extra) if layout.extra else (0,)]
+
+
+def carry_macs(widths: Sequence[int], batch: int, layout: CarryLayout, strategy: int = CARRY_FORWARD) -> int:
+    """GEMM multiply-adds of one forward + backward of a forward-carry op (elementwise work not
+    counted): a carried layer's GEMM over `rows` rows runs three times (forward, the weight
+    gradient, the adjoint; the first layer's adjoint on the h row alone), the layers above once per
+    mapped row, and the epilogues' own products."""
+    n, depth, rows = list(widths), len(widths) - 1, layout.rows
+    macs = 0
+    for i in range(layout.carried):
+        macs += batch * n[i] * n[i + 1] * rows * 2 + batch * n[i] * n[i + 1] * (rows if i > 0 else 1)
+    if layout.carried < depth:  # the thin top: h and Delta (Laplacian) or h and the row-dots (diagonal)
+        macs += 3 * batch * n[-2] * n[-1] * (2 if layout.laplacian else 1)
+        if not layout.laplacian:
+            macs += 2 * batch * n[0] * n[-2]
+    if strategy == DIAGONAL_GRAM1:  # d_1 M, its adjoint and dM
+        macs += 3 * batch * n[1] * n[0]
+    elif strategy == TRACE_GRAM2:  # C = W_1 W_3 and its two gradient products once; d_1 M^T, adjoint, dM
+        macs += 3 * n[1] * n[0] * n[2] + 3 * batch * n[1] * n[2]
+    return macs
+
+
+def carry_cost(widths: Sequence[int], batch: int, activations: Sequence[int], layout: CarryLayout,
+               strategy: int = CARRY_FORWARD) -> int:
+    """What the planner minimizes, as predicted_cost: multiply-adds plus CARRY_ELEMENT_COST per
+    element of the saved carries."""
+    carried = sum(math.prod(shape) for shape in carry_saved_shapes(widths, batch, activations, layout)[3 * (len(widths) - 1):])
+    return carry_macs(widths, batch, layout, strategy) + CARRY_ELEMENT_COST * carried
+
+
+def diagonal_applicable(strategy: int, widths: Sequence[int], trace: bool, output_linear: bool,
+                        projections: int = 0) -> bool:
+    """Whether mlp_jacobian_diagonal can run `strategy` (the checks of csrc/mlp_laplacian.h)."""
+    depth = len(widths) - 1
+    if strategy == CARRY_FORWARD:
+        return True
+    if projections:
+        return False
+    if strategy == DIAGONAL_GRAM1:
+        return depth == 2
+    if strategy == TRACE_GRAM2:
+        return trace and depth == 3 and output_linear
+    raise ValueError(f"unknown strategy {strategy}")
+
+
+DIAGONAL_METHODS = ("auto", "forward", "gram", "hutchinson")
+
+
+def resolve_diagonal_strategy(method: str, widths: Sequence[int], activations: Sequence[int], trace: bool,
+                              batch: int = 64) -> int:
+    """The strategy for jacobian_diagonal (trace=False) or divergence (trace=True): "forward"
+    carries the input columns; "gram" takes the closed form with a sample-independent matrix
+    (one hidden layer; for the trace, two hidden layers and a linear output too); "hutchinson"
+    carries projected columns; "auto" the exact strategy of least carry_cost."""
+    from .activations import IDENTITY
+
+    if method not in DIAGONAL_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {DIAGONAL_METHODS}")
+    if not isinstance(batch, int):  # a symbolic size under torch.compile
+        batch = 64
+    output_linear = activations[-1] == IDENTITY
+    closed = [st for st in (DIAGONAL_GRAM1, TRACE_GRAM2) if diagonal_applicable(st, widths, trace, output_linear)]
+    if method in ("forward", "hutchinson"):
+        return CARRY_FORWARD
+    if method == "gram":
+        if not closed:
+            what = "a net with one hidden layer, or for the divergence two and a linear output layer"
+            raise ValueError(f"method='gram' needs {what}; got widths {list(widths)}")
+        return closed[0]
+    return _cheapest([CARRY_FORWARD] + closed,
+                     lambda st: carry_cost(widths, batch, activations, diagonal_layout(widths, st), st))
+
+
+# A carry tile's GEMMs have at least this many rows: below it they run slower and the ~20 ATen calls
+# per layer and tile cost more than the cache saves. Measured on one thread of a loaded 2-core EPYC
+# (so indicative): bench_laplacian's L1 at 208 samples per tile in 0.95x the median time of 52
+# (MIN_TILE_ROWS), L2 at 88 in 0.86x that of 22, examples/pinn_poisson.py's net at 256 in 0.8x the
+# best time of 128.
+CARRY_MIN_TILE_ROWS = 1024
+
+
+def carry_tile_size(widths: Sequence[int], batch, layout: CarryLayout, element_size: int = 4, device="cpu",
+                    threads: Optional[int] = None) -> int:
+    """tile_size's rule for a forward carry (samples per tile, 0 for the whole batch): one sample's
+    working set is TILE_WORKING_COPIES copies of its widest carry, its GEMMs have `rows` rows, and a
+    tile at least CARRY_MIN_TILE_ROWS."""
+    if (torch.device(device).type != "cpu" or not isinstance(batch, int) or batch == 0
+            or torch.compiler.is_compiling()):
+        return 0
+    threads = torch.get_num_threads() if threads is None else threads
+    working_set = TILE_WORKING_COPIES * layout.rows * max(widths) * element_size
+    return _balanced_tile(working_set, layout.rows, batch, threads, CARRY_MIN_TILE_ROWS)
+
+
+class CarryPlan:
+    """What jacext.laplacian / divergence / jacobian_diagonal will run, with each exact
+    candidate's cost."""
+
+    def __init__(self, quantity, widths, batch, method, candidates, choice, layout, tile):
+        self.quantity, self.widths, self.batch, self.method = quantity, widths, batch, method
+        self.candidates = candidates  # {name: (multiply-adds, predicted cost, saved bytes)}
+        self.choice, self.layout, self.tile = choice, layout, tile
+
+    def __repr__(self):
+        rows, layout = self.layout.rows, self.layout
+        what = (f"[h; {layout.columns} {'projected' if self.method == 'hutchinson' else 'input'} columns"
+                f"{'; Delta' if layout.laplacian else ''}]" if rows > 1 else "h alone")
+        lines = [f"{self.quantity} of MLP {self.widths}, batch {self.batch}, method={self.method!r}: runs {self.choice}",
+                 f"  carries {what} = {rows} row{'s' if rows > 1 else ''} per sample through "
+                 f"{layout.carried} of {len(self.widths) - 1} layers, one GEMM per layer over the batch",
+                 f"  {'strategy':38}{'GEMM multiply-adds':>20}{'predicted cost':>17}{'saved (est.)':>15}"]
+        for name, (macs, cost, saved) in self.candidates.items():
+            mark = "  <- chosen" if name == self.choice else ""
+            lines.append(f"  {name:38}{macs / 1e9:>17.4g} G{cost / 1e9:>14.4g} G{saved / 2**20:>12.1f} MB{mark}")
+        lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x saved elements)")
+        lines.append(f"  tiles of {self.tile} samples" if self.tile else "  no tiles: each step runs over the whole batch")
+        return "\n".join(lines)
+
+
+def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", return_gradient: bool = False,
+                  n_proj: int = 1) -> CarryPlan:
+    """The plan of jacext.laplacian (quantity "laplacian"), divergence or jacobian_diagonal."""
+    from .activations import IDENTITY
+    from .nn import parse_model
+
+    spec = parse_model(model)
+    widths, batch, codes = spec.widths, x.shape[0], spec.activations
+
+    def entry(layout, strategy=CARRY_FORWARD):
+        shapes = carry_saved_shapes(widths, batch, codes, layout)
+        return (carry_macs(widths, batch, layout, strategy), carry_cost(widths, batch, codes, layout, strategy),
+                op_element_size(x) * sum(math.prod(s) for s in shapes))
+
+    if quantity == "laplacian":
+        if method != "auto":
+            raise ValueError(f"the Laplacian has one method ('auto'), got {method!r}")
+        layout = laplacian_layout(widths, codes, return_gradient)
+        name = "forward Laplacian" + (" (thin last layer)" if layout.carried < len(widths) - 1 else "")
+        candidates, choice = {name: entry(layout)}, name
+    elif quantity in ("divergence", "jacobian_diagonal"):
+        trace = quantity == "divergence"
+        strategy = resolve_diagonal_strategy(method, widths, codes, trace, batch)
+        if method == "hutchinson":
+            layout = diagonal_layout(widths, strategy, n_proj)
+            choice = f"hutchinson, {n_proj} projection{'s' if n_proj > 1 else ''}"
+            candidates = {choice: entry(layout)}
+        else:
+            layout = diagonal_layout(widths, strategy)
+            able = [st for st in DIAGONAL_STRATEGY_NAMES
+                    if diagonal_applicable(st, widths, trace, codes[-1] == IDENTITY)]
+            candidates = {DIAGONAL_STRATEGY_NAMES[st]: entry(diagonal_layout(widths, st), st) for st in able}
+            choice = DIAGONAL_STRATEGY_NAMES[strategy]
+    else:
+        raise ValueError(f"unknown quantity {quantity!r}; expected 'frobenius', 'spectral_norm', 'laplacian', "
+                         "'divergence' or 'jacobian_diagonal'")
+    tile = carry_tile_size(widths, batch, layout, op_element_size(x), x.device)
+    return CarryPlan(quantity, widths, batch, method, candidates, choice, layout, tile)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
-from .activations import activation_derivative, activation_value
+from .activations import activation_derivative, activation_second_derivative, activation_value
 
 
 def per_sample_jacobian(model, x: torch.Tensor):
@@ -152,3 +152,85 @@ def spectral_norm_ref(model, x: torch.Tensor, layer: int = 0):
     h = nn.Sequential(*modules[:cut])(x)
     y, jac = per_sample_jacobian(nn.Sequential(*modules[cut:]), h)
     return y, torch.linalg.matrix_norm(jac, 2)
+
+
+# The forward-carry functionals (jacext.laplacian, divergence, jacobian_diagonal): torch.func
+# references, and the carry itself in differentiable torch ops (the double backward of their ops).
+
+def laplacian_ref(model, x: torch.Tensor):
+    """(y, grad, lap) by torch.func: grad[b] = dy_b/dx_b (vmap(jacrev)) and lap[b, i] the trace of
+    the Hessian of y_i at x_b (vmap(hessian)), for any module."""
+    from torch.func import hessian
+
+    def one(xi):
+        return model(xi.unsqueeze(0)).squeeze(0)
+
+    hess = vmap(hessian(one))(x)  # (B, m, n_0, n_0)
+    return model(x), vmap(jacrev(one))(x), hess.diagonal(dim1=2, dim2=3).sum(-1)
+
+
+def jacobian_diagonal_ref(model, x: torch.Tensor):
+    """(y, diag) with diag[b] = diag(dy_b/dx_b), by vmap(jacrev) (a square net)."""
+    y, jac = per_sample_jacobian(model, x)
+    return y, jac.diagonal(dim1=1, dim2=2)
+
+
+def forward_carry_composite(x, weights, biases, activations, act_params, tangents=None, laplacian=False):
+    """(y, T, delta): the MLP output, the tangent rows T[b, j] = (dy_b/dx_b) t_j (B, c, m) for the unit
+    vectors (tangents None) or the rows of tangents (B, c, n_0), and with laplacian the Laplacian
+    sum_j d^2 y / dx_j^2 (B, m), else None: the carry of csrc/mlp_laplacian.h in torch ops."""
+    h = x
+    t = tangents if tangents is not None else torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
+    delta = torch.zeros_like(x) if laplacian else None
+    for i, w in enumerate(weights):
+        z = h @ w.t()
+        if biases[i] is not None:
+            z = z + biases[i]
+        code, p0, p1 = activations[i], act_params[2 * i], act_params[2 * i + 1]
+        p = t @ w.t()
+        d1 = activation_derivative(z, code, p0, p1)
+        if laplacian:
+            d2 = activation_second_derivative(z, code, p0, p1)
+            delta = d1 * (delta @ w.t()) + d2 * p.pow(2).sum(1)
+        h, t = activation_value(z, code, p0, p1), d1.unsqueeze(1) * p
+    return h, t, delta
+
+
+def _vjp_of(outputs_fn, x, weights, biases, cotangents):
+    """The gradients of sum(cotangent * output) over outputs_fn(x, weights, full biases) w.r.t. x,
+    the weights and the biases that are not None, in differentiable torch ops."""
+    present = [i for i, b in enumerate(biases) if b is not None]
+
+    def outputs(x, weights, present_biases):
+        full = [None] * len(weights)
+        for i, b in zip(present, present_biases):
+            full[i] = b
+        return outputs_fn(x, weights, full)
+
+    values, vjp = torch.func.vjp(outputs, x, list(weights), [biases[i] for i in present])
+    return vjp(tuple(torch.zeros_like(v) if g is None else g for g, v in zip(cotangents, values)))
+
+
+def mlp_laplacian_backward_composite(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params):
+    """What the op mlp_laplacian_backward computes, in differentiable torch ops: the gradients of
+    sum(grad_y*y) + sum(grad_grad*grad) + sum(grad_lap*lap) w.r.t. x, the weights and the biases
+    that are not None."""
+    def outputs(x, weights, biases):
+        y, t, lap = forward_carry_composite(x, weights, biases, activations, act_params, laplacian=True)
+        return y, t.transpose(1, 2), lap
+
+    return _vjp_of(outputs, x, weights, biases, (grad_y, grad_grad, grad_lap))
+
+
+def mlp_jacobian_diagonal_backward_composite(grad_y, grad_out, x, weights, biases, activations, act_params,
+                                             trace=False, projections=None):
+    """What the op mlp_jacobian_diagonal_backward computes, in differentiable torch ops, for the
+    diagonal (B, n), its sum (trace), or with projections the terms v_j^T J v_j (B, k)."""
+    def outputs(x, weights, biases):
+        y, t, _ = forward_carry_composite(x, weights, biases, activations, act_params, projections)
+        if projections is not None:
+            return y, (t * projections).sum(2)
+        diag = t.diagonal(dim1=1, dim2=2)  # T[b, j] = J e_j: the diagonal is T[b, j, j]
+        return y, diag.sum(1) if trace else diag
+
+    return _vjp_of(outputs, x, weights, biases, (grad_y, grad_out))

@@ -132,7 +132,7 @@ def _check_options(spec, x, layer, method, n_iter, tol, init):
 def spectral_plan(model, x: torch.Tensor, method: str = "auto", layer: int = 0, n_iter: int = 100,
                   tol: float = 1e-3) -> SpectralPlan:
     """The plan of jacobian_spectral_norm(model, x, layer, method=method, n_iter=n_iter):
-    `print(jacext.explain(model, x, objective="spectral_norm", layer=1))`."""
+    `print(jacext.explain(model, x, quantity="spectral_norm", layer=1))`."""
     spec = parse_model(model)
     _check_input(spec, x)
     _check_options(spec, x, layer, method, n_iter, tol, None)
@@ -155,7 +155,7 @@ def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: st
     gradient: u the top left singular vector, then s = ||u^T J|| by the fused op with u held fixed,
     whose value is ||J||_2 and whose gradient is u^T dJ v, exact), "power" (power iteration, below)
     or "auto" (the one of lower predicted cost: exact for small m or n_layer;
-    `jacext.explain(model, x, objective="spectral_norm")`).
+    `jacext.explain(model, x, quantity="spectral_norm")`).
 
     second_order: the exact path's second derivative too: s = sqrt of the largest eigenvalue of
     the differentiable Gram, about twice the work (the Gram's backward; measured on

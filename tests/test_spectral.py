@@ -132,16 +132,16 @@ def test_repeated_top_singular_value(method):
 def test_auto_picks_by_predicted_cost_and_explain_says_so():
     x = torch.randn(32, 64)
     small_m = jacext.MLP([64, 128, 128, 10])
-    plan = jacext.explain(small_m, x, objective="spectral_norm")
+    plan = jacext.explain(small_m, x, quantity="spectral_norm")
     assert plan.choice == "exact" and "runs exact: eigenvalues of J J^T (10 x 10)" in repr(plan)
     assert plan.costs["exact"] < plan.costs["power"]
     large_m = jacext.MLP([64, 128, 128, 300])
-    plan = jacext.explain(large_m, x, objective="spectral_norm", n_iter=20)
+    plan = jacext.explain(large_m, x, quantity="spectral_norm", n_iter=20)
     assert plan.choice == "power" and "runs power iteration (<= 20 iterations" in repr(plan)
     narrow_layer = jacext.MLP([64, 8, 128, 300])  # J^T J is 8 x 8 at layer 1
-    plan = jacext.explain(narrow_layer, x, objective="spectral_norm", layer=1)
+    plan = jacext.explain(narrow_layer, x, quantity="spectral_norm", layer=1)
     assert plan.choice == "exact" and "J^T J (8 x 8)" in repr(plan)
-    forced = jacext.explain(small_m, x, method="power", objective="spectral_norm")
+    forced = jacext.explain(small_m, x, method="power", quantity="spectral_norm")
     assert forced.choice == "power"
 
 
@@ -189,9 +189,9 @@ def test_bad_input():
     for method in ("exact", "power"):
         with pytest.raises(RuntimeError, match="weight 0 has dtype"):
             jacext.jacobian_spectral_norm(model, x.float(), method=method)
-    with pytest.raises(ValueError, match="objective must be"):
-        jacext.explain(model, x, objective="nuclear")
-    with pytest.raises(TypeError, match=r"\['layer'\] apply to objective='spectral_norm' only"):
+    with pytest.raises(ValueError, match="unknown quantity 'nuclear'"):
+        jacext.explain(model, x, quantity="nuclear")
+    with pytest.raises(TypeError, match=r"\['layer'\] do not apply to quantity='frobenius'"):
         jacext.explain(model, x, layer=1)
 
 

@@ -1,0 +1,252 @@
+"""The forward-carry ops (csrc/mlp_laplacian.h): fake kernels, autograd formulas and the op-level
+entry points of the Laplacian and the Jacobian diagonal / divergence.
+
+Autograd as in _ops: each forward op differentiates through its backward op (compiled kernels),
+and each backward op through a composite of differentiable torch ops (reference.py), which gives
+the double backward and every higher order for every activation (piecewise-linear ones have a
+zero second derivative almost everywhere, so their Laplacian is zero there)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
+from ._ops import (ActivationSpec, _normalize_activations, _register_float32_autocast, _register_vmap, bias_tensors,
+                   explained_functorch_errors)
+from .planner import (TRACE_GRAM2, carry_saved_shapes, carry_tile_size, diagonal_layout, op_element_size,
+                      laplacian_layout, resolve_diagonal_strategy)
+from .reference import mlp_jacobian_diagonal_backward_composite, mlp_laplacian_backward_composite
+
+__all__ = ["mlp_laplacian", "mlp_jacobian_diagonal"]
+
+_ops = torch.ops.jacext
+
+
+def _widths(x, weights):
+    return [x.shape[1]] + [w.shape[0] for w in weights]
+
+
+@torch.library.register_fake("jacext::mlp_laplacian")
+def _laplacian_fake(x, weights, biases, activations, act_params, gradient, *, tile=0):
+    widths, B = _widths(x, weights), x.shape[0]
+    layout = laplacian_layout(widths, activations, gradient)
+    saved = [x.new_empty(s) for s in carry_saved_shapes(widths, B, activations, layout)]
+    m = widths[-1]
+    return x.new_empty(B, m), x.new_empty(B, m, widths[0]) if gradient else x.new_empty(0), x.new_empty(B, m), saved
+
+
+@torch.library.register_fake("jacext::mlp_jacobian_diagonal")
+def _diagonal_fake(x, weights, biases, activations, act_params, strategy, projections=None, *, tile=0):
+    B, n = x.shape
+    layout = diagonal_layout(_widths(x, weights), strategy, 0 if projections is None else projections.shape[1])
+    saved = [x.new_empty(s) for s in carry_saved_shapes(_widths(x, weights), B, activations, layout)]
+    out = x.new_empty(B) if strategy == TRACE_GRAM2 else x.new_empty(B, n if projections is None else projections.shape[1])
+    return x.new_empty(B, n), out, saved
+
+
+def _grads_fake(x, weights, biases, input_grad):
+    return (x.new_empty(x.shape) if input_grad else None, [w.new_empty(w.shape) for w in weights],
+            [w.new_empty(w.shape[0] if b.numel() else 0) for w, b in zip(weights, biases)])
+
+
+@torch.library.register_fake("jacext::mlp_laplacian_backward")
+def _laplacian_backward_fake(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params, gradient,
+                             saved, *, tile=0, input_grad=True):
+    return _grads_fake(x, weights, biases, input_grad)
+
+
+@torch.library.register_fake("jacext::mlp_jacobian_diagonal_backward")
+def _diagonal_backward_fake(grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved,
+                            projections=None, *, tile=0, input_grad=True):
+    return _grads_fake(x, weights, biases, input_grad)
+
+
+@torch.library.register_fake("jacext::activation_derivatives")
+def _activation_derivatives_fake(y, activation, p0, p1):
+    return y.new_empty(4, *y.shape)
+
+
+def _save_forward(ctx, inputs, keyword_only_inputs, saved, config, projections=None):
+    x, weights, biases = inputs[:3]
+    # An unused output's gradient stays None (the backward op takes None for it).
+    ctx.set_materialize_grads(False)
+    ctx.config = config
+    ctx.tile = keyword_only_inputs.get("tile", 0)  # the backward runs the same tiles
+    ctx.n_layers = len(weights)
+    ctx.bias_present = [b.numel() > 0 for b in biases]
+    ctx.has_projections = projections is not None
+    ctx.save_for_backward(x, *weights, *biases, *([projections] if ctx.has_projections else []), *saved)
+    ctx.mark_non_differentiable(*saved)
+
+
+def _load_forward(ctx):
+    tensors, L = list(ctx.saved_tensors), ctx.n_layers
+    x, weights, biases, rest = tensors[0], tensors[1:1 + L], tensors[1 + L:1 + 2 * L], tensors[1 + 2 * L:]
+    projections = rest.pop(0) if ctx.has_projections else None
+    return x, weights, biases, rest, projections
+
+
+def _present(grad_b, bias_present):
+    return [g if present else None for g, present in zip(grad_b, bias_present)]
+
+
+def _laplacian_setup(ctx, inputs, keyword_only_inputs, output):
+    _, _, _, activations, act_params, gradient = inputs
+    _save_forward(ctx, inputs, keyword_only_inputs, output[3], (list(activations), list(act_params), gradient))
+
+
+def _laplacian_backward(ctx, grad_y, grad_grad, grad_lap, grad_saved):
+    x, weights, biases, saved, _ = _load_forward(ctx)
+    activations, act_params, gradient = ctx.config
+    grad_x, grad_w, grad_b = _ops.mlp_laplacian_backward(
+        grad_y, grad_grad if gradient else None, grad_lap, x, weights, biases, activations, act_params, gradient,
+        saved, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
+    return grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None
+
+
+def _diagonal_setup(ctx, inputs, keyword_only_inputs, output):
+    _, _, _, activations, act_params, strategy, projections = inputs
+    # the dispatcher drops a trailing argument left at its default (None): no gradient slot for it then
+    ctx.n_trailing = 0 if projections is None else 1
+    _save_forward(ctx, inputs, keyword_only_inputs, output[2], (list(activations), list(act_params), strategy),
+                  projections)
+
+
+def _diagonal_backward(ctx, grad_y, grad_out, grad_saved):
+    x, weights, biases, saved, projections = _load_forward(ctx)
+    activations, act_params, strategy = ctx.config
+    grad_x, grad_w, grad_b = _ops.mlp_jacobian_diagonal_backward(
+        grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved, projections,
+        tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
+    # the projections are random draws, held constant: no gradient
+    return (grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None, *[None] * ctx.n_trailing)
+
+
+def _backward_setup(ctx, grads, x, weights, biases, saved, config, projections=None):
+    """What the double backward needs: the backward op's incoming gradients, x, the weights and the
+    biases that are present."""
+    ctx.config = config
+    ctx.projections = projections  # held constant
+    ctx.n_saved = len(saved)
+    ctx.n_layers = len(weights)
+    ctx.bias_present = [b.numel() > 0 for b in biases]
+    ctx.grad_present = [g is not None for g in grads]
+    ctx.save_for_backward(*[g for g in grads if g is not None], x, *weights,
+                          *[b for b, present in zip(biases, ctx.bias_present) if present])
+
+
+def _double_backward(ctx, composite, gg_x, gg_w, gg_b):
+    """(gradients of the incoming gradients, of x, the weights, the biases) of the backward op's
+    outputs, through composite(grads, x, weights, full biases) (reference.py)."""
+    tensors = iter(ctx.saved_tensors)
+    present_grads = [next(tensors) for present in ctx.grad_present if present]
+    x = next(tensors)
+    weights = [next(tensors) for _ in range(ctx.n_layers)]
+    present_biases = list(tensors)
+
+    def outputs(present_grads, x, weights, present_biases):
+        grads, biases = iter(present_grads), iter(present_biases)
+        full_grads = [next(grads) if p else None for p in ctx.grad_present]
+        full_biases = [next(biases) if p else None for p in ctx.bias_present]
+        return composite(full_grads, x, weights, full_biases)
+
+    values, vjp = torch.func.vjp(outputs, present_grads, x, weights, present_biases)
+    gg_b_present = [g for g, present in zip(gg_b, ctx.bias_present) if present]
+    cotangents = (torch.zeros_like(values[0]) if gg_x is None else gg_x,
+                  [torch.zeros_like(v) if g is None else g for g, v in zip(gg_w, values[1])],
+                  [torch.zeros_like(v) if g is None else g for g, v in zip(gg_b_present, values[2])])
+    g_grads, g_x, g_w, g_b = vjp(cotangents)
+    g_grads, g_b = iter(g_grads), iter(g_b)
+    return ([next(g_grads) if present else None for present in ctx.grad_present], g_x, list(g_w),
+            [next(g_b) if present else None for present in ctx.bias_present])
+
+
+def _laplacian_backward_setup(ctx, inputs, keyword_only_inputs, output):
+    grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params, gradient, saved = inputs
+    _backward_setup(ctx, (grad_y, grad_grad, grad_lap), x, weights, biases, saved,
+                    (list(activations), list(act_params)))
+
+
+def _laplacian_backward_backward(ctx, gg_x, gg_w, gg_b):
+    activations, act_params = ctx.config
+
+    def composite(grads, x, weights, biases):
+        return mlp_laplacian_backward_composite(*grads, x, weights, biases, activations, act_params)
+
+    g_grads, g_x, g_w, g_b = _double_backward(ctx, composite, gg_x, gg_w, gg_b)
+    # no gradient flows into `saved`: the composite differentiates through x, weights and biases
+    return (*g_grads, g_x, g_w, g_b, None, None, None, [None] * ctx.n_saved)
+
+
+def _diagonal_backward_setup(ctx, inputs, keyword_only_inputs, output):
+    grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved, projections = inputs
+    ctx.n_trailing = 0 if projections is None else 1
+    _backward_setup(ctx, (grad_y, grad_out), x, weights, biases, saved,
+                    (list(activations), list(act_params), strategy), projections)
+
+
+def _diagonal_backward_backward(ctx, gg_x, gg_w, gg_b):
+    activations, act_params, strategy = ctx.config
+
+    def composite(grads, x, weights, biases):
+        return mlp_jacobian_diagonal_backward_composite(*grads, x, weights, biases, activations, act_params,
+                                                        trace=strategy == TRACE_GRAM2, projections=ctx.projections)
+
+    g_grads, g_x, g_w, g_b = _double_backward(ctx, composite, gg_x, gg_w, gg_b)
+    return (*g_grads, g_x, g_w, g_b, None, None, None, [None] * ctx.n_saved, *[None] * ctx.n_trailing)
+
+
+torch.library.register_autograd("jacext::mlp_laplacian", _laplacian_backward, setup_context=_laplacian_setup)
+torch.library.register_autograd("jacext::mlp_jacobian_diagonal", _diagonal_backward, setup_context=_diagonal_setup)
+torch.library.register_autograd("jacext::mlp_laplacian_backward", _laplacian_backward_backward,
+                                setup_context=_laplacian_backward_setup)
+torch.library.register_autograd("jacext::mlp_jacobian_diagonal_backward", _diagonal_backward_backward,
+                                setup_context=_diagonal_backward_setup)
+
+# Under torch.autocast the ops run in float32, as the Frobenius ops (_ops.py): a second derivative
+# carried through several layers loses too much in half precision. torch.func.vmap over the samples
+# folds into the op's batch, over anything else loops (_ops._register_vmap).
+for _op in ("mlp_laplacian", "mlp_jacobian_diagonal"):
+    _register_float32_autocast(_op)
+_register_vmap("mlp_laplacian", sample_inputs=(0,))
+_register_vmap("mlp_jacobian_diagonal", sample_inputs=(0, 6))  # x, projections
+
+
+@explained_functorch_errors
+def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                  activations: Sequence[ActivationSpec], act_params=None, return_gradient: bool = False):
+    """(y, lap), or (y, grad, lap) with return_gradient: lap[b, i] = sum_j d^2 y_i / dx_j^2 (B, m)
+    and grad = dy/dx (B, m, n_0), from one fused forward-Laplacian op (csrc/mlp_laplacian.h)."""
+    codes, params = _normalize_activations(activations, act_params, len(weights))
+    widths = _widths(x, weights)
+    tile = carry_tile_size(widths, x.shape[0], laplacian_layout(widths, codes, return_gradient), op_element_size(x),
+                           x.device)
+    y, grad, lap, _ = _ops.mlp_laplacian(x, list(weights), bias_tensors(biases, weights), codes, params,
+                                         bool(return_gradient), tile=tile)
+    return (y, grad, lap) if return_gradient else (y, lap)
+
+
+@explained_functorch_errors
+def mlp_jacobian_diagonal(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                          activations: Sequence[ActivationSpec], act_params=None, method: str = "auto",
+                          trace: bool = False, projections: Optional[torch.Tensor] = None):
+    """(y, out) for a square MLP: out = diag(dy/dx) (B, n), or with trace its sum, the divergence
+    (B,); method "auto", "forward" or "gram" (planner.resolve_diagonal_strategy). With
+    method="hutchinson", projections V (B, k, n) and out[b, j] = v_bj^T (dy_b/dx_b) v_bj (B, k)."""
+    if (method == "hutchinson") != (projections is not None):
+        raise ValueError("projections go with method='hutchinson', and only with it")
+    codes, params = _normalize_activations(activations, act_params, len(weights))
+    widths = _widths(x, weights)
+    if widths[-1] != widths[0]:
+        raise ValueError(f"the Jacobian diagonal and the divergence need a square net (as many outputs as inputs); "
+                         f"got {widths[0]} inputs and {widths[-1]} outputs")
+    strategy = resolve_diagonal_strategy(method, widths, codes, trace, x.shape[0])
+    rows = 0 if projections is None else projections.shape[1]
+    tile = carry_tile_size(widths, x.shape[0], diagonal_layout(widths, strategy, rows), op_element_size(x), x.device)
+    y, out, _ = _ops.mlp_jacobian_diagonal(x, list(weights), bias_tensors(biases, weights), codes, params, strategy,
+                                           projections, tile=tile)
+    if trace and projections is None and strategy != TRACE_GRAM2:
+        with torch.autocast(x.device.type, enabled=False):  # the op's float32 result stays float32
+            out = out.sum(1)
+    return y, out
