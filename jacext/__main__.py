@@ -239,6 +239,7 @@ def write_demo_json(rows, task, args, ratio):
 
 
 BENCH_SCRIPTS = ("frobenius", "margin", "flows", "targetprop", "spectral", "laplacian")
+EXPLAIN_QUANTITIES = ("frobenius", "spectral_norm", "laplacian", "divergence", "jacobian_diagonal")
 
 
 def bench_folder():
@@ -332,7 +333,11 @@ def main(argv=None):
     e.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], required=True,
                    help="layer widths, comma-separated, e.g. 784,1024,1000")
     e.add_argument("--batch", type=int, default=64)
-    e.add_argument("--method", default="auto", choices=["auto", "reverse", "forward", "gram"])
+    e.add_argument("--quantity", default="frobenius", choices=list(EXPLAIN_QUANTITIES),
+                   help="whose plan: jacobian_frobenius (default), jacobian_spectral_norm, laplacian, "
+                        "divergence or jacobian_diagonal")
+    e.add_argument("--method", default="auto",
+                   help="the method to explain (default auto; the choices depend on --quantity)")
     e.add_argument("--max-memory-mb", type=float, default=None,
                    help="memory budget of the op in MiB (default: a quarter of the device's memory)")
     args = parser.parse_args(argv)
@@ -348,7 +353,11 @@ def main(argv=None):
             parser.error("--sizes needs at least two positive widths and --batch a positive size")
         model = MLP(args.sizes)
         budget = None if args.max_memory_mb is None else int(args.max_memory_mb * 2**20)
-        print(explain(model, torch.empty(args.batch, args.sizes[0]), method=args.method, max_memory=budget))
+        try:
+            print(explain(model, torch.empty(args.batch, args.sizes[0]), method=args.method, max_memory=budget,
+                          quantity=args.quantity))
+        except (ValueError, TypeError) as error:
+            parser.error(str(error))
         return
     classifier = args.task == "classifier"
     args.lam = (0.01 if args.task != "contractive" else 0.05) if args.lam is None else args.lam

@@ -625,6 +625,8 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
         name = "forward Laplacian" + (" (thin last layer)" if layout.carried < len(widths) - 1 else "")
         candidates, choice = {name: entry(layout)}, name
     elif quantity in ("divergence", "jacobian_diagonal"):
+        from .laplacian import _check_square
+        _check_square(spec)
         trace = quantity == "divergence"
         strategy = resolve_diagonal_strategy(method, widths, codes, trace, batch)
         if method == "hutchinson":

@@ -35,3 +35,21 @@ def test_explain_prints_the_plan(capsys):
     main(["explain", "--sizes", "784,256,256,10", "--batch", "128"])
     out = capsys.readouterr().out
     assert "reverse + Gram epilogue" in out and "<- chosen" in out
+
+
+@pytest.mark.parametrize("quantity, expected", [("spectral_norm", "spectral norm"), ("laplacian", "forward Laplacian"),
+                                                ("divergence", "divergence of MLP"),
+                                                ("jacobian_diagonal", "jacobian_diagonal of MLP")])
+def test_explain_prints_the_plan_of_each_quantity(capsys, quantity, expected):
+    main(["explain", "--sizes", "16,64,64,16", "--batch", "32", "--quantity", quantity])
+    out = capsys.readouterr().out
+    assert expected in out and "<- chosen" in out
+
+
+def test_explain_refuses_what_the_function_refuses(capsys):
+    with pytest.raises(SystemExit):
+        main(["explain", "--sizes", "16,64,10", "--quantity", "divergence"])
+    assert "square net" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["explain", "--sizes", "16,64,10", "--method", "bogus"])
+    assert "unknown method" in capsys.readouterr().err
