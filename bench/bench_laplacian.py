@@ -31,6 +31,7 @@ Divergence case (a continuous normalizing flow's exact trace; loss = mean tr(dy/
     python bench/bench_laplacian.py --repeats 5   # ratios as the median of 5 runs
     python bench/bench_laplacian.py --threads 1   # every method on one thread
     python bench/bench_laplacian.py --smoke       # tiny sizes, seconds (CI)
+    python bench/bench_laplacian.py --device cuda # on a GPU (gemm-floor and folx are CPU rows: skipped)
 
 Each case and method runs in its own process; the table gives the median time per step and each
 method's time over jacext's (the median of the per-run ratios with --repeats).
@@ -80,7 +81,7 @@ def laplacian_autograd_loop(model, x):
 def laplacian_torch_carry(model, x):
     """The forward Laplacian in plain torch (tanh hidden layers, linear output)."""
     h, lap = x, torch.zeros_like(x)
-    jac = torch.eye(x.shape[1], dtype=x.dtype).expand(x.shape[0], -1, -1)  # (B, n_0, n): rows dh/dx_j
+    jac = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)  # (B, n_0, n): rows dh/dx_j
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
     for i, linear in enumerate(linears):
         z, p, q = linear(h), jac @ linear.weight.t(), lap @ linear.weight.t()
@@ -164,15 +165,16 @@ def divergence_loss(method, model, x):
     return lambda: vmap(transform(one_sample(model)))(x).diagonal(dim1=1, dim2=2).sum(1).mean()
 
 
-def make_case(case, seed=0):
+def make_case(case, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    model = jacext.MLP(case["widths"], activation="tanh")
-    x = torch.rand(case["batch"], case["widths"][0])
+    model = jacext.MLP(case["widths"], activation="tanh").to(device)
+    x = torch.rand(case["batch"], case["widths"][0]).to(device)
     return model, x
 
 
-def time_torch(case, method, min_run_time):
-    model, x = make_case(case)
+def time_torch(case, method, min_run_time, device="cpu"):
+    """The median step time (torch.utils.benchmark synchronizes CUDA around its timings)."""
+    model, x = make_case(case, device=device)
     loss = (laplacian_loss if case["kind"] == "laplacian" else divergence_loss)(method, model, x)
     params = list(model.parameters())
 
@@ -233,7 +235,7 @@ def time_folx(case, min_run_time):
 def in_subprocess(args, case, method):
     """Run this script with --worker CASE METHOD in its own process; its RESULT line as a dict."""
     command = [sys.executable, os.path.abspath(__file__), "--min-run-time", str(args.min_run_time),
-               "--worker", case, method] + (["--smoke"] if args.smoke else []) + (
+               "--device", args.device, "--worker", case, method] + (["--smoke"] if args.smoke else []) + (
                ["--threads", str(args.threads)] if args.threads else [])
     run = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
@@ -251,7 +253,8 @@ def main():
                         "gives the median time and the median of the per-run ratios")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every method (default: torch's); 1 also runs XLA on one thread")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/laplacian_cpu[_smoke].json)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/laplacian_<device>[_smoke].json)")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cases = SMOKE_CASES if args.smoke else CASES
@@ -263,12 +266,14 @@ def main():
             if args.threads == 1:  # read by XLA when jax starts
                 os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         case = next(c for c in cases if c["name"] == args.worker[0])
-        if args.worker[1] == "folx":
+        if args.worker[1] in ("folx", "gemm-floor") and args.device != "cpu":
+            median, note = None, f"a CPU row (the {args.worker[1]} timing runs on the CPU only)"
+        elif args.worker[1] == "folx":
             median, note = time_folx(case, args.min_run_time)
         elif args.worker[1] == "gemm-floor":
             median, note = time_gemm_floor(case, args.min_run_time), None
         else:
-            median, note = time_torch(case, args.worker[1], args.min_run_time), None
+            median, note = time_torch(case, args.worker[1], args.min_run_time, args.device), None
         print("RESULT " + json.dumps({"median_s": median, "note": note}))
         return
 
@@ -299,7 +304,7 @@ def main():
                             "run_medians_s": [r["median_s"] for r in own],
                             "time_vs_jacext": statistics.median(ratios), "time_vs_jacext_range": [min(ratios), max(ratios)]})
 
-    machine = machine_description() + (f"; {args.threads} thread(s) per method" if args.threads else "")
+    machine = machine_description(args.device) + (f"; {args.threads} thread(s) per method" if args.threads else "")
     print(f"\n{machine}; float32; one training step (forward + backward to every parameter), median"
           + (f" over {args.repeats} runs (ratio: the median of the per-run ratios)" if args.repeats > 1 else "")
           + "; each case and method in its own process\n")
@@ -323,7 +328,7 @@ def main():
               f"target {s['target']:g}x: {'met' if s['met'] else 'NOT met'}")
     for method, note in skipped.items():
         print(f"({method} skipped: {note})")
-    write_results(args.out, "laplacian", "cpu", args.smoke, {"machine": machine, "repeats": args.repeats,
+    write_results(args.out, "laplacian", args.device, args.smoke, {"machine": machine, "repeats": args.repeats,
                                                              "threads": args.threads or torch.get_num_threads(),
                                                              "results": results, "runs": runs, "summary": summary,
                                                              "skipped": skipped})
