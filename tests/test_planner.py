@@ -85,3 +85,18 @@ def test_explain_reports_every_candidate_and_the_choice():
     assert plan.candidates[FORWARD][2] > 128 * 784 * 256 * 4 > plan.candidates[REVERSE_GRAM][2]
     text = repr(plan)
     assert "reverse + Gram epilogue" in text and "<- chosen" in text
+
+
+def test_plans_are_cached_by_their_key():
+    """Planning costs a few hundred microseconds (more than a small GPU step): a repeated key is a
+    cache hit and gives the same plan; a different key is planned afresh."""
+    from jacext.planner import _cached_strategy
+    widths = [37, 53, 41, 7]  # a key no other test uses
+    before = _cached_strategy.cache_info()
+    first = resolve_strategy("auto", widths, batch=29)
+    again = resolve_strategy("auto", list(widths), batch=29)
+    after = _cached_strategy.cache_info()
+    assert first == again
+    assert after.misses == before.misses + 1 and after.hits == before.hits + 1
+    resolve_strategy("auto", widths, batch=30)
+    assert _cached_strategy.cache_info().misses == after.misses + 1

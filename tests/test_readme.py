@@ -1,0 +1,49 @@
+"""README.md: its headline table is the one bench/headline.py computes from the JSON files in
+bench/results/ (so every figure in it comes from a file a named command wrote), it stays short,
+and its API block runs as printed."""
+import os
+import re
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import headline  # noqa: E402  (bench/headline.py)
+
+
+def readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def test_the_headline_table_is_computed_from_the_bench_json():
+    rows = headline.headline_rows()
+    assert len(rows) >= 5, "the headline table needs its JSON files in bench/results/"
+    assert headline.readme_block(readme()) == headline.table()
+
+
+def test_the_headline_table_fails_when_a_figure_is_edited(tmp_path):
+    """The check above can fail: a README whose table differs by one figure does not match."""
+    table = headline.table()
+    first_figure = re.search(r"\d+\.\d+×", table).group(0)
+    edited = table.replace(first_figure, "9" + first_figure, 1)
+    text = f"x\n{headline.START}\n{edited}\n{headline.END}\ny"
+    assert headline.readme_block(text) != table
+
+
+def test_the_readme_is_short():
+    assert len(readme()) < 15_000
+
+
+def test_the_api_block_runs():
+    """The first python block under '## API', with the names it leaves to the reader defined."""
+    block = readme().split("## API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    import jacext
+    namespace = {"target": torch.randint(0, 10, (128,)), "g": torch.Generator().manual_seed(0),
+                 "output_target": torch.randn(128, 10)}
+    exec(compile(block, "README.md API block", "exec"), namespace)
+    assert namespace["lap"].shape == (128, 10) and namespace["s"].shape == (128,)
+    assert namespace["div"].shape == (128,) and namespace["diag"].shape == (128, 784)
+    assert len(namespace["targets"]) == 3
