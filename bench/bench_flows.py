@@ -25,12 +25,8 @@ Each case and method (and each epoch) runs in its own process.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -39,7 +35,7 @@ from torch.utils import benchmark
 from jacext.activations import SMOOTH_LEAKY_RELU, activation_derivative
 from jacext.flows import MLPFlow
 
-from common import machine_description, write_results  # bench/common.py
+from common import machine_description, report, run_worker, write_results  # bench/common.py
 
 CASES = [dict(name="D784-B10", dim=784, batch=10), dict(name="D784-B100", dim=784, batch=100),
          dict(name="D1568-B10", dim=1568, batch=10)]
@@ -104,14 +100,9 @@ def time_epoch(method, dim, batch, layers, samples, fraction, device):
 
 def in_subprocess(args, *worker_args):
     """Run this script with --worker ... in its own process; its RESULT line as a dict."""
-    command = [sys.executable, os.path.abspath(__file__), "--layers", str(args.layers), "--device", args.device,
-               "--min-run-time", str(args.min_run_time), "--epoch-samples", str(args.epoch_samples),
-               *worker_args] + (["--smoke"] if args.smoke else [])
-    run = subprocess.run(command, capture_output=True, text=True)
-    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
-    if run.returncode != 0 or not lines:
-        sys.exit(f"{' '.join(worker_args)} failed:\n{run.stdout}\n{run.stderr}")
-    return json.loads(lines[-1][len("RESULT "):])
+    command = ["--layers", args.layers, "--device", args.device, "--min-run-time", args.min_run_time,
+               "--epoch-samples", args.epoch_samples, *worker_args] + (["--smoke"] if args.smoke else [])
+    return run_worker(__file__, command, " ".join(worker_args))
 
 
 def main():
@@ -136,12 +127,12 @@ def main():
     if args.worker:
         case = next(c for c in cases if c["name"] == args.worker[0])
         median = time_step(args.worker[1], case["dim"], case["batch"], args.layers, args.min_run_time, args.device)
-        print("RESULT " + json.dumps({"median_s": median}))
+        report({"median_s": median})
         return
     if args.epoch_worker:
         seconds = time_epoch(args.epoch_worker[0], cases[0]["dim"], cases[0]["batch"], args.layers,
                              args.epoch_samples, float(args.epoch_worker[1]), args.device)
-        print("RESULT " + json.dumps({"epoch_s": seconds}))
+        report({"epoch_s": seconds})
         return
 
     runs = []

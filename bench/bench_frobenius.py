@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from common import machine_description, write_results  # bench/common.py
+from common import machine_description, report, run_worker, write_results  # bench/common.py
 
 # name: (widths, batch, output activation); tanh hidden layers
 CASES = {
@@ -240,7 +240,7 @@ def worker(case, widths, batch, output_activation, method, args):
         result["predicted_cost"] = predicted_cost(widths, batch, strategy, projections=projections)
         result["max_memory_mb"] = args.max_memory_mb
         result["gflops_per_s"] = 2 * macs / median / 1e9
-    print("RESULT " + json.dumps(result))
+    report(result)
 
 
 def print_table(machine, dtype, results):
@@ -357,20 +357,15 @@ def print_cost_model(model, fit=None):
               f"{fit['carry_element_cost']:.0f} multiply-adds (planner.CARRY_ELEMENT_COST)")
 
 
-def run_worker(args, name, method, repeat):
+def time_in_subprocess(args, name, method, repeat):
     """One (case, method) in its own process; its RESULT line as a dict."""
-    command = [sys.executable, os.path.abspath(__file__), "--worker", name, method,
-               "--device", args.device, "--dtype", args.dtype, "--repeat", str(repeat),
-               "--min-run-time", str(args.min_run_time), "--loop-outputs", str(args.loop_outputs)]
+    command = ["--worker", name, method, "--device", args.device, "--dtype", args.dtype, "--repeat", repeat,
+               "--min-run-time", args.min_run_time, "--loop-outputs", args.loop_outputs]
     if args.max_memory_mb is not None:
-        command += ["--max-memory-mb", str(args.max_memory_mb)]
+        command += ["--max-memory-mb", args.max_memory_mb]
     if args.smoke:
         command.append("--smoke")
-    run = subprocess.run(command, capture_output=True, text=True)
-    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
-    if run.returncode != 0 or not lines:
-        sys.exit(f"{name} {method} failed:\n{run.stdout}\n{run.stderr}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker(__file__, command, f"{name} {method}")
 
 
 def summarize(runs, cases):
@@ -446,7 +441,7 @@ def main():
         for name in cases:
             for method in methods:
                 started = time.time()
-                runs.append(run_worker(args, name, method, repeat))
+                runs.append(time_in_subprocess(args, name, method, repeat))
                 print(f"[{len(runs)}/{total}] {name} {method}: {runs[-1]['median_s'] * 1e3:.1f} ms "
                       f"({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
     results = summarize(runs, cases)

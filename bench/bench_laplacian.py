@@ -39,11 +39,8 @@ method's time over jacext's (the median of the per-run ratios with --repeats).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -52,7 +49,7 @@ from torch.utils import benchmark
 
 import jacext
 
-from common import machine_description, write_results  # bench/common.py
+from common import machine_description, report, run_worker, write_results  # bench/common.py
 
 CASES = [dict(name="L1", kind="laplacian", widths=[3] + [128] * 4 + [1], batch=4096),
          dict(name="L2", kind="laplacian", widths=[10] + [256] * 4 + [1], batch=1024),
@@ -234,14 +231,9 @@ def time_folx(case, min_run_time):
 
 def in_subprocess(args, case, method):
     """Run this script with --worker CASE METHOD in its own process; its RESULT line as a dict."""
-    command = [sys.executable, os.path.abspath(__file__), "--min-run-time", str(args.min_run_time),
-               "--device", args.device, "--worker", case, method] + (["--smoke"] if args.smoke else []) + (
-               ["--threads", str(args.threads)] if args.threads else [])
-    run = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    if run.returncode != 0 or not lines:
-        sys.exit(f"{case} {method} failed:\n{run.stdout}\n{run.stderr}")
-    return json.loads(lines[-1][len("RESULT "):])
+    command = ["--min-run-time", args.min_run_time, "--device", args.device, "--worker", case, method] + (
+               ["--smoke"] if args.smoke else []) + (["--threads", args.threads] if args.threads else [])
+    return run_worker(__file__, command, f"{case} {method}")
 
 
 def main():
@@ -274,7 +266,7 @@ def main():
             median, note = time_gemm_floor(case, args.min_run_time), None
         else:
             median, note = time_torch(case, args.worker[1], args.min_run_time, args.device), None
-        print("RESULT " + json.dumps({"median_s": median, "note": note}))
+        report({"median_s": median, "note": note})
         return
 
     runs, skipped = [], {}

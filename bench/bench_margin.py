@@ -19,11 +19,8 @@ Each (q, method) runs in its own process.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -32,7 +29,7 @@ from torch.utils import benchmark
 import jacext
 from jacext.reference import hidden_states, large_margin_loss_ref, margin_classes_ref
 
-from common import machine_description, write_results  # bench/common.py
+from common import machine_description, report, run_worker, write_results  # bench/common.py
 
 CASE = dict(widths=[784, 512, 512, 10], batch=128, layers=(0, 1, 2), top_k=9)
 SMOKE_CASE = dict(widths=[12, 9, 9, 5], batch=6, layers=(0, 1, 2), top_k=3)
@@ -101,10 +98,9 @@ def worker(args, case, dist_norm, method):
     value = step().detach().item()  # warm-up, and the value the methods must agree on
     timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=args.min_run_time)
-    print("RESULT " + json.dumps({"dist_norm": dist_norm, "q": str(DUAL[dist_norm]), "method": method,
-                                  "repeat": args.repeat, "median_s": m.median * scale, "runs": len(m.times),
-                                  "loss": value,
-                                  "scaled_from_samples": args.loop_samples if method == "seed-loop" else None}))
+    report({"dist_norm": dist_norm, "q": str(DUAL[dist_norm]), "method": method, "repeat": args.repeat,
+            "median_s": m.median * scale, "runs": len(m.times), "loss": value,
+            "scaled_from_samples": args.loop_samples if method == "seed-loop" else None})
 
 
 def main():
@@ -136,18 +132,13 @@ def main():
     for repeat in range(args.repeats):
         for dist_norm in (2, 1):  # q = 2 and q = inf
             for method in methods:
-                command = [sys.executable, os.path.abspath(__file__), "--worker", str(dist_norm), method,
-                           "--device", args.device, "--min-run-time", str(args.min_run_time),
-                           "--loop-samples", str(args.loop_samples), "--repeat", str(repeat)]
+                command = ["--worker", dist_norm, method, "--device", args.device, "--min-run-time",
+                           args.min_run_time, "--loop-samples", args.loop_samples, "--repeat", repeat]
                 if args.layers is not None:
                     command += ["--layers", args.layers]
                 if args.smoke:
                     command.append("--smoke")
-                run = subprocess.run(command, capture_output=True, text=True)
-                lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
-                if run.returncode != 0 or not lines:
-                    sys.exit(f"q={DUAL[dist_norm]} {method} failed:\n{run.stdout}\n{run.stderr}")
-                runs.append(json.loads(lines[-1][len("RESULT "):]))
+                runs.append(run_worker(__file__, command, f"q={DUAL[dist_norm]} {method}"))
                 print(f"[{len(runs)}/{2 * len(methods) * args.repeats}] q={DUAL[dist_norm]} {method}: "
                       f"{runs[-1]['median_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
 

@@ -23,10 +23,7 @@ decaying singular values (U diag(1/i) V^T, as trained nets tend to have) and an 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import warnings
 
@@ -36,7 +33,7 @@ from torch.utils import benchmark
 import jacext
 from jacext.reference import spectral_norm_ref
 
-from common import machine_description, write_results  # bench/common.py
+from common import machine_description, report, run_worker, write_results  # bench/common.py
 
 CASE = dict(widths=[784, 256, 256, 10], batch=128)
 SMOKE_CASE = dict(widths=[20, 16, 16, 5], batch=6)
@@ -118,7 +115,7 @@ def worker(args, case, method):
     if method.startswith("jacext-"):
         plan = jacext.explain(model, x, method="power" if "power" in method else "auto", quantity="spectral_norm")
         row["path"] = plan.path_name(plan.choice)
-    print("RESULT " + json.dumps(row))
+    report(row)
 
 
 def relative_errors(nets, ks, draws):
@@ -177,15 +174,9 @@ def main():
     runs = []
     for repeat in range(args.repeats):
         for method in methods:
-            command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--device", args.device,
-                       "--min-run-time", str(args.min_run_time), "--repeat", str(repeat)]
-            if args.smoke:
-                command.append("--smoke")
-            run = subprocess.run(command, capture_output=True, text=True)
-            lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
-            if run.returncode != 0 or not lines:
-                sys.exit(f"{method} failed:\n{run.stdout}\n{run.stderr}")
-            runs.append(json.loads(lines[-1][len("RESULT "):]))
+            command = ["--worker", method, "--device", args.device, "--min-run-time", args.min_run_time,
+                       "--repeat", repeat] + (["--smoke"] if args.smoke else [])
+            runs.append(run_worker(__file__, command, method))
             print(f"[{len(runs)}/{len(methods) * args.repeats}] {method}: {runs[-1]['median_s'] * 1e3:.1f} ms",
                   file=sys.stderr, flush=True)
 

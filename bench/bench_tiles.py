@@ -12,14 +12,11 @@ planner runs the whole batch (one GEMM row per sample).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 
 import torch
 
-from common import machine_description, write_results  # bench/common.py
+from common import machine_description, report, run_worker, write_results  # bench/common.py
 
 # name: (widths, batch, output activation, method); tanh hidden layers, as bench_frobenius
 CASES = {"P2": ([784, 256, 256, 10], 128, None, "auto"), "P5": ([64, 256, 256], 256, "tanh", "auto"),
@@ -51,8 +48,8 @@ def worker(case, tile, args):
     step()
     timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=args.min_run_time)
-    print("RESULT " + json.dumps({"tile": chosen if tile == "planner" else int(tile), "planner": tile == "planner",
-                                  "planner_tile": chosen, "median_s": m.median, "runs": len(m.times)}))
+    report({"tile": chosen if tile == "planner" else int(tile), "planner": tile == "planner",
+            "planner_tile": chosen, "median_s": m.median, "runs": len(m.times)})
 
 
 def main():
@@ -76,13 +73,9 @@ def main():
         for tile in args.tiles.split(","):
             if tile != "planner" and int(tile) >= batch:
                 continue
-            command = [sys.executable, os.path.abspath(__file__), "--worker", name, tile,
-                       "--min-run-time", str(args.min_run_time)] + (["--smoke"] if args.smoke else [])
-            run = subprocess.run(command, capture_output=True, text=True)
-            lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
-            if run.returncode != 0 or not lines:
-                sys.exit(f"{name} tile {tile} failed:\n{run.stdout}\n{run.stderr}")
-            results.append({"case": name, "widths": widths, "batch": batch, **json.loads(lines[-1][len("RESULT "):])})
+            command = ["--worker", name, tile, "--min-run-time", args.min_run_time] + (["--smoke"] if args.smoke else [])
+            results.append({"case": name, "widths": widths, "batch": batch,
+                            **run_worker(__file__, command, f"{name} tile {tile}")})
             print(f"{name} tile {tile}: {results[-1]['median_s'] * 1e3:.2f} ms", file=sys.stderr, flush=True)
 
     machine = machine_description()

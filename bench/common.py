@@ -1,9 +1,11 @@
-"""What every benchmark script reports the same way: the machine, and where its JSON goes."""
+"""What every benchmark script does the same way: the machine's description, each timing in its own
+process (a worker and its RESULT line), and where the JSON goes."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
 import sys
 
 import torch
@@ -23,6 +25,22 @@ def machine_description(device: str = "cpu") -> str:
     except OSError:
         pass
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def report(result: dict) -> None:
+    """A worker's answer to run_worker: one RESULT line on stdout."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_worker(script: str, worker_args: list, label: str) -> dict:
+    """Run `script` with `worker_args` in its own process (a large case's heap slows the next one in
+    the same process) and return what it reported; exit with its output when it fails."""
+    run = subprocess.run([sys.executable, os.path.abspath(script), *map(str, worker_args)],
+                         capture_output=True, text=True)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        sys.exit(f"{label} failed:\n{run.stdout}\n{run.stderr}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def write_results(out, name: str, device: str, smoke: bool, payload: dict) -> str:

@@ -61,8 +61,8 @@ using at::Tensor;
 enum Strategy : int64_t { kReverse = 0, kForward = 1, kReverseGram = 2, kGram1 = 3, kForwardGram = 4 };
 
 // act' is not identically 1 (identity layers have no d), act'' not identically 0.
-inline bool has_derivative(int64_t code) { return code != kIdentity; }
-inline bool has_curvature(int64_t code) { return code != kIdentity && code != kReLU && code != kLeakyReLU; }
+constexpr bool has_derivative(int64_t code) { return code != kIdentity; }
+constexpr bool has_curvature(int64_t code) { return code != kIdentity && code != kReLU && code != kLeakyReLU; }
 
 // A layer without bias passes an empty tensor: a list of optional tensors would stop autograd
 // from reaching the biases that are present.
@@ -181,6 +181,18 @@ inline Tensor absent_to_undefined(const Tensor& t) { return t.dim() == 1 ? Tenso
 inline Tensor undefined_to_absent(const Tensor& t, const at::TensorOptions& options) {
   return t.defined() ? t : at::empty({0}, options);
 }
+
+// An optional tensor's data (nullptr when undefined), for the device kernels; callers pass
+// contiguous tensors (optional_contiguous).
+template <typename T>
+const T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* mutable_or_null(const Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+inline Tensor optional_contiguous(const Tensor& t) { return t.defined() ? t.contiguous() : t; }
 
 // One worker's sums over its tiles (see the comment at the top): weight and bias gradients per
 // layer, forward mode's first-carry weight gradient in W^T's layout, and the Gram epilogues'

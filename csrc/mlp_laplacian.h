@@ -286,10 +286,13 @@ inline Tensor value_or_undefined(const std::optional<Tensor>& t) { return t.has_
 // ---------------------------------------------------------------------------------------------
 // The Laplacian: y, J (when `gradient`) and Delta y = sum_j d^2 y / dx_j^2, all (B, m, ...).
 
+// The plan of the Laplacian op and of its backward (both start here, after the input checks).
 template <class Kernels>
 ForwardCarry<Kernels> laplacian_carry(const Tensor& x, at::TensorList weights, at::TensorList biases,
                                       at::IntArrayRef activations, at::ArrayRef<double> act_params,
-                                      bool gradient) {
+                                      bool gradient, int64_t tile) {
+  check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
+  check_tile(tile);
   const int64_t L = static_cast<int64_t>(weights.size());
   // A linear output layer maps h and Delta alone when J is not returned.
   const bool thin_top = !gradient && activations[L - 1] == kIdentity;
@@ -300,10 +303,8 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_laplacian(
     const Tensor& x_in, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
     at::ArrayRef<double> act_params, bool gradient, int64_t tile) {
-  check_mlp(x_in, weights, biases, activations, act_params, 0, kReverse);
-  check_tile(tile);
   const Tensor x = x_in.contiguous();
-  const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient);
+  const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, tile);
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L), n0 = x.size(1);
   const auto options = x.options();
   Tensor y = net.empty({B, m}, options), lap = net.empty({B, m}, options);
@@ -340,10 +341,8 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     const std::optional<Tensor>& grad_lap_in, const Tensor& x_in, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, bool gradient, at::TensorList saved_list,
     int64_t tile, bool input_grad) {
-  check_mlp(x_in, weights, biases, activations, act_params, 0, kReverse);
-  check_tile(tile);
   const Tensor x = x_in.contiguous();
-  const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient);
+  const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, tile);
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L), n0 = x.size(1);
   const auto options = x.options();
   const CarrySaved saved = net.unpack_saved(saved_list);
@@ -421,10 +420,16 @@ inline Tensor checked_tangents(const std::optional<Tensor>& projections, const T
   return v.contiguous();
 }
 
+// The plan of a diagonal op and of its backward (both start here, after the input checks); the
+// checked projections are net.projections.
 template <class Kernels>
 ForwardCarry<Kernels> diagonal_carry(const Tensor& x, at::TensorList weights, at::TensorList biases,
                                      at::IntArrayRef activations, at::ArrayRef<double> act_params,
-                                     int64_t strategy, const Tensor& v) {
+                                     int64_t strategy, const std::optional<Tensor>& projections, int64_t tile) {
+  check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
+  check_tile(tile);
+  check_diagonal(x, weights, activations, strategy);
+  const Tensor v = checked_tangents(projections, x, strategy);
   const int64_t L = static_cast<int64_t>(weights.size());
   if (strategy != kForward) return {weights, biases, activations, act_params, 0, false, L, Tensor()};
   if (v.defined()) return {weights, biases, activations, act_params, v.size(1), false, L, v};
@@ -455,12 +460,9 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_diagonal(
     const Tensor& x_in, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
     at::ArrayRef<double> act_params, int64_t strategy, const std::optional<Tensor>& projections, int64_t tile) {
-  check_mlp(x_in, weights, biases, activations, act_params, 0, kReverse);
-  check_tile(tile);
-  check_diagonal(x_in, weights, activations, strategy);
   const Tensor x = x_in.contiguous();
-  const Tensor v = checked_tangents(projections, x, strategy);
-  const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, v);
+  const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, projections, tile);
+  const Tensor& v = net.projections;
   const int64_t B = x.size(0), L = net.depth(), n0 = x.size(1);
   const auto options = x.options();
   Tensor y = net.empty({B, n0}, options);
@@ -505,12 +507,9 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     at::TensorList weights, at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
     int64_t strategy, at::TensorList saved_list, const std::optional<Tensor>& projections, int64_t tile,
     bool input_grad) {
-  check_mlp(x_in, weights, biases, activations, act_params, 0, kReverse);
-  check_tile(tile);
-  check_diagonal(x_in, weights, activations, strategy);
   const Tensor x = x_in.contiguous();
-  const Tensor v = checked_tangents(projections, x, strategy);
-  const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, v);
+  const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, projections, tile);
+  const Tensor& v = net.projections;
   const int64_t B = x.size(0), L = net.depth(), n0 = x.size(1);
   const auto options = x.options();
   const CarrySaved saved = net.unpack_saved(saved_list);

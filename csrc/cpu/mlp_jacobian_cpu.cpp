@@ -22,33 +22,17 @@
 #include "../mlp_flow.h"
 #include "../mlp_jacobian.h"
 #include "../workspace.h"
+#include "common.h"
 
 namespace jacext {
 namespace {
 
-constexpr int64_t kGrain = 2048;  // elements per thread below which a pass runs on one thread
 constexpr int64_t kFewRows = 256, kSplitColumns = 512;  // CpuKernels::product
 // rank_update_rows up to this k; MKL beyond (measured, 784 x 784 output: faster to k = 20)
 constexpr int64_t kSmallRank = 16;
 // small_product_nt for at most kSmallRows rows and at least kSmallDepth columns (measured against
 // MKL, one thread: 10 x 784 x 784 in 0.8x, 22 x 784 x 256 in 0.9x, but 26 x 64 x 256 in 3.2x)
 constexpr int64_t kSmallRows = 24, kSmallDepth = 256;
-
-void check_cpu_dtype(const Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "jacext: CPU kernels support float32 and float64, got ", t.scalar_type());
-}
-
-// Samples per parallel chunk for a pass of `per_sample` elements per sample.
-int64_t sample_grain(int64_t per_sample) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(per_sample, 1)); }
-
-// An optional input's data (nullptr when undefined); callers pass contiguous tensors (contiguous()).
-template <typename T>
-const T* data_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-Tensor contiguous(const Tensor& t) { return t.defined() ? t.contiguous() : t; }
 
 // ---------------------------------------------------------------------------------------------
 // Inner loops. Each is a plain function over raw pointers and a range that at::parallel_for's
@@ -491,23 +475,9 @@ struct CpuKernels {
     });
   }
 
-  // f(worker, first sample, samples) for each tile of `tile` samples (0: one tile of B), the tiles
-  // spread over the threads; worker is the thread's index, for its own gradient sums.
   template <class F>
-  static void for_tiles(int64_t B, int64_t tile, F&& f) {
-    if (B == 0) return;
-    if (tile == 0 || tile >= B) {
-      f(0, 0, B);
-      return;
-    }
-    const int64_t n_tiles = (B + tile - 1) / tile;
-    // The op runs below autograd: its worker threads must too (dispatch keys, grad mode, ...).
-    const at::ThreadLocalState caller_state;
-    at::parallel_for(0, n_tiles, 1, [&](int64_t first, int64_t last) {
-      at::ThreadLocalStateGuard state_guard(caller_state);
-      const int64_t worker = at::get_thread_num();
-      for (int64_t t = first; t < last; ++t) f(worker, t * tile, std::min(tile, B - t * tile));
-    });
+  static void for_tiles(int64_t B, int64_t tile, F&& f) {  // common.h
+    jacext::for_tiles(B, tile, std::forward<F>(f));
   }
 
   // In place: h holds y on entry and act(y) on exit; d = act'(y) and d2 = act''(y) where defined.
@@ -585,7 +555,8 @@ struct CpuKernels {
   // is 1. The one scaling pass: D_k before a GEMM, the first carries, the loss's factor 2 g_b.
   static void scale(const Tensor& x_in, const Tensor& cols_in, const Tensor& rows_in,
                     const Tensor& sample_in, double c, const Tensor& out) {
-    const Tensor cols = contiguous(cols_in), rows = contiguous(rows_in), sample = contiguous(sample_in);
+    const Tensor cols = optional_contiguous(cols_in), rows = optional_contiguous(rows_in);
+    const Tensor sample = optional_contiguous(sample_in);
     RECORD_FUNCTION("jacext::scale_cpu", {});
     check_cpu_dtype(out);
     Tensor x = x_in.contiguous();
@@ -619,7 +590,7 @@ struct CpuKernels {
 
   // sum over j (and r for a 1-d out) of a * c * cols^2, in double.
   static void reduce_product(const Tensor& a_in, const Tensor& c_in, const Tensor& cols_in, const Tensor& out) {
-    const Tensor cols = contiguous(cols_in);
+    const Tensor cols = optional_contiguous(cols_in);
     check_cpu_dtype(out);
     Tensor a = a_in.contiguous(), c = c_in.contiguous();
     const int64_t n = out.size(0), R = a.size(1), N = a.size(2);
@@ -639,7 +610,7 @@ struct CpuKernels {
   // adj_d[b,j] = sum_r r[b',r,j] * adj[b,r,j] (where adj_d is defined; r may be broadcast), then
   // adj *= d (columns, where d is defined), in place: the backward's step through a diagonal.
   static void rowwise_dot_scale_(const Tensor& r_in, const Tensor& adj, const Tensor& d_in, const Tensor& adj_d) {
-    const Tensor d = contiguous(d_in);
+    const Tensor d = optional_contiguous(d_in);
     RECORD_FUNCTION("jacext::rowwise_dot_scale_cpu", {});
     check_cpu_dtype(adj);
     TORCH_INTERNAL_ASSERT(adj.is_contiguous());
@@ -663,7 +634,7 @@ struct CpuKernels {
   // acc[r,j] += sum_b x[b,r,j] * cols[b,j] * rows[b,r] (undefined factors are 1): a weight
   // gradient of a carry formed from a broadcast weight.
   static void batch_sum_(const Tensor& acc, const Tensor& x_in, const Tensor& cols_in, const Tensor& rows_in) {
-    const Tensor cols = contiguous(cols_in), rows = contiguous(rows_in);
+    const Tensor cols = optional_contiguous(cols_in), rows = optional_contiguous(rows_in);
     RECORD_FUNCTION("jacext::batch_sum_cpu", {});
     check_cpu_dtype(acc);
     Tensor x = x_in.contiguous();
@@ -697,7 +668,7 @@ struct CpuKernels {
       }
       return;
     }
-    Tensor a = a_in.contiguous(), y = y_in.contiguous(), w = contiguous(w_in);
+    Tensor a = a_in.contiguous(), y = y_in.contiguous(), w = optional_contiguous(w_in);
     TORCH_INTERNAL_ASSERT(out.is_contiguous());
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_rank_update_cpu", [&] {
       rank_rows(out, false, data_or_null<scalar_t>(w), w.defined() ? c.item<scalar_t>() : scalar_t(0),
@@ -709,10 +680,11 @@ struct CpuKernels {
   // the MLP backward's d/dy with its bias gradient.
   static void mlp_delta(const Tensor& grad_h_in, const Tensor& d_in, const Tensor& adj_d_in, const Tensor& d2_in,
                         const Tensor& g, const Tensor& grad_b) {
-    const Tensor d = contiguous(d_in), adj_d = contiguous(adj_d_in), d2 = contiguous(d2_in);
+    const Tensor d = optional_contiguous(d_in), adj_d = optional_contiguous(adj_d_in);
+    const Tensor d2 = optional_contiguous(d2_in);
     RECORD_FUNCTION("jacext::mlp_delta_cpu", {});
     check_cpu_dtype(g);
-    Tensor grad_h = contiguous(grad_h_in);
+    Tensor grad_h = optional_contiguous(grad_h_in);
     const int64_t n = g.size(0), N = g.size(1);
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "jacext_mlp_delta_cpu", [&] {
       const scalar_t* hp = data_or_null<scalar_t>(grad_h);

@@ -9,7 +9,6 @@
 // width (double accumulators would halve it for float32).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
@@ -18,29 +17,10 @@
 
 #include "../mlp_laplacian.h"
 #include "../workspace.h"
+#include "common.h"
 
 namespace jacext {
 namespace {
-
-constexpr int64_t kGrain = 2048;  // elements per thread below which a pass runs on one thread
-
-void check_cpu_dtype(const Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "jacext: CPU kernels support float32 and float64, got ", t.scalar_type());
-}
-
-int64_t sample_grain(int64_t per_sample) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(per_sample, 1)); }
-
-template <typename T>
-T* mutable_or_null(const Tensor& t) {
-  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
-}
-template <typename T>
-const T* data_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-constexpr bool is_curved(int64_t code) { return code != kIdentity && code != kReLU && code != kLeakyReLU; }
 
 struct CpuCarryKernels {
   static Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -54,22 +34,9 @@ struct CpuCarryKernels {
     at::addmm_out(out, bias, a, b);
   }
 
-  // f(worker, first sample, samples) for each tile (0: one tile of B), the tiles spread over the
-  // threads (as in mlp_jacobian_cpu.cpp).
   template <class F>
-  static void for_tiles(int64_t B, int64_t tile, F&& f) {
-    if (B == 0) return;
-    if (tile == 0 || tile >= B) {
-      f(0, 0, B);
-      return;
-    }
-    const int64_t n_tiles = (B + tile - 1) / tile;
-    const at::ThreadLocalState caller_state;  // the op runs below autograd: its workers must too
-    at::parallel_for(0, n_tiles, 1, [&](int64_t first, int64_t last) {
-      at::ThreadLocalStateGuard state_guard(caller_state);
-      const int64_t worker = at::get_thread_num();
-      for (int64_t t = first; t < last; ++t) f(worker, t * tile, std::min(tile, B - t * tile));
-    });
+  static void for_tiles(int64_t B, int64_t tile, F&& f) {  // common.h
+    jacext::for_tiles(B, tile, std::forward<F>(f));
   }
 
   // The fused forward pass of one layer (mlp_laplacian.h): pre = [z; P; q] (n, R, N), out =
@@ -103,7 +70,7 @@ struct CpuCarryKernels {
       const scalar_t a0 = static_cast<scalar_t>(p0), a1 = static_cast<scalar_t>(p1);
       dispatch_activation(code, [&](auto act) {
         constexpr int64_t Code = decltype(act)::value;
-        constexpr bool curved = is_curved(Code);
+        constexpr bool curved = has_curvature(Code);
         at::parallel_for(0, n, sample_grain(R * N), [&](int64_t begin, int64_t end) {
           std::vector<scalar_t> local(3 * N);  // one sample's derivatives where they are not saved
           std::vector<scalar_t> squares(laplacian && curved ? N : 0);

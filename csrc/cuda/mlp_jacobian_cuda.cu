@@ -12,32 +12,10 @@
 
 #include "../mlp_flow.h"
 #include "../mlp_jacobian.h"
+#include "common.cuh"
 
 namespace jacext {
 namespace {
-
-constexpr int kThreads = 256;
-
-int blocks_for(int64_t n) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)));
-}
-
-void check_cuda_dtype(const Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "jacext: CUDA kernels support float32 and float64, got ", t.scalar_type());
-}
-
-// An optional input's data (nullptr when undefined); callers pass contiguous tensors (contiguous()).
-template <typename T>
-const T* data_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-Tensor contiguous(const Tensor& t) { return t.defined() ? t.contiguous() : t; }
-
-#define JACEXT_GRID_STRIDE(i, n)                                                       \
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 template <int64_t Code, typename scalar_t>
 __global__ void activation_kernel(scalar_t* __restrict__ h, scalar_t* __restrict__ d,
@@ -199,7 +177,8 @@ struct CudaKernels {
 
   static void scale(const Tensor& x_in, const Tensor& cols_in, const Tensor& rows_in,
                     const Tensor& sample_in, double c, const Tensor& out) {
-    const Tensor cols = contiguous(cols_in), rows = contiguous(rows_in), sample = contiguous(sample_in);
+    const Tensor cols = optional_contiguous(cols_in), rows = optional_contiguous(rows_in);
+    const Tensor sample = optional_contiguous(sample_in);
     RECORD_FUNCTION("jacext::scale_cuda", {});
     check_cuda_dtype(out);
     const at::cuda::OptionalCUDAGuard device_guard(out.device());
@@ -226,7 +205,7 @@ struct CudaKernels {
   }
 
   static void reduce_product(const Tensor& a_in, const Tensor& c_in, const Tensor& cols_in, const Tensor& out) {
-    const Tensor cols = contiguous(cols_in);
+    const Tensor cols = optional_contiguous(cols_in);
     check_cuda_dtype(out);
     const at::cuda::OptionalCUDAGuard device_guard(out.device());
     Tensor a = a_in.contiguous(), c = c_in.contiguous();
@@ -242,7 +221,7 @@ struct CudaKernels {
   }
 
   static void rowwise_dot_scale_(const Tensor& r_in, const Tensor& adj, const Tensor& d_in, const Tensor& adj_d) {
-    const Tensor d = contiguous(d_in);
+    const Tensor d = optional_contiguous(d_in);
     RECORD_FUNCTION("jacext::rowwise_dot_scale_cuda", {});
     check_cuda_dtype(adj);
     if (!adj_d.defined() && !d.defined()) return;
@@ -259,7 +238,7 @@ struct CudaKernels {
   }
 
   static void batch_sum_(const Tensor& acc, const Tensor& x_in, const Tensor& cols_in, const Tensor& rows_in) {
-    const Tensor cols = contiguous(cols_in), rows = contiguous(rows_in);
+    const Tensor cols = optional_contiguous(cols_in), rows = optional_contiguous(rows_in);
     RECORD_FUNCTION("jacext::batch_sum_cuda", {});
     check_cuda_dtype(acc);
     const at::cuda::OptionalCUDAGuard device_guard(acc.device());
@@ -276,11 +255,12 @@ struct CudaKernels {
 
   static void mlp_delta(const Tensor& grad_h_in, const Tensor& d_in, const Tensor& adj_d_in, const Tensor& d2_in,
                         const Tensor& g, const Tensor& grad_b) {
-    const Tensor d = contiguous(d_in), adj_d = contiguous(adj_d_in), d2 = contiguous(d2_in);
+    const Tensor d = optional_contiguous(d_in), adj_d = optional_contiguous(adj_d_in);
+    const Tensor d2 = optional_contiguous(d2_in);
     RECORD_FUNCTION("jacext::mlp_delta_cuda", {});
     check_cuda_dtype(g);
     const at::cuda::OptionalCUDAGuard device_guard(g.device());
-    Tensor grad_h = contiguous(grad_h_in);
+    Tensor grad_h = optional_contiguous(grad_h_in);
     if (g.numel() == 0) return;
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "jacext_mlp_delta_cuda", [&] {
       mlp_delta_kernel<scalar_t><<<blocks_for(g.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(

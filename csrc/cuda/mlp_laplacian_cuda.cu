@@ -12,33 +12,10 @@
 #include <torch/library.h>
 
 #include "../mlp_laplacian.h"
+#include "common.cuh"
 
 namespace jacext {
 namespace {
-
-constexpr int kThreads = 256;
-
-int blocks_for(int64_t n) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)));
-}
-
-void check_cuda_dtype(const Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "jacext: CUDA kernels support float32 and float64, got ", t.scalar_type());
-}
-
-template <typename T>
-T* mutable_or_null(const Tensor& t) {
-  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
-}
-template <typename T>
-const T* data_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-#define JACEXT_GRID_STRIDE(i, n)                                                       \
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 // pre = [z; P; q] -> out = [act(z + b); act' P; act' q + act'' sum_j P_j^2] (out may be pre).
 template <int64_t Code, typename scalar_t>

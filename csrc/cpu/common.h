@@ -1,0 +1,43 @@
+// What the CPU kernel files share (mlp_jacobian_cpu.cpp, mlp_laplacian_cpu.cpp): the grain of
+// their parallel passes, the dtype check and the tile loop. Mirrored by ../cuda/common.cuh.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
+
+namespace jacext {
+constexpr int64_t kGrain = 2048;  // elements per thread below which a pass runs on one thread
+
+inline void check_cpu_dtype(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "jacext: CPU kernels support float32 and float64, got ", t.scalar_type());
+}
+
+// Samples per parallel chunk for a pass of `per_sample` elements per sample.
+inline int64_t sample_grain(int64_t per_sample) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(per_sample, 1));
+}
+
+// f(worker, first sample, samples) for each tile of `tile` samples (0: one tile of B), the tiles
+// spread over the threads; worker is the thread's index, for its own gradient sums.
+template <class F>
+void for_tiles(int64_t B, int64_t tile, F&& f) {
+  if (B == 0) return;
+  if (tile == 0 || tile >= B) {
+    f(0, 0, B);
+    return;
+  }
+  const int64_t n_tiles = (B + tile - 1) / tile;
+  // The op runs below autograd: its worker threads must too (dispatch keys, grad mode, ...).
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t first, int64_t last) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    const int64_t worker = at::get_thread_num();
+    for (int64_t t = first; t < last; ++t) f(worker, t * tile, std::min(tile, B - t * tile));
+  });
+}
+
+}  // namespace jacext
