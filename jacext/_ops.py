@@ -549,6 +549,27 @@ def mlp_jacobians(x: torch.Tensor, weights: Sequence[torch.Tensor],
     return y, [carries[depth - 1 - l] for l in layers]
 
 
+class _BatchedGram(torch.autograd.Function):
+    """J J^T per sample, (B, m, m) from (B, m, n). Its backward is one batched product (A + A^T) J;
+    autograd's for `jac @ jac.transpose(1, 2)` is two (one of them with a transposed operand) and
+    an add over (B, m, n): 2.5-3x the time at (128, 10, 512) on CPU. Written in torch ops, so it is
+    differentiable again and torch.func transforms it (generate_vmap_rule)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(jac):
+        return torch.bmm(jac, jac.transpose(1, 2))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (jac,) = ctx.saved_tensors
+        return torch.bmm(grad + grad.transpose(1, 2), jac)
+
+
 @explained_functorch_errors
 def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
                        biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
@@ -577,7 +598,7 @@ def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
                 grams.append(out)
             else:
                 jac = carries[depth - 1 - l]
-                grams.append(jac @ jac.transpose(1, 2))
+                grams.append(_BatchedGram.apply(jac))
     return y, grams
 
 

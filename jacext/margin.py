@@ -107,18 +107,24 @@ def _layer_factors(spec, x, layers):
 
 
 class _MaxAbsOfProduct(torch.autograd.Function):
-    """max_i |(a @ w)[..., i]| for a (B, k, n) and w (n, n_0). The max depends on one entry of each
-    row, so the backward gathers one column of w per row and scatters into one column of dw: O(B k n)
-    instead of the two (B k) x n x n_0 GEMMs autograd would run. Ties go to the first maximal entry
-    (torch.amax would split the gradient between them; they have probability zero). The backward is
-    made of differentiable torch ops, so this is differentiable twice (the max is piecewise linear)."""
+    """max_i |(a @ w)[..., i]| for a (B, k, n) and w (n, n_0), one matrix for every sample, or
+    w (B, n, n_0), one per sample. The max depends on one entry of each row, so the backward
+    gathers one column of w per row and scatters into one column of dw: O(B k n) instead of the
+    two batched products (and the passes over |a w| and its sign) autograd would run. The forward
+    takes the max and the min of a w, not |a w|: no (B, k, n_0) temporary. Ties (probability zero)
+    go to one of the maximal entries (torch.amax would split the gradient between them). The
+    backward is made of differentiable torch ops, so this is differentiable twice (the max is
+    piecewise linear)."""
 
     @staticmethod
     def forward(a, w):
         rows = a @ w
-        value, index = rows.abs().max(dim=-1)
-        sign = rows.gather(-1, index.unsqueeze(-1)).squeeze(-1).sign()
-        return value, index, sign
+        high, high_index = rows.max(dim=-1)
+        low, low_index = rows.min(dim=-1)
+        positive = high >= -low
+        value = torch.where(positive, high, -low)
+        index = torch.where(positive, high_index, low_index)
+        return value, index, torch.where(positive, high, low).sign()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -130,14 +136,21 @@ class _MaxAbsOfProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value, grad_index, grad_sign):
         a, w, index, sign = ctx.saved_tensors
-        g = grad_value * sign  # (B, k): d value = g . (da w + a dw) at the maximal column
-        columns = index.reshape(-1)
+        g = (grad_value * sign).unsqueeze(-1)  # (B, k, 1): d value = g . (da w + a dw) at the maximal column
         grad_a = grad_w = None
+        if w.dim() == 3:  # per sample: column index[b, j] of w[b]
+            columns = index.unsqueeze(1).expand(-1, w.shape[1], -1)  # (B, n, k)
+            if ctx.needs_input_grad[0]:
+                grad_a = w.gather(2, columns).transpose(1, 2) * g
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.zeros_like(w).scatter_add(2, columns, (a * g).transpose(1, 2))
+            return grad_a, grad_w
+        columns = index.reshape(-1)
         if ctx.needs_input_grad[0]:
             # rows of a contiguous W^T: gathering W's columns in place would read it with a stride
-            grad_a = w.t().contiguous().index_select(0, columns).view_as(a) * g.unsqueeze(-1)
+            grad_a = w.t().contiguous().index_select(0, columns).view_as(a) * g
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(w.t()).index_add(0, columns, (a * g.unsqueeze(-1)).reshape(-1, a.shape[-1])).t()
+            grad_w = torch.zeros_like(w.t()).index_add(0, columns, (a * g).reshape(-1, a.shape[-1])).t()
         return grad_a, grad_w
 
 
@@ -174,8 +187,9 @@ def _gradient_norms_full_precision(jac, u, q):
         sq = (torch.bmm(u, jac) * u).sum(2)
         # sqrt's derivative is infinite at 0 (u = 0 for j = y): keep it out of the graph there
         return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq.new_zeros(()))
-    rows = torch.bmm(u, jac)  # only the k needed gradients
-    return rows.abs().sum(2) if q == 1 else rows.abs().amax(2)
+    if q == math.inf:  # only the k needed gradients, and one entry of each in the backward
+        return _MaxAbsOfProduct.apply(u, jac)[0]
+    return torch.bmm(u, jac).abs().sum(2)  # q = 1
 
 
 def _competitors(score, target, top_k):

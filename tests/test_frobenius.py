@@ -182,6 +182,36 @@ def test_layer_jacobians_and_gram(widths, device):
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
+def test_layer_gram_gradients_twice(layer, device):
+    """J J^T at every layer (hidden layers: _BatchedGram's own backward): its gradients, and the
+    gradient of their squared norm (a double backward), against torch.func's Jacobians."""
+    model = make_mlp((4, 6, 5, 7), nn.SiLU, output_activation=nn.Tanh, device=device)
+    x = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    weights = torch.randn(5, 7, 7, dtype=torch.float64, device=device)  # not symmetric: A + A^T matters
+    params = [x] + params_of(model)
+
+    def ref_gram():
+        _, jac = per_sample_jacobian(model[2 * layer:], model[: 2 * layer](x))
+        return jac @ jac.transpose(1, 2)
+
+    def gradients_twice(gram):
+        grads = torch.autograd.grad((gram() * weights).sum(), params, create_graph=True)
+        return list(grads) + list(torch.autograd.grad(sum(g.square().sum() for g in grads), params))
+
+    got, ref = gradients_twice(lambda: jacext.jacobian_gram(model, x, layer)), gradients_twice(ref_gram)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_batched_gram_gradcheck():
+    jac = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    gram = jacext._ops._BatchedGram.apply
+    torch.testing.assert_close(gram(jac), jac @ jac.transpose(1, 2))
+    assert torch.autograd.gradcheck(gram, (jac,))
+    assert torch.autograd.gradgradcheck(gram, (jac,))
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
 def test_layer_jacobian_gradients(layer, device):
     model = make_mlp((4, 6, 5, 7), nn.SiLU, output_activation=nn.Tanh, device=device)
     x = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)

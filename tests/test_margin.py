@@ -95,17 +95,20 @@ def test_gradcheck_without_approximation():
     assert torch.autograd.gradcheck(loss, inputs)
 
 
-def test_input_layer_max_norm_differentiable_twice():
-    """q = inf at the input layer runs the rows (u^T S) W_1 through their own max-norm function, whose
-    backward reads one column of W_1 per row: its first and second derivatives against finite
+def test_max_norm_differentiable_twice():
+    """q = inf runs the rows (u^T S) W_1 (input layer: one W_1) and u^T J (hidden layers: one J per
+    sample) through their own max-norm function, whose backward reads one column of W_1 or J per
+    row: its values against torch.amax, its first and second derivatives against finite
     differences, and the whole loss's gradient by gradcheck."""
     from jacext.margin import _MaxAbsOfProduct
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, w: _MaxAbsOfProduct.apply(a, w)[0], (a, w))
-    assert torch.autograd.gradgradcheck(lambda a, w: _MaxAbsOfProduct.apply(a, w)[0] ** 2, (a, w))
+    for w in (torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)):
+        torch.testing.assert_close(_MaxAbsOfProduct.apply(a, w)[0], (a @ w).abs().amax(-1), rtol=0, atol=0)
+        assert torch.autograd.gradcheck(lambda a, w: _MaxAbsOfProduct.apply(a, w)[0], (a, w))
+        assert torch.autograd.gradgradcheck(lambda a, w: _MaxAbsOfProduct.apply(a, w)[0] ** 2, (a, w))
 
     model, x, target = model_and_data("cpu")
     names = [n for n, _ in model.named_parameters()]
