@@ -47,3 +47,20 @@ def test_the_api_block_runs():
     assert namespace["lap"].shape == (128, 10) and namespace["s"].shape == (128,)
     assert namespace["div"].shape == (128,) and namespace["diag"].shape == (128, 784)
     assert len(namespace["targets"]) == 3
+
+
+def _pip_packages(command):
+    """The package names of the first `pip install` in a shell command line, versions dropped."""
+    words = command.split("pip install", 1)[1].split("&&", 1)[0].split()
+    return {re.split(r"[=<>]", w)[0] for w in words if not w.startswith("-")}
+
+
+def test_the_readme_test_command_installs_what_ci_tests_with():
+    """README's test command must install every package .ci/run's CPU venv installs for the suite
+    (the demo and example tests write PNGs with matplotlib), pybind11 aside: torch ships its headers."""
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci_line = next(l for l in f if '"$work/cpu/bin/pip" install -q torch' in l)
+    ci = _pip_packages(ci_line.replace('"$work/cpu/bin/pip"', "pip").replace("-q ", ""))
+    command = next(l for l in readme().splitlines() if l.startswith("python3 -m venv") and "pytest -q tests" in l)
+    missing = ci - {"pybind11"} - _pip_packages(command)
+    assert not missing, f"README's test command does not install {sorted(missing)}"
