@@ -50,11 +50,13 @@ TORCH_LIBRARY(jacext, m) {
       "bool relative_gradient, bool logdet_value) -> (Tensor z, Tensor log_dact, Tensor logabsdet, "
       "Tensor[] saved)");
   // Gradients of sum(grad_z*z) + sum(grad_log_dact*log_dact) + grad_logabsdet*logabsdet: Euclidean,
-  // or relative (weights and biases) with relative=True; grad_x only with input_grad=True.
+  // or relative (weights and biases) with relative=True; grad_x only with input_grad=True. Or, with
+  // grad_nll (0-d) instead of the three, of grad_nll times the mean NLL (a linear last layer).
   m.def(
       "mlp_flow_backward(Tensor? grad_z, Tensor? grad_log_dact, Tensor? grad_logabsdet, Tensor x, "
       "Tensor[] weights, Tensor[] biases, int[] activations, float[] act_params, Tensor[] saved, "
-      "bool relative, bool input_grad) -> (Tensor? grad_x, Tensor[] grad_weights, Tensor[] grad_biases)");
+      "bool relative, bool input_grad, Tensor? grad_nll=None) -> (Tensor? grad_x, Tensor[] grad_weights, "
+      "Tensor[] grad_biases)");
   // The CPU workspace (workspace.h): [cached bytes, bytes in use, limit, hits, misses]; its limit
   // on cached bytes; giving every cached block back.
   m.def("workspace_stats() -> int[]", &jacext::workspace_stats);

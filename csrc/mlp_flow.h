@@ -60,8 +60,12 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_flow(
     d2s.push_back(d2);
   }
   Tensor log_dact = at::zeros({B}, options);
+  Tensor log_d;  // log|act'| of one layer, in workspace memory (no fresh pages per step)
   for (const auto i : c10::irange(L)) {
-    if (has_derivative(activations[i])) log_dact.add_(ds[i].abs().log_().sum(1));  // else log 1 = 0
+    if (!has_derivative(activations[i])) continue;  // log 1 = 0
+    if (!log_d.defined()) log_d = Kernels::empty({B, n}, options);
+    at::abs_out(log_d, ds[i]).log_();
+    log_dact.add_(log_d.sum(1));
   }
   Tensor logabsdet = at::zeros({}, options);
   if (logdet_value) {
@@ -78,12 +82,17 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_flow(
 // w.r.t. x (only when input_grad; else an undefined tensor), the weights and the biases (one per
 // layer, with or without bias): Euclidean (log|det W|'s gradient W^-T, by an inverse), or with
 // relative=true the relative gradient for the weights and biases (log|det W|'s is then (W, b)).
+// grad_nll (a 0-d tensor g, instead of the three seeds): the gradients of g times the mean NLL
+// under a standard Gaussian base, mean_b(|z_b|^2 / 2 - log_dact_b) - logabsdet (+ a constant),
+// for a linear last layer: the seeds are g z / B, -g / B and -g, and as z = Y_L the last layer's
+// delta is a multiple of Y_L, so with relative=true Y_L W_L alone gives both the relative
+// gradient's product and (scaled) the next adjoint: B n^2 multiply-adds fewer than [Y; delta] W.
 template <class Kernels>
 std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_flow_backward(
-    const std::optional<Tensor>& grad_z, const std::optional<Tensor>& grad_log_dact,
-    const std::optional<Tensor>& grad_logabsdet, const Tensor& x, at::TensorList weights,
+    const std::optional<Tensor>& grad_z, const std::optional<Tensor>& grad_log_dact_in,
+    const std::optional<Tensor>& grad_logabsdet_in, const Tensor& x, at::TensorList weights,
     at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
-    at::TensorList saved, bool relative, bool input_grad) {
+    at::TensorList saved, bool relative, bool input_grad, const std::optional<Tensor>& grad_nll) {
   check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == 4 * L - 1, "jacext: expected ", 4 * L - 1,
@@ -92,23 +101,43 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
   const Tensor* d2s = ds + L;
   const Tensor* hidden = d2s + L;  // h_1..h_{L-1}
   const Tensor* ys = hidden + L - 1;
-  const bool has_log_dact = grad_log_dact.has_value() && grad_log_dact->defined();
-  const bool has_logabsdet = grad_logabsdet.has_value() && grad_logabsdet->defined();
+  const bool nll = grad_nll.has_value() && grad_nll->defined();
+  const auto defined = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined(); };
   const int64_t B = x.size(0), n = x.size(1);
   const auto options = x.options();
-  Tensor grad_h = grad_z.has_value() && grad_z->defined() ? *grad_z : at::zeros_like(ds[L - 1]);
+  Tensor grad_h, scale;  // scale: d(mean NLL)/dz = scale * z
+  std::optional<Tensor> grad_log_dact = grad_log_dact_in, grad_logabsdet = grad_logabsdet_in;
+  if (nll) {
+    TORCH_CHECK(!defined(grad_z) && !defined(grad_log_dact_in) && !defined(grad_logabsdet_in),
+                "jacext: mlp_flow_backward takes grad_nll or the three output gradients, not both");
+    TORCH_CHECK(grad_nll->dim() == 0, "jacext: grad_nll must be a 0-d tensor, got shape ", grad_nll->sizes());
+    TORCH_CHECK(activations[L - 1] == kIdentity, "jacext: grad_nll needs a flow whose last layer is linear");
+    scale = grad_nll->to(options.dtype()) / static_cast<double>(std::max<int64_t>(B, 1));
+    grad_log_dact = scale.neg().expand({B});
+    grad_logabsdet = grad_nll->to(options.dtype()).neg();
+    grad_h = Kernels::empty({B, n}, options);
+    at::mul_out(grad_h, ys[L - 1], scale);
+  } else {
+    grad_h = defined(grad_z) ? *grad_z : at::zeros_like(ds[L - 1]);
+  }
+  const bool has_log_dact = defined(grad_log_dact), has_logabsdet = defined(grad_logabsdet);
   std::vector<Tensor> grad_w(L), grad_b(L);
   for (int64_t i = L - 1; i >= 0; --i) {
     const bool next = i > 0 || input_grad;  // grad_h for the layer below (grad_x for i = 0)
+    // The NLL's last layer: delta = scale * Y, so Y W is also delta W up to that scale.
+    const bool delta_of_y = nll && relative && i == L - 1;
     // The relative gradient's Y W and the next grad_h = delta W read W once, as one GEMM of the
     // rows [Y; delta]: delta is written into the second half of that buffer (not for grad_x,
     // which is returned and so gets memory of its own).
-    const bool stacked = relative && i > 0;
+    const bool stacked = relative && i > 0 && !delta_of_y;
     Tensor rows = Kernels::empty({stacked ? 2 * B : B, n}, options);
     Tensor delta = rows.narrow(0, stacked ? B : 0, B);
     // delta = d/dy of the objective: through h (act') and through log act' (act'' / act').
     at::mul_out(delta, grad_h, ds[i]);
-    if (has_log_dact) delta.addcmul_(grad_log_dact->unsqueeze(1), d2s[i] / ds[i]);
+    if (has_log_dact && has_curvature(activations[i])) {  // else act'' = 0
+      Tensor ratio = Kernels::empty({B, n}, options);
+      delta.addcmul_(grad_log_dact->unsqueeze(1), at::div_out(ratio, d2s[i], ds[i]));
+    }
     const Tensor& h_in = i == 0 ? x : hidden[i - 1];
     auto b = bias_at(biases, i);
     grad_w[i] = Kernels::empty(weights[i].sizes(), options);  // n x n: from the workspace
@@ -124,13 +153,14 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
       at::mv_out(grad_b[i], delta.t(), yb1);
       if (has_logabsdet && b) grad_b[i].addcmul_(*b, *grad_logabsdet);
       if (stacked) grad_h = product.narrow(0, B, B);
+      if (delta_of_y && next) grad_h = product.mul_(scale);  // after rank_update has read Y W
     } else {
       Kernels::mm(grad_w[i], delta.t(), h_in);
       at::sum_out(grad_b[i], delta, 0);
       // linalg_inv_ex: no error check, so no host sync on the GPU (a singular W gives inf / nan)
       if (has_logabsdet) grad_w[i].addcmul_(std::get<0>(at::linalg_inv_ex(weights[i])).t(), *grad_logabsdet);
     }
-    if (next && !stacked) {
+    if (next && !stacked && !delta_of_y) {
       grad_h = Kernels::empty({B, n}, options);
       Kernels::mm(grad_h, delta, weights[i]);
     }

@@ -258,7 +258,7 @@ def _flow_fake(x, weights, biases, activations, act_params, relative_gradient, l
 
 @torch.library.register_fake("jacext::mlp_flow_backward")
 def _flow_backward_fake(grad_z, grad_log_dact, grad_logabsdet, x, weights, biases, activations, act_params,
-                        saved, relative, input_grad):
+                        saved, relative, input_grad, grad_nll=None):
     return (x.new_empty(x.shape) if input_grad else None, [w.new_empty(w.shape) for w in weights],
             [w.new_empty(w.shape[0]) for w in weights])
 

@@ -223,7 +223,8 @@ def test_compiled_ops_with_a_non_contiguous_input(device, tmp_path, monkeypatch)
     def objective(x):
         y, sq = jacext.jacobian_frobenius(model, x)
         jac = jacext.jacobian(model, x, layer=0)
-        return y.sum() + sq.sum() + jac.square().sum() + flow.log_prob(x).sum()
+        flows = flow.log_prob(x).sum() + flow.nll(x, relative_gradient=True)  # nll: its own autograd.Function
+        return y.sum() + sq.sum() + jac.square().sum() + flows
 
     compiled = torch.compile(objective, fullgraph=True)
     torch.testing.assert_close(compiled(x), objective(x), rtol=1e-5, atol=1e-5)

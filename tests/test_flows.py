@@ -96,10 +96,15 @@ def test_relative_gradient_is_the_autodiff_gradient_times_wtw(n_layers, bias, di
     x = torch.randn(8, dim, dtype=torch.float64, device=device, requires_grad=True)
     linears = [m for m in flow.net if isinstance(m, nn.Linear)]
     params = [p for m in linears for p in ([m.weight] if m.bias is None else [m.weight, m.bias])]
+    # the ordinary gradient against torch.func and slogdet (whose backward, inv(J)^T per sample, loses
+    # about cond(J) * 1e-16: up to 1e-8 relative here)
+    nll_ref = -log_prob_ref(flow, x).mean()
     grads = torch.autograd.grad(flow.nll(x), [x] + params)
+    for g, want in zip(grads, torch.autograd.grad(nll_ref, [x] + params)):
+        torch.testing.assert_close(g, want, rtol=1e-7, atol=1e-7 * want.abs().max().item())
     loss = flow.nll(x, relative_gradient=True)
     relative = torch.autograd.grad(loss, [x] + params)
-    torch.testing.assert_close(loss, flow.nll(x), **TOL)  # the value is the NLL itself
+    torch.testing.assert_close(loss, nll_ref, **TOL)  # the value is the NLL itself
     torch.testing.assert_close(relative[0], grads[0], **TOL)  # x keeps its ordinary gradient
     auto, rel = iter(grads[1:]), iter(relative[1:])
     for m in linears:
@@ -162,6 +167,22 @@ def test_flow_op_gradcheck_and_opcheck(device):
                                   (torch.randn_like(z), torch.randn_like(log_dact), torch.randn_like(logabsdet),
                                    x.detach(), [w.detach() for w in weights], [b.detach() for b in biases],
                                    codes, params, list(saved), relative, input_grad))
+    # grad_nll: the same gradients as the mean NLL's three seeds, and opcheck
+    grad_nll = torch.tensor(0.7, dtype=torch.float64, device=device)
+    B = x.shape[0]
+    for relative in (False, True):
+        seeded = torch.ops.jacext.mlp_flow_backward(
+            grad_nll * z / B, (-grad_nll / B).expand(B), -grad_nll, x.detach(), [w.detach() for w in weights],
+            [b.detach() for b in biases], codes, params, list(saved), relative, True)
+        got = torch.ops.jacext.mlp_flow_backward(
+            None, None, None, x.detach(), [w.detach() for w in weights], [b.detach() for b in biases], codes,
+            params, list(saved), relative, True, grad_nll=grad_nll)
+        for g, want in zip([got[0], *got[1], *got[2]], [seeded[0], *seeded[1], *seeded[2]]):
+            torch.testing.assert_close(g, want, **TOL)
+        torch.library.opcheck(torch.ops.jacext.mlp_flow_backward.default,
+                              (None, None, None, x.detach(), [w.detach() for w in weights],
+                               [b.detach() for b in biases], codes, params, list(saved), relative, True),
+                              {"grad_nll": grad_nll})
     # once differentiable, and it says so
     z, log_dact, _, _ = torch.ops.jacext.mlp_flow(x, weights, biases, codes, params, False, True)
     (gx,) = torch.autograd.grad(z.sum() + log_dact.sum(), x, create_graph=True)
@@ -181,6 +202,19 @@ def test_flow_bad_input():
     with pytest.raises(RuntimeError, match="must be square"):
         torch.ops.jacext.mlp_flow(x, [weights[0], torch.randn(5, 4, dtype=torch.float64)], biases, codes,
                                   params, False, True)
+    with torch.no_grad():
+        z, _, _, saved = torch.ops.jacext.mlp_flow(x, weights, biases, codes, params, True, True)
+    detached = [w.detach() for w in weights], [b.detach() for b in biases]
+    one = torch.tensor(1.0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="grad_nll or the three"):
+        torch.ops.jacext.mlp_flow_backward(z, None, None, x.detach(), *detached, codes, params, list(saved), True,
+                                           False, grad_nll=one)
+    with pytest.raises(RuntimeError, match="0-d tensor"):
+        torch.ops.jacext.mlp_flow_backward(None, None, None, x.detach(), *detached, codes, params, list(saved),
+                                           True, False, grad_nll=one.reshape(1))
+    with pytest.raises(RuntimeError, match="last layer is linear"):
+        torch.ops.jacext.mlp_flow_backward(None, None, None, x.detach(), *detached, [codes[0]] * 2, params,
+                                           list(saved), True, False, grad_nll=one)
 
 
 def write_idx(path, array):
