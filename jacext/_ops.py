@@ -178,6 +178,36 @@ def _frobenius_backward(ctx, grad_y, grad_sq, grad_saved):
     return (*_backward_via_op(ctx, grad_y, grad_sq, None), None, None, None, *[None] * ctx.n_trailing)
 
 
+def _eager_autograd(x):
+    """Whether a plain autograd.Function may stand in for an op's generated autograd wrapper: grad
+    mode in eager, no torch.func transform, no autocast (those keep the registered autograd)."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and not torch.is_autocast_enabled(x.device.type))
+
+
+class _FrobeniusEager(torch.autograd.Function):
+    """mlp_jacobian_frobenius's autograd in eager mode: the registered setup and backward
+    (_save_forward, _backward_via_op; double backward through mlp_jacobian_backward's own) without
+    torch.library's generated wrapper, which flattens the op's tensor lists with pytree on every
+    call (0.5-0.6 ms of P2's forward, docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(ctx, x, config, projections, *params):
+        codes, act_params, strategy, tile, bias_present = config
+        L = len(bias_present)
+        weights, present = list(params[:L]), iter(params[L:])
+        biases = [next(present) if p else w.new_empty(0) for p, w in zip(bias_present, weights)]
+        y, sq, saved = _ops.mlp_jacobian_frobenius(x, weights, biases, codes, act_params, strategy, projections,
+                                                   tile=tile)
+        _save_forward(ctx, x, weights, biases, codes, act_params, 0, strategy, tile, saved, projections)
+        return y, sq
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_sq):
+        grad_x, grad_w, grad_b = _backward_via_op(ctx, grad_y, grad_sq, None)
+        return (grad_x, None, None, *grad_w, *[g for g, present in zip(grad_b, ctx.bias_present) if present])
+
+
 def _jacobian_setup(ctx, inputs, keyword_only_inputs, output):
     x, weights, biases, activations, act_params, layer, strategy = inputs
     _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, keyword_only_inputs.get("tile", 0),
@@ -475,6 +505,10 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
         if isinstance(strategy, Split):
             return _split_frobenius(x, weights, biases, codes, params, strategy)
         tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), rows, device=x.device)
+        if _eager_autograd(x):
+            present = [b for b in biases if b.numel() > 0]
+            config = (codes, params, strategy, tile, [b.numel() > 0 for b in biases])
+            return _FrobeniusEager.apply(x, config, projections, *weights, *present)
         return _ops.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections, tile=tile)[:2]
 
     if torch.compiler.is_compiling():  # a compiled graph runs the batch in one call

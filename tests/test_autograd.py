@@ -55,6 +55,26 @@ def test_gradcheck_and_gradgradcheck_penalty(activation, strategy, device):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("method", ["reverse", "forward", "hutchinson"])
+def test_gradcheck_and_gradgradcheck_eager_path(method, device):
+    """The public function in eager mode runs _FrobeniusEager (not the registered op's generated
+    wrapper): first and second derivatives, with and without bias and projections."""
+    x, weights, biases, codes, params = random_mlp("tanh", device)
+    inputs = leaves(x, weights, biases)
+    n, present = len(weights), [i for i, b in enumerate(biases) if b is not None]
+    v = torch.randn(x.shape[0], 2, WIDTHS[-1], dtype=torch.float64, device=device) if method == "hutchinson" else None
+
+    def fn(x, *flat):
+        bs = [None] * n
+        for i, b in zip(present, flat[n:]):
+            bs[i] = b
+        return jacext.ops.mlp_jacobian_frobenius(x, list(flat[:n]), bs, codes, params, method=method, projections=v)
+
+    assert type(fn(*inputs)[1].grad_fn).__name__ == "_FrobeniusEagerBackward"
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
 @pytest.mark.parametrize("activation", ACTIVATION_IDS)
 def test_gradcheck_and_gradgradcheck_one_hidden_layer_gram(activation, device):
     x, weights, biases, codes, params = random_mlp(activation, device, widths=(3, 6, 4), bias=(True, False))
