@@ -438,8 +438,11 @@ def main():
     runs = []
     total = len(cases) * len(methods) * args.repeats
     for repeat in range(args.repeats):
+        # The order rotates from run to run: a process right after a heavy one runs slow (this bench's
+        # P6 jacext-auto, always after P5's jax-vmap-jacfwd, took 1.37x its same-plan jacext-reverse).
+        order = methods[repeat % len(methods):] + methods[:repeat % len(methods)]
         for name in cases:
-            for method in methods:
+            for method in order:
                 started = time.time()
                 runs.append(time_in_subprocess(args, name, method, repeat))
                 print(f"[{len(runs)}/{total}] {name} {method}: {runs[-1]['median_s'] * 1e3:.1f} ms "
