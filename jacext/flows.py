@@ -113,9 +113,11 @@ class MLPFlow(nn.Module):
 
         logdet_value=False leaves sum_k log|det W_k| out of the returned *value* (it costs an
         LU per layer, O(D^3)); the gradient is the same. Evaluate with log_prob."""
-        if torch._C._are_functorch_transforms_active():  # vmap: the op's own rule (_MeanNLL has none)
-            return _mean_nll(*self._fused(x, relative_gradient, logdet_value))
-        return self._fused_nll(x, relative_gradient, logdet_value)
+        if _ops._eager_autograd(x):
+            return self._fused_nll(x, relative_gradient, logdet_value)
+        # torch.func (_MeanNLL has no vmap rule), autocast (the op's rule casts before its autograd
+        # saves), compile or no grad: the registered op and the loss in torch ops
+        return _mean_nll(*self._fused(x, relative_gradient, logdet_value))
 
     def _activation_inverse(self, t, tol, max_iter):
         """y with smooth_leaky_relu(y) = t, by Newton's method: the activation is increasing and

@@ -202,6 +202,25 @@ def test_nll_under_vmap_matches_the_loop():
         torch.testing.assert_close(g, w, **TOL)
 
 
+def test_nll_of_a_bfloat16_flow_under_autocast():
+    """Under autocast the op runs in float32 (its autocast rule casts first): nll's value and gradients
+    match the float32 flow's."""
+    torch.manual_seed(0)
+    flow16 = MLPFlow(8, 2).bfloat16()
+    flow = MLPFlow(8, 2)
+    flow.load_state_dict(flow16.state_dict())  # the same (bfloat16-rounded) weights in float32
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = flow16.nll(x.bfloat16(), relative_gradient=True)
+    loss.backward()
+    want = flow.nll(x.bfloat16().float(), relative_gradient=True)
+    want.backward()
+    torch.testing.assert_close(loss.float(), want, rtol=1e-2, atol=1e-2)
+    for p16, p in zip(flow16.parameters(), flow.parameters()):
+        assert p16.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(p16.grad.float(), p.grad, rtol=1e-2, atol=1e-2 * p.grad.abs().max().item())
+
+
 def test_flow_bad_input():
     flow = MLPFlow(4, 2)
     with pytest.raises(ValueError, match=r"shape \(batch, 4\)"):
