@@ -101,8 +101,8 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
   const Tensor* d2s = ds + L;
   const Tensor* hidden = d2s + L;  // h_1..h_{L-1}
   const Tensor* ys = hidden + L - 1;
-  const bool nll = grad_nll.has_value() && grad_nll->defined();
   const auto defined = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined(); };
+  const bool nll = defined(grad_nll);
   const int64_t B = x.size(0), n = x.size(1);
   const auto options = x.options();
   Tensor grad_h, scale;  // scale: d(mean NLL)/dz = scale * z
@@ -112,9 +112,10 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
                 "jacext: mlp_flow_backward takes grad_nll or the three output gradients, not both");
     TORCH_CHECK(grad_nll->dim() == 0, "jacext: grad_nll must be a 0-d tensor, got shape ", grad_nll->sizes());
     TORCH_CHECK(activations[L - 1] == kIdentity, "jacext: grad_nll needs a flow whose last layer is linear");
-    scale = grad_nll->to(options.dtype()) / static_cast<double>(std::max<int64_t>(B, 1));
+    const Tensor g = grad_nll->to(options.dtype());
+    scale = g / static_cast<double>(std::max<int64_t>(B, 1));
     grad_log_dact = scale.neg().expand({B});
-    grad_logabsdet = grad_nll->to(options.dtype()).neg();
+    grad_logabsdet = g.neg();
     grad_h = Kernels::empty({B, n}, options);
     at::mul_out(grad_h, ys[L - 1], scale);
   } else {

@@ -123,6 +123,22 @@ def bias_tensors(biases, weights):
     return [w.new_empty(0) if b is None else b for b, w in zip(biases, weights)]
 
 
+# An autograd.Function takes tensors as flat inputs (and returns one gradient per input): the
+# weights, then the biases present; flat_params and op_params convert between that and the op's
+# lists (bias_tensors), present_grads the biases' gradients back.
+def flat_params(weights, biases):
+    return [*weights, *(b for b in biases if b.numel() > 0)]
+
+
+def op_params(params, bias_present):
+    weights, present = list(params[:len(bias_present)]), iter(params[len(bias_present):])
+    return weights, [next(present) if p else w.new_empty(0) for p, w in zip(bias_present, weights)]
+
+
+def present_grads(grad_b, bias_present):
+    return [g for g, present in zip(grad_b, bias_present) if present]
+
+
 def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, tile, saved,
                   projections=None, differentiable_carries=False):
     # An unused output's gradient stays None: zero-filling the (large) saved carries would cost a
@@ -194,9 +210,7 @@ class _FrobeniusEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, config, projections, *params):
         codes, act_params, strategy, tile, bias_present = config
-        L = len(bias_present)
-        weights, present = list(params[:L]), iter(params[L:])
-        biases = [next(present) if p else w.new_empty(0) for p, w in zip(bias_present, weights)]
+        weights, biases = op_params(params, bias_present)
         y, sq, saved = _ops.mlp_jacobian_frobenius(x, weights, biases, codes, act_params, strategy, projections,
                                                    tile=tile)
         _save_forward(ctx, x, weights, biases, codes, act_params, 0, strategy, tile, saved, projections)
@@ -205,7 +219,7 @@ class _FrobeniusEager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_sq):
         grad_x, grad_w, grad_b = _backward_via_op(ctx, grad_y, grad_sq, None)
-        return (grad_x, None, None, *grad_w, *[g for g, present in zip(grad_b, ctx.bias_present) if present])
+        return (grad_x, None, None, *grad_w, *present_grads(grad_b, ctx.bias_present))
 
 
 def _jacobian_setup(ctx, inputs, keyword_only_inputs, output):
@@ -293,26 +307,34 @@ def _flow_backward_fake(grad_z, grad_log_dact, grad_logabsdet, x, weights, biase
             [w.new_empty(w.shape[0]) for w in weights])
 
 
-def _flow_setup(ctx, inputs, output):
-    x, weights, biases, activations, act_params, relative, _ = inputs
+def _save_flow(ctx, x, weights, biases, activations, act_params, relative, saved):
     ctx.config = (list(activations), list(act_params), relative)
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, *weights, *biases, *output[3])
-    ctx.mark_non_differentiable(*output[3])
+    ctx.save_for_backward(x, *weights, *biases, *saved)
 
 
-def _flow_backward(ctx, grad_z, grad_log_dact, grad_logabsdet, grad_saved):
-    # relative: the backward gives the relative gradient for the weights and biases (csrc/mlp_flow.h)
+def _flow_grads(ctx, grad_z, grad_log_dact, grad_logabsdet, grad_nll=None):
+    """(grad_x, grad_w, grad_b) from the op's backward, None for a missing bias; relative: the
+    relative gradient for the weights and biases (csrc/mlp_flow.h)."""
     tensors, L = ctx.saved_tensors, ctx.n_layers
     x, weights, biases, saved = tensors[0], tensors[1:1 + L], tensors[1 + L:1 + 2 * L], tensors[1 + 2 * L:]
     activations, act_params, relative = ctx.config
     grad_x, grad_w, grad_b = _ops.mlp_flow_backward(
         grad_z, grad_log_dact, grad_logabsdet, x, list(weights), list(biases), activations, act_params,
-        list(saved), relative, ctx.needs_input_grad[0])
-    grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
-    return grad_x, list(grad_w), grad_b, None, None, None, None
+        list(saved), relative, ctx.needs_input_grad[0], grad_nll=grad_nll)
+    return grad_x, list(grad_w), [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
+
+
+def _flow_setup(ctx, inputs, output):
+    x, weights, biases, activations, act_params, relative, _ = inputs
+    _save_flow(ctx, x, weights, biases, activations, act_params, relative, output[3])
+    ctx.mark_non_differentiable(*output[3])
+
+
+def _flow_backward(ctx, grad_z, grad_log_dact, grad_logabsdet, grad_saved):
+    return (*_flow_grads(ctx, grad_z, grad_log_dact, grad_logabsdet), None, None, None, None)
 
 
 def _flow_backward_backward(ctx, *grads):
@@ -506,9 +528,8 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
             return _split_frobenius(x, weights, biases, codes, params, strategy)
         tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), rows, device=x.device)
         if _eager_autograd(x):
-            present = [b for b in biases if b.numel() > 0]
             config = (codes, params, strategy, tile, [b.numel() > 0 for b in biases])
-            return _FrobeniusEager.apply(x, config, projections, *weights, *present)
+            return _FrobeniusEager.apply(x, config, projections, *flat_params(weights, biases))
         return _ops.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections, tile=tile)[:2]
 
     if torch.compiler.is_compiling():  # a compiled graph runs the batch in one call

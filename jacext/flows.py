@@ -77,8 +77,9 @@ class MLPFlow(nn.Module):
         self._check(x)
         _ops.warn_if_tf32(x.device, x.dtype)
         spec = parse_model(self.net)
-        present = [b for b in spec.biases if b is not None]
-        return _MeanNLL.apply(x, spec, relative_gradient, logdet_value, *spec.weights, *present)
+        config = (spec.activations, spec.act_params, relative_gradient, logdet_value,
+                  [b is not None for b in spec.biases])
+        return _MeanNLL.apply(x, config, *_ops.flat_params(spec.weights, _ops.bias_tensors(spec.biases, spec.weights)))
 
     def weights(self):
         return [m.weight for m in self.net if isinstance(m, nn.Linear)]
@@ -176,23 +177,15 @@ class _MeanNLL(torch.autograd.Function):
     and saves the last layer's [Y; delta] product."""
 
     @staticmethod
-    def forward(ctx, x, spec, relative_gradient, logdet_value, *params):
-        L = len(spec.weights)
-        weights, present = list(params[:L]), iter(params[L:])
-        biases = [next(present) if b is not None else w.new_empty(0) for b, w in zip(spec.biases, weights)]
+    def forward(ctx, x, config, *params):
+        activations, act_params, relative_gradient, logdet_value, bias_present = config
+        weights, biases = _ops.op_params(params, bias_present)
         z, log_dact, logabsdet, saved = torch.ops.jacext.mlp_flow(
-            x, weights, biases, spec.activations, spec.act_params, relative_gradient, logdet_value)
-        ctx.save_for_backward(x, *weights, *biases, *saved)
-        ctx.config = (spec, relative_gradient)
+            x, weights, biases, activations, act_params, relative_gradient, logdet_value)
+        _ops._save_flow(ctx, x, weights, biases, activations, act_params, relative_gradient, saved)
         return _mean_nll(z, log_dact, logabsdet)
 
     @staticmethod
     def backward(ctx, grad):
-        (spec, relative), L = ctx.config, len(ctx.config[0].weights)
-        tensors = ctx.saved_tensors
-        x, weights, biases, saved = tensors[0], tensors[1:1 + L], tensors[1 + L:1 + 2 * L], tensors[1 + 2 * L:]
-        grad_x, grad_w, grad_b = torch.ops.jacext.mlp_flow_backward(
-            None, None, None, x, list(weights), list(biases), spec.activations, spec.act_params, list(saved),
-            relative, ctx.needs_input_grad[0], grad_nll=grad)
-        grad_b = [g for g, b in zip(grad_b, spec.biases) if b is not None]
-        return (grad_x, None, None, None, *grad_w, *grad_b)
+        grad_x, grad_w, grad_b = _ops._flow_grads(ctx, None, None, None, grad_nll=grad)
+        return (grad_x, None, *grad_w, *_ops.present_grads(grad_b, ctx.bias_present))

@@ -9,6 +9,7 @@
 #include <algorithm>
 
 namespace jacext {
+
 constexpr int64_t kGrain = 2048;  // elements per thread below which a pass runs on one thread
 
 inline void check_cpu_dtype(const at::Tensor& t) {

@@ -7,6 +7,7 @@
 #include <algorithm>
 
 namespace jacext {
+
 constexpr int kThreads = 256;
 
 inline int blocks_for(int64_t n) {
