@@ -13,11 +13,14 @@
 // square-sum, the backward's row-wise dot fused with its diagonal scaling, and the MLP backward's
 // activation-derivative combination fused with the bias-gradient reduction.
 //
-// Tiles. Every op runs the batch in tiles of `tile` samples (0: one tile, the whole batch): a
-// worker takes a tile through every step, forward or backward, before the next, so the tile's
-// temporaries stay in cache and are reused (Kernels::empty: a caching workspace on CPU), and the
-// workers run their tiles side by side, each with single-threaded GEMMs; weight gradients are
-// summed per worker and added up at the end. The CPU planner picks the tile (jacext/planner.py
+// Tiles. Every op runs its carries in tiles of `tile` samples (0: one tile, the whole batch): a
+// worker takes a tile through every carry step, forward or backward, before the next, so the
+// tile's temporaries stay in cache and are reused (Kernels::empty: a caching workspace on CPU),
+// and the workers run their tiles side by side, each with single-threaded GEMMs; weight gradients
+// are summed per worker and added up at the end. The MLP itself (its forward, and its backward
+// from the carries' adjoints of d) runs on the whole batch around the tiles: its activations are
+// (B, n_i), small next to the carries, and a tile's few rows would make its GEMMs thin (a rank-n
+// update of each weight's gradient per tile). The CPU planner picks the tile (jacext/planner.py
 // tile_size); CUDA runs one tile (the GPU wants the whole batch in each GEMM).
 //
 // Dead work is skipped: identity layers have no d (saved as an empty tensor), piecewise-linear
@@ -129,10 +132,11 @@ inline void check_mlp(const Tensor& x, at::TensorList weights, at::TensorList bi
 
 // Products known to be symmetric (Gram matrices, possibly with a diagonal weight in between) are
 // computed SYRK-like: row block i is multiplied only with the columns up to its diagonal block
-// and the rest is mirrored. With k blocks that is (k+1)/2k of the GEMM's work; blocks of 128 rows
-// or more (up to 4) keep the pieces efficient (measured: 256 x 256 from K = 784 in 0.82x the time).
+// and the rest is mirrored. With k blocks that is (k+1)/2k of the GEMM's work: 4 blocks from 256
+// rows on, one below (measured, one thread: 256 x 256 from K = 260 in 0.84x the full GEMM's time
+// with 4 blocks, 0.89x with 2; from K = 784, 0.74x and 0.85x; 128 x 128 in blocks was slower).
 inline int64_t symmetric_block(int64_t n) {
-  const int64_t k = std::clamp<int64_t>(n / 128, 1, 4);
+  const int64_t k = n >= 256 ? 4 : 1;
   return (n + k - 1) / k;
 }
 
@@ -154,14 +158,16 @@ inline void mirror_lower_(const Tensor& t) {
   }
 }
 
-// a @ b for a product known to be symmetric.
-inline Tensor symmetric_mm(const Tensor& a, const Tensor& b) {
-  const int64_t n = a.size(0);
-  if (symmetric_block(n) == n) return at::mm(a, b);
-  Tensor out = at::zeros({n, n}, a.options());
-  addmm_lower_(out, a, b);
+// out = a @ b for a product known to be symmetric (out: n x n, contiguous; the blocks on and
+// below the diagonal written by the GEMM, the others mirrored).
+inline void symmetric_mm_out(const Tensor& out, const Tensor& a, const Tensor& b) {
+  const int64_t n = a.size(0), block = symmetric_block(n);
+  for (int64_t i = 0; i < n; i += block) {
+    const int64_t rows = std::min(block, n - i);
+    Tensor lower = out.narrow(0, i, rows).narrow(1, 0, i + rows);
+    at::mm_out(lower, a.narrow(0, i, rows), b.narrow(1, 0, i + rows));
+  }
   mirror_lower_(out);
-  return out;
 }
 
 // (n, r, c) as (n * r, c): the GEMM view of a contiguous per-sample stack of matrices.
@@ -204,11 +210,15 @@ struct WorkerSums {
   explicit WorkerSums(int64_t layers) : w(layers), b(layers) {}
 };
 
-// What one tile of the backward reads and writes: the tile's rows of x, h_1..h_{L-1}, d, act'',
-// the carries, the incoming gradients and grad_x.
+// What the backward reads and writes, for a tile of the carries' sweep (its rows of x, d, the
+// carries, the incoming gradients) or for the MLP backward over the whole batch (x, h_1..h_{L-1},
+// d, act'', grad_y, grad_x).
 struct BackwardTile {
   int64_t n;
   std::vector<Tensor> hs, ds, d2s, cs;  // hs: h_0 = x, ..., h_{L-1}
+  // The adjoints of d where act'' makes them matter (written by the carries' sweep, read by the
+  // MLP backward); undefined elsewhere.
+  std::vector<Tensor> adj_d;
   Tensor projections, grad_y, grad_sq, grad_jac, grad_x;
   std::vector<Tensor> grad_carries;  // undefined for none
 };
@@ -366,7 +376,10 @@ struct MLPJacobian {
   // The sample-independent Gram of the epilogue: G = W_1 W_1^T (reverse) or H = W_L^T W_L.
   Tensor epilogue_gram() const {
     const Tensor& w = strategy == kReverseGram ? weights[0] : weights[depth() - 1];
-    return strategy == kReverseGram ? symmetric_mm(w, w.t()) : symmetric_mm(w.t(), w);
+    const Tensor a = strategy == kReverseGram ? w : w.t();
+    Tensor gram = empty({a.size(0), a.size(0)}, w.options());
+    symmetric_mm_out(gram, a, a.t());
+    return gram;
   }
 
   // One tile of ||J||_F^2 (or ||v_i^T J||^2 per projected row) into sq; cs are the tile's carries
@@ -396,12 +409,16 @@ struct MLPJacobian {
     }
   }
 
-  // One tile of the backward (the comment above mlp_jacobian_backward), its weight and bias
-  // gradients added to `sums`.
-  void backward_tile(BackwardTile& t, WorkerSums& sums, const Tensor& wt, const Tensor& w_last) const {
+  // Whether the carries' sweep writes the adjoint of d[i] (of every layer from `layer` up with
+  // act'', when any gradient reaches the carries).
+  bool has_adj_d(int64_t i) const { return i >= layer && has_d2(i); }
+
+  // One tile of the backward's carries (the comment above mlp_jacobian_backward): their weight
+  // gradients added to `sums`, the adjoints of d written into t.adj_d.
+  void carries_backward_tile(BackwardTile& t, WorkerSums& sums, const Tensor& wt, const Tensor& w_last) const {
     const int64_t L = depth(), n = t.n;
     const auto options = t.hs[0].options();
-    std::vector<Tensor> adj_d(L);  // adjoints of d, where act'' makes them matter
+    std::vector<Tensor>& adj_d = t.adj_d;
     const Tensor& g = t.grad_sq;
     bool has_carries = false;
     for (const Tensor& c : t.grad_carries) has_carries = has_carries || c.defined();
@@ -409,7 +426,7 @@ struct MLPJacobian {
       if (g.defined()) {
         // sum_b g_b d_b^T M d_b: d/dd_b = 2 g_b M d_b; dM = sum_b g_b d_b d_b^T (weights: at the end)
         Tensor d = derivative_or_ones(t.ds, 0, n, options);
-        if (has_d2(0)) adj_d[0] = scaled_by_loss(t.cs[2].unsqueeze(1), g, 2.0).squeeze(1);
+        if (has_d2(0)) Kernels::scale(t.cs[2].unsqueeze(1), Tensor(), Tensor(), g, 2.0, adj_d[0].unsqueeze(1));
         add_mm_lower(sums.gram, scaled_by_loss(d.unsqueeze(1), g, 1.0).squeeze(1).t(), d);
       }
     } else if (gram_epilogue_mode() && (g.defined() || t.grad_jac.defined() || has_carries)) {
@@ -417,16 +434,18 @@ struct MLPJacobian {
       // J J^T = S G S^T with gradient A: d/dS_b = (A_b + A_b^T) P_b, dG = sum_b S_b^T sym(A_b) S_b
       // with sym(A) = (A + A^T) / 2. (The weights' share of dG: at the end.)
       Tensor s = gram_input(wt, t.ds, t.cs, n);
-      Tensor adj = empty(s.sizes(), options).zero_();
+      Tensor adj;
       if (g.defined()) {
         add_mm_lower(sums.gram, flat(scaled_by_loss(s, g, 1.0)).t(), flat(s));
-        adj.add_(scaled_by_loss(t.cs.back(), g, 2.0));
+        adj = scaled_by_loss(t.cs.back(), g, 2.0);
       }
       if (t.grad_jac.defined()) {
         Tensor sym = (t.grad_jac + t.grad_jac.transpose(1, 2)).mul_(0.5);
         add_mm_lower(sums.gram, flat(s).t(), flat(at::bmm(sym, s)));
-        adj.add_(at::bmm(sym, t.cs.back()), 2.0);
+        Tensor term = at::bmm(sym, t.cs.back()).mul_(2.0);
+        adj = adj.defined() ? adj.add_(term) : term;
       }
+      if (!adj.defined()) adj = empty(s.sizes(), options).zero_();  // only carry gradients
       carry_backward(adj, t, sums, adj_d, wt, w_last);
     } else if (g.defined() || t.grad_jac.defined() || has_carries) {
       // The adjoint of the final carry: J (reverse) or J^T = U^(L) D_L (forward).
@@ -448,7 +467,6 @@ struct MLPJacobian {
       if (!adj.defined()) adj = empty(t.cs.back().sizes(), options).zero_();
       carry_backward(adj, t, sums, adj_d, wt, w_last);
     }
-    mlp_backward(t, sums, adj_d);
   }
 
   // acc += a b (acc allocated by the first product).
@@ -472,8 +490,9 @@ struct MLPJacobian {
     const auto& ds = t.ds;
     const auto& cs = t.cs;
     const auto options = adj.options();
-    auto new_adj_d = [&](int64_t i) {
-      return has_d2(i) ? (adj_d[i] = empty({n, width(i + 1)}, options)) : Tensor();
+    auto new_adj_d = [&](int64_t i) {  // the tile's rows of the adjoint of d[i], or none
+      TORCH_INTERNAL_ASSERT(adj_d[i].defined() == has_adj_d(i));
+      return adj_d[i];
     };
     if (!forward_mode()) {
       // cs[j] = R^(L-1-j); R^(i) = S^(i+1) W[i] with S^(i+1) = R^(i+1) * d[i].
@@ -519,10 +538,12 @@ struct MLPJacobian {
     }
   }
 
-  // The MLP's own backward over one tile: d/dy_{i+1} = grad_h * d[i] + adj_d[i] * act''[i], its
-  // bias gradient in the same pass; it stops where nothing flows (grad_h and adj_d absent).
-  void mlp_backward(BackwardTile& t, WorkerSums& sums, const std::vector<Tensor>& adj_d) const {
+  // The MLP's own backward (over the whole batch, t.n = B): d/dy_{i+1} = grad_h * d[i] +
+  // adj_d[i] * act''[i], its bias gradient in the same pass; it stops where nothing flows (grad_h
+  // and adj_d absent).
+  void mlp_backward(BackwardTile& t, WorkerSums& sums) const {
     const int64_t n = t.n;
+    const std::vector<Tensor>& adj_d = t.adj_d;
     const auto options = t.hs[0].options();
     Tensor grad_h = t.grad_y;
     bool wrote_grad_x = false;
@@ -565,7 +586,16 @@ inline void check_tile(int64_t tile) {
   TORCH_CHECK(tile >= 0, "jacext: tile must be >= 0 samples (0: the whole batch at once), got ", tile);
 }
 
-// y = mlp(x), sq (B) = ||J||_F^2 (or (B, k) per projected row) and `saved`, tile by tile.
+// h_0 = x, h_1..h_{L-1}, h_L = y: the MLP's layers, for mlp_forward / mlp_backward.
+inline std::vector<Tensor> whole_batch_hs(const Tensor& x, const std::vector<Tensor>& hidden, const Tensor& y) {
+  std::vector<Tensor> hs = {x};
+  hs.insert(hs.end(), hidden.begin(), hidden.end());
+  if (y.defined()) hs.push_back(y);
+  return hs;
+}
+
+// y = mlp(x), sq (B) = ||J||_F^2 (or (B, k) per projected row) and `saved`: the MLP on the whole
+// batch, the carries tile by tile.
 template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
@@ -584,20 +614,17 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
   // the last weight contiguous for the reverse mode's first carry.
   Tensor gram, wt, w_last = weights[L - 1].contiguous();
   if (strategy == kGram1) {
-    saved.cs[0].copy_(symmetric_mm(weights[0], weights[0].t()));
-    saved.cs[1].copy_(symmetric_mm(weights[1].t(), weights[1]));
+    symmetric_mm_out(saved.cs[0], weights[0], weights[0].t());
+    symmetric_mm_out(saved.cs[1], weights[1].t(), weights[1]);
     gram = saved.cs[0] * saved.cs[1];
   } else if (net.gram_epilogue_mode()) {
     gram = net.epilogue_gram();
   }
   if (net.forward_mode()) wt = weights[0].t().contiguous();
   std::vector<Tensor> per_sample_cs(saved.cs.begin() + (strategy == kGram1 ? 2 : 0), saved.cs.end());
+  net.mlp_forward(whole_batch_hs(x, saved.hidden, y), saved.ds, saved.d2s);
   Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
-    std::vector<Tensor> hs = {x.narrow(0, b0, n)};
-    for (const Tensor& h : batch_rows(saved.hidden, b0, n)) hs.push_back(h);
-    hs.push_back(y.narrow(0, b0, n));
-    std::vector<Tensor> ds = batch_rows(saved.ds, b0, n), d2s = batch_rows(saved.d2s, b0, n);
-    net.mlp_forward(hs, ds, d2s);
+    std::vector<Tensor> ds = batch_rows(saved.ds, b0, n);
     std::vector<Tensor> cs = batch_rows(per_sample_cs, b0, n);
     if (strategy == kGram1) cs.insert(cs.begin(), {saved.cs[0], saved.cs[1]});
     Tensor v = net.projections.defined() ? net.projections.narrow(0, b0, n) : Tensor();
@@ -606,7 +633,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
   return {y, sq, net.pack_saved(saved, options)};
 }
 
-// y = mlp(x), jac[b] = d y_b / d h_layer,b (B, m, n_layer) and `saved`, tile by tile; with gram
+// y = mlp(x), jac[b] = d y_b / d h_layer,b (B, m, n_layer) and `saved`, the carries tile by tile; with gram
 // (strategy kReverseGram, layer 0), jac[b] = J_b J_b^T (B, m, m) by the Gram epilogue instead:
 // S G S^T with G = W_1 W_1^T once per batch, m n_1^2 instead of m n_1 n_0 multiply-adds per sample.
 template <class Kernels>
@@ -628,12 +655,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
   Tensor wt = net.forward_mode() ? weights[layer].t().contiguous() : Tensor();
   Tensor w_last = weights[L - 1].contiguous();
   Tensor g = gram ? net.epilogue_gram() : Tensor();
+  net.mlp_forward(whole_batch_hs(x, saved.hidden, y), saved.ds, saved.d2s);
   Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
-    std::vector<Tensor> hs = {x.narrow(0, b0, n)};
-    for (const Tensor& h : batch_rows(saved.hidden, b0, n)) hs.push_back(h);
-    hs.push_back(y.narrow(0, b0, n));
-    std::vector<Tensor> ds = batch_rows(saved.ds, b0, n), d2s = batch_rows(saved.d2s, b0, n);
-    net.mlp_forward(hs, ds, d2s);
+    std::vector<Tensor> ds = batch_rows(saved.ds, b0, n);
     std::vector<Tensor> cs = batch_rows(saved.cs, b0, n);
     Tensor jac_tile = jac.narrow(0, b0, n);
     if (net.forward_mode()) {
@@ -717,23 +741,40 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
   const int64_t shared_carries = strategy == kGram1 ? 2 : 0;
   std::vector<Tensor> per_sample_cs(cs.begin() + shared_carries, cs.end());
   std::vector<WorkerSums> sums(Kernels::max_workers(), WorkerSums(L));
-  Kernels::for_tiles(B, tile, [&](int64_t worker, int64_t b0, int64_t n) {
-    BackwardTile t;
-    t.n = n;
-    t.hs = {x.narrow(0, b0, n)};
-    for (const Tensor& h : batch_rows(hidden, b0, n)) t.hs.push_back(h);
-    t.ds = batch_rows(ds, b0, n);
-    t.d2s = batch_rows(d2s, b0, n);
-    t.cs = batch_rows(per_sample_cs, b0, n);
-    if (strategy == kGram1) t.cs.insert(t.cs.begin(), {cs[0], cs[1]});
-    if (net.projections.defined()) t.projections = net.projections.narrow(0, b0, n);
-    if (grad_y.has_value() && grad_y->defined()) t.grad_y = grad_y->narrow(0, b0, n);
-    if (has_sq) t.grad_sq = grad_sq->narrow(0, b0, n);
-    if (has_jac) t.grad_jac = grad_jac->narrow(0, b0, n);
-    t.grad_carries = batch_rows(carry_grads, b0, n);
-    if (input_grad) t.grad_x = grad_x.narrow(0, b0, n);
-    net.backward_tile(t, sums[worker], wt, w_last);
-  });
+  // The carries' sweep, tile by tile, where a gradient reaches them: their weight gradients and
+  // the adjoints of d (for the whole batch, read by the MLP backward below).
+  std::vector<Tensor> adj_d(L);
+  const bool carries_reached = has_sq || has_jac || std::any_of(carry_grads.begin(), carry_grads.end(),
+                                                                  [](const Tensor& g) { return g.defined(); });
+  if (carries_reached) {
+    for (const auto i : c10::irange(L)) {
+      if (net.has_adj_d(i)) adj_d[i] = net.empty({B, net.width(i + 1)}, options);
+    }
+    Kernels::for_tiles(B, tile, [&](int64_t worker, int64_t b0, int64_t n) {
+      BackwardTile t;
+      t.n = n;
+      t.hs = {x.narrow(0, b0, n)};
+      t.ds = batch_rows(ds, b0, n);
+      t.cs = batch_rows(per_sample_cs, b0, n);
+      if (strategy == kGram1) t.cs.insert(t.cs.begin(), {cs[0], cs[1]});
+      if (net.projections.defined()) t.projections = net.projections.narrow(0, b0, n);
+      if (has_sq) t.grad_sq = grad_sq->narrow(0, b0, n);
+      if (has_jac) t.grad_jac = grad_jac->narrow(0, b0, n);
+      t.grad_carries = batch_rows(carry_grads, b0, n);
+      t.adj_d = batch_rows(adj_d, b0, n);
+      net.carries_backward_tile(t, sums[worker], wt, w_last);
+    });
+  }
+  // The MLP backward on the whole batch (its weight gradients into the first worker's sums).
+  BackwardTile whole;
+  whole.n = B;
+  whole.hs = whole_batch_hs(x, hidden, Tensor());
+  whole.ds = ds;
+  whole.d2s = d2s;
+  whole.adj_d = adj_d;
+  if (grad_y.has_value() && grad_y->defined()) whole.grad_y = *grad_y;
+  whole.grad_x = grad_x;
+  net.mlp_backward(whole, sums[0]);
 
   // Add up the workers' sums; a layer nothing reached gets zeros.
   auto total = [&](auto member, int64_t i, at::IntArrayRef sizes) {

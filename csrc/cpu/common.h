@@ -22,8 +22,10 @@ inline int64_t sample_grain(int64_t per_sample) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(per_sample, 1));
 }
 
-// f(worker, first sample, samples) for each tile of `tile` samples (0: one tile of B), the tiles
-// spread over the threads; worker is the thread's index, for its own gradient sums.
+// f(worker, first sample, samples) for each tile of at most `tile` samples (0: one tile of B), the
+// tiles spread over the threads; worker is the thread's index, for its own gradient sums. The
+// ceil(B / tile) tiles differ by at most one sample (B = 128 in tiles of 22: 22, 22, 21, 21, 21,
+// 21, not five of 22 and one of 18), so that the threads' shares are as even as they can be.
 template <class F>
 void for_tiles(int64_t B, int64_t tile, F&& f) {
   if (B == 0) return;
@@ -31,13 +33,13 @@ void for_tiles(int64_t B, int64_t tile, F&& f) {
     f(0, 0, B);
     return;
   }
-  const int64_t n_tiles = (B + tile - 1) / tile;
+  const int64_t n_tiles = (B + tile - 1) / tile, base = B / n_tiles, longer = B % n_tiles;
   // The op runs below autograd: its worker threads must too (dispatch keys, grad mode, ...).
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, n_tiles, 1, [&](int64_t first, int64_t last) {
     at::ThreadLocalStateGuard state_guard(caller_state);
     const int64_t worker = at::get_thread_num();
-    for (int64_t t = first; t < last; ++t) f(worker, t * tile, std::min(tile, B - t * tile));
+    for (int64_t t = first; t < last; ++t) f(worker, t * base + std::min(t, longer), base + (t < longer ? 1 : 0));
   });
 }
 
