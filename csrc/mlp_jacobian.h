@@ -373,6 +373,22 @@ struct MLPJacobian {
                               : scaled(cs[L - 3], ds[L - 2], Tensor(), Tensor(), 1.0, n);
   }
 
+  // Multiply-adds of the MLP's forward over n samples (its backward: about twice), and of the
+  // Grams' full products (the backward's; the forward writes about half, the lower blocks): the
+  // costs Kernels::side_by_side weighs.
+  double mlp_macs(int64_t n) const {
+    double macs = 0;
+    for (const auto i : c10::irange(depth())) macs += static_cast<double>(width(i)) * width(i + 1);
+    return macs * n;
+  }
+  double gram_macs() const {
+    const auto square = [](int64_t k) { return static_cast<double>(k) * k; };
+    if (strategy == kGram1) return square(width(1)) * (width(0) + width(2));
+    if (strategy == kReverseGram) return square(width(1)) * width(0);
+    if (strategy == kForwardGram) return square(width(depth() - 1)) * width(depth());
+    return 0;
+  }
+
   // The sample-independent Gram of the epilogue: G = W_1 W_1^T (reverse) or H = W_L^T W_L.
   Tensor epilogue_gram() const {
     const Tensor& w = strategy == kReverseGram ? weights[0] : weights[depth() - 1];
@@ -417,11 +433,10 @@ struct MLPJacobian {
   // gradients added to `sums`, the adjoints of d written into t.adj_d.
   void carries_backward_tile(BackwardTile& t, WorkerSums& sums, const Tensor& wt, const Tensor& w_last) const {
     const int64_t L = depth(), n = t.n;
-    const auto options = t.hs[0].options();
+    const auto options = w_last.options();
     std::vector<Tensor>& adj_d = t.adj_d;
     const Tensor& g = t.grad_sq;
-    bool has_carries = false;
-    for (const Tensor& c : t.grad_carries) has_carries = has_carries || c.defined();
+    // The caller runs this only where a gradient reaches the carries (g, grad_jac or a carry's).
     if (strategy == kGram1) {
       if (g.defined()) {
         // sum_b g_b d_b^T M d_b: d/dd_b = 2 g_b M d_b; dM = sum_b g_b d_b d_b^T (weights: at the end)
@@ -429,7 +444,7 @@ struct MLPJacobian {
         if (has_d2(0)) Kernels::scale(t.cs[2].unsqueeze(1), Tensor(), Tensor(), g, 2.0, adj_d[0].unsqueeze(1));
         add_mm_lower(sums.gram, scaled_by_loss(d.unsqueeze(1), g, 1.0).squeeze(1).t(), d);
       }
-    } else if (gram_epilogue_mode() && (g.defined() || t.grad_jac.defined() || has_carries)) {
+    } else if (gram_epilogue_mode()) {
       // sum_b g_b tr(S_b G S_b^T): d/dS_b = 2 g_b P_b, dG = sum_b g_b S_b^T S_b. mlp_jacobian's
       // J J^T = S G S^T with gradient A: d/dS_b = (A_b + A_b^T) P_b, dG = sum_b S_b^T sym(A_b) S_b
       // with sym(A) = (A + A^T) / 2. (The weights' share of dG: at the end.)
@@ -447,7 +462,7 @@ struct MLPJacobian {
       }
       if (!adj.defined()) adj = empty(s.sizes(), options).zero_();  // only carry gradients
       carry_backward(adj, t, sums, adj_d, wt, w_last);
-    } else if (g.defined() || t.grad_jac.defined() || has_carries) {
+    } else {
       // The adjoint of the final carry: J (reverse) or J^T = U^(L) D_L (forward).
       Tensor adj;
       if (g.defined()) {
@@ -463,7 +478,7 @@ struct MLPJacobian {
         }
       };
       if (t.grad_jac.defined()) accumulate(forward_mode() ? t.grad_jac.transpose(1, 2) : t.grad_jac);
-      if (has_carries && t.grad_carries.back().defined()) accumulate(t.grad_carries.back());
+      if (!t.grad_carries.empty() && t.grad_carries.back().defined()) accumulate(t.grad_carries.back());
       if (!adj.defined()) adj = empty(t.cs.back().sizes(), options).zero_();
       carry_backward(adj, t, sums, adj_d, wt, w_last);
     }
@@ -613,16 +628,19 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
   // What every tile shares, once per call: the Grams, W^T for forward mode's first carry, and
   // the last weight contiguous for the reverse mode's first carry.
   Tensor gram, wt, w_last = weights[L - 1].contiguous();
-  if (strategy == kGram1) {
-    symmetric_mm_out(saved.cs[0], weights[0], weights[0].t());
-    symmetric_mm_out(saved.cs[1], weights[1].t(), weights[1]);
-    gram = saved.cs[0] * saved.cs[1];
-  } else if (net.gram_epilogue_mode()) {
-    gram = net.epilogue_gram();
-  }
+  auto grams = [&] {
+    if (strategy == kGram1) {
+      symmetric_mm_out(saved.cs[0], weights[0], weights[0].t());
+      symmetric_mm_out(saved.cs[1], weights[1].t(), weights[1]);
+      gram = saved.cs[0] * saved.cs[1];
+    } else if (net.gram_epilogue_mode()) {
+      gram = net.epilogue_gram();
+    }
+  };
   if (net.forward_mode()) wt = weights[0].t().contiguous();
   std::vector<Tensor> per_sample_cs(saved.cs.begin() + (strategy == kGram1 ? 2 : 0), saved.cs.end());
-  net.mlp_forward(whole_batch_hs(x, saved.hidden, y), saved.ds, saved.d2s);
+  auto mlp = [&] { net.mlp_forward(whole_batch_hs(x, saved.hidden, y), saved.ds, saved.d2s); };
+  Kernels::side_by_side(net.mlp_macs(B), mlp, net.gram_macs() / 2, grams);
   Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
     std::vector<Tensor> ds = batch_rows(saved.ds, b0, n);
     std::vector<Tensor> cs = batch_rows(per_sample_cs, b0, n);
@@ -654,8 +672,11 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
   auto saved = net.allocate_saved(B, options);
   Tensor wt = net.forward_mode() ? weights[layer].t().contiguous() : Tensor();
   Tensor w_last = weights[L - 1].contiguous();
-  Tensor g = gram ? net.epilogue_gram() : Tensor();
-  net.mlp_forward(whole_batch_hs(x, saved.hidden, y), saved.ds, saved.d2s);
+  Tensor g;
+  auto mlp = [&] { net.mlp_forward(whole_batch_hs(x, saved.hidden, y), saved.ds, saved.d2s); };
+  Kernels::side_by_side(net.mlp_macs(B), mlp, gram ? net.gram_macs() / 2 : 0.0, [&] {
+    if (gram) g = net.epilogue_gram();
+  });
   Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
     std::vector<Tensor> ds = batch_rows(saved.ds, b0, n);
     std::vector<Tensor> cs = batch_rows(saved.cs, b0, n);
@@ -753,7 +774,6 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     Kernels::for_tiles(B, tile, [&](int64_t worker, int64_t b0, int64_t n) {
       BackwardTile t;
       t.n = n;
-      t.hs = {x.narrow(0, b0, n)};
       t.ds = batch_rows(ds, b0, n);
       t.cs = batch_rows(per_sample_cs, b0, n);
       if (strategy == kGram1) t.cs.insert(t.cs.begin(), {cs[0], cs[1]});
@@ -765,17 +785,6 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
       net.carries_backward_tile(t, sums[worker], wt, w_last);
     });
   }
-  // The MLP backward on the whole batch (its weight gradients into the first worker's sums).
-  BackwardTile whole;
-  whole.n = B;
-  whole.hs = whole_batch_hs(x, hidden, Tensor());
-  whole.ds = ds;
-  whole.d2s = d2s;
-  whole.adj_d = adj_d;
-  if (grad_y.has_value() && grad_y->defined()) whole.grad_y = *grad_y;
-  whole.grad_x = grad_x;
-  net.mlp_backward(whole, sums[0]);
-
   // Add up the workers' sums; a layer nothing reached gets zeros.
   auto total = [&](auto member, int64_t i, at::IntArrayRef sizes) {
     Tensor out;
@@ -802,23 +811,44 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     }
     return out;
   };
+  // The Grams' share of the weight gradients, without its factor 2 (added with it below).
+  std::vector<Tensor> gram_w(L);
+  auto gram_grads = [&] {
+    Tensor dgram = total_of(&WorkerSums::gram);
+    if (!dgram.defined()) return;
+    mirror_lower_(dgram);
+    auto product = [&](int64_t i, const Tensor& a, const Tensor& b) {
+      gram_w[i] = net.empty(weights[i].sizes(), options);
+      Kernels::mm(gram_w[i], a, b);
+    };
+    if (strategy == kGram1) {  // d/dW_1 = 2 (dM .* G2) W_1, d/dW_2 = 2 W_2 (dM .* G1)
+      product(0, dgram * cs[1], weights[0]);
+      product(1, weights[1], dgram * cs[0]);
+    } else if (strategy == kReverseGram) {  // G = W_1 W_1^T: d/dW_1 = 2 dG W_1
+      product(0, dgram, weights[0]);
+    } else {  // H = W_L^T W_L: d/dW_L = 2 W_L dH
+      product(L - 1, weights[L - 1], dgram);
+    }
+  };
+  // The MLP backward on the whole batch (its weight gradients into the first worker's sums),
+  // beside the Grams' products: neither reads what the other writes.
+  BackwardTile whole;
+  whole.n = B;
+  whole.hs = whole_batch_hs(x, hidden, Tensor());
+  whole.ds = ds;
+  whole.d2s = d2s;
+  whole.adj_d = adj_d;
+  if (grad_y.has_value() && grad_y->defined()) whole.grad_y = *grad_y;
+  whole.grad_x = grad_x;
+  Kernels::side_by_side(2 * net.mlp_macs(B), [&] { net.mlp_backward(whole, sums[0]); }, net.gram_macs(), gram_grads);
+
   std::vector<Tensor> grad_w(L), grad_b(L);
   for (const auto i : c10::irange(L)) {
     grad_w[i] = total(&WorkerSums::w, i, weights[i].sizes());
     grad_b[i] = bias_at(biases, i) ? total(&WorkerSums::b, i, {net.width(i + 1)}) : at::empty({0}, options);
+    if (gram_w[i].defined()) grad_w[i].add_(gram_w[i], 2.0);
   }
   if (Tensor gwt = total_of(&WorkerSums::wt); gwt.defined()) grad_w[layer].add_(gwt.t());
-  if (Tensor dgram = total_of(&WorkerSums::gram); dgram.defined()) {
-    mirror_lower_(dgram);
-    if (strategy == kGram1) {  // d/dW_1 = 2 (dM .* G2) W_1, d/dW_2 = 2 W_2 (dM .* G1)
-      grad_w[0].addmm_(dgram * cs[1], weights[0], 1.0, 2.0);
-      grad_w[1].addmm_(weights[1], dgram * cs[0], 1.0, 2.0);
-    } else if (strategy == kReverseGram) {  // G = W_1 W_1^T: d/dW_1 = 2 dG W_1
-      grad_w[0].addmm_(dgram, weights[0], 1.0, 2.0);
-    } else {  // H = W_L^T W_L: d/dW_L = 2 W_L dH
-      grad_w[L - 1].addmm_(weights[L - 1], dgram, 1.0, 2.0);
-    }
-  }
   return {input_grad ? std::optional<Tensor>(grad_x) : std::nullopt, grad_w, grad_b};
 }
 

@@ -110,6 +110,36 @@ def test_tile_boundaries_against_torch_func(strategy, batch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+# Widths and batches at which the MLP's multiply-adds and the Grams' balance (common.h's
+# side_by_side): forward B * sum(n_i n_i+1) against half the Grams' products, backward twice that.
+SIDE_BY_SIDE = {"reverse_gram": ((16, 16, 3), 7), "forward_gram": ((3, 16, 16), 7), "gram1": ((8, 16, 8), 8)}
+
+
+@pytest.mark.parametrize("strategy", SIDE_BY_SIDE)
+def test_side_by_side_chains_match_one_thread_and_torch_func(strategy):
+    """On two threads the MLP and the Grams' products run side by side where their costs balance:
+    the profile must show it (forward and backward), and values and gradients must equal one
+    thread's (in turn) to 1e-12 and torch.func's in float64."""
+    widths, batch = SIDE_BY_SIDE[strategy]
+    model = make_mlp(list(widths), nn.Tanh)
+    x = torch.randn(batch, widths[0], dtype=torch.float64, requires_grad=True)
+    fn = lambda x: frobenius(model, x, ALL_STRATEGIES[strategy], 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = values_and_grads(model, x, fn)
+        torch.set_num_threads(2)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            two = values_and_grads(model, x, fn)
+    finally:
+        torch.set_num_threads(threads)
+    assert [e.name for e in prof.events()].count("jacext::side_by_side") == 2
+    ref = values_and_grads(model, x, lambda x: jacobian_frobenius_ref(model, x))
+    for a, b, r in zip([two[0], two[1], *two[2]], [one[0], one[1], *one[2]], [ref[0], ref[1], *ref[2]]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("batch", [1, TILE + 1, 3 * TILE + 2])
 @pytest.mark.parametrize("strategy", ["reverse", "forward"])
 def test_tiled_jacobian_and_carries(strategy, batch):

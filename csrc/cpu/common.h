@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 
@@ -40,6 +41,28 @@ void for_tiles(int64_t B, int64_t tile, F&& f) {
     at::ThreadLocalStateGuard state_guard(caller_state);
     const int64_t worker = at::get_thread_num();
     for (int64_t t = first; t < last; ++t) f(worker, t * base + std::min(t, longer), base + (t < longer ? 1 : 0));
+  });
+}
+
+// f() and g(), two independent chains of GEMMs (the MLP's layers and a Gram's products) of about
+// f_macs and g_macs multiply-adds: side by side on two threads, each with single-threaded GEMMs,
+// where the op has exactly two threads and neither chain is more than 1.5x the other; in turn,
+// each with every thread, otherwise. MKL splits P2's 128-row GEMMs over two threads at 1.2x to
+// 1.4x one thread's rate; two balanced chains side by side run at up to 2x (P2's step in 0.94x
+// the time, bench/ab_step.py). With more threads, one chain each would leave the rest idle.
+template <class F, class G>
+void side_by_side(double f_macs, F&& f, double g_macs, G&& g) {
+  const bool balanced = std::max(f_macs, g_macs) <= 1.5 * std::min(f_macs, g_macs);
+  if (!balanced || at::get_num_threads() != 2 || at::in_parallel_region()) {
+    f();
+    g();
+    return;
+  }
+  RECORD_FUNCTION("jacext::side_by_side", {});  // named in profiles (and seen by the tests)
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, 2, 1, [&](int64_t first, int64_t last) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t chain = first; chain < last; ++chain) chain == 0 ? f() : g();
   });
 }
 

@@ -480,6 +480,11 @@ struct CpuKernels {
     jacext::for_tiles(B, tile, std::forward<F>(f));
   }
 
+  template <class F, class G>
+  static void side_by_side(double f_macs, F&& f, double g_macs, G&& g) {  // common.h
+    jacext::side_by_side(f_macs, std::forward<F>(f), g_macs, std::forward<G>(g));
+  }
+
   // In place: h holds y on entry and act(y) on exit; d = act'(y) and d2 = act''(y) where defined.
   static void activation_(const Tensor& h, const Tensor& d, const Tensor& d2, int64_t code, double p0,
                           double p1) {

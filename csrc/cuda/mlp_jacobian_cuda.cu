@@ -150,6 +150,13 @@ struct CudaKernels {
     if (B > 0) f(0, 0, B);
   }
 
+  // One stream: the two chains in turn (each GEMM fills the GPU).
+  template <class F, class G>
+  static void side_by_side(double /*f_macs*/, F&& f, double /*g_macs*/, G&& g) {
+    f();
+    g();
+  }
+
   // out = a^T y + c w (w undefined: no such term; c a 0-d tensor, read on the device: no sync).
   static void rank_update(Tensor out, const Tensor& a, const Tensor& y, const Tensor& w, const Tensor& c) {
     mm(out, a.t(), y);
