@@ -375,7 +375,7 @@ struct MLPJacobian {
 
   // Multiply-adds of the MLP's forward over n samples (its backward: about twice), and of the
   // Grams' full products (the backward's; the forward writes about half, the lower blocks): the
-  // costs Kernels::side_by_side weighs.
+  // costs Kernels::side_by_side_pays weighs.
   double mlp_macs(int64_t n) const {
     double macs = 0;
     for (const auto i : c10::irange(depth())) macs += static_cast<double>(width(i)) * width(i + 1);
@@ -640,7 +640,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
   if (net.forward_mode()) wt = weights[0].t().contiguous();
   std::vector<Tensor> per_sample_cs(saved.cs.begin() + (strategy == kGram1 ? 2 : 0), saved.cs.end());
   auto mlp = [&] { net.mlp_forward(whole_batch_hs(x, saved.hidden, y), saved.ds, saved.d2s); };
-  Kernels::side_by_side(net.mlp_macs(B), mlp, net.gram_macs() / 2, grams);
+  Kernels::side_by_side(Kernels::side_by_side_pays(net.mlp_macs(B), net.gram_macs() / 2), mlp, grams);
   Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
     std::vector<Tensor> ds = batch_rows(saved.ds, b0, n);
     std::vector<Tensor> cs = batch_rows(per_sample_cs, b0, n);
@@ -674,7 +674,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
   Tensor w_last = weights[L - 1].contiguous();
   Tensor g;
   auto mlp = [&] { net.mlp_forward(whole_batch_hs(x, saved.hidden, y), saved.ds, saved.d2s); };
-  Kernels::side_by_side(net.mlp_macs(B), mlp, gram ? net.gram_macs() / 2 : 0.0, [&] {
+  Kernels::side_by_side(Kernels::side_by_side_pays(net.mlp_macs(B), net.gram_macs() / 2), mlp, [&] {
     if (gram) g = net.epilogue_gram();
   });
   Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
@@ -811,27 +811,25 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     }
     return out;
   };
-  // The Grams' share of the weight gradients, without its factor 2 (added with it below).
-  std::vector<Tensor> gram_w(L);
+  // The MLP backward on the whole batch (its weight gradients into the first worker's sums) and
+  // the Grams' share of the weight gradients: side by side where that pays, the Grams' products
+  // then into sums of their own; in turn otherwise, accumulated into the MLP's (no extra pass).
+  const bool beside = Kernels::side_by_side_pays(2 * net.mlp_macs(B), net.gram_macs());
+  WorkerSums& gram_sums = beside ? sums.emplace_back(L) : sums[0];
   auto gram_grads = [&] {
     Tensor dgram = total_of(&WorkerSums::gram);
     if (!dgram.defined()) return;
     mirror_lower_(dgram);
-    auto product = [&](int64_t i, const Tensor& a, const Tensor& b) {
-      gram_w[i] = net.empty(weights[i].sizes(), options);
-      Kernels::mm(gram_w[i], a, b);
-    };
+    dgram.mul_(2.0);  // the Grams' gradients below all carry a factor 2
     if (strategy == kGram1) {  // d/dW_1 = 2 (dM .* G2) W_1, d/dW_2 = 2 W_2 (dM .* G1)
-      product(0, dgram * cs[1], weights[0]);
-      product(1, weights[1], dgram * cs[0]);
+      net.add_mm(gram_sums.w[0], dgram * cs[1], weights[0]);
+      net.add_mm(gram_sums.w[1], weights[1], dgram * cs[0]);
     } else if (strategy == kReverseGram) {  // G = W_1 W_1^T: d/dW_1 = 2 dG W_1
-      product(0, dgram, weights[0]);
+      net.add_mm(gram_sums.w[0], dgram, weights[0]);
     } else {  // H = W_L^T W_L: d/dW_L = 2 W_L dH
-      product(L - 1, weights[L - 1], dgram);
+      net.add_mm(gram_sums.w[L - 1], weights[L - 1], dgram);
     }
   };
-  // The MLP backward on the whole batch (its weight gradients into the first worker's sums),
-  // beside the Grams' products: neither reads what the other writes.
   BackwardTile whole;
   whole.n = B;
   whole.hs = whole_batch_hs(x, hidden, Tensor());
@@ -840,13 +838,12 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
   whole.adj_d = adj_d;
   if (grad_y.has_value() && grad_y->defined()) whole.grad_y = *grad_y;
   whole.grad_x = grad_x;
-  Kernels::side_by_side(2 * net.mlp_macs(B), [&] { net.mlp_backward(whole, sums[0]); }, net.gram_macs(), gram_grads);
+  Kernels::side_by_side(beside, [&] { net.mlp_backward(whole, sums[0]); }, gram_grads);
 
   std::vector<Tensor> grad_w(L), grad_b(L);
   for (const auto i : c10::irange(L)) {
     grad_w[i] = total(&WorkerSums::w, i, weights[i].sizes());
     grad_b[i] = bias_at(biases, i) ? total(&WorkerSums::b, i, {net.width(i + 1)}) : at::empty({0}, options);
-    if (gram_w[i].defined()) grad_w[i].add_(gram_w[i], 2.0);
   }
   if (Tensor gwt = total_of(&WorkerSums::wt); gwt.defined()) grad_w[layer].add_(gwt.t());
   return {input_grad ? std::optional<Tensor>(grad_x) : std::nullopt, grad_w, grad_b};

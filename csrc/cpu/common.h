@@ -44,16 +44,22 @@ void for_tiles(int64_t B, int64_t tile, F&& f) {
   });
 }
 
-// f() and g(), two independent chains of GEMMs (the MLP's layers and a Gram's products) of about
-// f_macs and g_macs multiply-adds: side by side on two threads, each with single-threaded GEMMs,
-// where the op has exactly two threads and neither chain is more than 1.5x the other; in turn,
-// each with every thread, otherwise. MKL splits P2's 128-row GEMMs over two threads at 1.2x to
-// 1.4x one thread's rate; two balanced chains side by side run at up to 2x (P2's step in 0.94x
-// the time, bench/ab_step.py). With more threads, one chain each would leave the rest idle.
+// Whether two independent chains of GEMMs (the MLP's layers and a Gram's products) of about
+// f_macs and g_macs multiply-adds pay to run side by side (side_by_side): where the op has exactly
+// two threads and neither chain is more than 1.5x the other. MKL splits P2's 128-row GEMMs over
+// two threads at 1.2x to 1.4x one thread's rate; two balanced chains side by side run at up to
+// 2x (P2's step in 0.94x the time, bench/ab_step.py). With more threads, one chain each would
+// leave the rest idle.
+inline bool side_by_side_pays(double f_macs, double g_macs) {
+  return std::min(f_macs, g_macs) > 0 && std::max(f_macs, g_macs) <= 1.5 * std::min(f_macs, g_macs) &&
+         at::get_num_threads() == 2 && !at::in_parallel_region();
+}
+
+// f() and g(): side by side on two threads, each with single-threaded GEMMs, when `beside`
+// (side_by_side_pays); in turn, each with every thread, otherwise.
 template <class F, class G>
-void side_by_side(double f_macs, F&& f, double g_macs, G&& g) {
-  const bool balanced = std::max(f_macs, g_macs) <= 1.5 * std::min(f_macs, g_macs);
-  if (!balanced || at::get_num_threads() != 2 || at::in_parallel_region()) {
+void side_by_side(bool beside, F&& f, G&& g) {
+  if (!beside) {
     f();
     g();
     return;

@@ -480,9 +480,12 @@ struct CpuKernels {
     jacext::for_tiles(B, tile, std::forward<F>(f));
   }
 
+  static bool side_by_side_pays(double f_macs, double g_macs) {  // common.h
+    return jacext::side_by_side_pays(f_macs, g_macs);
+  }
   template <class F, class G>
-  static void side_by_side(double f_macs, F&& f, double g_macs, G&& g) {  // common.h
-    jacext::side_by_side(f_macs, std::forward<F>(f), g_macs, std::forward<G>(g));
+  static void side_by_side(bool beside, F&& f, G&& g) {  // common.h
+    jacext::side_by_side(beside, std::forward<F>(f), std::forward<G>(g));
   }
 
   // In place: h holds y on entry and act(y) on exit; d = act'(y) and d2 = act''(y) where defined.
