@@ -1,6 +1,7 @@
 """Before/after check of jacext's penalty step between two checkouts (is a change a regression?).
 
-Runs one case's step (jacobian_frobenius, method "auto", forward + backward, tanh, float32) in a
+Runs one case's step (jacobian_frobenius, method "auto", forward + backward, tanh, float32; the
+loss is the penalty's mean, as in bench_frobenius, or with --with-output the output's too) in a
 fresh process of each checkout's Python, alternately before/after, `--pairs` times, and prints
 every run's median step time and the ratio of the medians. Alternating cancels the drift of a
 noisy machine that separate bench runs suffer from.
@@ -21,16 +22,21 @@ import subprocess
 import sys
 import time
 
-CASES = {"P1": ([784, 1024, 1000], 64), "P1b": ([784, 1024, 1000], 256), "P2": ([784, 256, 256, 10], 128),
-         "P3": ([784, 1024, 1024, 1000], 64), "P4": ([784, 256, 32, 256, 784], 128)}
+# name: (widths, batch, output activation), as in bench_frobenius
+CASES = {"P1": ([784, 1024, 1000], 64, None), "P1b": ([784, 1024, 1000], 256, None),
+         "P2": ([784, 256, 256, 10], 128, None), "P3": ([784, 1024, 1024, 1000], 64, None),
+         "P4": ([784, 256, 32, 256, 784], 128, None), "P5": ([64, 256, 256], 256, "tanh"),
+         "P6": ([64, 256, 256, 10], 256, None)}
 WORKER = """
 import statistics, sys, time, torch, jacext
-widths, batch, steps = {widths}, {batch}, {steps}
+widths, batch, output_activation, steps, with_output = {widths}, {batch}, {output!r}, {steps}, {with_output}
 torch.manual_seed(0)
-model = jacext.MLP(widths, activation="tanh"); x = torch.randn(batch, widths[0])
+model = jacext.MLP(widths, activation="tanh", output_activation=output_activation)
+x = torch.randn(batch, widths[0])
 def step():
+    model.zero_grad(set_to_none=True)
     y, sq = jacext.jacobian_frobenius(model, x)
-    (y.square().mean() + sq.mean()).backward()
+    (y.square().mean() + sq.mean() if with_output else sq.mean()).backward()
 for _ in range(5):
     step()
 times = []
@@ -40,9 +46,10 @@ print(jacext.__file__, statistics.median(times))
 """
 
 
-def run(python, folder, case, steps):
-    widths, batch = CASES[case]
-    out = subprocess.run([python, "-c", WORKER.format(widths=widths, batch=batch, steps=steps)], cwd=folder,
+def run(python, folder, case, steps, with_output):
+    widths, batch, output = CASES[case]
+    code = WORKER.format(widths=widths, batch=batch, output=output, steps=steps, with_output=with_output)
+    out = subprocess.run([python, "-c", code], cwd=folder,
                          capture_output=True, text=True, check=True).stdout.split()
     return out[-2], float(out[-1])
 
@@ -57,6 +64,7 @@ def main():
     parser.add_argument("--cases", default="P1,P1b,P4")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (after 5 untimed)")
+    parser.add_argument("--with-output", action="store_true", help="loss: mean(y^2) + the penalty's mean")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results = []
@@ -66,7 +74,7 @@ def main():
             for side in ("before", "after"):
                 python, folder = (args.before_python, args.before_dir) if side == "before" else (args.after_python,
                                                                                                  args.after_dir)
-                where, seconds = run(python, folder, case, args.steps)
+                where, seconds = run(python, folder, case, args.steps, args.with_output)
                 times[side].append(seconds)
                 print(f"{case} {side:6} {seconds * 1e3:8.1f} ms  ({where})", flush=True)
         ratio = statistics.median(times["after"]) / statistics.median(times["before"])

@@ -14,10 +14,11 @@
 // activation-derivative combination fused with the bias-gradient reduction.
 //
 // Tiles. Every op runs its carries in tiles of `tile` samples (0: one tile, the whole batch): a
-// worker takes a tile through every carry step, forward or backward, before the next, so the
+// thread takes a tile through every carry step, forward or backward, before the next, so the
 // tile's temporaries stay in cache and are reused (Kernels::empty: a caching workspace on CPU),
-// and the workers run their tiles side by side, each with single-threaded GEMMs; weight gradients
-// are summed per worker and added up at the end. The MLP itself (its forward, and its backward
+// and the threads run their tiles side by side, each with single-threaded GEMMs; weight gradients
+// are summed per slot (a thread's own tiles, or one tile that may change threads: cpu/common.h
+// TileSchedule) and the slots added up in order at the end. The MLP itself (its forward, and its backward
 // from the carries' adjoints of d) runs on the whole batch around the tiles: its activations are
 // (B, n_i), small next to the carries, and a tile's few rows would make its GEMMs thin (a rank-n
 // update of each weight's gradient per tile). The CPU planner picks the tile (jacext/planner.py
@@ -200,14 +201,14 @@ T* mutable_or_null(const Tensor& t) {
 }
 inline Tensor optional_contiguous(const Tensor& t) { return t.defined() ? t.contiguous() : t; }
 
-// One worker's sums over its tiles (see the comment at the top): weight and bias gradients per
+// One slot's sums over its tiles (see the comment at the top): weight and bias gradients per
 // layer, forward mode's first-carry weight gradient in W^T's layout, and the Gram epilogues'
 // dG = sum_b g_b S_b^T S_b (kGram1: dM = sum_b g_b d_b d_b^T; lower blocks only, see addmm_lower_).
 // Undefined until a tile adds to it.
-struct WorkerSums {
+struct GradientSums {
   std::vector<Tensor> w, b;
   Tensor wt, gram;
-  explicit WorkerSums(int64_t layers) : w(layers), b(layers) {}
+  explicit GradientSums(int64_t layers) : w(layers), b(layers) {}
 };
 
 // What the backward reads and writes, for a tile of the carries' sweep (its rows of x, d, the
@@ -431,7 +432,7 @@ struct MLPJacobian {
 
   // One tile of the backward's carries (the comment above mlp_jacobian_backward): their weight
   // gradients added to `sums`, the adjoints of d written into t.adj_d.
-  void carries_backward_tile(BackwardTile& t, WorkerSums& sums, const Tensor& wt, const Tensor& w_last) const {
+  void carries_backward_tile(BackwardTile& t, GradientSums& sums, const Tensor& wt, const Tensor& w_last) const {
     const int64_t L = depth(), n = t.n;
     const auto options = w_last.options();
     std::vector<Tensor>& adj_d = t.adj_d;
@@ -499,7 +500,7 @@ struct MLPJacobian {
   // Adjoint sweep over one tile: given the adjoint of the final carry (for the Gram epilogues: of
   // S), add the weight gradients of the carries to `sums` and set the adjoints of d[layer..] that
   // act'' needs (adj_d). `adj` is the sweep's own: it is scaled in place.
-  void carry_backward(Tensor adj, BackwardTile& t, WorkerSums& sums, std::vector<Tensor>& adj_d,
+  void carry_backward(Tensor adj, BackwardTile& t, GradientSums& sums, std::vector<Tensor>& adj_d,
                       const Tensor& wt, const Tensor& w_last) const {
     const int64_t L = depth(), n = t.n;
     const auto& ds = t.ds;
@@ -556,7 +557,7 @@ struct MLPJacobian {
   // The MLP's own backward (over the whole batch, t.n = B): d/dy_{i+1} = grad_h * d[i] +
   // adj_d[i] * act''[i], its bias gradient in the same pass; it stops where nothing flows (grad_h
   // and adj_d absent).
-  void mlp_backward(BackwardTile& t, WorkerSums& sums) const {
+  void mlp_backward(BackwardTile& t, GradientSums& sums) const {
     const int64_t n = t.n;
     const std::vector<Tensor>& adj_d = t.adj_d;
     const auto options = t.hs[0].options();
@@ -641,7 +642,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
   std::vector<Tensor> per_sample_cs(saved.cs.begin() + (strategy == kGram1 ? 2 : 0), saved.cs.end());
   auto mlp = [&] { net.mlp_forward(whole_batch_hs(x, saved.hidden, y), saved.ds, saved.d2s); };
   Kernels::side_by_side(Kernels::side_by_side_pays(net.mlp_macs(B), net.gram_macs() / 2), mlp, grams);
-  Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
+  Kernels::for_tiles(B, tile, [&](int64_t /*slot*/, int64_t b0, int64_t n) {
     std::vector<Tensor> ds = batch_rows(saved.ds, b0, n);
     std::vector<Tensor> cs = batch_rows(per_sample_cs, b0, n);
     if (strategy == kGram1) cs.insert(cs.begin(), {saved.cs[0], saved.cs[1]});
@@ -677,7 +678,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
   Kernels::side_by_side(Kernels::side_by_side_pays(net.mlp_macs(B), net.gram_macs() / 2), mlp, [&] {
     if (gram) g = net.epilogue_gram();
   });
-  Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
+  Kernels::for_tiles(B, tile, [&](int64_t /*slot*/, int64_t b0, int64_t n) {
     std::vector<Tensor> ds = batch_rows(saved.ds, b0, n);
     std::vector<Tensor> cs = batch_rows(saved.cs, b0, n);
     Tensor jac_tile = jac.narrow(0, b0, n);
@@ -700,7 +701,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
 
 // Gradients of  sum(grad_y * y) + sum(grad_sq * ||J||_F^2) + sum(grad_jac * J)
 // + sum(grad_carries * carries)  w.r.t. x (when input_grad; else undefined), the weights and the
-// biases (an empty tensor for a layer without bias), tile by tile: each worker sums its tiles'
+// biases (an empty tensor for a layer without bias), tile by tile: each slot sums its tiles'
 // weight gradients, and the sums (and the Grams' weight gradients) are added up at the end.
 template <class Kernels>
 std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backward(
@@ -761,7 +762,7 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
   // kGram1's G1 and G2 are sample-independent: not cut into tiles.
   const int64_t shared_carries = strategy == kGram1 ? 2 : 0;
   std::vector<Tensor> per_sample_cs(cs.begin() + shared_carries, cs.end());
-  std::vector<WorkerSums> sums(Kernels::max_workers(), WorkerSums(L));
+  std::vector<GradientSums> sums(Kernels::sum_slots(B, tile), GradientSums(L));
   // The carries' sweep, tile by tile, where a gradient reaches them: their weight gradients and
   // the adjoints of d (for the whole batch, read by the MLP backward below).
   std::vector<Tensor> adj_d(L);
@@ -771,7 +772,7 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     for (const auto i : c10::irange(L)) {
       if (net.has_adj_d(i)) adj_d[i] = net.empty({B, net.width(i + 1)}, options);
     }
-    Kernels::for_tiles(B, tile, [&](int64_t worker, int64_t b0, int64_t n) {
+    Kernels::for_tiles(B, tile, [&](int64_t slot, int64_t b0, int64_t n) {
       BackwardTile t;
       t.n = n;
       t.ds = batch_rows(ds, b0, n);
@@ -782,13 +783,13 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
       if (has_jac) t.grad_jac = grad_jac->narrow(0, b0, n);
       t.grad_carries = batch_rows(carry_grads, b0, n);
       t.adj_d = batch_rows(adj_d, b0, n);
-      net.carries_backward_tile(t, sums[worker], wt, w_last);
+      net.carries_backward_tile(t, sums[slot], wt, w_last);
     });
   }
-  // Add up the workers' sums; a layer nothing reached gets zeros.
+  // Add up the slots' sums in their order; a layer nothing reached gets zeros.
   auto total = [&](auto member, int64_t i, at::IntArrayRef sizes) {
     Tensor out;
-    for (WorkerSums& s : sums) {
+    for (GradientSums& s : sums) {
       Tensor& part = (s.*member)[i];
       if (!part.defined()) continue;
       if (out.defined()) {
@@ -799,9 +800,9 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     }
     return out.defined() ? out : net.empty(sizes, options).zero_();
   };
-  auto total_of = [&](Tensor WorkerSums::*member) {
+  auto total_of = [&](Tensor GradientSums::*member) {
     Tensor out;
-    for (WorkerSums& s : sums) {
+    for (GradientSums& s : sums) {
       if (!(s.*member).defined()) continue;
       if (out.defined()) {
         out.add_(s.*member);
@@ -811,13 +812,13 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     }
     return out;
   };
-  // The MLP backward on the whole batch (its weight gradients into the first worker's sums) and
+  // The MLP backward on the whole batch (its weight gradients into the first slot's sums) and
   // the Grams' share of the weight gradients: side by side where that pays, the Grams' products
   // then into sums of their own; in turn otherwise, accumulated into the MLP's (no extra pass).
   const bool beside = Kernels::side_by_side_pays(2 * net.mlp_macs(B), net.gram_macs());
-  WorkerSums& gram_sums = beside ? sums.emplace_back(L) : sums[0];
+  GradientSums& gram_sums = beside ? sums.emplace_back(L) : sums[0];
   auto gram_grads = [&] {
-    Tensor dgram = total_of(&WorkerSums::gram);
+    Tensor dgram = total_of(&GradientSums::gram);
     if (!dgram.defined()) return;
     mirror_lower_(dgram);
     dgram.mul_(2.0);  // the Grams' gradients below all carry a factor 2
@@ -842,10 +843,10 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
 
   std::vector<Tensor> grad_w(L), grad_b(L);
   for (const auto i : c10::irange(L)) {
-    grad_w[i] = total(&WorkerSums::w, i, weights[i].sizes());
-    grad_b[i] = bias_at(biases, i) ? total(&WorkerSums::b, i, {net.width(i + 1)}) : at::empty({0}, options);
+    grad_w[i] = total(&GradientSums::w, i, weights[i].sizes());
+    grad_b[i] = bias_at(biases, i) ? total(&GradientSums::b, i, {net.width(i + 1)}) : at::empty({0}, options);
   }
-  if (Tensor gwt = total_of(&WorkerSums::wt); gwt.defined()) grad_w[layer].add_(gwt.t());
+  if (Tensor gwt = total_of(&GradientSums::wt); gwt.defined()) grad_w[layer].add_(gwt.t());
   return {input_grad ? std::optional<Tensor>(grad_x) : std::nullopt, grad_w, grad_b};
 }
 

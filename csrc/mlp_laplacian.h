@@ -39,8 +39,8 @@
 // backward reads them (a carried layer with act'', when rows > 1), then one epilogue tensor: e
 // (B, n) for kForward without projections and kGram1, u = d_1 M^T (B, n_2) for kTraceGram2.
 //
-// Tiles as in mlp_jacobian.h: a worker takes a tile of samples through every layer, forward or
-// backward, its carries in cache; weight gradients are summed per worker.
+// Tiles as in mlp_jacobian.h: a thread takes a tile of samples through every layer, forward or
+// backward, its carries in cache; weight gradients are summed per slot (cpu/common.h TileSchedule).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
@@ -57,7 +57,7 @@ namespace carry {
 
 enum DiagonalStrategy : int64_t { kForward = 0, kGram1 = 1, kTraceGram2 = 2 };
 
-// What one worker sums over its tiles: weight and bias gradients per layer, and a closed form's
+// What one slot sums over its tiles: weight and bias gradients per layer, and a closed form's
 // dM = sum_b (adjoint) (d_1)^T. Undefined until a tile adds to it.
 struct CarrySums {
   std::vector<Tensor> w, b;
@@ -240,7 +240,7 @@ struct ForwardCarry {
     if (top < 0 && grad_x.defined()) grad_x.copy_(g.select(1, 0));  // no carried layer: g is C_0's adjoint
   }
 
-  // Adds the weight gradients of the workers' sums (empty layers: zeros).
+  // Adds the weight gradients of the slots' sums (empty layers: zeros).
   std::tuple<std::vector<Tensor>, std::vector<Tensor>> totals(std::vector<CarrySums>& sums,
                                                               const at::TensorOptions& options) const {
     std::vector<Tensor> grad_w(depth()), grad_b(depth());
@@ -310,7 +310,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_laplacian(
   Tensor y = net.empty({B, m}, options), lap = net.empty({B, m}, options);
   Tensor grad = gradient ? net.empty({B, m, n0}, options) : at::empty({0}, options);
   const CarrySaved saved = net.allocate_saved(B, 0, options);
-  Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
+  Kernels::for_tiles(B, tile, [&](int64_t /*slot*/, int64_t b0, int64_t n) {
     const auto t = net.tile_of(saved, b0, n);
     Tensor y_t = y.narrow(0, b0, n), lap_t = lap.narrow(0, b0, n);
     if (net.carried == L) {
@@ -356,14 +356,14 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
                 at::IntArrayRef(sizes), ", got ", g.sizes());
   }
   Tensor grad_x = input_grad ? net.empty(x.sizes(), options) : Tensor();
-  std::vector<CarrySums> sums(Kernels::max_workers(), CarrySums(L));
+  std::vector<CarrySums> sums(Kernels::sum_slots(B, tile), CarrySums(L));
   const std::vector<Tensor> no_adj_d(L);
-  Kernels::for_tiles(B, tile, [&](int64_t worker, int64_t b0, int64_t n) {
+  Kernels::for_tiles(B, tile, [&](int64_t slot, int64_t b0, int64_t n) {
     const auto t = net.tile_of(saved, b0, n);
     const Tensor x_t = x.narrow(0, b0, n), gx = input_grad ? grad_x.narrow(0, b0, n) : Tensor();
     const Tensor gy = grad_y.defined() ? grad_y.narrow(0, b0, n) : Tensor();
     const Tensor gl = grad_lap.defined() ? grad_lap.narrow(0, b0, n) : Tensor();
-    CarrySums& s = sums[worker];
+    CarrySums& s = sums[slot];
     if (net.carried == L) {
       Tensor g = net.empty({n, net.rows(), m}, options);
       copy_or_zero(g.select(1, 0), gy);
@@ -471,7 +471,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_diagonal(
   const int64_t extra = strategy == kTraceGram2 ? net.width(2) : v.defined() ? 0 : n0;
   const CarrySaved saved = net.allocate_saved(B, extra, options);
   const ClosedForm closed = closed_form(weights, strategy);
-  Kernels::for_tiles(B, tile, [&](int64_t /*worker*/, int64_t b0, int64_t n) {
+  Kernels::for_tiles(B, tile, [&](int64_t /*slot*/, int64_t b0, int64_t n) {
     const auto t = net.tile_of(saved, b0, n);
     const Tensor x_t = x.narrow(0, b0, n), y_t = y.narrow(0, b0, n);
     Tensor out_t = out.narrow(0, b0, n);
@@ -522,13 +522,13 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
               "shape ", at::IntArrayRef(out_sizes), ", got ", grad_out.sizes());
   const ClosedForm closed = closed_form(weights, strategy);
   Tensor grad_x = input_grad ? net.empty(x.sizes(), options) : Tensor();
-  std::vector<CarrySums> sums(Kernels::max_workers(), CarrySums(L));
-  Kernels::for_tiles(B, tile, [&](int64_t worker, int64_t b0, int64_t n) {
+  std::vector<CarrySums> sums(Kernels::sum_slots(B, tile), CarrySums(L));
+  Kernels::for_tiles(B, tile, [&](int64_t slot, int64_t b0, int64_t n) {
     const auto t = net.tile_of(saved, b0, n);
     const Tensor x_t = x.narrow(0, b0, n), gx = input_grad ? grad_x.narrow(0, b0, n) : Tensor();
     const Tensor gy = grad_y.defined() ? grad_y.narrow(0, b0, n) : Tensor();
     const Tensor go = grad_out.defined() ? grad_out.narrow(0, b0, n) : Tensor();
-    CarrySums& s = sums[worker];
+    CarrySums& s = sums[slot];
     std::vector<Tensor> adj_d(L);
     if (v.defined()) {  // T_j's adjoint: grad_out_j v_j
       Tensor g = net.empty({n, net.rows(), n0}, options);

@@ -1,9 +1,10 @@
 """The fused engine (csrc/mlp_jacobian.h): tiles, the workspace, and the dead work it skips.
 
 Tiles: the ops cut the batch into tiles of `tile` samples (the planner's choice; the keyword-only
-op argument), each worker summing its tiles' weight gradients. Tiled and whole-batch (tile=0)
-runs must give the same values and gradients (to rounding: 1e-12 in float64) for every strategy
-and activation, and both must match torch.func at the tile boundaries."""
+op argument), each thread summing its own tiles' weight gradients, and each tile that may change
+threads into a slot of its own. Tiled and whole-batch (tile=0) runs must give the same values
+and gradients (to rounding: 1e-12 in float64) for every strategy and activation, and both must
+match torch.func at the tile boundaries."""
 import ctypes
 import resource
 
@@ -363,3 +364,35 @@ def test_gram_output_with_carry_gradients():
         torch.testing.assert_close(g, j @ j.transpose(1, 2), rtol=1e-10, atol=1e-10)
     for a, b in zip(grads(grams), grads([j @ j.transpose(1, 2) for j in jacs])):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("strategy", ["reverse", "forward", "reverse_gram"])
+def test_tiles_taken_over_keep_gradients_bitwise_identical(strategy):
+    """A thread done with its own tiles takes the last quarter of the others' (for_tiles): each such
+    tile sums its weight gradients into a slot of its own, so gradients do not depend on which
+    thread ran it. Four threads on this machine's cores (some start late) make tiles change hands:
+    the profile must show it, every call's gradients must be equal to the bit, and match the whole
+    batch's and torch.func's in float64."""
+    model = make_mlp([6, 9, 8, 5], nn.Tanh)
+    x = torch.randn(64, 6, dtype=torch.float64, requires_grad=True)
+    code = ALL_STRATEGIES[strategy]
+    threads = torch.get_num_threads()
+    runs, taken_over = [], 0
+    try:
+        torch.set_num_threads(4)  # 32 tiles of 2: 4 lanes of 8, tails of 2
+        for _ in range(10):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                runs.append(values_and_grads(model, x, lambda x: frobenius(model, x, code, 2)))
+            taken_over += [e.name for e in prof.events()].count("jacext::tile_taken_over")
+    finally:
+        torch.set_num_threads(threads)
+    assert taken_over > 0, "no tile changed threads: the test did not exercise the tails"
+    for run in runs[1:]:
+        for a, b in zip([run[0], run[1], *run[2]], [runs[0][0], runs[0][1], *runs[0][2]]):
+            assert torch.equal(a, b)
+    whole = values_and_grads(model, x, lambda x: frobenius(model, x, code, 0))
+    ref = values_and_grads(model, x, lambda x: jacobian_frobenius_ref(model, x))
+    for a, b, r in zip([runs[0][0], runs[0][1], *runs[0][2]], [whole[0], whole[1], *whole[2]],
+                       [ref[0], ref[1], *ref[2]]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)

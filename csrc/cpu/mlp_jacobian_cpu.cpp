@@ -3,7 +3,7 @@
 // ../mlp_flow.h.
 //
 // Every pass loops over samples with at::parallel_for: on a whole batch (tile 0) it splits the
-// samples over the threads; inside a tile it runs on the tile's worker alone (at::parallel_for does
+// samples over the threads; inside a tile it runs on the tile's thread alone (at::parallel_for does
 // not nest), as do ATen's kernels and MKL's GEMMs called from it. The loops themselves are plain
 // functions over raw pointers (the "inner loops" below), each compiled for AVX2 + FMA and for the
 // baseline; inner loops run over the contiguous last dimension without branches, so that the
@@ -11,7 +11,6 @@
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
@@ -394,7 +393,7 @@ struct CpuKernels {
     return workspace_empty(sizes, options);
   }
 
-  static int64_t max_workers() { return at::get_num_threads(); }
+  static int64_t sum_slots(int64_t B, int64_t tile) { return TileSchedule(B, tile).slots(); }  // common.h
 
   // out = a b and out = bias + a b, into any tensor (a view). MKL runs a product with few rows
   // (a small batch) on one thread; outside tiles, its columns are split over the threads instead
@@ -409,9 +408,7 @@ struct CpuKernels {
       bias.defined() ? at::addmm_out(out, bias, a, b) : at::mm_out(out, a, b);
       return;
     }
-    const at::ThreadLocalState caller_state;
-    at::parallel_for(0, n, kSplitColumns / 4, [&](int64_t c0, int64_t c1) {
-      at::ThreadLocalStateGuard state_guard(caller_state);
+    parallel_for_as_caller(0, n, kSplitColumns / 4, [&](int64_t c0, int64_t c1) {
       Tensor part = out.narrow(1, c0, c1 - c0);
       if (bias.defined()) {
         at::addmm_out(part, bias.narrow(0, c0, c1 - c0), a, b.narrow(1, c0, c1 - c0));

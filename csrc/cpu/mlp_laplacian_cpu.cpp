@@ -3,7 +3,7 @@
 // algorithms live in ../mlp_laplacian.h.
 //
 // Each pass loops over samples with at::parallel_for (split over the threads on a whole batch,
-// serial inside a tile's worker); inner loops run over a carry row's contiguous units without
+// serial inside a tile's thread); inner loops run over a carry row's contiguous units without
 // branches, so that they vectorize. The per-unit sums run over the c tangent rows only (a few to
 // a few dozen terms): they accumulate in the tensor's own type, which keeps the loops' full SIMD
 // width (double accumulators would halve it for float32).
@@ -27,7 +27,7 @@ struct CpuCarryKernels {
     return workspace_empty(sizes, options);
   }
 
-  static int64_t max_workers() { return at::get_num_threads(); }
+  static int64_t sum_slots(int64_t B, int64_t tile) { return TileSchedule(B, tile).slots(); }  // common.h
 
   static void mm(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
   static void addmm(Tensor out, const Tensor& bias, const Tensor& a, const Tensor& b) {
