@@ -437,6 +437,10 @@ struct MLPJacobian {
     const auto options = w_last.options();
     std::vector<Tensor>& adj_d = t.adj_d;
     const Tensor& g = t.grad_sq;
+    // The loss's 2 g times a saved carry: left to the sweep's first pass where g is per sample.
+    auto loss_adjoint = [&](const Tensor& carry, const Tensor& cols) {
+      return g.dim() == 1 ? SweepAdjoint{carry, cols, g, 2.0} : SweepAdjoint{scaled_by_loss(carry, g, 2.0)};
+    };
     // The caller runs this only where a gradient reaches the carries (g, grad_jac or a carry's).
     if (strategy == kGram1) {
       if (g.defined()) {
@@ -450,39 +454,61 @@ struct MLPJacobian {
       // J J^T = S G S^T with gradient A: d/dS_b = (A_b + A_b^T) P_b, dG = sum_b S_b^T sym(A_b) S_b
       // with sym(A) = (A + A^T) / 2. (The weights' share of dG: at the end.)
       Tensor s = gram_input(wt, t.ds, t.cs, n);
-      Tensor adj;
+      SweepAdjoint adj;
       if (g.defined()) {
         add_mm_lower(sums.gram, flat(scaled_by_loss(s, g, 1.0)).t(), flat(s));
-        adj = scaled_by_loss(t.cs.back(), g, 2.0);
+        adj = loss_adjoint(t.cs.back(), Tensor());
       }
       if (t.grad_jac.defined()) {
         Tensor sym = (t.grad_jac + t.grad_jac.transpose(1, 2)).mul_(0.5);
         add_mm_lower(sums.gram, flat(s).t(), flat(at::bmm(sym, s)));
         Tensor term = at::bmm(sym, t.cs.back()).mul_(2.0);
-        adj = adj.defined() ? adj.add_(term) : term;
+        adj = {adj.x.defined() ? written(adj).add_(term) : term};
       }
-      if (!adj.defined()) adj = empty(s.sizes(), options).zero_();  // only carry gradients
+      if (!adj.x.defined()) adj = {empty(s.sizes(), options).zero_()};  // only carry gradients
       carry_backward(adj, t, sums, adj_d, wt, w_last);
     } else {
-      // The adjoint of the final carry: J (reverse) or J^T = U^(L) D_L (forward).
-      Tensor adj;
+      // The adjoint of the final carry: J (reverse) or J^T = U^(L) D_L (forward; U^(L) is W^T, the
+      // same for every sample, where no GEMM formed it).
+      SweepAdjoint adj;
       if (g.defined()) {
-        adj = forward_mode() ? scaled(last_unscaled(t.cs, wt), t.ds[L - 1], Tensor(), g, 2.0, n)
-                             : scaled_by_loss(t.cs.back(), g, 2.0);
+        const Tensor last = forward_mode() ? last_unscaled(t.cs, wt) : t.cs.back();
+        adj = last.size(0) != n ? SweepAdjoint{scaled(last, t.ds[L - 1], Tensor(), g, 2.0, n)}
+                                : loss_adjoint(last, forward_mode() ? t.ds[L - 1] : Tensor());
       }
       auto accumulate = [&](const Tensor& term) {
-        if (adj.defined()) {
-          adj.add_(term);
+        if (adj.x.defined()) {
+          adj = {written(adj).add_(term)};
         } else {
-          adj = empty(term.sizes(), options);
-          adj.copy_(term);
+          adj = {empty(term.sizes(), options).copy_(term)};
         }
       };
       if (t.grad_jac.defined()) accumulate(forward_mode() ? t.grad_jac.transpose(1, 2) : t.grad_jac);
       if (!t.grad_carries.empty() && t.grad_carries.back().defined()) accumulate(t.grad_carries.back());
-      if (!adj.defined()) adj = empty(t.cs.back().sizes(), options).zero_();
+      if (!adj.x.defined()) adj = {empty(t.cs.back().sizes(), options).zero_()};
       carry_backward(adj, t, sums, adj_d, wt, w_last);
     }
+  }
+
+  // The adjoint a sweep receives: c * x * cols * sample (undefined factors are 1). With factors,
+  // x is a saved carry (the loss's 2 g times it: not yet written out, so that the sweep's first pass
+  // through a diagonal writes it, Kernels::rowwise_dot_scale: one pass, not two); without, x is the
+  // sweep's own and is scaled in place.
+  struct SweepAdjoint {
+    Tensor x, cols, sample;
+    double c = 1.0;
+    bool pending() const { return cols.defined() || sample.defined() || c != 1.0; }
+  };
+  // The adjoint written out (a GEMM's input, or a term to add to).
+  Tensor written(const SweepAdjoint& adj) const {
+    return adj.pending() ? scaled(adj.x, adj.cols, Tensor(), adj.sample, adj.c, adj.x.size(0)) : adj.x;
+  }
+  // The step back through a diagonal d: adj_d = sum_r r * adj (where out_adj_d is defined), adj *= d;
+  // returns the adjoint, written out.
+  Tensor through_diagonal(const SweepAdjoint& adj, const Tensor& r, const Tensor& d, const Tensor& out_adj_d) const {
+    Tensor out = adj.pending() ? empty(adj.x.sizes(), adj.x.options()) : adj.x;
+    Kernels::rowwise_dot_scale(r, adj.x, adj.cols, adj.sample, adj.c, d, out_adj_d, out);
+    return out;
   }
 
   // acc += a b (acc allocated by the first product).
@@ -499,37 +525,40 @@ struct MLPJacobian {
 
   // Adjoint sweep over one tile: given the adjoint of the final carry (for the Gram epilogues: of
   // S), add the weight gradients of the carries to `sums` and set the adjoints of d[layer..] that
-  // act'' needs (adj_d). `adj` is the sweep's own: it is scaled in place.
-  void carry_backward(Tensor adj, BackwardTile& t, GradientSums& sums, std::vector<Tensor>& adj_d,
+  // act'' needs (adj_d).
+  void carry_backward(SweepAdjoint start, BackwardTile& t, GradientSums& sums, std::vector<Tensor>& adj_d,
                       const Tensor& wt, const Tensor& w_last) const {
     const int64_t L = depth(), n = t.n;
     const auto& ds = t.ds;
     const auto& cs = t.cs;
-    const auto options = adj.options();
+    const auto options = start.x.options();
     auto new_adj_d = [&](int64_t i) {  // the tile's rows of the adjoint of d[i], or none
       TORCH_INTERNAL_ASSERT(adj_d[i].defined() == has_adj_d(i));
       return adj_d[i];
     };
+    Tensor adj;  // written out, the sweep's own
     if (!forward_mode()) {
       // cs[j] = R^(L-1-j); R^(i) = S^(i+1) W[i] with S^(i+1) = R^(i+1) * d[i].
       for (int64_t i = layer; i <= L - 2; ++i) {
         const Tensor& r_next = cs[L - 2 - i];
-        Tensor adj_s = adj;  // kReverseGram enters the loop with the adjoint of S^(layer+1)
-        if (strategy != kReverseGram || i > layer) {
+        if (strategy == kReverseGram && i == layer) {  // the sweep starts with the adjoint of S^(layer+1)
+          adj = through_diagonal(start, r_next, ds[i], new_adj_d(i));
+        } else {
+          if (i == layer) adj = written(start);
           add_mm(sums.w[i], flat(scaled_columns(r_next, ds[i])).t(), flat(adj));
-          adj_s = empty({n, adj.size(1), width(i + 1)}, options);
+          Tensor adj_s = empty({n, adj.size(1), width(i + 1)}, options);
           Kernels::mm(flat(adj_s), flat(adj), weights[i].t());
+          adj = through_diagonal({adj_s}, r_next, ds[i], new_adj_d(i));  // R^(i+1)'s adjoint
         }
-        Kernels::rowwise_dot_scale_(r_next, adj_s, ds[i], new_adj_d(i));  // adj_s becomes R^(i+1)'s adjoint
-        adj = adj_s;
         if (!t.grad_carries.empty() && t.grad_carries[L - 2 - i].defined()) adj.add_(t.grad_carries[L - 2 - i]);
       }
+      if (!adj.defined()) adj = written(start);  // no layer below L-1
       if (t.projections.defined()) {  // R^(L-1) = (V * d[L-1]) W[L-1]
         add_mm(sums.w[L - 1], flat(scaled_columns(t.projections, ds[L - 1])).t(), flat(adj));
         if (Tensor out = new_adj_d(L - 1); out.defined()) {
           Tensor adj_vd = empty(t.projections.sizes(), options);
           Kernels::mm(flat(adj_vd), flat(adj), weights[L - 1].t());
-          Kernels::rowwise_dot_scale_(t.projections, adj_vd, Tensor(), out);
+          through_diagonal({adj_vd}, t.projections, Tensor(), out);
         }
       } else {  // R^(L-1) = d[L-1] (rows) * W[L-1]
         if (Tensor out = new_adj_d(L - 1); out.defined()) {
@@ -538,18 +567,20 @@ struct MLPJacobian {
         Kernels::batch_sum_(zeroed(sums.w[L - 1], w_last.sizes(), options), adj, Tensor(), ds[L - 1]);
       }
     } else {
-      // cs[j] = U^(layer+2+j); T^(i) = U^(i) * d[i-1], U^(i+1) = T^(i) W[i]^T; adj: T^(last_forward)'s.
+      // cs[j] = U^(layer+2+j); T^(i) = U^(i) * d[i-1], U^(i+1) = T^(i) W[i]^T; start: T^(last_forward)'s.
+      SweepAdjoint next = start;
       for (int64_t i = last_forward(); i >= layer + 2; --i) {
-        Kernels::rowwise_dot_scale_(cs[i - layer - 2], adj, ds[i - 1], new_adj_d(i - 1));  // U^(i)'s adjoint
+        adj = through_diagonal(next, cs[i - layer - 2], ds[i - 1], new_adj_d(i - 1));  // U^(i)'s adjoint
         Tensor t_prev = i - 1 == layer + 1 ? first_forward_carry(wt, ds, n)
                                            : scaled_columns(cs[i - layer - 3], ds[i - 2]);
         add_mm(sums.w[i - 1], flat(adj).t(), flat(t_prev));
         Tensor adj_t = empty({n, adj.size(1), width(i - 1)}, options);
         Kernels::mm(flat(adj_t), flat(adj), weights[i - 1]);
-        adj = adj_t;
+        next = {adj_t};
       }
+      adj = written(next);
       // T^(layer+1) = W[layer]^T * d[layer] (columns).
-      if (Tensor out = new_adj_d(layer); out.defined()) Kernels::rowwise_dot_scale_(wt.unsqueeze(0), adj, Tensor(), out);
+      if (Tensor out = new_adj_d(layer); out.defined()) through_diagonal({adj}, wt.unsqueeze(0), Tensor(), out);
       Kernels::batch_sum_(zeroed(sums.wt, wt.sizes(), options), adj, ds[layer], Tensor());
     }
   }

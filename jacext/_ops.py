@@ -5,6 +5,7 @@ backward op differentiates through reference.mlp_jacobian_backward_composite (to
 gives the double backward and every higher order."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import Optional, Sequence, Union
@@ -165,6 +166,15 @@ def _load_forward(ctx):
     return x, weights, biases, rest, projections
 
 
+def _below_autograd():
+    """Where an op's registered autograd (a Python kernel: 30-40 us a call) would only pass the call
+    on, because grad mode is off in eager mode (a Function's forward, a backward without
+    create_graph), a context that goes straight to the device kernel; elsewhere a no-op."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
 def _backward_via_op(ctx, grad_y, grad_sq, grad_jac, grad_saved=None):
     x, weights, biases, saved, projections = _load_forward(ctx)
     activations, act_params, layer, strategy = ctx.config
@@ -173,9 +183,10 @@ def _backward_via_op(ctx, grad_y, grad_sq, grad_jac, grad_saved=None):
         grad_carries = []
     else:  # the op takes an empty tensor for a carry without gradient
         grad_carries = [x.new_empty(0) if g is None else g for g in grad_carries]
-    grad_x, grad_w, grad_b = _ops.mlp_jacobian_backward(
-        grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-        strategy, saved, grad_carries, projections, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
+    with _below_autograd():  # with create_graph, the backward op's own autograd records the double backward
+        grad_x, grad_w, grad_b = _ops.mlp_jacobian_backward(
+            grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
+            strategy, saved, grad_carries, projections, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
     grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
     return grad_x, list(grad_w), grad_b
 
@@ -211,8 +222,9 @@ class _FrobeniusEager(torch.autograd.Function):
     def forward(ctx, x, config, projections, *params):
         codes, act_params, strategy, tile, bias_present = config
         weights, biases = op_params(params, bias_present)
-        y, sq, saved = _ops.mlp_jacobian_frobenius(x, weights, biases, codes, act_params, strategy, projections,
-                                                   tile=tile)
+        with _below_autograd():
+            y, sq, saved = _ops.mlp_jacobian_frobenius(x, weights, biases, codes, act_params, strategy, projections,
+                                                       tile=tile)
         _save_forward(ctx, x, weights, biases, codes, act_params, 0, strategy, tile, saved, projections)
         return y, sq
 

@@ -38,6 +38,11 @@ def _flatten(model: nn.Module):
         yield "", model
 
 
+def _where(path, position, module):
+    """How the errors name a module (built only for an error: parse_model runs every step)."""
+    return f"module {path!r} (position {position}, {type(module).__name__})"
+
+
 def parse_model(model: nn.Module) -> MLPSpec:
     """Read an nn.Sequential (nested ones too) of nn.Linear and supported activations.
 
@@ -49,7 +54,6 @@ def parse_model(model: nn.Module) -> MLPSpec:
     weights, biases, codes, params = [], [], [], []
     has_activation = []
     for position, (path, module) in enumerate(_flatten(model)):
-        where = f"module {path!r} (position {position}, {type(module).__name__})"
         if isinstance(module, nn.Linear):
             weights.append(module.weight)
             biases.append(module.bias)
@@ -59,15 +63,16 @@ def parse_model(model: nn.Module) -> MLPSpec:
             continue
         parsed = act.from_module(module)
         if parsed is None:
-            raise TypeError(f"jacext: unsupported {where}; supported are nn.Linear and "
+            raise TypeError(f"jacext: unsupported {_where(path, position, module)}; supported are nn.Linear and "
                             f"{sorted(act.NAMES)} activation modules (method='autograd' handles any module)")
         code, p0, p1 = parsed
         if code == act.IDENTITY:
             continue
         if not weights:
-            raise TypeError(f"jacext: {where} comes before the first nn.Linear")
+            raise TypeError(f"jacext: {_where(path, position, module)} comes before the first nn.Linear")
         if has_activation[-1]:
-            raise TypeError(f"jacext: {where} follows another activation; one activation per Linear is supported")
+            raise TypeError(f"jacext: {_where(path, position, module)} follows another activation; one "
+                            "activation per Linear is supported")
         codes[-1] = code
         params[-2:] = [p0, p1]
         has_activation[-1] = True

@@ -281,10 +281,16 @@ def batch_chunk(widths: Sequence[int], batch, strategy: Strategy, element_size: 
     """The most samples per op call whose footprint stays under max_memory (at least one)."""
     if batch == 0:
         return batch
+    per_sample, fixed = _footprint_terms(tuple(widths), strategy, element_size, rows)
+    return max(1, min(batch, (max_memory - fixed) // max(per_sample, 1)))
+
+
+@functools.lru_cache(maxsize=512)
+def _footprint_terms(widths, strategy: Strategy, element_size: int, rows: Optional[int]):
+    """footprint's bytes per sample and sample-independent bytes (cached: batch_chunk runs every step)."""
     one = footprint(widths, 1, strategy, element_size, rows)
     per_sample = footprint(widths, 2, strategy, element_size, rows) - one
-    fixed = one - per_sample  # the sample-independent Grams
-    return max(1, min(batch, (max_memory - fixed) // max(per_sample, 1)))
+    return per_sample, one - per_sample  # the sample-independent bytes: the Grams
 
 
 def applicable(strategy: int, widths: Sequence[int], layer: int = 0, frobenius: bool = True,

@@ -46,6 +46,9 @@ constexpr int64_t kSmallRows = 24, kSmallDepth = 256;
 #else
 #define JACEXT_CPU_CLONES
 #endif
+// Helpers of the inner loops are always_inline, so that they are compiled into each clone (a call
+// would run the baseline code).
+#define JACEXT_INLINE __attribute__((always_inline)) inline
 
 // The activation by the formulas of activations.h: h holds y on entry, act(y) on exit; d = act',
 // d2 = act'' where given.
@@ -168,22 +171,48 @@ JACEXT_CPU_CLONES void reduce_product_samples(const T* a, int64_t a_stride, cons
   }
 }
 
-// For samples [b0, b1): adj_d[b,j] = sum_r r[b',r,j] * adj[b,r,j] (when adj_d is given), then
-// adj *= d (columns, when d is given), in place. acc: N accumulators.
+// One row of rowwise_dot_scale_samples: a = x * cols * f, acc += r * a, out = a * d, the absent
+// factors compiled out.
+template <bool HasCols, bool HasD, bool HasAdjD, typename T, typename Acc>
+JACEXT_INLINE void rowwise_dot_scale_row(const T* rrow, const T* xrow, const T* cb, T f, const T* db, T* orow,
+                                         Acc* acc, int64_t N) {
+  for (int64_t j = 0; j < N; ++j) {
+    const T a = HasCols ? xrow[j] * cb[j] * f : xrow[j] * f;
+    if (HasAdjD) acc[j] += static_cast<Acc>(rrow[j]) * a;
+    orow[j] = HasD ? a * db[j] : a;
+  }
+}
+
+// For samples [b0, b1): a[b,r,j] = c * x[b,r,j] * cols[b,j] * sample[b] (absent factors are 1),
+// adj_d[b,j] = sum_r r[b',r,j] * a[b,r,j] (when adj_d is given), out[b,r,j] = a * d[b,j] (when d is
+// given; else a). out may be x. acc: N accumulators.
 template <typename T, typename Acc>
-JACEXT_CPU_CLONES void rowwise_dot_scale_samples(const T* rr, int64_t r_stride, T* adj, const T* d, T* adj_d, Acc* acc,
+JACEXT_CPU_CLONES void rowwise_dot_scale_samples(const T* rr, int64_t r_stride, const T* x, const T* cols,
+                                                 const T* sample, T c, const T* d, T* out, T* adj_d, Acc* acc,
                                                  int64_t R, int64_t N, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     if (adj_d) std::fill(acc, acc + N, Acc(0));
+    const T* cb = cols ? cols + b * N : nullptr;
     const T* db = d ? d + b * N : nullptr;
+    const T f = c * (sample ? sample[b] : T(1));
     for (int64_t row = 0; row < R; ++row) {
       const T* rrow = rr + b * r_stride + row * N;
-      T* arow = adj + (b * R + row) * N;
+      const T* xrow = x + (b * R + row) * N;
+      T* orow = out + (b * R + row) * N;
       if (adj_d) {
-        for (int64_t j = 0; j < N; ++j) acc[j] += static_cast<Acc>(rrow[j]) * arow[j];
-      }
-      if (db) {
-        for (int64_t j = 0; j < N; ++j) arow[j] *= db[j];
+        if (cb) {
+          db ? rowwise_dot_scale_row<true, true, true>(rrow, xrow, cb, f, db, orow, acc, N)
+             : rowwise_dot_scale_row<true, false, true>(rrow, xrow, cb, f, db, orow, acc, N);
+        } else {
+          db ? rowwise_dot_scale_row<false, true, true>(rrow, xrow, cb, f, db, orow, acc, N)
+             : rowwise_dot_scale_row<false, false, true>(rrow, xrow, cb, f, db, orow, acc, N);
+        }
+      } else if (cb) {
+        db ? rowwise_dot_scale_row<true, true, false>(rrow, xrow, cb, f, db, orow, acc, N)
+           : rowwise_dot_scale_row<true, false, false>(rrow, xrow, cb, f, db, orow, acc, N);
+      } else {
+        db ? rowwise_dot_scale_row<false, true, false>(rrow, xrow, cb, f, db, orow, acc, N)
+           : rowwise_dot_scale_row<false, false, false>(rrow, xrow, cb, f, db, orow, acc, N);
       }
     }
     if (adj_d) {
@@ -246,9 +275,6 @@ JACEXT_CPU_CLONES void column_sums(T* out, const T* g, Acc* sums, int64_t n, int
 
 // Register-blocked loops use GCC's vector extensions: Vec<T> is 32 bytes (one AVX2 register in
 // the x86-64-v3 clone, two SSE2 registers in the baseline one); loads and stores need no alignment.
-// Helpers are always_inline so that they are compiled into each clone (a call would run the
-// baseline code).
-#define JACEXT_INLINE __attribute__((always_inline)) inline
 template <typename T>
 struct Simd;
 template <>
@@ -612,26 +638,36 @@ struct CpuKernels {
     });
   }
 
-  // adj_d[b,j] = sum_r r[b',r,j] * adj[b,r,j] (where adj_d is defined; r may be broadcast), then
-  // adj *= d (columns, where d is defined), in place: the backward's step through a diagonal.
-  static void rowwise_dot_scale_(const Tensor& r_in, const Tensor& adj, const Tensor& d_in, const Tensor& adj_d) {
-    const Tensor d = optional_contiguous(d_in);
+  // The backward's step through a diagonal: a = c * x * cols * sample (undefined factors are 1; x
+  // (n, R, N), cols (n, N), sample (n)), adj_d[b,j] = sum_r r[b',r,j] * a[b,r,j] (where adj_d is
+  // defined; r may be broadcast), out = a * d (columns, where d is defined). out may be x (in place);
+  // a fresh out takes an adjoint that was to be scaled first (the loss's 2 g) in the same pass.
+  static void rowwise_dot_scale(const Tensor& r_in, const Tensor& x_in, const Tensor& cols_in, const Tensor& sample_in,
+                                double c, const Tensor& d_in, const Tensor& adj_d, const Tensor& out) {
+    const Tensor d = optional_contiguous(d_in), cols = optional_contiguous(cols_in);
+    const Tensor sample = optional_contiguous(sample_in);
     RECORD_FUNCTION("jacext::rowwise_dot_scale_cpu", {});
-    check_cpu_dtype(adj);
-    TORCH_INTERNAL_ASSERT(adj.is_contiguous());
-    if (!adj_d.defined() && !d.defined()) return;
+    check_cpu_dtype(out);
+    TORCH_INTERNAL_ASSERT(out.is_contiguous());
+    const Tensor x = x_in.contiguous();
+    const bool unchanged = x.is_same(out) && !cols.defined() && !sample.defined() && c == 1.0 && !d.defined();
+    if (!adj_d.defined() && unchanged) return;
     Tensor r = r_in.contiguous();
-    const int64_t n = adj.size(0), R = adj.size(1), N = adj.size(2);
+    const int64_t n = out.size(0), R = out.size(1), N = out.size(2);
     const int64_t r_stride = r.size(0) == 1 ? 0 : R * N;
-    AT_DISPATCH_FLOATING_TYPES(adj.scalar_type(), "jacext_rowwise_dot_scale_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_rowwise_dot_scale_cpu", [&] {
       using acc_t = at::acc_type<scalar_t, false>;
       const scalar_t* rp = r.const_data_ptr<scalar_t>();
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* cp = data_or_null<scalar_t>(cols);
+      const scalar_t* sp = data_or_null<scalar_t>(sample);
       const scalar_t* dp = data_or_null<scalar_t>(d);
-      scalar_t* ap = adj.mutable_data_ptr<scalar_t>();
+      scalar_t* outp = out.mutable_data_ptr<scalar_t>();
       scalar_t* op = adj_d.defined() ? adj_d.mutable_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, n, sample_grain(R * N), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> acc(op ? N : 0);
-        rowwise_dot_scale_samples(rp, r_stride, ap, dp, op, acc.data(), R, N, begin, end);
+        rowwise_dot_scale_samples(rp, r_stride, xp, cp, sp, static_cast<scalar_t>(c), dp, outp, op, acc.data(), R, N,
+                                  begin, end);
       });
     });
   }

@@ -71,21 +71,25 @@ __global__ void reduce_product_kernel(const scalar_t* __restrict__ a, const scal
   if (threadIdx.x == 0) out[o] = static_cast<scalar_t>(partial[0]);
 }
 
-// One thread per (b, j): adj_d[b,j] = sum_r r[b',r,j] adj[b,r,j], then adj[b,:,j] *= d[b,j]
-// (consecutive j: coalesced reads).
+// One thread per (b, j): a[b,:,j] = c * x[b,:,j] * cols[b,j] * sample[b], adj_d[b,j] =
+// sum_r r[b',r,j] a[b,r,j], out[b,:,j] = a * d[b,j] (consecutive j: coalesced reads). out may be x.
 template <typename scalar_t>
-__global__ void rowwise_dot_scale_kernel(const scalar_t* __restrict__ r, scalar_t* __restrict__ adj,
-                                         const scalar_t* __restrict__ d, scalar_t* __restrict__ adj_d,
-                                         int64_t n, int64_t R, int64_t N, int64_t r_stride) {
+__global__ void rowwise_dot_scale_kernel(const scalar_t* __restrict__ r, const scalar_t* x,
+                                         const scalar_t* __restrict__ cols, const scalar_t* __restrict__ sample,
+                                         scalar_t c, const scalar_t* __restrict__ d, scalar_t* out,
+                                         scalar_t* __restrict__ adj_d, int64_t n, int64_t R, int64_t N,
+                                         int64_t r_stride) {
   JACEXT_GRID_STRIDE(i, n * N) {
     const int64_t b = i / N, j = i % N;
     const scalar_t* rb = r + b * r_stride + j;
-    scalar_t* ab = adj + b * R * N + j;
+    const scalar_t f = c * (sample ? sample[b] : scalar_t(1));
     const scalar_t dj = d ? d[i] : scalar_t(1);
     double acc = 0;
     for (int64_t row = 0; row < R; ++row) {
-      acc += static_cast<double>(rb[row * N]) * ab[row * N];
-      if (d) ab[row * N] *= dj;
+      const int64_t k = (b * R + row) * N + j;
+      const scalar_t a = cols ? x[k] * cols[i] * f : x[k] * f;  // the CPU's order of the factors
+      acc += static_cast<double>(rb[row * N]) * a;
+      out[k] = a * dj;
     }
     if (adj_d) adj_d[i] = static_cast<scalar_t>(acc);
   }
@@ -228,19 +232,25 @@ struct CudaKernels {
     });
   }
 
-  static void rowwise_dot_scale_(const Tensor& r_in, const Tensor& adj, const Tensor& d_in, const Tensor& adj_d) {
-    const Tensor d = optional_contiguous(d_in);
+  static void rowwise_dot_scale(const Tensor& r_in, const Tensor& x_in, const Tensor& cols_in, const Tensor& sample_in,
+                                double c, const Tensor& d_in, const Tensor& adj_d, const Tensor& out) {
+    const Tensor d = optional_contiguous(d_in), cols = optional_contiguous(cols_in);
+    const Tensor sample = optional_contiguous(sample_in);
     RECORD_FUNCTION("jacext::rowwise_dot_scale_cuda", {});
-    check_cuda_dtype(adj);
-    if (!adj_d.defined() && !d.defined()) return;
-    const at::cuda::OptionalCUDAGuard device_guard(adj.device());
+    check_cuda_dtype(out);
+    const Tensor x = x_in.contiguous();
+    const bool unchanged = x.is_same(out) && !cols.defined() && !sample.defined() && c == 1.0 && !d.defined();
+    if (!adj_d.defined() && unchanged) return;
+    const at::cuda::OptionalCUDAGuard device_guard(out.device());
     Tensor r = r_in.contiguous();
-    const int64_t n = adj.size(0), R = adj.size(1), N = adj.size(2);
+    const int64_t n = out.size(0), R = out.size(1), N = out.size(2);
     if (n * N == 0) return;
-    AT_DISPATCH_FLOATING_TYPES(adj.scalar_type(), "jacext_rowwise_dot_scale_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_rowwise_dot_scale_cuda", [&] {
       rowwise_dot_scale_kernel<scalar_t><<<blocks_for(n * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          r.const_data_ptr<scalar_t>(), adj.mutable_data_ptr<scalar_t>(), data_or_null<scalar_t>(d),
-          adj_d.defined() ? adj_d.mutable_data_ptr<scalar_t>() : nullptr, n, R, N, r.size(0) == 1 ? 0 : R * N);
+          r.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols),
+          data_or_null<scalar_t>(sample), static_cast<scalar_t>(c), data_or_null<scalar_t>(d),
+          out.mutable_data_ptr<scalar_t>(), adj_d.defined() ? adj_d.mutable_data_ptr<scalar_t>() : nullptr, n, R, N,
+          r.size(0) == 1 ? 0 : R * N);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
