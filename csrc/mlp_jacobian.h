@@ -18,10 +18,10 @@
 // tile's temporaries stay in cache and are reused (Kernels::empty: a caching workspace on CPU),
 // and the threads run their tiles side by side, each with single-threaded GEMMs; weight gradients
 // are summed per slot (a thread's own tiles, or one tile that may change threads: cpu/common.h
-// TileSchedule) and the slots added up in order at the end. The MLP itself (its forward, and its backward
-// from the carries' adjoints of d) runs on the whole batch around the tiles: its activations are
-// (B, n_i), small next to the carries, and a tile's few rows would make its GEMMs thin (a rank-n
-// update of each weight's gradient per tile). The CPU planner picks the tile (jacext/planner.py
+// TileSchedule) and the slots added up in order at the end. The MLP itself (its forward, and its
+// backward from the carries' adjoints of d) runs on the whole batch around the tiles: its
+// activations are (B, n_i), small next to the carries, and a tile's few rows would make its GEMMs
+// thin (a rank-n update of each weight's gradient per tile). The CPU planner picks the tile (jacext/planner.py
 // tile_size); CUDA runs one tile (the GPU wants the whole batch in each GEMM).
 //
 // Dead work is skipped: identity layers have no d (saved as an empty tensor), piecewise-linear
