@@ -5,6 +5,10 @@ of the penalty's mean), in its own process:
   step          the user's step (zero_grad, jacobian_frobenius, mean, backward), median of --steps
   ops only      the same two registered ops (forward, backward) called directly below autograd,
                 interleaved with the step: step - ops only = Python, autograd and zero_grad
+  wrapper split the step's own Python and autograd time, in the step (after the ops, whose
+                streams of memory leave the interpreter's data out of cache): zero_grad, jacext
+                before and after the forward op, mean, the backward before and after its op
+                (timestamps at the ops' entry and exit, from a stand-in for torch.ops.jacext)
   GEMM floor    the planner's multiply-adds at this machine's GEMM rate: one thread's rate on a
                 256 x 256 x 256 product (MKL at its peak here; 10th percentile time, the better
                 of a measurement before and after the step's) times the threads, no other work
@@ -53,6 +57,50 @@ def gemm_rate(n: int = 256, repeats: int = 400) -> float:
     return n ** 3 / sorted(times)[len(times) // 10]
 
 
+class _TimedOps:
+    """Stands in for torch.ops.jacext in jacext._ops and records when each op starts and ends."""
+
+    def __init__(self, ops):
+        self.ops, self.marks = ops, {}
+
+    def __getattr__(self, name):
+        op = getattr(self.ops, name)
+
+        def timed(*args, **kwargs):
+            self.marks[name] = [time.perf_counter()]
+            result = op(*args, **kwargs)
+            self.marks[name].append(time.perf_counter())
+            return result
+        return timed
+
+
+def wrapper_split(model, x, steps):
+    """Median seconds of each part of the step outside the two ops (see the module's docstring)."""
+    import jacext
+    import jacext._ops
+
+    timed = _TimedOps(torch.ops.jacext)
+    real, jacext._ops._ops = jacext._ops._ops, timed
+    parts = []
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            t1 = time.perf_counter()
+            sq = jacext.jacobian_frobenius(model, x)[1]
+            t2 = time.perf_counter()
+            loss = sq.mean()
+            t3 = time.perf_counter()
+            loss.backward()
+            t4 = time.perf_counter()
+            (f0, f1), (b0, b1) = timed.marks["mlp_jacobian_frobenius"], timed.marks["mlp_jacobian_backward"]
+            parts.append({"zero_grad": t1 - t0, "before_forward_op": f0 - t1, "after_forward_op": t2 - f1,
+                          "mean": t3 - t2, "before_backward_op": b0 - t3, "after_backward_op": t4 - b1})
+    finally:
+        jacext._ops._ops = real
+    return {key: statistics.median(p[key] for p in parts) for key in parts[0]}
+
+
 def worker(case, steps):
     import jacext
     from jacext.planner import penalty_macs, resolve_strategy, tile_size
@@ -93,6 +141,7 @@ def worker(case, steps):
         step_s.append(t1 - t0)
         ops_s.append(time.perf_counter() - t1)
 
+    split = wrapper_split(model, x, steps)
     profiled = max(steps // 5, 5)
     with profile() as prof:
         for _ in range(profiled):
@@ -112,7 +161,7 @@ def worker(case, steps):
     rate = max(rate_before, gemm_rate())
     report({"case": case, "widths": widths, "batch": batch, "tile": tile, "threads": threads, "macs": macs,
             "step_s": step_median, "ops_only_s": statistics.median(ops_s),
-            "wrapper_s": statistics.median(a - b for a, b in zip(step_s, ops_s)),
+            "wrapper_s": statistics.median(a - b for a, b in zip(step_s, ops_s)), "wrapper_split_s": split,
             "gemm_rate_one_thread": rate, "gemm_floor_s": macs / (threads * rate),
             "profiler_cpu_s_per_step": kinds,
             "profiler_rest_cpu_s_per_step": threads * step_median - sum(kinds.values())})
@@ -144,6 +193,10 @@ def main():
               f"{r['wrapper_s'] * 1e3:8.2f} {r['gemm_floor_s'] * 1e3:10.2f} {r['gemm_floor_s'] / r['step_s']:10.2f}"
               f"   {k['gemm'] * 1e3:.1f} / {k['jacext_passes'] * 1e3:.1f} / {k['other_aten'] * 1e3:.1f} / "
               f"{r['profiler_rest_cpu_s_per_step'] * 1e3:.1f}")
+    print("\nthe wrapper in the step, us (median): zero_grad / jacext before the forward op / after it / mean / "
+          "the backward before its op / after it")
+    for r in results:
+        print(f"{r['case']:5} " + " / ".join(f"{v * 1e6:.0f}" for v in r["wrapper_split_s"].values()))
     rates = ", ".join(f"{r['case']} {r['gemm_rate_one_thread'] / 1e9:.1f}" for r in results)
     print(f"GEMM rate, one thread, 256^3 float32, G multiply-adds/s (each case's process): {rates}")
     write_results(args.out, "profile_step", "cpu", args.smoke, {"machine": machine_description(), "date":
