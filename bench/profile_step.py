@@ -24,7 +24,6 @@ of the penalty's mean), in its own process:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
