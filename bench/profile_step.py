@@ -30,10 +30,10 @@ import time
 
 import torch
 
+from bench_frobenius import CASES as FROBENIUS_CASES, SMOKE_CASES  # the cases' one home
 from common import machine_description, report, run_worker, write_results  # bench/common.py
 
-CASES = {"P2": ([784, 256, 256, 10], 128, None), "P5": ([64, 256, 256], 256, "tanh"),
-         "P6": ([64, 256, 256, 10], 256, None), "S1": ([20, 16, 12], 8, None)}
+CASES = {**FROBENIUS_CASES, **SMOKE_CASES}
 GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 
 
@@ -102,6 +102,7 @@ def wrapper_split(model, x, steps):
 
 def worker(case, steps):
     import jacext
+    from jacext.activations import IDENTITY
     from jacext.planner import penalty_macs, resolve_strategy, tile_size
     from torch.profiler import profile
 
@@ -112,7 +113,7 @@ def worker(case, steps):
     spec = jacext.nn.parse_model(model)
     weights = [w.detach() for w in spec.weights]
     biases = [b.detach() for b in spec.biases]
-    strategy = resolve_strategy("auto", widths, batch=batch, output_linear=spec.activations[-1] == 0)
+    strategy = resolve_strategy("auto", widths, batch=batch, output_linear=spec.activations[-1] == IDENTITY)
     tile = tile_size(widths, batch, strategy, x.element_size())
 
     def step():
@@ -171,7 +172,7 @@ def main():
     parser.add_argument("--cases", default="P2,P5")
     parser.add_argument("--steps", type=int, default=200, help="interleaved step / ops-only pairs per case")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--smoke", action="store_true", help="the tiny case S1, 10 steps")
+    parser.add_argument("--smoke", action="store_true", help="bench_frobenius's tiny case S1, 10 steps")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
