@@ -103,7 +103,7 @@ def wrapper_split(model, x, steps):
 def worker(case, steps):
     import jacext
     from jacext.activations import IDENTITY
-    from jacext.planner import penalty_macs, resolve_strategy, tile_size
+    from jacext.planner import Split, penalty_macs, resolve_strategy, tile_size
     from torch.profiler import profile
 
     widths, batch, output_activation = CASES[case]
@@ -115,6 +115,8 @@ def worker(case, steps):
     biases = [b.detach() for b in spec.biases]
     strategy = resolve_strategy("auto", widths, batch=batch, output_linear=spec.activations[-1] == IDENTITY)
     tile = tile_size(widths, batch, strategy, x.element_size())
+    if isinstance(strategy, Split):  # its step is two jacobian ops and their combination, not these two ops
+        sys.exit(f"{case} plans a {strategy.name}; profile_step times the single-op plans only")
 
     def step():
         model.zero_grad(set_to_none=True)
