@@ -22,11 +22,8 @@ import subprocess
 import sys
 import time
 
-# name: (widths, batch, output activation), as in bench_frobenius
-CASES = {"P1": ([784, 1024, 1000], 64, None), "P1b": ([784, 1024, 1000], 256, None),
-         "P2": ([784, 256, 256, 10], 128, None), "P3": ([784, 1024, 1024, 1000], 64, None),
-         "P4": ([784, 256, 32, 256, 784], 128, None), "P5": ([64, 256, 256], 256, "tanh"),
-         "P6": ([64, 256, 256, 10], 256, None)}
+from bench_frobenius import CASES  # name: (widths, batch, output activation)
+
 WORKER = """
 import statistics, sys, time, torch, jacext
 widths, batch, output_activation, steps, with_output = {widths}, {batch}, {output!r}, {steps}, {with_output}
