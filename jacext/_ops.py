@@ -1,7 +1,8 @@
 """The compiled ops: fake (meta) kernels, autograd formulas, and the op-level entry points.
 
-Autograd: the two forward ops differentiate through the backward op (compiled kernels); the
-backward op differentiates through reference.mlp_jacobian_backward_composite (torch ops), which
+Autograd: the two forward ops differentiate through the backward op (compiled kernels):
+mlp_jacobian_frobenius by a C++ autograd node (csrc/frobenius_autograd.cpp), mlp_jacobian by the
+formulas registered here. The backward op differentiates through reference.mlp_jacobian_backward_composite (torch ops), which
 gives the double backward and every higher order."""
 from __future__ import annotations
 
@@ -69,23 +70,28 @@ def device_formulas() -> bool:
     return torch.ops.jacext.device_formulas()
 
 
+# What torch raises for an op under torch.func.grad / vjp / jacrev / jvp: the Frobenius op's
+# autograd is a C++ node (csrc/frobenius_autograd.cpp), which functorch refuses; the other ops'
+# register_autograd wrapper cannot run under it in torch <= 2.13 (pytorch#170834).
+_FUNCTORCH_REFUSALS = ("setup_context staticmethod", "C++ torch::autograd::Function with functorch")
+
+
 def explained_functorch_errors(fn):
-    """Decorates an entry point so that the error torch raises for an op under torch.func.grad
-    (torch.library.register_autograd's wrapper cannot run under it in torch <= 2.13, pytorch#170834)
-    says what works instead."""
+    """Decorates an entry point so that the error torch raises for an op under torch.func.grad says
+    what works instead."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except RuntimeError as error:
-            if "setup_context staticmethod" not in str(error):
+            if not any(refusal in str(error) for refusal in _FUNCTORCH_REFUSALS):
                 raise
             raise RuntimeError(
-                "jacext: its ops cannot be differentiated by torch.func.grad / vjp / jacrev / jvp in this "
-                "version of torch (torch.library.register_autograd's wrapper is not functorch-ready, "
-                "pytorch#170834). Differentiate with torch.autograd.grad or .backward() instead: the "
-                "samples are independent, so the gradient of the batch's sum w.r.t. x holds every sample's "
-                "input gradient; torch.func.vmap (over samples or stacked weights) works.") from error
+                "jacext: its ops cannot be differentiated by torch.func.grad / vjp / jacrev / jvp (their "
+                "autograd is a C++ node or torch.library.register_autograd's wrapper, and functorch takes "
+                "neither in this version of torch). Differentiate with torch.autograd.grad or .backward() "
+                "instead: the samples are independent, so the gradient of the batch's sum w.r.t. x holds "
+                "every sample's input gradient; torch.func.vmap (over samples or stacked weights) works.") from error
     return wrapper
 
 
@@ -141,7 +147,7 @@ def present_grads(grad_b, bias_present):
 
 
 def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, tile, saved,
-                  projections=None, differentiable_carries=False):
+                  differentiable_carries=False):
     # An unused output's gradient stays None: zero-filling the (large) saved carries would cost a
     # full memory pass each, and the backward op takes None for grad_y, grad_sq and grad_jac.
     ctx.set_materialize_grads(False)
@@ -149,8 +155,7 @@ def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strat
     ctx.tile = tile  # the backward runs the same tiles
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
-    ctx.has_projections = projections is not None
-    ctx.save_for_backward(x, *weights, *biases, *([projections] if ctx.has_projections else []), *saved)
+    ctx.save_for_backward(x, *weights, *biases, *saved)
     # Reverse carries are the Jacobians dy/dh_i above `layer` and may be differentiated
     # (mlp_jacobians); the rest of `saved` is internal (with strategy 2 the last carry too: P = S G).
     ctx.carries_start = first_carry_index(len(weights))
@@ -161,22 +166,20 @@ def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strat
 def _load_forward(ctx):
     tensors = list(ctx.saved_tensors)
     L = ctx.n_layers
-    x, weights, biases, rest = tensors[0], tensors[1:1 + L], tensors[1 + L:1 + 2 * L], tensors[1 + 2 * L:]
-    projections = rest.pop(0) if ctx.has_projections else None
-    return x, weights, biases, rest, projections
+    return tensors[0], tensors[1:1 + L], tensors[1 + L:1 + 2 * L], tensors[1 + 2 * L:]
 
 
 def _below_autograd():
     """Where an op's registered autograd (a Python kernel: 30-40 us a call) would only pass the call
-    on, because grad mode is off in eager mode (a Function's forward, a backward without
-    create_graph), a context that goes straight to the device kernel; elsewhere a no-op."""
+    on, because grad mode is off in eager mode (a backward without create_graph), a context that
+    goes straight to the device kernel; elsewhere a no-op."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return contextlib.nullcontext()
     return torch._C._AutoDispatchBelowAutograd()
 
 
 def _backward_via_op(ctx, grad_y, grad_sq, grad_jac, grad_saved=None):
-    x, weights, biases, saved, projections = _load_forward(ctx)
+    x, weights, biases, saved = _load_forward(ctx)
     activations, act_params, layer, strategy = ctx.config
     grad_carries = [] if grad_saved is None else grad_saved[ctx.carries_start:]
     if all(g is None for g in grad_carries):
@@ -186,52 +189,9 @@ def _backward_via_op(ctx, grad_y, grad_sq, grad_jac, grad_saved=None):
     with _below_autograd():  # with create_graph, the backward op's own autograd records the double backward
         grad_x, grad_w, grad_b = _ops.mlp_jacobian_backward(
             grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-            strategy, saved, grad_carries, projections, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
+            strategy, saved, grad_carries, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
     grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
     return grad_x, list(grad_w), grad_b
-
-
-def _frobenius_setup(ctx, inputs, keyword_only_inputs, output):
-    x, weights, biases, activations, act_params, strategy, projections = inputs
-    # The dispatcher drops a trailing argument left at its default (None), so the backward
-    # returns a gradient slot for `projections` only when one was passed.
-    ctx.n_trailing = 0 if projections is None else 1
-    _save_forward(ctx, x, weights, biases, activations, act_params, 0, strategy, keyword_only_inputs.get("tile", 0),
-                  output[2], projections)
-
-
-def _frobenius_backward(ctx, grad_y, grad_sq, grad_saved):
-    # the projections are random draws, held constant: no gradient
-    return (*_backward_via_op(ctx, grad_y, grad_sq, None), None, None, None, *[None] * ctx.n_trailing)
-
-
-def _eager_autograd(x):
-    """Whether a plain autograd.Function may stand in for an op's generated autograd wrapper: grad
-    mode in eager, no torch.func transform, no autocast (those keep the registered autograd)."""
-    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active() and not torch.is_autocast_enabled(x.device.type))
-
-
-class _FrobeniusEager(torch.autograd.Function):
-    """mlp_jacobian_frobenius's autograd in eager mode: the registered setup and backward
-    (_save_forward, _backward_via_op; double backward through mlp_jacobian_backward's own) without
-    torch.library's generated wrapper, which flattens the op's tensor lists with pytree on every
-    call (0.5-0.6 ms of P2's forward, docs/benchmarks.md)."""
-
-    @staticmethod
-    def forward(ctx, x, config, projections, *params):
-        codes, act_params, strategy, tile, bias_present = config
-        weights, biases = op_params(params, bias_present)
-        with _below_autograd():
-            y, sq, saved = _ops.mlp_jacobian_frobenius(x, weights, biases, codes, act_params, strategy, projections,
-                                                       tile=tile)
-        _save_forward(ctx, x, weights, biases, codes, act_params, 0, strategy, tile, saved, projections)
-        return y, sq
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_sq):
-        grad_x, grad_w, grad_b = _backward_via_op(ctx, grad_y, grad_sq, None)
-        return (grad_x, None, None, *grad_w, *present_grads(grad_b, ctx.bias_present))
 
 
 def _jacobian_setup(ctx, inputs, keyword_only_inputs, output):
@@ -247,7 +207,9 @@ def _jacobian_backward(ctx, grad_y, grad_jac, grad_saved):
 def _backward_setup(ctx, inputs, keyword_only_inputs, output):
     (grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer, _, saved, grad_carries,
      projections) = inputs
-    ctx.n_trailing = 0 if projections is None else 1  # as in _frobenius_setup
+    # The dispatcher drops a trailing argument left at its default (None), so the backward returns
+    # a gradient slot for `projections` only when one was passed.
+    ctx.n_trailing = 0 if projections is None else 1
     ctx.projections = projections  # random draws, held constant: not differentiated
     # strategy 2 with a gradient for J: the op returned J J^T (mlp_jacobian's Gram output)
     ctx.config = (list(activations), list(act_params), layer, inputs[9] == REVERSE_GRAM and grad_jac is not None)
@@ -297,8 +259,6 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
             g_carries, *[None] * ctx.n_trailing)
 
 
-torch.library.register_autograd("jacext::mlp_jacobian_frobenius", _frobenius_backward,
-                                setup_context=_frobenius_setup)
 torch.library.register_autograd("jacext::mlp_jacobian", _jacobian_backward,
                                 setup_context=_jacobian_setup)
 torch.library.register_autograd("jacext::mlp_jacobian_backward", _backward_backward,
@@ -539,9 +499,6 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
         if isinstance(strategy, Split):
             return _split_frobenius(x, weights, biases, codes, params, strategy)
         tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), rows, device=x.device)
-        if _eager_autograd(x):
-            config = (codes, params, strategy, tile, [b.numel() > 0 for b in biases])
-            return _FrobeniusEager.apply(x, config, projections, *flat_params(weights, biases))
         return _ops.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections, tile=tile)[:2]
 
     if torch.compiler.is_compiling():  # a compiled graph runs the batch in one call

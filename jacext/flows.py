@@ -31,6 +31,13 @@ __all__ = ["MLPFlow"]
 LOG_2PI = math.log(2 * math.pi)
 
 
+def _eager_autograd(x):
+    """Whether _MeanNLL (a plain autograd.Function) may stand in for the registered op's autograd:
+    grad mode in eager, no torch.func transform, no autocast (those keep the registered autograd)."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and not torch.is_autocast_enabled(x.device.type))
+
+
 class MLPFlow(nn.Module):
     """A square MLP flow on R^dim: n_layers Linear(dim, dim) layers with smooth_leaky_relu(alpha)
     between them and none after the last. Weights start orthogonal, biases at zero (as the
@@ -114,7 +121,7 @@ class MLPFlow(nn.Module):
 
         logdet_value=False leaves sum_k log|det W_k| out of the returned *value* (it costs an
         LU per layer, O(D^3)); the gradient is the same. Evaluate with log_prob."""
-        if _ops._eager_autograd(x):
+        if _eager_autograd(x):
             return self._fused_nll(x, relative_gradient, logdet_value)
         # torch.func (_MeanNLL has no vmap rule), autocast (the op's rule casts before its autograd
         # saves), compile or no grad: the registered op and the loss in torch ops

@@ -1,0 +1,124 @@
+// mlp_jacobian_frobenius's autograd, in C++ (the Autograd key, every device): its backward is
+// mlp_jacobian_backward, whose own autograd (jacext/_ops.py) gives the double backward and every
+// higher order. A Python autograd formula here would cost ~1 ms of P2's 12 ms training step
+// (docs/benchmarks.md): pytree flattening or an autograd.Function in the forward, and in the
+// backward a Python node that unpacks the saved tensors and rebuilds the op's arguments.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+namespace jacext {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using FrobeniusSignature = std::tuple<Tensor, Tensor, std::vector<Tensor>>(
+    const Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, at::ArrayRef<double>, int64_t,
+    const std::optional<Tensor>&, int64_t);
+using BackwardSignature = std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>>(
+    const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
+    at::TensorList, at::TensorList, at::IntArrayRef, at::ArrayRef<double>, int64_t, int64_t, at::TensorList,
+    at::TensorList, const std::optional<Tensor>&, int64_t, bool);
+
+const c10::TypedOperatorHandle<FrobeniusSignature>& frobenius_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("jacext::mlp_jacobian_frobenius", "")
+                             .typed<FrobeniusSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("jacext::mlp_jacobian_backward", "")
+                             .typed<BackwardSignature>();
+  return op;
+}
+
+Tensor defined_or_none(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
+std::optional<Tensor> optional(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+// Inputs, in this order (the backward returns one gradient per input, each tensor of a list
+// counting as one): x, the weights, the biases (an empty tensor for a layer without bias), the
+// projections (random draws, held constant), then the plan.
+struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, at::TensorList weights,
+                               at::TensorList biases, const std::optional<Tensor>& projections,
+                               at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
+                               int64_t tile) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, sq, saved] = frobenius_op().call(x, weights, biases, activations, act_params, strategy, projections, tile);
+    // An unused output's gradient stays undefined: the backward op takes none for grad_y or
+    // grad_sq, where zeros would cost a pass over them.
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["activations"] = activations.vec();
+    ctx->saved_data["act_params"] = act_params.vec();
+    ctx->saved_data["strategy"] = strategy;
+    ctx->saved_data["tile"] = tile;  // the backward runs the same tiles
+    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["projections"] = projections.has_value() && projections->defined();
+    variable_list to_save{x};
+    to_save.insert(to_save.end(), weights.begin(), weights.end());
+    to_save.insert(to_save.end(), biases.begin(), biases.end());
+    if (projections.has_value() && projections->defined()) to_save.push_back(*projections);
+    to_save.insert(to_save.end(), saved.begin(), saved.end());
+    ctx->save_for_backward(to_save);
+    ctx->mark_non_differentiable(saved);
+    variable_list outputs{y, sq};
+    outputs.insert(outputs.end(), saved.begin(), saved.end());
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto tensors = ctx->get_saved_variables();
+    const int64_t L = ctx->saved_data["layers"].toInt();
+    const bool has_projections = ctx->saved_data["projections"].toBool();
+    const Tensor& x = tensors[0];
+    const std::vector<Tensor> weights(tensors.begin() + 1, tensors.begin() + 1 + L);
+    const std::vector<Tensor> biases(tensors.begin() + 1 + L, tensors.begin() + 1 + 2 * L);
+    const Tensor projections = has_projections ? tensors[1 + 2 * L] : Tensor();
+    const std::vector<Tensor> saved(tensors.begin() + 1 + 2 * L + has_projections, tensors.end());
+    const auto activations = ctx->saved_data["activations"].toIntVector();
+    const auto act_params = ctx->saved_data["act_params"].toDoubleVector();
+    // Without create_graph (grad mode off in a backward) and outside torch.func, straight to the
+    // device kernel: the backward op's autograd (a Python kernel, 30-40 us) would only pass the
+    // call on. With create_graph, that autograd records the double backward.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    // (functorch includes its front-mode key while any transform is on.)
+    const bool transforms = c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+    if (!at::GradMode::is_enabled() && !transforms) below_autograd.emplace();
+    auto [grad_x, grad_w, grad_b] = backward_op().call(
+        optional(grads[0]), optional(grads[1]), std::nullopt, x, weights, biases, activations, act_params,
+        /*layer=*/0, ctx->saved_data["strategy"].toInt(), saved, /*grad_carries=*/{}, optional(projections),
+        ctx->saved_data["tile"].toInt(), /*input_grad=*/ctx->needs_input_grad(0));
+    variable_list result{defined_or_none(grad_x)};
+    result.insert(result.end(), grad_w.begin(), grad_w.end());
+    for (const auto i : c10::irange(L)) {  // none for a layer without bias (an empty tensor; sizes may be symbolic)
+      const bool present = biases[i].sym_numel() != 0;
+      result.push_back(present ? grad_b[i] : Tensor());
+    }
+    result.resize(result.size() + 5);  // projections and the plan: no gradient
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>> frobenius_autograd(
+    const Tensor& x, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
+    at::ArrayRef<double> act_params, int64_t strategy, const std::optional<Tensor>& projections, int64_t tile) {
+  auto outputs = FrobeniusFunction::apply(x, weights, biases, projections, activations, act_params, strategy, tile);
+  return {outputs[0], outputs[1], std::vector<Tensor>(outputs.begin() + 2, outputs.end())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jacext, Autograd, m) { m.impl("mlp_jacobian_frobenius", &frobenius_autograd); }
+
+}  // namespace jacext
