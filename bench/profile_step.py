@@ -8,9 +8,9 @@ of the penalty's mean), in its own process:
   wrapper split the step's own Python and autograd time, in the step (after the ops, whose
                 streams of memory leave the interpreter's data out of cache): zero_grad, jacext
                 before and after the forward op (timestamps at the op's entry and exit, from a
-                stand-in for torch.ops.jacext), mean, and the backward outside its op (the whole
-                backward less the backward op's median time when called directly: the autograd
-                engine and jacext's C++ node, csrc/frobenius_autograd.cpp)
+                stand-in for torch.ops.jacext), mean; the rest of the wrapper is the backward
+                outside its op (the autograd engine and jacext's C++ node,
+                csrc/frobenius_autograd.cpp, which calls the backward op unseen from Python)
   GEMM floor    the planner's multiply-adds at this machine's GEMM rate: one thread's rate on a
                 256 x 256 x 256 product (MKL at its peak here; 10th percentile time, the better
                 of a measurement before and after the step's) times the threads, no other work
@@ -76,9 +76,9 @@ class _TimedOps:
         return timed
 
 
-def wrapper_split(model, x, steps, backward_op_s):
-    """Median seconds of each part of the step outside the two ops (see the module's docstring);
-    backward_op_s: the backward op's own median time."""
+def wrapper_split(model, x, steps):
+    """Median seconds of each part of the step outside the two ops that Python sees (see the
+    module's docstring)."""
     import jacext
     import jacext._ops
 
@@ -95,10 +95,9 @@ def wrapper_split(model, x, steps, backward_op_s):
             loss = sq.mean()
             t3 = time.perf_counter()
             loss.backward()
-            t4 = time.perf_counter()
             f0, f1 = timed.marks["mlp_jacobian_frobenius"]
             parts.append({"zero_grad": t1 - t0, "before_forward_op": f0 - t1, "after_forward_op": t2 - f1,
-                          "mean": t3 - t2, "backward_outside_op": t4 - t3 - backward_op_s})
+                          "mean": t3 - t2})
     finally:
         jacext._ops._ops = real
     return {key: statistics.median(p[key] for p in parts) for key in parts[0]}
@@ -127,32 +126,27 @@ def worker(case, steps):
         jacext.jacobian_frobenius(model, x)[1].mean().backward()
 
     def ops_only():
-        """Seconds of the forward op and of the backward op."""
         with torch._C._AutoDispatchBelowAutograd():
-            t0 = time.perf_counter()
             _, sq, saved = torch.ops.jacext.mlp_jacobian_frobenius(x, weights, biases, spec.activations, spec.act_params,
                                                        strategy, None, tile=tile)
-            grad_sq = torch.full_like(sq, 1 / batch)
-            t1 = time.perf_counter()
-            torch.ops.jacext.mlp_jacobian_backward(None, grad_sq, None, x, weights, biases,
+            torch.ops.jacext.mlp_jacobian_backward(None, torch.full_like(sq, 1 / batch), None, x, weights, biases,
                                        spec.activations, spec.act_params, 0, strategy, saved, [], None, tile=tile,
                                        input_grad=False)
-            return t1 - t0, time.perf_counter() - t1
 
     rate_before = gemm_rate()
     for _ in range(5):
         step()
         ops_only()
-    step_s, ops_s, backward_op_s = [], [], []
+    step_s, ops_s = [], []
     for _ in range(steps):  # interleaved, so that a noisy machine's drift hits both alike
         t0 = time.perf_counter()
         step()
-        step_s.append(time.perf_counter() - t0)
-        forward_op, backward_op = ops_only()
-        ops_s.append(forward_op + backward_op)
-        backward_op_s.append(backward_op)
+        t1 = time.perf_counter()
+        ops_only()
+        step_s.append(t1 - t0)
+        ops_s.append(time.perf_counter() - t1)
 
-    split = wrapper_split(model, x, steps, statistics.median(backward_op_s))
+    split = wrapper_split(model, x, steps)
     profiled = max(steps // 5, 5)
     with profile() as prof:
         for _ in range(profiled):
@@ -168,11 +162,12 @@ def worker(case, steps):
             kinds["other_aten"] += seconds
     threads = torch.get_num_threads()
     step_median = statistics.median(step_s)
+    wrapper = statistics.median(a - b for a, b in zip(step_s, ops_s))
     macs = penalty_macs(widths, batch, strategy)
     rate = max(rate_before, gemm_rate())
     report({"case": case, "widths": widths, "batch": batch, "tile": tile, "threads": threads, "macs": macs,
             "step_s": step_median, "ops_only_s": statistics.median(ops_s),
-            "wrapper_s": statistics.median(a - b for a, b in zip(step_s, ops_s)), "wrapper_split_s": split,
+            "wrapper_s": wrapper, "wrapper_split_s": {**split, "rest_backward_outside_op": wrapper - sum(split.values())},
             "gemm_rate_one_thread": rate, "gemm_floor_s": macs / (threads * rate),
             "profiler_cpu_s_per_step": kinds,
             "profiler_rest_cpu_s_per_step": threads * step_median - sum(kinds.values())})
@@ -205,7 +200,7 @@ def main():
               f"   {k['gemm'] * 1e3:.1f} / {k['jacext_passes'] * 1e3:.1f} / {k['other_aten'] * 1e3:.1f} / "
               f"{r['profiler_rest_cpu_s_per_step'] * 1e3:.1f}")
     print("\nthe wrapper in the step, us (median): zero_grad / jacext before the forward op / after it / mean / "
-          "the backward outside its op")
+          "the rest (the backward outside its op)")
     for r in results:
         print(f"{r['case']:5} " + " / ".join(f"{v * 1e6:.0f}" for v in r["wrapper_split_s"].values()))
     rates = ", ".join(f"{r['case']} {r['gemm_rate_one_thread'] / 1e9:.1f}" for r in results)
