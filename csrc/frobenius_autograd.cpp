@@ -64,7 +64,6 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     ctx->saved_data["act_params"] = act_params.vec();
     ctx->saved_data["strategy"] = strategy;
     ctx->saved_data["tile"] = tile;  // the backward runs the same tiles
-    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
     ctx->saved_data["projections"] = projections.has_value() && projections->defined();
     variable_list to_save{x};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
@@ -80,14 +79,14 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto tensors = ctx->get_saved_variables();
-    const int64_t L = ctx->saved_data["layers"].toInt();
+    const auto activations = ctx->saved_data["activations"].toIntVector();  // one per layer
+    const auto L = static_cast<int64_t>(activations.size());
     const bool has_projections = ctx->saved_data["projections"].toBool();
     const Tensor& x = tensors[0];
     const std::vector<Tensor> weights(tensors.begin() + 1, tensors.begin() + 1 + L);
     const std::vector<Tensor> biases(tensors.begin() + 1 + L, tensors.begin() + 1 + 2 * L);
     const Tensor projections = has_projections ? tensors[1 + 2 * L] : Tensor();
     const std::vector<Tensor> saved(tensors.begin() + 1 + 2 * L + has_projections, tensors.end());
-    const auto activations = ctx->saved_data["activations"].toIntVector();
     const auto act_params = ctx->saved_data["act_params"].toDoubleVector();
     // Without create_graph (grad mode off in a backward) and outside torch.func, straight to the
     // device kernel: the backward op's autograd (a Python kernel, 30-40 us) would only pass the

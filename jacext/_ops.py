@@ -2,8 +2,9 @@
 
 Autograd: the two forward ops differentiate through the backward op (compiled kernels):
 mlp_jacobian_frobenius by a C++ autograd node (csrc/frobenius_autograd.cpp), mlp_jacobian by the
-formulas registered here. The backward op differentiates through reference.mlp_jacobian_backward_composite (torch ops), which
-gives the double backward and every higher order."""
+formulas registered here. The backward op differentiates through
+reference.mlp_jacobian_backward_composite (torch ops), which gives the double backward and every
+higher order."""
 from __future__ import annotations
 
 import contextlib
@@ -178,7 +179,7 @@ def _below_autograd():
     return torch._C._AutoDispatchBelowAutograd()
 
 
-def _backward_via_op(ctx, grad_y, grad_sq, grad_jac, grad_saved=None):
+def _backward_via_op(ctx, grad_y, grad_jac, grad_saved=None):
     x, weights, biases, saved = _load_forward(ctx)
     activations, act_params, layer, strategy = ctx.config
     grad_carries = [] if grad_saved is None else grad_saved[ctx.carries_start:]
@@ -188,7 +189,7 @@ def _backward_via_op(ctx, grad_y, grad_sq, grad_jac, grad_saved=None):
         grad_carries = [x.new_empty(0) if g is None else g for g in grad_carries]
     with _below_autograd():  # with create_graph, the backward op's own autograd records the double backward
         grad_x, grad_w, grad_b = _ops.mlp_jacobian_backward(
-            grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
+            grad_y, None, grad_jac, x, weights, biases, activations, act_params, layer,
             strategy, saved, grad_carries, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
     grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
     return grad_x, list(grad_w), grad_b
@@ -201,7 +202,7 @@ def _jacobian_setup(ctx, inputs, keyword_only_inputs, output):
 
 
 def _jacobian_backward(ctx, grad_y, grad_jac, grad_saved):
-    return (*_backward_via_op(ctx, grad_y, None, grad_jac, grad_saved), None, None, None, None)
+    return (*_backward_via_op(ctx, grad_y, grad_jac, grad_saved), None, None, None, None)
 
 
 def _backward_setup(ctx, inputs, keyword_only_inputs, output):
