@@ -62,7 +62,10 @@ sources = [os.path.join("csrc", "jacext.cpp"), os.path.join("csrc", "frobenius_a
 # -fopenmp: at::parallel_for is an inline template that runs serially unless the extension itself
 # is compiled with OpenMP (ATen/Parallel-inl.h). No link flag: the OpenMP runtime is torch's own
 # libgomp, already loaded with libtorch_cpu (a second runtime would oversubscribe the cores).
-cxx_flags = ["-O3"] + (["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin" else [])
+# -fno-trapping-math (as torch's own build): lets GCC compute both sides of a select in the CPU
+# inner loops so that they vectorize (tanh_float_loop); nothing here enables FP exceptions, and
+# results are unchanged (no reassociation).
+cxx_flags = ["-O3", "-fno-trapping-math"] + (["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin" else [])
 if use_cuda:
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # PTX: GPUs newer than sm_90 JIT-compile it

@@ -66,8 +66,8 @@ def warn_if_tf32(device: torch.device, dtype: torch.dtype) -> None:
 
 def device_formulas() -> bool:
     """Whether the CPU kernels evaluate the activations by the CUDA kernels' formulas
-    (csrc/activations.h) instead of ATen's vectorized ones: JACEXT_DEVICE_FORMULAS=1 in the
-    environment when the library loaded (csrc/device_formulas.h)."""
+    (csrc/activations.h) instead of the vectorized loops (ATen's; float32 tanh: jacext's own):
+    JACEXT_DEVICE_FORMULAS=1 in the environment when the library loaded (csrc/device_formulas.h)."""
     return torch.ops.jacext.device_formulas()
 
 

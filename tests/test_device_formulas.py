@@ -48,3 +48,35 @@ def test_device_formulas_give_the_same_values_and_gradients():
     for name in default:
         for a, b in zip(default[name], device[name]):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_tanh_within_a_few_ulp_nan_and_inf():
+    """float32 tanh: the CPU kernels' own loop (tanh_float_loop; the device formula under
+    JACEXT_DEVICE_FORMULAS=1) against float64 tanh, every 9973rd float in [-12, 12] plus both sides
+    of its switch at |x| = 0.625, tiny and huge values: within 2.5 ulp (measured: 1.33 for the loop,
+    2.10 for glibc's tanhf, the device formula on CPU), and tanh' = 1 - tanh^2 with
+    it. An identity layer makes y = tanh(x) exactly (x W^T adds zeros); NaN stays NaN, +-inf
+    give +-1."""
+    grid = torch.arange(-0x413fffff, 0x41400000, 9973, dtype=torch.int64)  # the bits of floats in [-12, 12]
+    bits = torch.where(grid < 0, (-grid) | -0x80000000, grid).to(torch.int32)
+    x = torch.cat([bits.view(torch.float32), torch.tensor([0.625, -0.625, 0.62499994, 1e-30, -1e-30, 0.0, 9.5, 1e30])])
+    k = 64
+    x = torch.cat([x, x.new_zeros(-len(x) % k)]).view(-1, k)
+    layer = torch.nn.Linear(k, k, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(k))
+    model = torch.nn.Sequential(layer, torch.nn.Tanh())
+    y, _ = jacext.jacobian_frobenius(model, x, method="forward")
+    ref = torch.tanh(x.double())
+    ulp = (ref.float().abs().nextafter(torch.tensor(float("inf"))) - ref.float().abs()).double()
+    assert ((y.double() - ref).abs() <= 2.5 * ulp).all(), ((y.double() - ref).abs() / ulp).max()
+    special = torch.tensor([[float("nan")], [float("inf")], [-float("inf")]])  # one per sample: inf * 0 is NaN
+    one = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        one.weight.fill_(1.0)
+    y, sq = jacext.jacobian_frobenius(torch.nn.Sequential(one, torch.nn.Tanh()), special, method="forward")
+    assert y[0, 0].isnan() and sq[0].isnan() and y[1:, 0].tolist() == [1, -1] and sq[1:].tolist() == [0, 0]
+    # the derivative saved with the value: ||J||^2 = sum (1 - t^2)^2 for the identity layer
+    x = torch.linspace(-3, 3, 4 * k).view(4, k)
+    _, sq = jacext.jacobian_frobenius(model, x, method="forward")
+    torch.testing.assert_close(sq.double(), ((1 - torch.tanh(x.double()) ** 2) ** 2).sum(1), rtol=1e-6, atol=0)

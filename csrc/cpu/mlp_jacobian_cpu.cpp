@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../device_formulas.h"
@@ -67,6 +68,48 @@ JACEXT_CPU_CLONES void activation_loop(T* h, T* d, T* d2, T p0, T p1, int64_t be
       h[i] = r.value;
       d[i] = r.d1;
     }
+  }
+}
+
+// tanh in float32 by jacext's own loop: ATen's float tanh (MKL's vector math) takes 4.4 ns an
+// element on the AMD EPYC CI machine; this loop, with both derivatives, 1.3 ns (128 x 256, one
+// thread). It stays within 1.33 ulp of the correctly rounded tanh over every float in [-12, 12]
+// (ATen's: 0.51), by Cephes' tanhf: x + x^3 P(x^2) below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1)
+// above, exp by Cephes' expf (2^n exp(r), r within ln(2) / 2 of 0). Both sides are computed and
+// one is selected, without branches, so that it vectorizes (with -fno-trapping-math, setup.py).
+// NaN propagates through the exp side; +-inf give +-1.
+JACEXT_INLINE float tanh_float(float x) {
+  const float z = x < 0 ? -x : x, z2 = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z2 + 2.06390887954e-2f;
+  p = p * z2 - 5.37397155531e-2f;
+  p = p * z2 + 1.33314422036e-1f;
+  p = p * z2 - 3.33332819422e-1f;
+  const float small = p * z2 * x + x;
+  const float u = 2.0f * z > 88.0f ? 88.0f : 2.0f * z;  // tanh is 1 in float from |x| = 9.01 on
+  const float n = (u * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(u / ln 2)
+  const float r = (u - n * 0.693359375f) + n * 2.12194440e-4f;  // u - n ln 2 in two parts
+  float e = 1.9875691500e-4f;
+  e = e * r + 1.3981999507e-3f;
+  e = e * r + 8.3334519073e-3f;
+  e = e * r + 4.1665795894e-2f;
+  e = e * r + 1.6666665459e-1f;
+  e = e * r + 5.0000001201e-1f;
+  e = e * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n > 0 ? n : 0) + 127) << 23;  // 2^n (n = 0 for NaN)
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  const float large = 1.0f - 2.0f / (e * two_n + 1.0f);
+  return z < 0.625f ? small : x < 0 ? -large : large;
+}
+
+// h holds y on entry and tanh(y) on exit; d = tanh', d2 = tanh'' where given (as in activations.h).
+JACEXT_CPU_CLONES void tanh_float_loop(float* h, float* d, float* d2, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float t = tanh_float(h[i]), s = 1.0f - t * t;
+    h[i] = t;
+    d[i] = s;
+    if (d2) d2[i] = -2.0f * t * s;
   }
 }
 
@@ -518,6 +561,7 @@ struct CpuKernels {
     check_cpu_dtype(h);
     TORCH_INTERNAL_ASSERT(h.is_contiguous() && d.is_contiguous() && (!d2.defined() || d2.is_contiguous()));
     if (!device_formulas()) {  // ATen's vectorized transcendentals, unless the device's formulas are asked for
+      if (code == kTanh && h.scalar_type() == at::kFloat) return tanh_float_(h, d, d2);
       if (code == kTanh || code == kSigmoid) return from_value(h, d, d2, code);
       if (code == kSiLU || code == kSoftplus || code == kSmoothLeakyReLU) return from_sigmoid(h, d, d2, code, p0, p1);
     }
@@ -532,6 +576,14 @@ struct CpuKernels {
         });
       });
     });
+  }
+
+  // tanh in float32: jacext's own loop (tanh_float_loop), value and derivatives in one pass.
+  static void tanh_float_(const Tensor& h, const Tensor& d, const Tensor& d2) {
+    float* hp = h.mutable_data_ptr<float>();
+    float* dp = d.mutable_data_ptr<float>();
+    float* d2p = mutable_or_null<float>(d2);
+    at::parallel_for(0, h.numel(), kGrain, [&](int64_t begin, int64_t end) { tanh_float_loop(hp, dp, d2p, begin, end); });
   }
 
   // tanh and sigmoid: the value from ATen's vectorized kernel (scalar libm is about 10x slower),
