@@ -131,22 +131,6 @@ def bias_tensors(biases, weights):
     return [w.new_empty(0) if b is None else b for b, w in zip(biases, weights)]
 
 
-# An autograd.Function takes tensors as flat inputs (and returns one gradient per input): the
-# weights, then the biases present; flat_params and op_params convert between that and the op's
-# lists (bias_tensors), present_grads the biases' gradients back.
-def flat_params(weights, biases):
-    return [*weights, *(b for b in biases if b.numel() > 0)]
-
-
-def op_params(params, bias_present):
-    weights, present = list(params[:len(bias_present)]), iter(params[len(bias_present):])
-    return weights, [next(present) if p else w.new_empty(0) for p, w in zip(bias_present, weights)]
-
-
-def present_grads(grad_b, bias_present):
-    return [g for g, present in zip(grad_b, bias_present) if present]
-
-
 def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, tile, saved,
                   differentiable_carries=False):
     # An unused output's gradient stays None: zero-filling the (large) saved carries would cost a

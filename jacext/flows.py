@@ -86,7 +86,7 @@ class MLPFlow(nn.Module):
         spec = parse_model(self.net)
         config = (spec.activations, spec.act_params, relative_gradient, logdet_value,
                   [b is not None for b in spec.biases])
-        return _MeanNLL.apply(x, config, *_ops.flat_params(spec.weights, _ops.bias_tensors(spec.biases, spec.weights)))
+        return _MeanNLL.apply(x, config, *_flat_params(spec.weights, _ops.bias_tensors(spec.biases, spec.weights)))
 
     def weights(self):
         return [m.weight for m in self.net if isinstance(m, nn.Linear)]
@@ -171,6 +171,22 @@ class MLPFlow(nn.Module):
         return f"dim={self.dim}, alpha={self.alpha}"
 
 
+# _MeanNLL, an autograd.Function, takes tensors as flat inputs (and returns one gradient per
+# input): the weights, then the biases present; _flat_params and _op_params convert between that
+# and the op's lists (_ops.bias_tensors), _present_grads the biases' gradients back.
+def _flat_params(weights, biases):
+    return [*weights, *(b for b in biases if b.numel() > 0)]
+
+
+def _op_params(params, bias_present):
+    weights, present = list(params[:len(bias_present)]), iter(params[len(bias_present):])
+    return weights, [next(present) if p else w.new_empty(0) for p, w in zip(bias_present, weights)]
+
+
+def _present_grads(grad_b, bias_present):
+    return [g for g, present in zip(grad_b, bias_present) if present]
+
+
 def _mean_nll(z, log_dact, logabsdet):
     squares = torch.linalg.vector_norm(z, dim=1).square()  # |z_b|^2 without a (B, D) temporary
     return (0.5 * (squares + z.shape[1] * LOG_2PI) - log_dact).mean() - logabsdet
@@ -186,7 +202,7 @@ class _MeanNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, config, *params):
         activations, act_params, relative_gradient, logdet_value, bias_present = config
-        weights, biases = _ops.op_params(params, bias_present)
+        weights, biases = _op_params(params, bias_present)
         z, log_dact, logabsdet, saved = torch.ops.jacext.mlp_flow(
             x, weights, biases, activations, act_params, relative_gradient, logdet_value)
         _ops._save_flow(ctx, x, weights, biases, activations, act_params, relative_gradient, saved)
@@ -195,4 +211,4 @@ class _MeanNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad_x, grad_w, grad_b = _ops._flow_grads(ctx, None, None, None, grad_nll=grad)
-        return (grad_x, None, *grad_w, *_ops.present_grads(grad_b, ctx.bias_present))
+        return (grad_x, None, *grad_w, *_present_grads(grad_b, ctx.bias_present))
