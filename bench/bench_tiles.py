@@ -27,7 +27,7 @@ TILES = "0,2,4,8,16,32,64,planner"
 
 def worker(case, tile, args):
     import jacext
-    import jacext._ops as ops
+    import jacext._jacobian_ops as ops
     from torch.utils import benchmark
 
     widths, batch, output_activation, method = case

@@ -1,5 +1,5 @@
 """jacext: fused, exact Jacobian objectives for MLPs (compiled CPU and CUDA ops)."""
-from . import _ops as ops
+from . import ops
 from . import flows, targetprop
 from .activations import SmoothLeakyReLU
 from .functional import (METHODS, Jacobian, JacobianFrobenius, JacobianGram, jacobian, jacobian_frobenius, jacobian_gram,
@@ -7,7 +7,7 @@ from .functional import (METHODS, Jacobian, JacobianFrobenius, JacobianGram, jac
 from .laplacian import divergence, jacobian_diagonal, laplacian
 from .margin import LargeMarginLoss, large_margin_loss, margin_distances
 from .nn import MLP, parse_model
-from .planner import explain
+from .explain import explain
 from .spectral import jacobian_spectral_norm
 from .workspace import release_workspace, set_workspace_limit, workspace_stats
 

@@ -1,8 +1,8 @@
 """The forward-carry ops (csrc/mlp_laplacian.h): fake kernels, autograd formulas and the op-level
 entry points of the Laplacian and the Jacobian diagonal / divergence.
 
-Autograd as in _ops: each forward op differentiates through its backward op (compiled kernels),
-and each backward op through a composite of differentiable torch ops (reference.py), which gives
+Autograd as in _jacobian_ops: each forward op differentiates through its backward op (compiled
+kernels), and each backward op through a composite of differentiable torch ops (_composites.py), which gives
 the double backward and every higher order for every activation (piecewise-linear ones have a
 zero second derivative almost everywhere, so their Laplacian is zero there)."""
 from __future__ import annotations
@@ -11,25 +11,18 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
-from ._ops import (ActivationSpec, _normalize_activations, _register_float32_autocast, _register_vmap, bias_tensors,
-                   explained_functorch_errors)
-from .planner import (TRACE_GRAM2, carry_saved_shapes, carry_tile_size, diagonal_layout, op_element_size,
-                      laplacian_layout, resolve_diagonal_strategy)
-from .reference import mlp_jacobian_diagonal_backward_composite, mlp_laplacian_backward_composite
+from ._checks import check_square
+from ._composites import mlp_jacobian_diagonal_backward_composite, mlp_laplacian_backward_composite
+from ._library import (ActivationSpec, bias_tensors, compiled, explained_functorch_errors, normalize_activations,
+                       register_float32_autocast, register_vmap, widths_of)
+from .layouts import TRACE_GRAM2, carry_saved_shapes, diagonal_layout, laplacian_layout
+from .planner import carry_tile_size, op_element_size, resolve_diagonal_strategy
 
 __all__ = ["mlp_laplacian", "mlp_jacobian_diagonal"]
 
-_ops = torch.ops.jacext
-
-
-def _widths(x, weights):
-    return [x.shape[1]] + [w.shape[0] for w in weights]
-
-
 @torch.library.register_fake("jacext::mlp_laplacian")
 def _laplacian_fake(x, weights, biases, activations, act_params, gradient, *, tile=0):
-    widths, B = _widths(x, weights), x.shape[0]
+    widths, B = widths_of(x, weights), x.shape[0]
     layout = laplacian_layout(widths, activations, gradient)
     saved = [x.new_empty(s) for s in carry_saved_shapes(widths, B, activations, layout)]
     m = widths[-1]
@@ -39,8 +32,8 @@ def _laplacian_fake(x, weights, biases, activations, act_params, gradient, *, ti
 @torch.library.register_fake("jacext::mlp_jacobian_diagonal")
 def _diagonal_fake(x, weights, biases, activations, act_params, strategy, projections=None, *, tile=0):
     B, n = x.shape
-    layout = diagonal_layout(_widths(x, weights), strategy, 0 if projections is None else projections.shape[1])
-    saved = [x.new_empty(s) for s in carry_saved_shapes(_widths(x, weights), B, activations, layout)]
+    layout = diagonal_layout(widths_of(x, weights), strategy, 0 if projections is None else projections.shape[1])
+    saved = [x.new_empty(s) for s in carry_saved_shapes(widths_of(x, weights), B, activations, layout)]
     out = x.new_empty(B) if strategy == TRACE_GRAM2 else x.new_empty(B, n if projections is None else projections.shape[1])
     return x.new_empty(B, n), out, saved
 
@@ -99,7 +92,7 @@ def _laplacian_setup(ctx, inputs, keyword_only_inputs, output):
 def _laplacian_backward(ctx, grad_y, grad_grad, grad_lap, grad_saved):
     x, weights, biases, saved, _ = _load_forward(ctx)
     activations, act_params, gradient = ctx.config
-    grad_x, grad_w, grad_b = _ops.mlp_laplacian_backward(
+    grad_x, grad_w, grad_b = compiled.mlp_laplacian_backward(
         grad_y, grad_grad if gradient else None, grad_lap, x, weights, biases, activations, act_params, gradient,
         saved, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
     return grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None
@@ -116,7 +109,7 @@ def _diagonal_setup(ctx, inputs, keyword_only_inputs, output):
 def _diagonal_backward(ctx, grad_y, grad_out, grad_saved):
     x, weights, biases, saved, projections = _load_forward(ctx)
     activations, act_params, strategy = ctx.config
-    grad_x, grad_w, grad_b = _ops.mlp_jacobian_diagonal_backward(
+    grad_x, grad_w, grad_b = compiled.mlp_jacobian_diagonal_backward(
         grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved, projections,
         tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
     # the projections are random draws, held constant: no gradient
@@ -204,13 +197,13 @@ torch.library.register_autograd("jacext::mlp_laplacian_backward", _laplacian_bac
 torch.library.register_autograd("jacext::mlp_jacobian_diagonal_backward", _diagonal_backward_backward,
                                 setup_context=_diagonal_backward_setup)
 
-# Under torch.autocast the ops run in float32, as the Frobenius ops (_ops.py): a second derivative
+# Under torch.autocast the ops run in float32, as the Frobenius ops (_jacobian_ops.py): a second derivative
 # carried through several layers loses too much in half precision. torch.func.vmap over the samples
-# folds into the op's batch, over anything else loops (_ops._register_vmap).
+# folds into the op's batch, over anything else loops (_library.register_vmap).
 for _op in ("mlp_laplacian", "mlp_jacobian_diagonal"):
-    _register_float32_autocast(_op)
-_register_vmap("mlp_laplacian", sample_inputs=(0,))
-_register_vmap("mlp_jacobian_diagonal", sample_inputs=(0, 6))  # x, projections
+    register_float32_autocast(_op)
+register_vmap("mlp_laplacian", sample_inputs=(0,))
+register_vmap("mlp_jacobian_diagonal", sample_inputs=(0, 6))  # x, projections
 
 
 @explained_functorch_errors
@@ -218,11 +211,11 @@ def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
                   activations: Sequence[ActivationSpec], act_params=None, return_gradient: bool = False):
     """(y, lap), or (y, grad, lap) with return_gradient: lap[b, i] = sum_j d^2 y_i / dx_j^2 (B, m)
     and grad = dy/dx (B, m, n_0), from one fused forward-Laplacian op (csrc/mlp_laplacian.h)."""
-    codes, params = _normalize_activations(activations, act_params, len(weights))
-    widths = _widths(x, weights)
+    codes, params = normalize_activations(activations, act_params, len(weights))
+    widths = widths_of(x, weights)
     tile = carry_tile_size(widths, x.shape[0], laplacian_layout(widths, codes, return_gradient), op_element_size(x),
                            x.device)
-    y, grad, lap, _ = _ops.mlp_laplacian(x, list(weights), bias_tensors(biases, weights), codes, params,
+    y, grad, lap, _ = compiled.mlp_laplacian(x, list(weights), bias_tensors(biases, weights), codes, params,
                                          bool(return_gradient), tile=tile)
     return (y, grad, lap) if return_gradient else (y, lap)
 
@@ -236,15 +229,13 @@ def mlp_jacobian_diagonal(x: torch.Tensor, weights: Sequence[torch.Tensor], bias
     method="hutchinson", projections V (B, k, n) and out[b, j] = v_bj^T (dy_b/dx_b) v_bj (B, k)."""
     if (method == "hutchinson") != (projections is not None):
         raise ValueError("projections go with method='hutchinson', and only with it")
-    codes, params = _normalize_activations(activations, act_params, len(weights))
-    widths = _widths(x, weights)
-    if widths[-1] != widths[0]:
-        raise ValueError(f"the Jacobian diagonal and the divergence need a square net (as many outputs as inputs); "
-                         f"got {widths[0]} inputs and {widths[-1]} outputs")
+    codes, params = normalize_activations(activations, act_params, len(weights))
+    widths = widths_of(x, weights)
+    check_square(widths)
     strategy = resolve_diagonal_strategy(method, widths, codes, trace, x.shape[0])
     rows = 0 if projections is None else projections.shape[1]
     tile = carry_tile_size(widths, x.shape[0], diagonal_layout(widths, strategy, rows), op_element_size(x), x.device)
-    y, out, _ = _ops.mlp_jacobian_diagonal(x, list(weights), bias_tensors(biases, weights), codes, params, strategy,
+    y, out, _ = compiled.mlp_jacobian_diagonal(x, list(weights), bias_tensors(biases, weights), codes, params, strategy,
                                            projections, tile=tile)
     if trace and projections is None and strategy != TRACE_GRAM2:
         with torch.autocast(x.device.type, enabled=False):  # the op's float32 result stays float32

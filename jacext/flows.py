@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _ops
+from . import ops as _ops
+from ._flow_ops import flow_grads, save_flow
 from .activations import SMOOTH_LEAKY_RELU, SmoothLeakyReLU, activation_derivative, activation_value
 from .nn import parse_model
 
@@ -205,10 +206,10 @@ class _MeanNLL(torch.autograd.Function):
         weights, biases = _op_params(params, bias_present)
         z, log_dact, logabsdet, saved = torch.ops.jacext.mlp_flow(
             x, weights, biases, activations, act_params, relative_gradient, logdet_value)
-        _ops._save_flow(ctx, x, weights, biases, activations, act_params, relative_gradient, saved)
+        save_flow(ctx, x, weights, biases, activations, act_params, relative_gradient, saved)
         return _mean_nll(z, log_dact, logabsdet)
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x, grad_w, grad_b = _ops._flow_grads(ctx, None, None, None, grad_nll=grad)
+        grad_x, grad_w, grad_b = flow_grads(ctx, None, None, None, grad_nll=grad)
         return (grad_x, None, *grad_w, *_present_grads(grad_b, ctx.bias_present))

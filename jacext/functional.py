@@ -6,8 +6,10 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from . import _ops
 from . import activations as act
+from . import ops as _ops
+from ._checks import check_input
+from .estimators import check_estimator_options, hutch_plus_plus, hutchinson, random_projections
 from .nn import parse_model
 from .reference import jacobian_frobenius_ref
 
@@ -16,16 +18,6 @@ __all__ = ["jacobian_frobenius", "JacobianFrobenius", "jacobian", "Jacobian", "j
 
 METHODS = ("auto", "reverse", "forward", "gram", "hutchinson", "hutch++", "autograd")
 ESTIMATORS = ("hutchinson", "hutch++")
-DISTRIBUTIONS = ("rademacher", "gaussian")
-
-
-def _check_input(spec, x):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"x must have shape (batch, {spec.widths[0]}), got {tuple(x.shape)}")
-    if x.shape[1] != spec.widths[0]:
-        raise ValueError(f"x has {x.shape[1]} features but the model's first Linear expects {spec.widths[0]}")
 
 
 def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, generator=None, *,
@@ -68,99 +60,33 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     chunking."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if method not in ESTIMATORS and (n_proj != 1 or generator is not None or orthogonal or return_variance
-                                     or distribution != "rademacher"):
-        raise ValueError("n_proj, generator, distribution, orthogonal and return_variance apply to "
-                         "method='hutchinson' only (all but orthogonal to 'hutch++' too); the other methods are exact")
+    check_estimator_options(method, ESTIMATORS, n_proj, generator, distribution, orthogonal, return_variance)
     if method == "autograd":
         if max_memory is not None:
             raise ValueError("max_memory applies to jacext's fused methods, not to method='autograd'")
         return jacobian_frobenius_ref(model, x)
     spec = parse_model(model)
-    _check_input(spec, x)
+    check_input(spec, x)
     if method == "hutchinson":
-        return _hutchinson(spec, x, n_proj, generator, distribution, orthogonal, return_variance, max_memory)
+        return hutchinson(_frobenius_terms(spec, x, max_memory), x.shape[0], n_proj, spec.widths[-1],
+                          distribution=distribution, orthogonal=orthogonal, generator=generator, dtype=x.dtype,
+                          device=x.device, return_variance=return_variance)
     if method == "hutch++":
         if orthogonal:
             raise ValueError("orthogonal applies to method='hutchinson'; 'hutch++' orthonormalizes its sketch itself")
-        return _hutch_plus_plus(spec, x, n_proj, generator, distribution, return_variance, max_memory)
+        return hutch_plus_plus(_frobenius_terms(spec, x, max_memory), Linearization(spec, x).forward_product,
+                               x.shape[0], n_proj, spec.widths[0], spec.widths[-1], distribution=distribution,
+                               generator=generator, dtype=x.dtype, device=x.device, return_variance=return_variance)
     return _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                        method=method, max_memory=max_memory)
 
 
-def random_projections(batch: int, n_proj: int, n_out: int, *, distribution: str = "rademacher",
-                       orthogonal: bool = False, generator=None, dtype=torch.float32, device="cpu"):
-    """(batch, n_proj, n_out) projection rows: independent Rademacher or Gaussian entries, or
-    (orthogonal) n_proj orthonormal rows per sample scaled by sqrt(n_out), so that in every case
-    E[v_i v_i^T] = I for each row."""
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
-    if not isinstance(n_proj, int) or n_proj < 1:
-        raise ValueError(f"n_proj must be a positive integer, got {n_proj!r}")
-    if orthogonal and n_proj > n_out:
-        raise ValueError(f"orthogonal projections need n_proj <= {n_out} (the number of outputs), got {n_proj}")
-    source = generator.device if generator is not None else torch.device(device)
-    if orthogonal:  # an orthonormal frame of a Gaussian matrix: each column uniform on the sphere
-        gaussian = torch.randn(batch, n_out, n_proj, generator=generator, device=source, dtype=torch.float64)
-        rows = _orthonormal_columns(gaussian).transpose(1, 2) * n_out ** 0.5
-    elif distribution == "gaussian":
-        rows = torch.randn(batch, n_proj, n_out, generator=generator, device=source, dtype=torch.float64)
-    else:
-        rows = torch.randint(0, 2, (batch, n_proj, n_out), generator=generator, device=source) * 2 - 1
-    return rows.to(device=device, dtype=dtype)
-
-
-def _orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
-    """Q of a = Q R with R's diagonal positive (a: (B, m, k) float64, full column rank), by CholeskyQR2:
-    R from the Cholesky factor of a^T a, twice. Batched Cholesky and triangular solves are one
-    kernel each on a GPU, where a batched QR loops over the samples; the _ex form checks nothing,
-    so nothing waits for the device. Two passes keep Q orthonormal to rounding for condition
-    numbers up to ~1e7 (a Gaussian matrix's is about its size)."""
-    q = a
-    for _ in range(2):
-        factor, _ = torch.linalg.cholesky_ex(q.transpose(1, 2) @ q)
-        q = torch.linalg.solve_triangular(factor, q.transpose(1, 2), upper=False).transpose(1, 2)
-    return q
-
-
-def _hutchinson(spec, x, n_proj, generator, distribution, orthogonal, return_variance, max_memory):
-    if return_variance and n_proj < 2:
-        raise ValueError("return_variance needs n_proj >= 2 (a sample variance of the projections)")
-    v = random_projections(x.shape[0], n_proj, spec.widths[-1], distribution=distribution,
-                           orthogonal=orthogonal, generator=generator, dtype=x.dtype, device=x.device)
-    y, terms = _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                           method="hutchinson", projections=v, max_memory=max_memory)
-    sq = terms.mean(1)  # each term ||v_i^T J||^2 is unbiased for ||J||_F^2
-    if return_variance:
-        return y, sq, terms.var(1) / n_proj
-    return y, sq
-
-
-def _hutch_plus_plus(spec, x, n_proj, generator, distribution, return_variance, max_memory):
-    if not isinstance(n_proj, int) or n_proj < 3:
-        raise ValueError(f"method='hutch++' needs n_proj >= 3 (a sketch, its exact part and the residual), got {n_proj!r}")
-    m = spec.widths[-1]
-    rank = min(n_proj // 3, m)
-    residual = n_proj - 2 * rank
-    if return_variance and residual < 2:
-        raise ValueError(f"return_variance needs n_proj - 2 * {rank} >= 2 residual projections with "
-                         f"method='hutch++', got n_proj={n_proj}")
-    batch = x.shape[0]
-    sketch = random_projections(batch, rank, spec.widths[0], distribution="gaussian", generator=generator,
-                                dtype=x.dtype, device=x.device)
-    # Q: an orthonormal basis of J G's columns, per sample, held fixed (no gradient)
-    q = torch.linalg.qr(Linearization(spec, x).forward_product(sketch).transpose(1, 2)).Q  # (B, m, rank)
-    v = random_projections(batch, residual, m, distribution=distribution, generator=generator,
-                           dtype=q.dtype, device=x.device)
-    rows = torch.cat([q.transpose(1, 2), v - (v @ q) @ q.transpose(1, 2)], 1)  # [Q^T; v (I - Q Q^T)]
-    y, terms = _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+def _frobenius_terms(spec, x, max_memory):
+    """rows -> (y, ||rows_i^T J||^2 per row) by the fused op: the estimators' terms."""
+    def terms_of(rows):
+        return _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                            method="hutchinson", projections=rows, max_memory=max_memory)
-    exact_part, residual_terms = terms[:, :rank].sum(1), terms[:, rank:]
-    sq = exact_part + residual_terms.mean(1)
-    if return_variance:  # the exact part does not vary for a given Q; (written out: var(1) warns on B = 0)
-        spread = (residual_terms - residual_terms.mean(1, keepdim=True)).square().sum(1) / (residual - 1)
-        return y, sq, spread / residual
-    return y, sq
+    return terms_of
 
 
 class Linearization:
@@ -223,7 +149,7 @@ def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0):
     With a sequence of layers, the list of their Jacobians, from one reverse sweep down to the
     lowest (it passes every layer above: one op instead of one per layer)."""
     spec = parse_model(model)
-    _check_input(spec, x)
+    check_input(spec, x)
     if isinstance(layer, int):
         return _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer)[1]
     return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layer)[1]
@@ -234,7 +160,7 @@ def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0):
     reverse sweep). At the input layer of a net whose first hidden layer is narrower than its
     input, J J^T = S G S^T (G = W_1 W_1^T once per batch) without forming J."""
     spec = parse_model(model)
-    _check_input(spec, x)
+    check_input(spec, x)
     layers = [layer] if isinstance(layer, int) else list(layer)
     _, grams = _ops.mlp_jacobian_grams(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                        layers=layers)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _laplacian_ops
-from .functional import _check_input, random_projections
+from . import ops as _ops
+from ._checks import check_input, check_square
+from .estimators import check_estimator_options, hutchinson
 from .nn import parse_model
 
 __all__ = ["laplacian", "divergence", "jacobian_diagonal"]
@@ -22,15 +23,9 @@ def laplacian(model, x: torch.Tensor, return_gradient: bool = False):
     compiled), and again to any order (through torch ops). Piecewise-linear activations (relu,
     leaky_relu) have a zero second derivative almost everywhere: their kinks do not count."""
     spec = parse_model(model)
-    _check_input(spec, x)
-    return _laplacian_ops.mlp_laplacian(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+    check_input(spec, x)
+    return _ops.mlp_laplacian(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                         return_gradient=return_gradient)
-
-
-def _check_square(spec):
-    if spec.widths[-1] != spec.widths[0]:
-        raise ValueError(f"the divergence and the Jacobian diagonal need a square net (as many outputs as inputs); "
-                         f"the model maps {spec.widths[0]} features to {spec.widths[-1]}")
 
 
 def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, generator=None, *,
@@ -49,23 +44,19 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
     n_proj, an unbiased estimate of the estimator's variance (for independent projections).
     Differentiable twice w.r.t. x and the parameters; the projections are held fixed."""
     spec = parse_model(model)
-    _check_input(spec, x)
-    _check_square(spec)
-    if method != "hutchinson" and (n_proj != 1 or generator is not None or orthogonal or return_variance
-                                   or distribution != "rademacher"):
-        raise ValueError("n_proj, generator, distribution, orthogonal and return_variance apply to "
-                         "method='hutchinson' only; the other methods are exact")
+    check_input(spec, x)
+    check_square(spec.widths)
+    check_estimator_options(method, ("hutchinson",), n_proj, generator, distribution, orthogonal, return_variance)
     if method != "hutchinson":
-        return _laplacian_ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations,
+        return _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations,
                                                     spec.act_params, method=method, trace=True)
-    if return_variance and n_proj < 2:
-        raise ValueError("return_variance needs n_proj >= 2 (a sample variance of the projections)")
-    v = random_projections(x.shape[0], n_proj, spec.widths[0], distribution=distribution, orthogonal=orthogonal,
-                           generator=generator, dtype=x.dtype, device=x.device)
-    y, terms = _laplacian_ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                                    method="hutchinson", projections=v)
-    div = terms.mean(1)  # each term v^T J v is unbiased for tr J
-    return (y, div, terms.var(1) / n_proj) if return_variance else (y, div)
+
+    def terms_of(v):  # each term v^T J v is unbiased for tr J
+        return _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+                                          method="hutchinson", projections=v)
+
+    return hutchinson(terms_of, x.shape[0], n_proj, spec.widths[0], distribution=distribution, orthogonal=orthogonal,
+                      generator=generator, dtype=x.dtype, device=x.device, return_variance=return_variance)
 
 
 def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto"):
@@ -74,9 +65,9 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto"):
     the diagonal alone) or "gram" (one hidden layer: diag = d_2 .* (d_1 (W_1 .* W_2^T)), the matrix
     once per batch). Differentiable twice."""
     spec = parse_model(model)
-    _check_input(spec, x)
-    _check_square(spec)
+    check_input(spec, x)
+    check_square(spec.widths)
     if method == "hutchinson":
         raise ValueError("method='hutchinson' estimates the divergence (jacext.divergence); the diagonal is exact")
-    return _laplacian_ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+    return _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                                 method=method)

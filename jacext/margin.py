@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import _ops
+from . import ops as _ops
 from . import activations as act
 from .nn import parse_model
 

@@ -18,7 +18,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-REVERSE, FORWARD, REVERSE_GRAM, GRAM1, FORWARD_GRAM = 0, 1, 2, 3, 4
+from .activations import IDENTITY, LEAKY_RELU, RELU
+from .layouts import (CARRY_FORWARD, DIAGONAL_GRAM1, FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM,
+                      TRACE_GRAM2, CarryLayout, carry_saved_shapes, diagonal_layout, first_carry_index,
+                      laplacian_layout, saved_shapes)
+
 STRATEGY_NAMES = {REVERSE: "reverse", FORWARD: "forward", REVERSE_GRAM: "reverse + Gram epilogue",
                   GRAM1: "one-hidden-layer Gram", FORWARD_GRAM: "forward + Gram epilogue"}
 
@@ -77,8 +81,7 @@ def best_split(widths: Sequence[int], batch: int) -> Optional[Split]:
 # The cost model's second term: the elementwise work around the GEMMs (the scaling passes, the
 # backward's row-wise dots, the square-sums), per element of the per-sample tensors a plan
 # carries, in multiply-add equivalents. Refitted by least squares to every exact jacext row of a
-# bench_frobenius run (it prints the fit): 180 on the 2-core EPYC of bench/results after the
-# fusion work (it was 400 when every pass ran over freshly mapped memory).
+# bench_frobenius run (it prints the fit; docs/benchmarks.md has the fit's history).
 CARRY_ELEMENT_COST = 180
 
 
@@ -138,40 +141,6 @@ def penalty_macs(widths: Sequence[int], batch: int, strategy: Strategy, layer: i
         carry = 3 * batch * n[0] * sum(n[i] * n[i + 1] for i in range(1, depth - 1))
         return mlp + carry + 2 * n[-2] ** 2 * n[-1] + 2 * batch * n[0] * n[-2] ** 2
     raise ValueError(f"unknown strategy {strategy}")
-
-
-def first_carry_index(n_layers: int) -> int:
-    """Where the carries start in the op's `saved` list: after d and act'' for every layer and
-    h_1..h_{L-1} (csrc/mlp_jacobian.h). Reverse carries are dy/dh_i for i = L-1 down to `layer`."""
-    return 3 * n_layers - 1
-
-
-def saved_shapes(widths: Sequence[int], batch, layer: int, strategy: int, rows: Optional[int] = None,
-                 activations: Optional[Sequence[int]] = None):
-    """Shapes of the op's `saved` outputs (layout documented in csrc/mlp_jacobian.h); `rows` is
-    the number of carried rows in reverse mode: m, or k with projections. With the activation
-    codes, an identity layer's d and a piecewise-linear layer's act'' are empty, (0,), as the op
-    saves them; without, every layer is taken to have both (an upper bound)."""
-    from .activations import IDENTITY, LEAKY_RELU, RELU
-
-    B, L = batch, len(widths) - 1
-    rows = widths[-1] if rows is None else rows
-    codes = list(activations) if activations is not None else [None] * L
-    # d and act'' for every layer, h_1..h_{L-1}, then the carries
-    shapes = [(0,) if codes[i] == IDENTITY else (B, widths[i + 1]) for i in range(L)]
-    shapes += [(0,) if codes[i] in (IDENTITY, RELU, LEAKY_RELU) else (B, widths[i + 1]) for i in range(L)]
-    shapes += [(B, widths[i]) for i in range(1, L)]
-    if strategy == GRAM1:  # G1, G2 (n_1, n_1) and M d (B, n_1)
-        shapes += [(widths[1], widths[1])] * 2 + [(B, widths[1])]
-    elif strategy == FORWARD:
-        shapes += [(B, widths[layer], widths[i]) for i in range(layer + 2, L + 1)]
-    elif strategy == FORWARD_GRAM:  # U^(2)..U^(L-1), then P = T H: (B, n_0, n_{L-1})
-        shapes += [(B, widths[0], widths[i]) for i in range(2, L)] + [(B, widths[0], widths[L - 1])]
-    else:
-        shapes += [(B, rows, widths[i]) for i in range(L - 1, layer - 1, -1)]
-        if strategy == REVERSE_GRAM:  # P = S G replaces J: (B, rows, n_1)
-            shapes[-1] = (B, rows, widths[1])
-    return shapes
 
 
 def _l2_cache_bytes() -> int:
@@ -362,135 +331,13 @@ def _choose_strategy(method: str, widths: Sequence[int], layer: int = 0, frobeni
 _cached_strategy = functools.lru_cache(maxsize=512)(_choose_strategy)
 
 
-class Plan:
-    """What jacobian_frobenius(model, x, method, max_memory=...) will run, and what each candidate
-    would cost."""
-
-    def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory, tile):
-        self.widths, self.batch, self.method = widths, batch, method
-        self.candidates = candidates  # {strategy: (multiply-adds, predicted cost, estimated peak bytes)}
-        self.choice = choice
-        self.chunk, self.max_memory = chunk, max_memory  # samples per op call, the budget in bytes
-        self.tile = tile  # samples per tile inside the op (0: the whole call at once)
-
-    def __repr__(self):
-        lines = [f"MLP {self.widths}, batch {self.batch}, method={self.method!r}: runs "
-                 f"{strategy_name(self.choice)}",
-                 f"  {'strategy':26}{'GEMM multiply-adds':>20}{'predicted cost':>17}{'peak memory (est.)':>20}"]
-        for strategy, (macs, cost, peak) in self.candidates.items():
-            mark = "  <- chosen" if strategy == self.choice else ""
-            lines.append(f"  {strategy_name(strategy):26}{macs / 1e9:>17.4g} G{cost / 1e9:>14.4g} G"
-                         f"{peak / 2**20:>17.1f} MB{mark}")
-        lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x carried elements; "
-                     "the least cost wins, reverse on a tie)")
-        budget = f"memory budget {self.max_memory / 2**20:.0f} MB"
-        if self.chunk < self.batch:
-            lines.append(f"  {budget}: {math.ceil(self.batch / self.chunk)} chunks of <= {self.chunk} samples, "
-                         f"each recomputed in the backward (about 1/3 more multiply-adds)")
-        else:
-            lines.append(f"  {budget}: the whole batch in one call")
-        if self.tile:
-            lines.append(f"  tiles of {self.tile} samples: each thread takes a tile through every layer while its "
-                         f"carries stay in its {L2_CACHE_BYTES // 1024} KiB L2 cache")
-        else:
-            lines.append("  no tiles: each step runs over the whole call's samples at once")
-        return "\n".join(lines)
-
-
-def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *, quantity: str = "frobenius",
-            **options):
-    """The plan for jacobian_frobenius(model, x, method, max_memory=max_memory) with every exact
-    candidate's cost: `print(jacext.explain(model, x))`. quantity "spectral_norm": the plan of
-    jacobian_spectral_norm(model, x, method=method, **options) (layer, n_iter, tol); "laplacian",
-    "divergence" or "jacobian_diagonal": the plan of that function (explain_carry; options
-    return_gradient, n_proj)."""
-    from .activations import IDENTITY
-    from .nn import parse_model
-
-    if quantity != "frobenius" and max_memory is not None:
-        raise ValueError("explain: max_memory applies to the Frobenius norm's plan only")
-    if quantity == "spectral_norm":
-        from .spectral import spectral_plan
-        return spectral_plan(model, x, method, **options)
-    if quantity != "frobenius":
-        return explain_carry(model, x, quantity, method, **options)
-    if options:
-        raise TypeError(f"explain: {sorted(options)} do not apply to quantity='frobenius'")
-
-    spec = parse_model(model)
-    widths, batch = spec.widths, x.shape[0]
-    output_linear = spec.activations[-1] == IDENTITY
-    choice = resolve_strategy(method, widths, batch=batch, output_linear=output_linear)
-    strategies = [st for st in (REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, GRAM1)
-                  if applicable(st, widths, output_linear=output_linear)]
-    split = best_split(widths, batch)
-    candidates = {strategy: (penalty_macs(widths, batch, strategy), predicted_cost(widths, batch, strategy),
-                             footprint(widths, batch, strategy, op_element_size(x)))
-                  for strategy in strategies + ([split] if split else [])}
-    max_memory = default_memory_budget(x.device) if max_memory is None else max_memory
-    chunk = batch_chunk(widths, batch, choice, op_element_size(x), max_memory)
-    tile = 0 if isinstance(choice, Split) else tile_size(widths, chunk, choice, op_element_size(x), device=x.device)
-    return Plan(widths, batch, method, candidates, choice, chunk, max_memory, tile)
-
-
 # ---------------------------------------------------------------------------------------------
 # The forward-carry ops (csrc/mlp_laplacian.h): the Laplacian, the Jacobian diagonal and the
 # divergence. A plan carries `rows` rows per sample, [h; c tangent rows; Delta], through the first
 # `carried` layers; above them the op's epilogue maps what it needs.
 
-CARRY_FORWARD, DIAGONAL_GRAM1, TRACE_GRAM2 = 0, 1, 2  # mlp_jacobian_diagonal's strategies
 DIAGONAL_STRATEGY_NAMES = {CARRY_FORWARD: "forward columns + diagonal epilogue",
                            DIAGONAL_GRAM1: "one-hidden-layer closed form", TRACE_GRAM2: "two-hidden-layer trace"}
-
-
-@dataclass(frozen=True)
-class CarryLayout:
-    """What a forward-carry op carries: `columns` tangent rows, the Laplacian's Delta row or not,
-    through the first `carried` layers; `extra` is the width of the epilogue's saved tensor."""
-    columns: int
-    laplacian: bool
-    carried: int
-    extra: int = 0
-
-    @property
-    def rows(self) -> int:
-        return 1 + self.columns + int(self.laplacian)
-
-
-def laplacian_layout(widths: Sequence[int], activations: Sequence[int], gradient: bool) -> CarryLayout:
-    """The n_0 columns and Delta through every layer, or, with a linear output layer and no
-    gradient returned, through all but the last, which maps h and Delta alone."""
-    from .activations import IDENTITY
-    depth = len(widths) - 1
-    thin_top = not gradient and activations[-1] == IDENTITY
-    return CarryLayout(widths[0], True, depth - 1 if thin_top else depth)
-
-
-def diagonal_layout(widths: Sequence[int], strategy: int, projections: int = 0) -> CarryLayout:
-    """kForward: the n_0 columns up to the last layer and the row-dot epilogue (k projected columns
-    through every layer with projections); the closed forms carry h alone."""
-    depth = len(widths) - 1
-    if strategy == TRACE_GRAM2:
-        return CarryLayout(0, False, depth, widths[2])
-    if strategy == DIAGONAL_GRAM1:
-        return CarryLayout(0, False, depth, widths[0])
-    if projections:
-        return CarryLayout(projections, False, depth)
-    return CarryLayout(widths[0], False, depth - 1, widths[0])
-
-
-def carry_saved_shapes(widths: Sequence[int], batch, activations: Sequence[int], layout: CarryLayout):
-    """Shapes of a forward-carry op's `saved` outputs (layout documented in csrc/mlp_laplacian.h)."""
-    from .activations import IDENTITY, LEAKY_RELU, RELU
-
-    B, depth, rows = batch, len(widths) - 1, layout.rows
-    curved = [code not in (IDENTITY, RELU, LEAKY_RELU) for code in activations]
-    d1 = [(0,) if activations[i] == IDENTITY else (B, widths[i + 1]) for i in range(depth)]
-    d2 = [(B, widths[i + 1]) if curved[i] else (0,) for i in range(depth)]
-    d3 = [(B, widths[i + 1]) if curved[i] and layout.laplacian else (0,) for i in range(depth)]
-    hidden = [(B, rows, widths[i]) for i in range(1, depth)]
-    pre = [(B, rows, widths[i + 1]) if i < layout.carried and rows > 1 and curved[i] else (0,) for i in range(depth)]
-    return d1 + d2 + d3 + hidden + pre + [(B, layout.extra) if layout.extra else (0,)]
 
 
 def carry_macs(widths: Sequence[int], batch: int, layout: CarryLayout, strategy: int = CARRY_FORWARD) -> int:
@@ -545,8 +392,6 @@ def resolve_diagonal_strategy(method: str, widths: Sequence[int], activations: S
     carries the input columns; "gram" takes the closed form with a sample-independent matrix
     (one hidden layer; for the trace, two hidden layers and a linear output too); "hutchinson"
     carries projected columns; "auto" the exact strategy of least carry_cost."""
-    from .activations import IDENTITY
-
     if method not in DIAGONAL_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {DIAGONAL_METHODS}")
     if not isinstance(batch, int):  # a symbolic size under torch.compile
@@ -583,70 +428,3 @@ def carry_tile_size(widths: Sequence[int], batch, layout: CarryLayout, element_s
     threads = torch.get_num_threads() if threads is None else threads
     working_set = TILE_WORKING_COPIES * layout.rows * max(widths) * element_size
     return _balanced_tile(working_set, layout.rows, batch, threads, CARRY_MIN_TILE_ROWS)
-
-
-class CarryPlan:
-    """What jacext.laplacian / divergence / jacobian_diagonal will run, with each exact
-    candidate's cost."""
-
-    def __init__(self, quantity, widths, batch, method, candidates, choice, layout, tile):
-        self.quantity, self.widths, self.batch, self.method = quantity, widths, batch, method
-        self.candidates = candidates  # {name: (multiply-adds, predicted cost, saved bytes)}
-        self.choice, self.layout, self.tile = choice, layout, tile
-
-    def __repr__(self):
-        rows, layout = self.layout.rows, self.layout
-        what = (f"[h; {layout.columns} {'projected' if self.method == 'hutchinson' else 'input'} columns"
-                f"{'; Delta' if layout.laplacian else ''}]" if rows > 1 else "h alone")
-        lines = [f"{self.quantity} of MLP {self.widths}, batch {self.batch}, method={self.method!r}: runs {self.choice}",
-                 f"  carries {what} = {rows} row{'s' if rows > 1 else ''} per sample through "
-                 f"{layout.carried} of {len(self.widths) - 1} layers, one GEMM per layer over the batch",
-                 f"  {'strategy':38}{'GEMM multiply-adds':>20}{'predicted cost':>17}{'saved (est.)':>15}"]
-        for name, (macs, cost, saved) in self.candidates.items():
-            mark = "  <- chosen" if name == self.choice else ""
-            lines.append(f"  {name:38}{macs / 1e9:>17.4g} G{cost / 1e9:>14.4g} G{saved / 2**20:>12.1f} MB{mark}")
-        lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x saved elements)")
-        lines.append(f"  tiles of {self.tile} samples" if self.tile else "  no tiles: each step runs over the whole batch")
-        return "\n".join(lines)
-
-
-def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", return_gradient: bool = False,
-                  n_proj: int = 1) -> CarryPlan:
-    """The plan of jacext.laplacian (quantity "laplacian"), divergence or jacobian_diagonal."""
-    from .activations import IDENTITY
-    from .nn import parse_model
-
-    spec = parse_model(model)
-    widths, batch, codes = spec.widths, x.shape[0], spec.activations
-
-    def entry(layout, strategy=CARRY_FORWARD):
-        shapes = carry_saved_shapes(widths, batch, codes, layout)
-        return (carry_macs(widths, batch, layout, strategy), carry_cost(widths, batch, codes, layout, strategy),
-                op_element_size(x) * sum(math.prod(s) for s in shapes))
-
-    if quantity == "laplacian":
-        if method != "auto":
-            raise ValueError(f"the Laplacian has one method ('auto'), got {method!r}")
-        layout = laplacian_layout(widths, codes, return_gradient)
-        name = "forward Laplacian" + (" (thin last layer)" if layout.carried < len(widths) - 1 else "")
-        candidates, choice = {name: entry(layout)}, name
-    elif quantity in ("divergence", "jacobian_diagonal"):
-        from .laplacian import _check_square
-        _check_square(spec)
-        trace = quantity == "divergence"
-        strategy = resolve_diagonal_strategy(method, widths, codes, trace, batch)
-        if method == "hutchinson":
-            layout = diagonal_layout(widths, strategy, n_proj)
-            choice = f"hutchinson, {n_proj} projection{'s' if n_proj > 1 else ''}"
-            candidates = {choice: entry(layout)}
-        else:
-            layout = diagonal_layout(widths, strategy)
-            able = [st for st in DIAGONAL_STRATEGY_NAMES
-                    if diagonal_applicable(st, widths, trace, codes[-1] == IDENTITY)]
-            candidates = {DIAGONAL_STRATEGY_NAMES[st]: entry(diagonal_layout(widths, st), st) for st in able}
-            choice = DIAGONAL_STRATEGY_NAMES[strategy]
-    else:
-        raise ValueError(f"unknown quantity {quantity!r}; expected 'frobenius', 'spectral_norm', 'laplacian', "
-                         "'divergence' or 'jacobian_diagonal'")
-    tile = carry_tile_size(widths, batch, layout, op_element_size(x), x.device)
-    return CarryPlan(quantity, widths, batch, method, candidates, choice, layout, tile)

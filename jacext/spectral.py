@@ -22,9 +22,10 @@ from typing import Optional
 
 import torch
 
-from . import _ops
+from . import ops as _ops
 from . import activations as act
-from .functional import Linearization, _check_input
+from ._checks import check_input
+from .functional import Linearization
 from .nn import parse_model
 from .planner import REVERSE, predicted_cost, resolve_strategy
 
@@ -34,8 +35,8 @@ SPECTRAL_METHODS = ("auto", "exact", "power")
 # Multiply-add equivalents per k^3 of the batched symmetric eigen-decomposition of a k x k Gram
 # matrix (eigenvalues and vectors, which the backward needs: about 9 k^3 flops, Golub & Van Loan).
 EIGH_COST = 9
-# One small torch op's dispatch (~5 us) in multiply-add equivalents (~50 G/s): a power round runs
-# 4 ops per layer and 8 more, which decides its time for small nets.
+# One small torch op's dispatch in multiply-add equivalents (docs/benchmarks.md, spectral norm): a
+# power round runs 4 ops per layer and 8 more, which decides its time for small nets.
 OP_OVERHEAD = 250_000
 
 
@@ -134,7 +135,7 @@ def spectral_plan(model, x: torch.Tensor, method: str = "auto", layer: int = 0, 
     """The plan of jacobian_spectral_norm(model, x, layer, method=method, n_iter=n_iter):
     `print(jacext.explain(model, x, quantity="spectral_norm", layer=1))`."""
     spec = parse_model(model)
-    _check_input(spec, x)
+    check_input(spec, x)
     _check_options(spec, x, layer, method, n_iter, tol, None)
     return SpectralPlan(spec.widths, x.shape[0], layer, method, n_iter, tol)
 
@@ -158,8 +159,7 @@ def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: st
     `jacext.explain(model, x, quantity="spectral_norm")`).
 
     second_order: the exact path's second derivative too: s = sqrt of the largest eigenvalue of
-    the differentiable Gram, about twice the work (the Gram's backward; measured on
-    784-256-256-10, B = 128: 15-17 ms against 12-14 ms). Without it (and on the power path) the
+    the differentiable Gram, about twice the work (the Gram's backward). Without it (and on the power path) the
     second derivative is that of ||u^T J|| with u fixed: what a loss on s needs is the first.
     second_order=True runs the exact path (method "auto" or "exact").
 
@@ -187,7 +187,7 @@ def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: st
     gradient), to pass as init= for the same samples at the next step. J = 0 gives s = 0 with a
     zero gradient; NaN/Inf propagate per sample; an empty batch gives empty outputs."""
     spec = parse_model(model)
-    _check_input(spec, x)
+    check_input(spec, x)
     _check_options(spec, x, layer, method, n_iter, tol, init)
     if second_order and method == "power":
         raise ValueError("second_order=True is the exact path's (the power path differentiates ||u^T J|| with u "
@@ -243,7 +243,7 @@ def _top_eigenvector(gram: torch.Tensor) -> torch.Tensor:
     repeated squaring: P = G / tr(G), P <- P^2 / tr(P^2) tends to the projector onto the top
     eigenspace (u u^T for a simple top eigenvalue), whose largest column is a top eigenvector. A
     few batched products instead of one LAPACK eigendecomposition per sample (the batched eigh
-    took 1.7 of the step's 9.5 ms for 784-256-256-10 at B = 128). A repeated top eigenvalue gives
+    loops over the samples). A repeated top eigenvalue gives
     some vector of its eigenspace; G = 0 gives e_1; NaN propagates."""
     tiny = torch.finfo(gram.dtype).tiny
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ops
+from . import ops as _ops
 from .activations import IDENTITY, NAMES, activation_value, make_module
 from .nn import parse_model
 

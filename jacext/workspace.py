@@ -3,7 +3,7 @@ the next call (csrc/workspace.h).
 
 A fresh tensor of more than a few hundred KiB is mapped from the system and every page is
 faulted in on first touch; freed, it goes back. At everyday widths that costs more than the GEMMs
-(about 1.4 ns per float on a 2-core EPYC), every training step again. jacext's CPU ops allocate
+(docs/benchmarks.md), every training step again. jacext's CPU ops allocate
 from a cache of their own freed blocks instead, so a second identical step touches no new page;
 the rest of the process's memory and its malloc settings are left alone. Freed blocks are kept up
 to a limit (default: an eighth of physical memory, at most 4 GiB)."""

@@ -102,7 +102,7 @@ def test_gradcheck_and_gradgradcheck_split(activation, gram, device):
     x, weights, biases, codes, params = random_mlp(activation, device)
     inputs = leaves(x, weights, biases)
     split = jacext.planner.Split(2, jacext.ops.FORWARD, jacext.ops.REVERSE, gram)
-    fn = op_fn(lambda x, w, b, c, p: jacext._ops._split_frobenius(x, w, b, c, p, split), weights, biases, codes, params)
+    fn = op_fn(lambda x, w, b, c, p: jacext._jacobian_ops._split_frobenius(x, w, b, c, p, split), weights, biases, codes, params)
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
 
@@ -193,7 +193,7 @@ def test_gradcheck_gradgradcheck_and_opcheck_with_carry_gradients(layers, device
     args = (x, weights, jacext.ops.bias_tensors(biases, weights), codes, params, low, jacext.ops.REVERSE)
     with torch.no_grad():
         y, jac, saved = torch.ops.jacext.mlp_jacobian(*args)
-    carries = saved[jacext.planner.first_carry_index(len(weights)):]  # dy/dh_i, i = L-1 down to low
+    carries = saved[jacext.layouts.first_carry_index(len(weights)):]  # dy/dh_i, i = L-1 down to low
     grad_carries = [torch.randn_like(c).requires_grad_() if len(weights) - 1 - j in layers else x.new_empty(0)
                     for j, c in enumerate(carries)]
     torch.library.opcheck(torch.ops.jacext.mlp_jacobian_backward.default,

@@ -169,7 +169,7 @@ def test_mlp_builder_errors():
 def test_warnings_about_the_cuda_setup(monkeypatch):
     """Two warnings a GPU user needs and a CPU machine can check: a visible GPU that this build has
     no kernels for, and TF32 (once per process)."""
-    import jacext._ops as ops
+    import jacext._library as ops
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     if ops.has_cuda_kernels():

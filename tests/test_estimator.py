@@ -88,7 +88,7 @@ def test_gradient_equals_the_gradient_of_the_estimate(widths, device):
     strategy = jacext.ops.resolve_strategy("hutchinson", widths, batch=4, projections=3)
     _, terms, _ = torch.ops.jacext.mlp_jacobian_frobenius(x, spec.weights, biases, spec.activations,
                                                           spec.act_params, strategy, v)
-    from jacext.reference import mlp_composite
+    from jacext._composites import mlp_composite
     _, vjac = mlp_composite(x, spec.weights, spec.biases, spec.activations, spec.act_params, projections=v)
     torch.testing.assert_close(terms, vjac.pow(2).sum(2), rtol=1e-10, atol=1e-12)
     params = [x] + list(model.parameters())
@@ -150,10 +150,10 @@ def test_errors():
 def test_orthonormal_frames_of_gaussian_matrices(k):
     """CholeskyQR2 (no per-sample QR, no host sync): Q^T Q = I, and a = Q R with R upper triangular
     with a positive diagonal, as the QR whose Q is uniformly distributed."""
-    from jacext.functional import _orthonormal_columns
+    from jacext.estimators import orthonormal_columns
 
     a = torch.randn(6, 40, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
-    q = _orthonormal_columns(a)
+    q = orthonormal_columns(a)
     torch.testing.assert_close(q.transpose(1, 2) @ q, torch.eye(k, dtype=torch.float64).expand(6, k, k),
                                rtol=0, atol=1e-12)
     r = q.transpose(1, 2) @ a

@@ -155,7 +155,7 @@ def test_tiled_jacobian_and_carries(strategy, batch):
                                                       0, code, tile=tile)
         objective = jac.square().sum() + y.sum()
         if code == REVERSE:  # dy/dh_1 from the same sweep, differentiated too
-            objective = objective + saved[jacext.planner.first_carry_index(3) + 1].sin().sum()
+            objective = objective + saved[jacext.layouts.first_carry_index(3) + 1].sin().sum()
         out[tile] = (jac, torch.autograd.grad(objective, [x, *model.parameters()]))
     torch.testing.assert_close(out[TILE][0], out[0][0], rtol=1e-12, atol=1e-12)
     for a, b in zip(out[TILE][1], out[0][1]):

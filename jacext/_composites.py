@@ -1,0 +1,119 @@
+"""The ops' formulas as differentiable torch ops: what each backward op computes, written so that
+autograd differentiates it to any order. The backward ops' own backward (the double backward of
+every jacext op) runs these."""
+from __future__ import annotations
+
+import torch
+
+from .activations import activation_derivative, activation_second_derivative, activation_value
+
+
+def mlp_composite(x, weights, biases, activations, act_params, layer=0, projections=None, carries=False):
+    """(y, J) of the MLP with J = dy/dh_layer carried in reverse, in differentiable torch ops;
+    with projections V (B, k, m), V J instead of J. carries=True: (y, [dy/dh_i for i = L-1 down
+    to layer]), the reverse carries (the last one is J)."""
+    h, ds = x, []
+    for i, w in enumerate(weights):
+        y = h @ w.t()
+        if biases[i] is not None:
+            y = y + biases[i]
+        code, p0, p1 = activations[i], act_params[2 * i], act_params[2 * i + 1]
+        ds.append(activation_derivative(y, code, p0, p1))
+        h = activation_value(y, code, p0, p1)
+    if projections is None:
+        jac = ds[-1].unsqueeze(2) * weights[-1]
+    else:
+        jac = (projections * ds[-1].unsqueeze(1)) @ weights[-1]
+    all_carries = [jac]
+    for i in range(len(weights) - 2, layer - 1, -1):
+        jac = (jac * ds[i].unsqueeze(1)) @ weights[i]
+        all_carries.append(jac)
+    return (h, all_carries) if carries else (h, jac)
+
+
+def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biases, activations,
+                                    act_params, layer, projections=None, grad_carries=(), gram_output=False):
+    """What the op mlp_jacobian_backward computes, as differentiable torch ops: the gradients of
+    sum(grad_y*y) + sum(grad_sq*||J||^2) + sum(grad_jac*J) + sum(grad_carries*carries) w.r.t. x,
+    weights and the biases that are not None (returned in that order); with projections, ||J||^2
+    is per projected row; with gram_output, grad_jac is the gradient of J J^T (mlp_jacobian's
+    output with strategy 2). grad_carries: [] or one per reverse carry dy/dh_i, i = L-1 down to
+    layer (None for none)."""
+    present = [i for i, b in enumerate(biases) if b is not None]
+
+    def outputs(x, weights, present_biases):
+        full = [None] * len(weights)
+        for i, b in zip(present, present_biases):
+            full[i] = b
+        y, carries = mlp_composite(x, weights, full, activations, act_params, layer, projections, carries=True)
+        jac = carries[-1]
+        sq = jac.pow(2).sum((1, 2)) if projections is None else jac.pow(2).sum(2)
+        jac_out = jac @ jac.transpose(1, 2) if gram_output else jac
+        return y, sq, jac_out, [c for c, g in zip(carries, grad_carries) if g is not None]
+
+    primals = (x, list(weights), [biases[i] for i in present])
+    (y, sq, jac, carries), vjp = torch.func.vjp(outputs, *primals)
+    cotangents = tuple(torch.zeros_like(o) if g is None else g
+                       for g, o in zip((grad_y, grad_sq, grad_jac), (y, sq, jac)))
+    return vjp((*cotangents, [g for g in grad_carries if g is not None]))
+
+
+def forward_carry_composite(x, weights, biases, activations, act_params, tangents=None, laplacian=False):
+    """(y, T, delta): the MLP output, the tangent rows T[b, j] = (dy_b/dx_b) t_j (B, c, m) for the unit
+    vectors (tangents None) or the rows of tangents (B, c, n_0), and with laplacian the Laplacian
+    sum_j d^2 y / dx_j^2 (B, m), else None: the carry of csrc/mlp_laplacian.h in torch ops."""
+    h = x
+    t = tangents if tangents is not None else torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
+    delta = torch.zeros_like(x) if laplacian else None
+    for i, w in enumerate(weights):
+        z = h @ w.t()
+        if biases[i] is not None:
+            z = z + biases[i]
+        code, p0, p1 = activations[i], act_params[2 * i], act_params[2 * i + 1]
+        p = t @ w.t()
+        d1 = activation_derivative(z, code, p0, p1)
+        if laplacian:
+            d2 = activation_second_derivative(z, code, p0, p1)
+            delta = d1 * (delta @ w.t()) + d2 * p.pow(2).sum(1)
+        h, t = activation_value(z, code, p0, p1), d1.unsqueeze(1) * p
+    return h, t, delta
+
+
+def _vjp_of(outputs_fn, x, weights, biases, cotangents):
+    """The gradients of sum(cotangent * output) over outputs_fn(x, weights, full biases) w.r.t. x,
+    the weights and the biases that are not None, in differentiable torch ops."""
+    present = [i for i, b in enumerate(biases) if b is not None]
+
+    def outputs(x, weights, present_biases):
+        full = [None] * len(weights)
+        for i, b in zip(present, present_biases):
+            full[i] = b
+        return outputs_fn(x, weights, full)
+
+    values, vjp = torch.func.vjp(outputs, x, list(weights), [biases[i] for i in present])
+    return vjp(tuple(torch.zeros_like(v) if g is None else g for g, v in zip(cotangents, values)))
+
+
+def mlp_laplacian_backward_composite(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params):
+    """What the op mlp_laplacian_backward computes, in differentiable torch ops: the gradients of
+    sum(grad_y*y) + sum(grad_grad*grad) + sum(grad_lap*lap) w.r.t. x, the weights and the biases
+    that are not None."""
+    def outputs(x, weights, biases):
+        y, t, lap = forward_carry_composite(x, weights, biases, activations, act_params, laplacian=True)
+        return y, t.transpose(1, 2), lap
+
+    return _vjp_of(outputs, x, weights, biases, (grad_y, grad_grad, grad_lap))
+
+
+def mlp_jacobian_diagonal_backward_composite(grad_y, grad_out, x, weights, biases, activations, act_params,
+                                             trace=False, projections=None):
+    """What the op mlp_jacobian_diagonal_backward computes, in differentiable torch ops, for the
+    diagonal (B, n), its sum (trace), or with projections the terms v_j^T J v_j (B, k)."""
+    def outputs(x, weights, biases):
+        y, t, _ = forward_carry_composite(x, weights, biases, activations, act_params, projections)
+        if projections is not None:
+            return y, (t * projections).sum(2)
+        diag = t.diagonal(dim1=1, dim2=2)  # T[b, j] = J e_j: the diagonal is T[b, j, j]
+        return y, diag.sum(1) if trace else diag
+
+    return _vjp_of(outputs, x, weights, biases, (grad_y, grad_out))

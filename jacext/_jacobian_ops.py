@@ -1,0 +1,325 @@
+"""The Jacobian op family (csrc/mlp_jacobian.h): mlp_jacobian_frobenius, mlp_jacobian and their
+backward op; their fake kernels, autograd, vmap and autocast rules, and the op-level entry points.
+
+Autograd: the two forward ops differentiate through the backward op (compiled kernels):
+mlp_jacobian_frobenius by a C++ autograd node (csrc/frobenius_autograd.cpp), mlp_jacobian by the
+formulas registered here. The backward op differentiates through
+_composites.mlp_jacobian_backward_composite (torch ops), which gives the double backward and every
+higher order."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.utils.checkpoint
+
+from . import activations as act
+from ._composites import mlp_jacobian_backward_composite
+from ._library import (ActivationSpec, below_autograd, bias_tensors, compiled, explained_functorch_errors,
+                       normalize_activations, register_float32_autocast, register_vmap, warn_if_tf32, widths_of)
+from .layouts import REVERSE, REVERSE_GRAM, first_carry_index, saved_shapes
+from .planner import Split, batch_chunk, default_memory_budget, op_element_size, resolve_strategy, tile_size
+
+__all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "mlp_jacobians", "mlp_jacobian_grams"]
+
+
+@torch.library.register_fake("jacext::mlp_jacobian_frobenius")
+def _frobenius_fake(x, weights, biases, activations, act_params, strategy, projections=None, *, tile=0):
+    B = x.shape[0]
+    rows = None if projections is None else projections.shape[1]
+    saved = [x.new_empty(s) for s in saved_shapes(widths_of(x, weights), B, 0, strategy, rows, activations)]
+    sq = x.new_empty(B) if projections is None else x.new_empty(B, rows)
+    return x.new_empty(B, weights[-1].shape[0]), sq, saved
+
+
+@torch.library.register_fake("jacext::mlp_jacobian")
+def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy, *, tile=0, gram=False):
+    widths = widths_of(x, weights)
+    saved = [x.new_empty(s) for s in saved_shapes(widths, x.shape[0], layer, strategy, None, activations)]
+    columns = widths[-1] if gram else widths[layer]  # gram: J J^T
+    return x.new_empty(x.shape[0], widths[-1]), x.new_empty(x.shape[0], widths[-1], columns), saved
+
+
+@torch.library.register_fake("jacext::mlp_jacobian_backward")
+def _backward_fake(grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
+                   strategy, saved, grad_carries, projections=None, *, tile=0, input_grad=True):
+    # contiguous like the kernels' outputs (x may not be); an empty bias gradient for a layer without bias
+    return (x.new_empty(x.shape) if input_grad else None, [w.new_empty(w.shape) for w in weights],
+            [w.new_empty(w.shape[0] if b.numel() else 0) for w, b in zip(weights, biases)])
+
+
+
+def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, tile, saved,
+                  differentiable_carries=False):
+    # An unused output's gradient stays None: zero-filling the (large) saved carries would cost a
+    # full memory pass each, and the backward op takes None for grad_y, grad_sq and grad_jac.
+    ctx.set_materialize_grads(False)
+    ctx.config = (list(activations), list(act_params), layer, strategy)
+    ctx.tile = tile  # the backward runs the same tiles
+    ctx.n_layers = len(weights)
+    ctx.bias_present = [b.numel() > 0 for b in biases]
+    ctx.save_for_backward(x, *weights, *biases, *saved)
+    # Reverse carries are the Jacobians dy/dh_i above `layer` and may be differentiated
+    # (mlp_jacobians); the rest of `saved` is internal (with strategy 2 the last carry too: P = S G).
+    ctx.carries_start = first_carry_index(len(weights))
+    internal = saved[:ctx.carries_start] + (saved[-1:] if strategy == REVERSE_GRAM else [])
+    ctx.mark_non_differentiable(*(internal if differentiable_carries else saved))
+
+
+def _load_forward(ctx):
+    tensors = list(ctx.saved_tensors)
+    L = ctx.n_layers
+    return tensors[0], tensors[1:1 + L], tensors[1 + L:1 + 2 * L], tensors[1 + 2 * L:]
+
+
+
+
+def _backward_via_op(ctx, grad_y, grad_jac, grad_saved=None):
+    x, weights, biases, saved = _load_forward(ctx)
+    activations, act_params, layer, strategy = ctx.config
+    grad_carries = [] if grad_saved is None else grad_saved[ctx.carries_start:]
+    if all(g is None for g in grad_carries):
+        grad_carries = []
+    else:  # the op takes an empty tensor for a carry without gradient
+        grad_carries = [x.new_empty(0) if g is None else g for g in grad_carries]
+    with below_autograd():  # with create_graph, the backward op's own autograd records the double backward
+        grad_x, grad_w, grad_b = compiled.mlp_jacobian_backward(
+            grad_y, None, grad_jac, x, weights, biases, activations, act_params, layer,
+            strategy, saved, grad_carries, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
+    grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
+    return grad_x, list(grad_w), grad_b
+
+
+def _jacobian_setup(ctx, inputs, keyword_only_inputs, output):
+    x, weights, biases, activations, act_params, layer, strategy = inputs
+    _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, keyword_only_inputs.get("tile", 0),
+                  output[2], differentiable_carries=strategy in (REVERSE, REVERSE_GRAM))
+
+
+def _jacobian_backward(ctx, grad_y, grad_jac, grad_saved):
+    return (*_backward_via_op(ctx, grad_y, grad_jac, grad_saved), None, None, None, None)
+
+
+def _backward_setup(ctx, inputs, keyword_only_inputs, output):
+    (grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer, _, saved, grad_carries,
+     projections) = inputs
+    # The dispatcher drops a trailing argument left at its default (None), so the backward returns
+    # a gradient slot for `projections` only when one was passed.
+    ctx.n_trailing = 0 if projections is None else 1
+    ctx.projections = projections  # random draws, held constant: not differentiated
+    # strategy 2 with a gradient for J: the op returned J J^T (mlp_jacobian's Gram output)
+    ctx.config = (list(activations), list(act_params), layer, inputs[9] == REVERSE_GRAM and grad_jac is not None)
+    ctx.n_saved = len(saved)
+    ctx.n_layers = len(weights)
+    ctx.bias_present = [b.numel() > 0 for b in biases]
+    ctx.grad_present = [g is not None for g in (grad_y, grad_sq, grad_jac)]
+    ctx.carry_grad_present = [g.numel() > 0 for g in grad_carries]
+    ctx.save_for_backward(*[g for g in (grad_y, grad_sq, grad_jac) if g is not None],
+                          *[g for g in grad_carries if g.numel() > 0], x, *weights,
+                          *[b for b, present in zip(biases, ctx.bias_present) if present])
+
+
+def _backward_backward(ctx, gg_x, gg_w, gg_b):
+    tensors = iter(ctx.saved_tensors)
+    present_grads = [next(tensors) for present in ctx.grad_present + ctx.carry_grad_present if present]
+    x = next(tensors)
+    weights = [next(tensors) for _ in range(ctx.n_layers)]
+    present_biases = list(tensors)
+    activations, act_params, layer, gram_output = ctx.config
+
+    def composite(present_grads, x, weights, present_biases):
+        grads, biases = iter(present_grads), iter(present_biases)
+        grad_y, grad_sq, grad_jac = [next(grads) if p else None for p in ctx.grad_present]
+        grad_carries = [next(grads) if p else None for p in ctx.carry_grad_present]
+        full_biases = [next(biases) if p else None for p in ctx.bias_present]
+        return mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, full_biases,
+                                               activations, act_params, layer, ctx.projections,
+                                               grad_carries, gram_output)
+
+    with torch.autocast(x.device.type, enabled=False):  # float32 like the op it differentiates
+        outputs, vjp = torch.func.vjp(composite, present_grads, x, weights, present_biases)
+    gg_b_present = [g for g, present in zip(gg_b, ctx.bias_present) if present]
+    cotangents = (
+        torch.zeros_like(outputs[0]) if gg_x is None else gg_x,
+        [torch.zeros_like(o) if g is None else g for g, o in zip(gg_w, outputs[1])],
+        [torch.zeros_like(o) if g is None else g for g, o in zip(gg_b_present, outputs[2])],
+    )
+    with torch.autocast(x.device.type, enabled=False):
+        g_grads, g_x, g_w, g_b = vjp(cotangents)
+    g_grads, g_b = iter(g_grads), iter(g_b)
+    grads_out = [next(g_grads) if present else None for present in ctx.grad_present]
+    g_carries = [next(g_grads) if present else None for present in ctx.carry_grad_present]
+    g_biases = [next(g_b) if present else None for present in ctx.bias_present]
+    # No gradient flows into `saved`: the composite differentiates through x, weights and biases.
+    return (*grads_out, g_x, list(g_w), g_biases, None, None, None, None, [None] * ctx.n_saved,
+            g_carries, *[None] * ctx.n_trailing)
+
+
+torch.library.register_autograd("jacext::mlp_jacobian", _jacobian_backward,
+                                setup_context=_jacobian_setup)
+torch.library.register_autograd("jacext::mlp_jacobian_backward", _backward_backward,
+                                setup_context=_backward_setup)
+
+
+register_vmap("mlp_jacobian_frobenius", sample_inputs=(0, 6))  # x, projections
+register_vmap("mlp_jacobian", sample_inputs=(0,))
+register_float32_autocast("mlp_jacobian_frobenius")
+register_float32_autocast("mlp_jacobian")
+
+
+@explained_functorch_errors
+def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                           biases: Sequence[Optional[torch.Tensor]],
+                           activations: Sequence[ActivationSpec], act_params=None,
+                           method: str = "auto", projections: Optional[torch.Tensor] = None,
+                           max_memory: Optional[int] = None):
+    """(y, sq): the MLP output and sq[b] = ||dy_b/dx_b||_F^2, in one fused op.
+
+    activations: one name or code per weight (e.g. ["tanh", "identity"]); act_params: two
+    floats per layer (slope / beta, threshold / alpha), torch's defaults when None.
+    method="hutchinson" takes projections V (B, k, m) and returns sq[b, i] = ||v_bi^T J_b||^2.
+    max_memory (bytes; default a quarter of the device's memory): when the plan's estimated
+    peak (planner.footprint) exceeds it, the batch runs in chunks, each recomputed in the
+    backward instead of keeping its carries (torch.utils.checkpoint); the result is unchanged.
+    Under torch.compile the batch runs in one call."""
+    if (method == "hutchinson") != (projections is not None):
+        raise ValueError("projections go with method='hutchinson', and only with it")
+    warn_if_tf32(x.device, x.dtype)
+    codes, params = normalize_activations(activations, act_params, len(weights))
+    rows = None if projections is None else projections.shape[1]
+    widths = widths_of(x, weights)
+    strategy = resolve_strategy(method, widths, batch=x.shape[0], projections=rows or 0,
+                                output_linear=codes[-1] == act.IDENTITY)
+    if max_memory is not None and (not isinstance(max_memory, int) or max_memory <= 0):
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+    weights, biases = list(weights), bias_tensors(biases, weights)
+
+    def run(x, projections):
+        if isinstance(strategy, Split):
+            return _split_frobenius(x, weights, biases, codes, params, strategy)
+        tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), rows, device=x.device)
+        return compiled.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections, tile=tile)[:2]
+
+    if torch.compiler.is_compiling():  # a compiled graph runs the batch in one call
+        return run(x, projections)
+    if max_memory is None:
+        max_memory = default_memory_budget(x.device)
+    chunk = batch_chunk(widths, x.shape[0], strategy, op_element_size(x), max_memory, rows)
+    if chunk == x.shape[0]:
+        return run(x, projections)
+    # Checkpointing keeps each chunk's carries alive only during its own forward and backward.
+    recompute = torch.is_grad_enabled()
+    x_parts = x.split(chunk)
+    v_parts = [None] * len(x_parts) if projections is None else projections.split(chunk)
+    parts = [torch.utils.checkpoint.checkpoint(run, xc, vc, use_reentrant=False) if recompute else run(xc, vc)
+             for xc, vc in zip(x_parts, v_parts)]
+    return torch.cat([y for y, _ in parts]), torch.cat([sq for _, sq in parts])
+
+
+def _split_frobenius(x, weights, biases, codes, params, split: Split):
+    """(y, ||J||^2) with J = A C split at hidden layer s: C = dh_s/dx and A = dy/dh_s from two
+    jacobian ops (each differentiable twice), combined per sample."""
+    s = split.layer
+    widths = widths_of(x, weights)
+    h, c, _ = compiled.mlp_jacobian(x, weights[:s], biases[:s], codes[:s], params[:2 * s], 0, split.bottom,
+                                tile=tile_size(widths[:s + 1], x.shape[0], split.bottom, op_element_size(x), device=x.device))
+    y, a, _ = compiled.mlp_jacobian(h, weights[s:], biases[s:], codes[s:], params[2 * s:], 0, split.top,
+                                tile=tile_size(widths[s:], x.shape[0], split.top, op_element_size(x), device=x.device))
+    with torch.autocast(x.device.type, enabled=False):  # the ops' float32 results stay float32
+        return _combine_split(y, a, c, split)
+
+
+def _combine_split(y, a, c, split: Split):
+    if split.gram:  # sum_ij (A^T A)_ij (C C^T)_ij: n_s^2 (m + n_0) per sample
+        return y, (torch.bmm(a.transpose(1, 2), a) * torch.bmm(c, c.transpose(1, 2))).sum((1, 2))
+    return y, torch.bmm(a, c).square().sum((1, 2))  # m n_s n_0 per sample
+
+
+@explained_functorch_errors
+def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                 biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
+                 act_params=None, layer: int = 0, method: str = "auto"):
+    """(y, J): the MLP output and J[b] = dy_b/dh_layer,b of shape (B, m, n_layer)."""
+    warn_if_tf32(x.device, x.dtype)
+    codes, params = normalize_activations(activations, act_params, len(weights))
+    if not 0 <= layer < len(weights):
+        raise ValueError(f"layer must be in [0, {len(weights) - 1}] for a model with {len(weights)} "
+                         f"Linear layers, got {layer}")
+    widths = widths_of(x, weights)
+    strategy = resolve_strategy(method, widths, layer, frobenius=False, batch=x.shape[0])
+    tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), layer=layer, device=x.device)
+    y, jac, _ = compiled.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
+                                  layer, strategy, tile=tile)
+    return y, jac
+
+
+@explained_functorch_errors
+def mlp_jacobians(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                  biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
+                  act_params=None, layers: Sequence[int] = (0,)):
+    """(y, [J_l for l in layers]): the Jacobians dy/dh_l at several layers from one reverse sweep
+    (the sweep down to the lowest layer passes every layer above it), each differentiable twice."""
+    warn_if_tf32(x.device, x.dtype)
+    codes, params = normalize_activations(activations, act_params, len(weights))
+    layers = list(layers)
+    depth = len(weights)
+    if not layers or any(not isinstance(l, int) or not 0 <= l < depth for l in layers):
+        raise ValueError(f"layers must be a non-empty list of integers in [0, {depth - 1}], got {layers}")
+    tile = tile_size(widths_of(x, weights), x.shape[0], REVERSE, op_element_size(x), layer=min(layers), device=x.device)
+    y, _, saved = compiled.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
+                                    min(layers), REVERSE, tile=tile)
+    carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to min(layers)
+    return y, [carries[depth - 1 - l] for l in layers]
+
+
+class _BatchedGram(torch.autograd.Function):
+    """J J^T per sample, (B, m, m) from (B, m, n). Its backward is one batched product (A + A^T) J;
+    autograd's for `jac @ jac.transpose(1, 2)` is two (one of them with a transposed operand) and
+    an add over (B, m, n). Written in torch ops, so it is
+    differentiable again and torch.func transforms it (generate_vmap_rule)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(jac):
+        return torch.bmm(jac, jac.transpose(1, 2))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (jac,) = ctx.saved_tensors
+        return torch.bmm(grad + grad.transpose(1, 2), jac)
+
+
+@explained_functorch_errors
+def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                       biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
+                       act_params=None, layers: Sequence[int] = (0,)):
+    """(y, [J_l J_l^T for l in layers]), each (B, m, m) and differentiable twice, from one reverse
+    sweep. At the input layer J_0 J_0^T = S G S^T (S = R^(1) D_1, G = W_1 W_1^T once per batch)
+    replaces J_0 = S W_1 where that needs fewer multiply-adds (the planner's choice between the
+    reverse carry and its Gram epilogue): m n_1^2 instead of m n_1 n_0 per sample."""
+    warn_if_tf32(x.device, x.dtype)
+    codes, params = normalize_activations(activations, act_params, len(weights))
+    layers = list(layers)
+    depth = len(weights)
+    if not layers or any(not isinstance(l, int) or not 0 <= l < depth for l in layers):
+        raise ValueError(f"layers must be a non-empty list of integers in [0, {depth - 1}], got {layers}")
+    widths = widths_of(x, weights)
+    gram_at_input = 0 in layers and resolve_strategy("reverse", widths, batch=x.shape[0]) == REVERSE_GRAM
+    strategy, low = (REVERSE_GRAM, 0) if gram_at_input else (REVERSE, min(layers))
+    tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), layer=low, device=x.device)
+    y, out, saved = compiled.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
+                                      low, strategy, tile=tile, gram=gram_at_input)
+    carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to low (strategy 2: then P)
+    grams = []
+    with torch.autocast(x.device.type, enabled=False):  # the op's float32 results stay float32
+        for l in layers:
+            if l == 0 and gram_at_input:
+                grams.append(out)
+            else:
+                jac = carries[depth - 1 - l]
+                grams.append(_BatchedGram.apply(jac))
+    return y, grams

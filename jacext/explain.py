@@ -1,0 +1,149 @@
+"""jacext.explain: the plan every quantity will run, with each candidate's predicted cost (the top
+layer of the package: it reads the model as the quantities do and asks the planner)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from ._checks import check_square
+from .activations import IDENTITY
+from .layouts import (CARRY_FORWARD, FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, carry_saved_shapes,
+                      diagonal_layout, laplacian_layout)
+from .nn import parse_model
+from .planner import (DIAGONAL_STRATEGY_NAMES, L2_CACHE_BYTES, Split, applicable, batch_chunk, best_split,
+                      carry_cost, carry_macs, carry_tile_size, default_memory_budget, diagonal_applicable, footprint,
+                      op_element_size, penalty_macs, predicted_cost, resolve_diagonal_strategy, resolve_strategy,
+                      strategy_name, tile_size)
+from .spectral import spectral_plan
+
+__all__ = ["explain", "explain_carry", "Plan", "CarryPlan"]
+
+
+class Plan:
+    """What jacobian_frobenius(model, x, method, max_memory=...) will run, and what each candidate
+    would cost."""
+
+    def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory, tile):
+        self.widths, self.batch, self.method = widths, batch, method
+        self.candidates = candidates  # {strategy: (multiply-adds, predicted cost, estimated peak bytes)}
+        self.choice = choice
+        self.chunk, self.max_memory = chunk, max_memory  # samples per op call, the budget in bytes
+        self.tile = tile  # samples per tile inside the op (0: the whole call at once)
+
+    def __repr__(self):
+        lines = [f"MLP {self.widths}, batch {self.batch}, method={self.method!r}: runs "
+                 f"{strategy_name(self.choice)}",
+                 f"  {'strategy':26}{'GEMM multiply-adds':>20}{'predicted cost':>17}{'peak memory (est.)':>20}"]
+        for strategy, (macs, cost, peak) in self.candidates.items():
+            mark = "  <- chosen" if strategy == self.choice else ""
+            lines.append(f"  {strategy_name(strategy):26}{macs / 1e9:>17.4g} G{cost / 1e9:>14.4g} G"
+                         f"{peak / 2**20:>17.1f} MB{mark}")
+        lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x carried elements; "
+                     "the least cost wins, reverse on a tie)")
+        budget = f"memory budget {self.max_memory / 2**20:.0f} MB"
+        if self.chunk < self.batch:
+            lines.append(f"  {budget}: {math.ceil(self.batch / self.chunk)} chunks of <= {self.chunk} samples, "
+                         f"each recomputed in the backward (about 1/3 more multiply-adds)")
+        else:
+            lines.append(f"  {budget}: the whole batch in one call")
+        if self.tile:
+            lines.append(f"  tiles of {self.tile} samples: each thread takes a tile through every layer while its "
+                         f"carries stay in its {L2_CACHE_BYTES // 1024} KiB L2 cache")
+        else:
+            lines.append("  no tiles: each step runs over the whole call's samples at once")
+        return "\n".join(lines)
+
+
+def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *, quantity: str = "frobenius",
+            **options):
+    """The plan for jacobian_frobenius(model, x, method, max_memory=max_memory) with every exact
+    candidate's cost: `print(jacext.explain(model, x))`. quantity "spectral_norm": the plan of
+    jacobian_spectral_norm(model, x, method=method, **options) (layer, n_iter, tol); "laplacian",
+    "divergence" or "jacobian_diagonal": the plan of that function (explain_carry; options
+    return_gradient, n_proj)."""
+    if quantity != "frobenius" and max_memory is not None:
+        raise ValueError("explain: max_memory applies to the Frobenius norm's plan only")
+    if quantity == "spectral_norm":
+        return spectral_plan(model, x, method, **options)
+    if quantity != "frobenius":
+        return explain_carry(model, x, quantity, method, **options)
+    if options:
+        raise TypeError(f"explain: {sorted(options)} do not apply to quantity='frobenius'")
+
+    spec = parse_model(model)
+    widths, batch = spec.widths, x.shape[0]
+    output_linear = spec.activations[-1] == IDENTITY
+    choice = resolve_strategy(method, widths, batch=batch, output_linear=output_linear)
+    strategies = [st for st in (REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, GRAM1)
+                  if applicable(st, widths, output_linear=output_linear)]
+    split = best_split(widths, batch)
+    candidates = {strategy: (penalty_macs(widths, batch, strategy), predicted_cost(widths, batch, strategy),
+                             footprint(widths, batch, strategy, op_element_size(x)))
+                  for strategy in strategies + ([split] if split else [])}
+    max_memory = default_memory_budget(x.device) if max_memory is None else max_memory
+    chunk = batch_chunk(widths, batch, choice, op_element_size(x), max_memory)
+    tile = 0 if isinstance(choice, Split) else tile_size(widths, chunk, choice, op_element_size(x), device=x.device)
+    return Plan(widths, batch, method, candidates, choice, chunk, max_memory, tile)
+
+
+class CarryPlan:
+    """What jacext.laplacian / divergence / jacobian_diagonal will run, with each exact
+    candidate's cost."""
+
+    def __init__(self, quantity, widths, batch, method, candidates, choice, layout, tile):
+        self.quantity, self.widths, self.batch, self.method = quantity, widths, batch, method
+        self.candidates = candidates  # {name: (multiply-adds, predicted cost, saved bytes)}
+        self.choice, self.layout, self.tile = choice, layout, tile
+
+    def __repr__(self):
+        rows, layout = self.layout.rows, self.layout
+        what = (f"[h; {layout.columns} {'projected' if self.method == 'hutchinson' else 'input'} columns"
+                f"{'; Delta' if layout.laplacian else ''}]" if rows > 1 else "h alone")
+        lines = [f"{self.quantity} of MLP {self.widths}, batch {self.batch}, method={self.method!r}: runs {self.choice}",
+                 f"  carries {what} = {rows} row{'s' if rows > 1 else ''} per sample through "
+                 f"{layout.carried} of {len(self.widths) - 1} layers, one GEMM per layer over the batch",
+                 f"  {'strategy':38}{'GEMM multiply-adds':>20}{'predicted cost':>17}{'saved (est.)':>15}"]
+        for name, (macs, cost, saved) in self.candidates.items():
+            mark = "  <- chosen" if name == self.choice else ""
+            lines.append(f"  {name:38}{macs / 1e9:>17.4g} G{cost / 1e9:>14.4g} G{saved / 2**20:>12.1f} MB{mark}")
+        lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x saved elements)")
+        lines.append(f"  tiles of {self.tile} samples" if self.tile else "  no tiles: each step runs over the whole batch")
+        return "\n".join(lines)
+
+
+def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", return_gradient: bool = False,
+                  n_proj: int = 1) -> CarryPlan:
+    """The plan of jacext.laplacian (quantity "laplacian"), divergence or jacobian_diagonal."""
+    spec = parse_model(model)
+    widths, batch, codes = spec.widths, x.shape[0], spec.activations
+
+    def entry(layout, strategy=CARRY_FORWARD):
+        shapes = carry_saved_shapes(widths, batch, codes, layout)
+        return (carry_macs(widths, batch, layout, strategy), carry_cost(widths, batch, codes, layout, strategy),
+                op_element_size(x) * sum(math.prod(s) for s in shapes))
+
+    if quantity == "laplacian":
+        if method != "auto":
+            raise ValueError(f"the Laplacian has one method ('auto'), got {method!r}")
+        layout = laplacian_layout(widths, codes, return_gradient)
+        name = "forward Laplacian" + (" (thin last layer)" if layout.carried < len(widths) - 1 else "")
+        candidates, choice = {name: entry(layout)}, name
+    elif quantity in ("divergence", "jacobian_diagonal"):
+        check_square(spec.widths)
+        trace = quantity == "divergence"
+        strategy = resolve_diagonal_strategy(method, widths, codes, trace, batch)
+        if method == "hutchinson":
+            layout = diagonal_layout(widths, strategy, n_proj)
+            choice = f"hutchinson, {n_proj} projection{'s' if n_proj > 1 else ''}"
+            candidates = {choice: entry(layout)}
+        else:
+            layout = diagonal_layout(widths, strategy)
+            able = [st for st in DIAGONAL_STRATEGY_NAMES
+                    if diagonal_applicable(st, widths, trace, codes[-1] == IDENTITY)]
+            candidates = {DIAGONAL_STRATEGY_NAMES[st]: entry(diagonal_layout(widths, st), st) for st in able}
+            choice = DIAGONAL_STRATEGY_NAMES[strategy]
+    else:
+        raise ValueError(f"unknown quantity {quantity!r}; expected 'frobenius', 'spectral_norm', 'laplacian', "
+                         "'divergence' or 'jacobian_diagonal'")
+    tile = carry_tile_size(widths, batch, layout, op_element_size(x), x.device)
+    return CarryPlan(quantity, widths, batch, method, candidates, choice, layout, tile)
