@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
@@ -131,12 +130,7 @@ def time_gemm_floor(case, min_run_time):
             list(pool.map(run, range(threads)))
 
         warm_up(step, min_run_time)
-        times, started = [], time.perf_counter()
-        while time.perf_counter() - started < min_run_time or len(times) < 5:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time_step(step, min_run_time)[TIME_KEY]
 
 
 def laplacian_loss(method, model, x):
@@ -218,13 +212,12 @@ def time_folx(case, min_run_time):
         return jnp.mean(lap ** 2)
 
     jitted = jax.jit(jax.grad(loss))
-    warm_up(lambda: jax.block_until_ready(jitted(params, xs)), min_run_time)
-    times, started = [], time.perf_counter()
-    while time.perf_counter() - started < min_run_time or len(times) < 5:
-        t0 = time.perf_counter()
+
+    def step():
         jax.block_until_ready(jitted(params, xs))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), f"jax {jax.__version__}, folx"
+
+    warm_up(step, min_run_time)
+    return time_step(step, min_run_time)[TIME_KEY], f"jax {jax.__version__}, folx"
 
 
 def in_subprocess(args, case, method):
