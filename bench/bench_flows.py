@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import torch
-from torch.utils import benchmark
 
 from jacext.activations import SMOOTH_LEAKY_RELU, activation_derivative
 from jacext.flows import MLPFlow
 
-from common import machine_description, report, run_worker, write_results  # bench/common.py
+from common import TIME_KEY, machine_description, report, run_worker, summarise, time_step, write_results  # bench/common.py
 
 CASES = [dict(name="D784-B10", dim=784, batch=10), dict(name="D784-B100", dim=784, batch=100),
          dict(name="D1568-B10", dim=1568, batch=10)]
@@ -64,7 +62,7 @@ def make_loss(method, flow):
     return lambda x: autodiff_nll(flow, x)
 
 
-def time_step(method, dim, batch, layers, min_run_time, device):
+def time_flow_step(method, dim, batch, layers, min_run_time, device):
     torch.manual_seed(0)
     flow = MLPFlow(dim, layers).to(device)
     x = torch.randn(batch, dim).to(device)
@@ -74,8 +72,7 @@ def time_step(method, dim, batch, layers, min_run_time, device):
         torch.autograd.grad(loss(x), params)
 
     step()
-    timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    return time_step(step, min_run_time)
 
 
 def time_epoch(method, dim, batch, layers, samples, fraction, device):
@@ -126,8 +123,7 @@ def main():
         args.min_run_time, args.epoch_samples = min(args.min_run_time, 0.1), 200
     if args.worker:
         case = next(c for c in cases if c["name"] == args.worker[0])
-        median = time_step(args.worker[1], case["dim"], case["batch"], args.layers, args.min_run_time, args.device)
-        report({"median_s": median})
+        report(time_flow_step(args.worker[1], case["dim"], case["batch"], args.layers, args.min_run_time, args.device))
         return
     if args.epoch_worker:
         seconds = time_epoch(args.epoch_worker[0], cases[0]["dim"], cases[0]["batch"], args.layers,
@@ -139,21 +135,11 @@ def main():
     for repeat in range(args.repeats):
         for case in cases:
             for method in METHODS:
-                median = in_subprocess(args, "--worker", case["name"], method)["median_s"]
-                runs.append({"case": case["name"], "method": method, "repeat": repeat, "median_s": median})
+                median = in_subprocess(args, "--worker", case["name"], method)[TIME_KEY]
+                runs.append({"case": case["name"], "dim": case["dim"], "batch": case["batch"], "method": method,
+                             "repeat": repeat, TIME_KEY: median})
                 print(f"{case['name']} {method}: {median * 1e3:.3f} ms", flush=True)
-    results = []
-    for case in cases:
-        relative = {r["repeat"]: r["median_s"] for r in runs if r["case"] == case["name"]
-                    and r["method"] == "jacext-relative"}
-        for method in METHODS:
-            own = [r for r in runs if r["case"] == case["name"] and r["method"] == method]
-            ratios = [r["median_s"] / relative[r["repeat"]] for r in own]
-            results.append({"case": case["name"], "dim": case["dim"], "batch": case["batch"], "method": method,
-                            "median_s": statistics.median(r["median_s"] for r in own),
-                            "run_medians_s": [r["median_s"] for r in own],
-                            "time_vs_relative": statistics.median(ratios),
-                            "time_vs_relative_range": [min(ratios), max(ratios)]})
+    results = summarise(runs, ("case", "method"), lambda row: {"method": "jacext-relative"}, "time_vs_relative")
 
     epoch_dim, epoch_batch = cases[0]["dim"], cases[0]["batch"]
     epochs = []
@@ -170,13 +156,13 @@ def main():
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['case']:10} {r['method']:17} {r['median_s'] * 1e3:10.3f} {r['time_vs_relative']:11.3g}")
+        print(f"{r['case']:10} {r['method']:17} {r[TIME_KEY] * 1e3:10.3f} {r['time_vs_relative']:11.3g}")
 
     def ratio(case, method="autodiff-slogdet"):
         return next(r["time_vs_relative"] for r in results if r["case"] == case and r["method"] == method)
 
     def growth(method):
-        small, large = (next(r["median_s"] for r in results if r["case"] == c["name"] and r["method"] == method)
+        small, large = (next(r[TIME_KEY] for r in results if r["case"] == c["name"] and r["method"] == method)
                         for c in (cases[0], cases[-1]))
         return large / small
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -36,7 +35,7 @@ import time
 
 import torch
 
-from common import machine_description, report, run_worker, write_results  # bench/common.py
+from common import TIME_KEY, machine_description, report, run_worker, summarise, time_step, write_results  # bench/common.py
 
 # name: (widths, batch, output activation); tanh hidden layers
 CASES = {
@@ -180,7 +179,6 @@ def peak_rss_growth(fn):
 
 def worker(case, widths, batch, output_activation, method, args):
     import jacext
-    from torch.utils import benchmark
 
     on_jax = method.startswith("jax-")
     torch.manual_seed(0)
@@ -210,13 +208,12 @@ def worker(case, widths, batch, output_activation, method, args):
         jacext.release_workspace()
         sq, peak = peak_rss_growth(step)
     sq = torch.from_dlpack(sq) if on_jax else sq.detach()
-    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=args.min_run_time)
-    median = measurement.median * scale
+    timing = time_step(step, args.min_run_time)
+    median = timing[TIME_KEY] * scale
     result = {
         "case": case, "method": method, "widths": widths, "batch": batch, "output_activation": output_activation,
         "repeat": args.repeat, "device": args.device,
-        "dtype": args.dtype, "median_s": median, "runs": len(measurement.times),
+        "dtype": args.dtype, TIME_KEY: median, "runs": timing["runs"],
         "scaled_from_outputs": (min(args.loop_outputs, widths[-1]) if method == "autograd-loop" else None),
         "peak_bytes": None if peak is None else max(int(peak), 0),
         "peak_kind": ("not measured: JAX's GPU memory is not torch's" if peak is None else
@@ -269,7 +266,7 @@ def print_table(machine, dtype, results):
             low, high = r["time_vs_jacext_auto_range"]
             note.append(f"ratio over {len(r['run_medians_s'])} runs {low:.3g}-{high:.3g}")
         peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r["peak_bytes"] is not None else " " * 9
-        print(f"{r['case']:5} {r['method']:20} {r['median_s'] * 1e3:11.1f} {ratio} "
+        print(f"{r['case']:5} {r['method']:20} {r[TIME_KEY] * 1e3:11.1f} {ratio} "
               f"{peak} {gflops}  {', '.join(note)}")
 
 
@@ -284,7 +281,7 @@ def cost_model(results):
         if not rows:
             continue
         fastest = {}
-        for r in sorted(rows, key=lambda r: r["median_s"]):
+        for r in sorted(rows, key=lambda r: r[TIME_KEY]):
             fastest.setdefault(r["strategy"], r)
         strategies = list(fastest.values())  # fastest first
 
@@ -292,19 +289,19 @@ def cost_model(results):
             return 1 + sum(key(other) < key(fastest[strategy]) for other in strategies)
 
         def faster(fast, slow):
-            ratio = slow["median_s"] / fast["median_s"]
+            ratio = slow[TIME_KEY] / fast[TIME_KEY]
             return f"{ratio - 1:.0%}" if ratio < 2 else f"{ratio:.3g}x"
 
         flips = [f"{fast['strategy']} measured {faster(fast, slow)} faster than "
-                 f"{slow['strategy']} ({fast['median_s'] * 1e3:.1f} vs {slow['median_s'] * 1e3:.1f} ms) "
+                 f"{slow['strategy']} ({fast[TIME_KEY] * 1e3:.1f} vs {slow[TIME_KEY] * 1e3:.1f} ms) "
                  f"but predicted {fast['predicted_cost'] / slow['predicted_cost']:.3g}x the cost"
                  for i, fast in enumerate(strategies) for slow in strategies[i + 1:]
                  if fast["predicted_cost"] > slow["predicted_cost"]]
         model[case] = {"rows": [{"method": r["method"], "strategy": r["strategy"], "macs": r["macs"],
                                  "predicted_cost": r["predicted_cost"],
-                                 "median_s": r["median_s"], "gflops_per_s": r["gflops_per_s"],
+                                 TIME_KEY: r[TIME_KEY], "gflops_per_s": r["gflops_per_s"],
                                  "predicted_rank": rank(r["strategy"], lambda s: s["predicted_cost"]),
-                                 "measured_rank": rank(r["strategy"], lambda s: s["median_s"])}
+                                 "measured_rank": rank(r["strategy"], lambda s: s[TIME_KEY])}
                                 for r in rows],
                        "agrees": not flips, "flips": flips}
     return model
@@ -318,12 +315,12 @@ def fit_carry_cost(results):
     if len({(r["macs"], r["carry_elements"]) for r in rows}) < 2:
         return None
     # normal equations of t = a m + b e, each row weighted by 1/t (relative errors)
-    w = [1 / r["median_s"] ** 2 for r in rows]
+    w = [1 / r[TIME_KEY] ** 2 for r in rows]
     smm = sum(wi * r["macs"] ** 2 for wi, r in zip(w, rows))
     see = sum(wi * r["carry_elements"] ** 2 for wi, r in zip(w, rows))
     sme = sum(wi * r["macs"] * r["carry_elements"] for wi, r in zip(w, rows))
-    smt = sum(wi * r["macs"] * r["median_s"] for wi, r in zip(w, rows))
-    set_ = sum(wi * r["carry_elements"] * r["median_s"] for wi, r in zip(w, rows))
+    smt = sum(wi * r["macs"] * r[TIME_KEY] for wi, r in zip(w, rows))
+    set_ = sum(wi * r["carry_elements"] * r[TIME_KEY] for wi, r in zip(w, rows))
     det = smm * see - sme ** 2
     if det <= 0:
         return None
@@ -343,7 +340,7 @@ def print_cost_model(model, fit=None):
     for case, entry in model.items():
         for r in entry["rows"]:
             print(f"{case:5} {r['method']:20} {r['strategy']:24} {r['macs'] / 1e9:11.4g} "
-                  f"{r['predicted_cost'] / 1e9:9.4g} {r['median_s'] * 1e3:11.1f} "
+                  f"{r['predicted_cost'] / 1e9:9.4g} {r[TIME_KEY] * 1e3:11.1f} "
                   f"{r['gflops_per_s']:8.1f} {r['predicted_rank']:9} {r['measured_rank']:9}")
     print()
     for case, entry in model.items():
@@ -368,28 +365,16 @@ def time_in_subprocess(args, name, method, repeat):
     return run_worker(__file__, command, f"{name} {method}")
 
 
-def summarize(runs, cases):
-    """One row per (case, method): the median of its runs' medians, and its time over jacext-auto's
-    as the median of the per-run ratios (each run's methods ran one after another), with their range."""
-    results = []
-    for name in cases:
-        methods = list(dict.fromkeys(r["method"] for r in runs if r["case"] == name))
-        auto = {r["repeat"]: r for r in runs if r["case"] == name and r["method"] == "jacext-auto"}
-        for method in methods:
-            mine = [r for r in runs if r["case"] == name and r["method"] == method]
-            row = dict(mine[0])
-            row.pop("repeat")
-            row["median_s"] = statistics.median(r["median_s"] for r in mine)
-            row["run_medians_s"] = [r["median_s"] for r in mine]
-            ratios = [r["median_s"] / auto[r["repeat"]]["median_s"] for r in mine if r["repeat"] in auto]
-            if ratios:
-                row["time_vs_jacext_auto"] = statistics.median(ratios)
-                row["time_vs_jacext_auto_range"] = [min(ratios), max(ratios)]
-            if "gflops_per_s" in row:
-                row["gflops_per_s"] = 2 * row["macs"] / row["median_s"] / 1e9
-            results.append(row)
+def summarize(runs):
+    """One row per (case, method), its time over jacext-auto's as the median of the per-run ratios
+    (common.summarise); exact methods must agree on the value they time."""
+    results = summarise(runs, ("case", "method"), lambda row: {"method": "jacext-auto"}, "time_vs_jacext_auto")
+    for row in results:
+        if "gflops_per_s" in row:
+            row["gflops_per_s"] = 2 * row["macs"] / row[TIME_KEY] / 1e9
+    for name in dict.fromkeys(row["case"] for row in results):
         exact = [r for r in results if r["case"] == name and r["method"] in EXACT]
-        for r in exact:  # exact methods must agree on the value they time
+        for r in exact:
             r["sq_rel_diff_vs_first_exact"] = abs(r["sq_mean"] - exact[0]["sq_mean"]) / abs(exact[0]["sq_mean"])
     return results
 
@@ -445,9 +430,9 @@ def main():
             for method in order:
                 started = time.time()
                 runs.append(time_in_subprocess(args, name, method, repeat))
-                print(f"[{len(runs)}/{total}] {name} {method}: {runs[-1]['median_s'] * 1e3:.1f} ms "
+                print(f"[{len(runs)}/{total}] {name} {method}: {runs[-1][TIME_KEY] * 1e3:.1f} ms "
                       f"({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
-    results = summarize(runs, cases)
+    results = summarize(runs)
 
     machine = machine_description(args.device)
     print_table(machine, args.dtype, results)

@@ -40,16 +40,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
 from torch.func import hessian, jacfwd, jacrev, vmap
-from torch.utils import benchmark
 
 import jacext
 
-from common import machine_description, report, run_worker, write_results  # bench/common.py
+from common import TIME_KEY, machine_description, report, run_worker, summarise, time_step, write_results  # bench/common.py
 
 CASES = [dict(name="L1", kind="laplacian", widths=[3] + [128] * 4 + [1], batch=4096),
          dict(name="L2", kind="laplacian", widths=[10] + [256] * 4 + [1], batch=1024),
@@ -132,12 +130,7 @@ def time_gemm_floor(case, min_run_time):
             list(pool.map(run, range(threads)))
 
         warm_up(step, min_run_time)
-        times, started = [], time.perf_counter()
-        while time.perf_counter() - started < min_run_time or len(times) < 5:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time_step(step, min_run_time)[TIME_KEY]
 
 
 def laplacian_loss(method, model, x):
@@ -179,8 +172,7 @@ def time_torch(case, method, min_run_time, device="cpu"):
         torch.autograd.grad(loss(), params, allow_unused=True)
 
     warm_up(step, min_run_time)
-    timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    return time_step(step, min_run_time)[TIME_KEY]
 
 
 def warm_up(step, min_run_time):
@@ -220,13 +212,12 @@ def time_folx(case, min_run_time):
         return jnp.mean(lap ** 2)
 
     jitted = jax.jit(jax.grad(loss))
-    warm_up(lambda: jax.block_until_ready(jitted(params, xs)), min_run_time)
-    times, started = [], time.perf_counter()
-    while time.perf_counter() - started < min_run_time or len(times) < 5:
-        t0 = time.perf_counter()
+
+    def step():
         jax.block_until_ready(jitted(params, xs))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), f"jax {jax.__version__}, folx"
+
+    warm_up(step, min_run_time)
+    return time_step(step, min_run_time)[TIME_KEY], f"jax {jax.__version__}, folx"
 
 
 def in_subprocess(args, case, method):
@@ -266,7 +257,7 @@ def main():
             median, note = time_gemm_floor(case, args.min_run_time), None
         else:
             median, note = time_torch(case, args.worker[1], args.min_run_time, args.device), None
-        report({"median_s": median, "note": note})
+        report({TIME_KEY: median, "note": note})
         return
 
     runs, skipped = [], {}
@@ -276,25 +267,15 @@ def main():
                 if method in skipped:
                     continue
                 result = in_subprocess(args, case["name"], method)
-                if result["median_s"] is None:
+                if result[TIME_KEY] is None:
                     skipped[method] = result["note"]
                     print(f"{method}: skipped, {result['note']}", flush=True)
                     continue
-                runs.append({"case": case["name"], "method": method, "repeat": repeat, "median_s": result["median_s"]})
-                print(f"{case['name']} {method}: {result['median_s'] * 1e3:.2f} ms", flush=True)
+                runs.append({"case": case["name"], "widths": case["widths"], "batch": case["batch"], "method": method,
+                             "repeat": repeat, TIME_KEY: result[TIME_KEY]})
+                print(f"{case['name']} {method}: {result[TIME_KEY] * 1e3:.2f} ms", flush=True)
 
-    results = []
-    for case in cases:
-        base = {r["repeat"]: r["median_s"] for r in runs if r["case"] == case["name"] and r["method"] == "jacext"}
-        for method in METHODS[case["kind"]]:
-            own = [r for r in runs if r["case"] == case["name"] and r["method"] == method]
-            if not own:
-                continue
-            ratios = [r["median_s"] / base[r["repeat"]] for r in own]
-            results.append({"case": case["name"], "widths": case["widths"], "batch": case["batch"], "method": method,
-                            "median_s": statistics.median(r["median_s"] for r in own),
-                            "run_medians_s": [r["median_s"] for r in own],
-                            "time_vs_jacext": statistics.median(ratios), "time_vs_jacext_range": [min(ratios), max(ratios)]})
+    results = summarise(runs, ("case", "method"), lambda row: {"method": "jacext"}, "time_vs_jacext")
 
     machine = machine_description(args.device) + (f"; {args.threads} thread(s) per method" if args.threads else "")
     print(f"\n{machine}; float32; one training step (forward + backward to every parameter), median"
@@ -304,14 +285,14 @@ def main():
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['case']:5} {str(r['widths']):26} {r['batch']:5d}  {r['method']:15} {r['median_s'] * 1e3:10.2f} "
+        print(f"{r['case']:5} {str(r['widths']):26} {r['batch']:5d}  {r['method']:15} {r[TIME_KEY] * 1e3:10.2f} "
               f"{r['time_vs_jacext']:9.2f}")
     summary = {}
     for case in cases:
         peers = [r for r in results if r["case"] == case["name"] and r["method"] in PEERS[case["kind"]]]
         if not peers:
             continue
-        best = min(peers, key=lambda r: r["median_s"])
+        best = min(peers, key=lambda r: r[TIME_KEY])
         summary[case["name"]] = {"best_peer": best["method"], "speedup_over_best_peer": best["time_vs_jacext"],
                                  "target": TARGETS[case["name"]], "met": best["time_vs_jacext"] >= TARGETS[case["name"]]}
     print()

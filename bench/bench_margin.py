@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 
 import torch
-from torch.utils import benchmark
 
 import jacext
 from jacext.reference import hidden_states, large_margin_loss_ref, margin_classes_ref
 
-from common import machine_description, report, run_worker, write_results  # bench/common.py
+from common import TIME_KEY, machine_description, report, run_worker, summarise, time_step, write_results  # bench/common.py
 
 CASE = dict(widths=[784, 512, 512, 10], batch=128, layers=(0, 1, 2), top_k=9)
 SMOKE_CASE = dict(widths=[12, 9, 9, 5], batch=6, layers=(0, 1, 2), top_k=3)
@@ -96,10 +94,9 @@ def worker(args, case, dist_norm, method):
     target = torch.randint(0, case["widths"][-1], (case["batch"],), device=args.device)
     step, scale = make_step(method, model, x, target, case["layers"], case["top_k"], dist_norm, args.loop_samples)
     value = step().detach().item()  # warm-up, and the value the methods must agree on
-    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=args.min_run_time)
+    timing = time_step(step, args.min_run_time)
     report({"dist_norm": dist_norm, "q": str(DUAL[dist_norm]), "method": method, "repeat": args.repeat,
-            "median_s": m.median * scale, "runs": len(m.times), "loss": value,
+            TIME_KEY: timing[TIME_KEY] * scale, "runs": timing["runs"], "loss": value,
             "scaled_from_samples": args.loop_samples if method == "seed-loop" else None})
 
 
@@ -140,9 +137,8 @@ def main():
                     command.append("--smoke")
                 runs.append(run_worker(__file__, command, f"q={DUAL[dist_norm]} {method}"))
                 print(f"[{len(runs)}/{2 * len(methods) * args.repeats}] q={DUAL[dist_norm]} {method}: "
-                      f"{runs[-1]['median_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+                      f"{runs[-1][TIME_KEY] * 1e3:.1f} ms", file=sys.stderr, flush=True)
 
-    results = []
     for dist_norm in (2, 1):
         mine = [r for r in runs if r["dist_norm"] == dist_norm]
         losses = {r["method"]: r["loss"] for r in mine}
@@ -151,18 +147,7 @@ def main():
                 abs(losses["jacext"] - losses["autograd-batch"]) > 1e-4 * max(1.0, abs(losses["autograd-batch"])):
             sys.exit(f"q={DUAL[dist_norm]}: jacext's loss {losses['jacext']} differs from autograd's "
                      f"{losses['autograd-batch']}")
-        jacext_runs = {r["repeat"]: r["median_s"] for r in mine if r["method"] == "jacext"}
-        for method in methods:
-            own = [r for r in mine if r["method"] == method]
-            row = dict(own[0])
-            row.pop("repeat")
-            row["median_s"] = statistics.median(r["median_s"] for r in own)
-            row["run_medians_s"] = [r["median_s"] for r in own]
-            ratios = [r["median_s"] / jacext_runs[r["repeat"]] for r in own if r["repeat"] in jacext_runs]
-            if ratios:
-                row["time_vs_jacext"] = statistics.median(ratios)
-                row["time_vs_jacext_range"] = [min(ratios), max(ratios)]
-            results.append(row)
+    results = summarise(runs, ("dist_norm", "method"), lambda row: {"method": "jacext"}, "time_vs_jacext")
 
     machine = machine_description(args.device)
     print(f"\n{machine}; float32; MLP {case['widths']} (tanh), B={case['batch']}, layers {case['layers']}, "
@@ -179,7 +164,7 @@ def main():
             low, high = r["time_vs_jacext_range"]
             note = ", ".join(filter(None, [note, f"ratio over {args.repeats} runs {low:.3g}-{high:.3g}"]))
         ratio = f"{r['time_vs_jacext']:9.3g}" if "time_vs_jacext" in r else " " * 9
-        print(f"{r['q']:4} {r['method']:16} {r['median_s'] * 1e3:10.1f} {ratio}  {note}")
+        print(f"{r['q']:4} {r['method']:16} {r[TIME_KEY] * 1e3:10.1f} {ratio}  {note}")
     write_results(args.out, "margin", args.device, args.smoke,
                   {"machine": machine, "case": case, "repeats": args.repeats, "results": results, "runs": runs})
 

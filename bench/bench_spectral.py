@@ -23,17 +23,15 @@ decaying singular values (U diag(1/i) V^T, as trained nets tend to have) and an 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import warnings
 
 import torch
-from torch.utils import benchmark
 
 import jacext
 from jacext.reference import spectral_norm_ref
 
-from common import machine_description, report, run_worker, write_results  # bench/common.py
+from common import TIME_KEY, machine_description, report, run_worker, summarise, time_step, write_results  # bench/common.py
 
 CASE = dict(widths=[784, 256, 256, 10], batch=128)
 SMOKE_CASE = dict(widths=[20, 16, 16, 5], batch=6)
@@ -108,9 +106,9 @@ def worker(args, case, method):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         value = step().detach().item()  # warm-up, and the value the spectral methods must agree on
-        timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
-        m = timer.blocked_autorange(min_run_time=args.min_run_time)
-    row = {"case": "spectral" if method in SPECTRAL_METHODS else "frobenius", "method": method, "repeat": args.repeat, "median_s": m.median, "runs": len(m.times), "loss": value,
+        timing = time_step(step, args.min_run_time)
+    row = {"case": "spectral" if method in SPECTRAL_METHODS else "frobenius", "method": method, "repeat": args.repeat,
+           **timing, "loss": value,
            "unconverged_warnings": sum(issubclass(w.category, RuntimeWarning) for w in caught)}
     if method.startswith("jacext-"):
         plan = jacext.explain(model, x, method="power" if "power" in method else "auto", quantity="spectral_norm")
@@ -177,7 +175,7 @@ def main():
             command = ["--worker", method, "--device", args.device, "--min-run-time", args.min_run_time,
                        "--repeat", repeat] + (["--smoke"] if args.smoke else [])
             runs.append(run_worker(__file__, command, method))
-            print(f"[{len(runs)}/{len(methods) * args.repeats}] {method}: {runs[-1]['median_s'] * 1e3:.1f} ms",
+            print(f"[{len(runs)}/{len(methods) * args.repeats}] {method}: {runs[-1][TIME_KEY] * 1e3:.1f} ms",
                   file=sys.stderr, flush=True)
 
     losses = {r["method"]: r["loss"] for r in runs if r["repeat"] == 0}
@@ -189,20 +187,9 @@ def main():
     def baseline(method):
         return "jacext-auto" if method in SPECTRAL_METHODS else "frobenius-exact"
 
-    results = []
-    for method in methods:
-        own = [r for r in runs if r["method"] == method]
-        row = dict(own[0])
-        row.pop("repeat")
-        row["median_s"] = statistics.median(r["median_s"] for r in own)
-        row["run_medians_s"] = [r["median_s"] for r in own]
-        row["unconverged_warnings"] = sum(r["unconverged_warnings"] for r in own)
-        reference = {r["repeat"]: r["median_s"] for r in runs if r["method"] == baseline(method)}
-        ratios = [r["median_s"] / reference[r["repeat"]] for r in own if r["repeat"] in reference]
-        if ratios:
-            row["time_vs_baseline"] = statistics.median(ratios)
-            row["time_vs_baseline_range"] = [min(ratios), max(ratios)]
-        results.append(row)
+    results = summarise(runs, ("method",), lambda row: {"method": baseline(row["method"])}, "time_vs_baseline")
+    for row in results:
+        row["unconverged_warnings"] = sum(r["unconverged_warnings"] for r in runs if r["method"] == row["method"])
 
     machine = machine_description(args.device)
     print(f"\n{machine}; float32; MLP {case['widths']} (tanh), B={case['batch']}; loss forward+backward, median"
@@ -221,11 +208,11 @@ def main():
             low, high = r["time_vs_baseline_range"]
             note.append(f"ratio over {args.repeats} runs {low:.3g}-{high:.3g}")
         ratio = f"{r['time_vs_baseline']:8.3g}" if "time_vs_baseline" in r else " " * 8
-        print(f"{r['method']:18} {r['median_s'] * 1e3:10.2f} {ratio}  {', '.join(note)}")
+        print(f"{r['method']:18} {r[TIME_KEY] * 1e3:10.2f} {ratio}  {', '.join(note)}")
     vmap = next((r for r in results if r["method"] == "vmap-jacrev"), None)
     auto = next((r for r in results if r["method"] == "jacext-auto"), None)
     if vmap and auto:
-        print(f"\njacext-auto is {vmap['median_s'] / auto['median_s']:.3g}x faster than vmap(jacrev) + matrix_norm "
+        print(f"\njacext-auto is {vmap[TIME_KEY] / auto[TIME_KEY]:.3g}x faster than vmap(jacrev) + matrix_norm "
               f"(median ratio {vmap['time_vs_baseline']:.3g}; target >= 5)")
 
     errors = []

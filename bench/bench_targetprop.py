@@ -18,12 +18,11 @@ import argparse
 import torch
 import torch.nn.functional as F
 from torch.func import jacrev, vmap
-from torch.utils import benchmark
 
 import jacext
 import jacext.targetprop as tp
 
-from common import machine_description, write_results  # bench/common.py
+from common import TIME_KEY, machine_description, summarise, time_step, write_results  # bench/common.py
 
 CASE = dict(widths=[784, 256, 256, 10], batch=128)
 SMOKE_CASE = dict(widths=[12, 9, 9, 5], batch=6)
@@ -76,7 +75,7 @@ def main():
     if args.smoke:
         args.min_run_time = 0.2
 
-    results = []
+    runs = []
     for method in METHODS:
         torch.manual_seed(0)
         model = jacext.MLP(case["widths"], activation="tanh").to(args.device)
@@ -84,13 +83,9 @@ def main():
         y = torch.randint(0, case["widths"][-1], (case["batch"],)).to(args.device)
         step = make_step(method, model, x, y)
         step()
-        timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-        median = timer.blocked_autorange(min_run_time=args.min_run_time).median
-        results.append({"method": method, "median_s": median})
-        print(f"{method}: {median * 1e3:.2f} ms", flush=True)
-    base = next(r["median_s"] for r in results if r["method"] == "backprop")
-    for r in results:
-        r["time_vs_backprop"] = r["median_s"] / base
+        runs.append({"method": method, "repeat": 0, TIME_KEY: time_step(step, args.min_run_time)[TIME_KEY]})
+        print(f"{method}: {runs[-1][TIME_KEY] * 1e3:.2f} ms", flush=True)
+    results = summarise(runs, ("method",), lambda row: {"method": "backprop"}, "time_vs_backprop")
 
     machine = machine_description(args.device)
     print(f"\n{machine}; float32; MLP {case['widths']} (tanh), B={case['batch']}; one training step "
@@ -99,7 +94,7 @@ def main():
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['method']:14} {r['median_s'] * 1e3:10.2f} {r['time_vs_backprop']:11.3g}")
+        print(f"{r['method']:14} {r[TIME_KEY] * 1e3:10.2f} {r['time_vs_backprop']:11.3g}")
     write_results(args.out, "targetprop", args.device, args.smoke, {"machine": machine, "case": case, "results": results})
 
 

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from common import machine_description, report, run_worker, write_results  # bench/common.py
+from common import TIME_KEY, machine_description, report, run_worker, time_step, write_results  # bench/common.py
 
 # name: (widths, batch, output activation, method); tanh hidden layers, as bench_frobenius
 CASES = {"P2": ([784, 256, 256, 10], 128, None, "auto"), "P5": ([64, 256, 256], 256, "tanh", "auto"),
@@ -28,7 +28,6 @@ TILES = "0,2,4,8,16,32,64,planner"
 def worker(case, tile, args):
     import jacext
     import jacext._jacobian_ops as ops
-    from torch.utils import benchmark
 
     widths, batch, output_activation, method = case
     torch.manual_seed(0)
@@ -46,10 +45,8 @@ def worker(case, tile, args):
         sq.mean().backward()
 
     step()
-    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=args.min_run_time)
     report({"tile": chosen if tile == "planner" else int(tile), "planner": tile == "planner",
-            "planner_tile": chosen, "median_s": m.median, "runs": len(m.times)})
+            "planner_tile": chosen, **time_step(step, args.min_run_time)})
 
 
 def main():
@@ -76,7 +73,7 @@ def main():
             command = ["--worker", name, tile, "--min-run-time", args.min_run_time] + (["--smoke"] if args.smoke else [])
             results.append({"case": name, "widths": widths, "batch": batch,
                             **run_worker(__file__, command, f"{name} tile {tile}")})
-            print(f"{name} tile {tile}: {results[-1]['median_s'] * 1e3:.2f} ms", file=sys.stderr, flush=True)
+            print(f"{name} tile {tile}: {results[-1][TIME_KEY] * 1e3:.2f} ms", file=sys.stderr, flush=True)
 
     machine = machine_description()
     print(f"\n{machine}; float32; penalty forward + backward, median; tile 0 = the whole batch at once\n")
@@ -85,10 +82,10 @@ def main():
     print("-" * len(header))
     for r in results:
         whole = next((o for o in results if o["case"] == r["case"] and o["tile"] == 0 and not o["planner"]), None)
-        r["time_vs_whole_batch"] = r["median_s"] / whole["median_s"] if whole else None
+        r["time_vs_whole_batch"] = r[TIME_KEY] / whole[TIME_KEY] if whole else None
         label = f"{r['tile']} (planner)" if r["planner"] else str(r["tile"])
         ratio = f"{r['time_vs_whole_batch']:14.3f}" if whole else " " * 14
-        print(f"{r['case']:5} {label:>8} {r['median_s'] * 1e3:10.2f} {ratio}")
+        print(f"{r['case']:5} {label:>8} {r[TIME_KEY] * 1e3:10.2f} {ratio}")
     write_results(args.out, "tiles", "cpu", args.smoke, {"machine": machine, "results": results})
 
 

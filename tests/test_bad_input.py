@@ -1,4 +1,4 @@
-"""DESIGN.md section 6: every bad input gives a correct result or a clear error."""
+"""docs/design.md, "Bad input": every bad input gives a correct result or a clear error."""
 import warnings
 
 import pytest
