@@ -167,10 +167,15 @@ class _SavedBytes:
         self.storages, self.total = set(), 0
 
     def pack(self, tensor):
-        key = (tensor.device, tensor.untyped_storage().data_ptr())
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor without a plain storage: count its elements
+            self.total += tensor.numel() * tensor.element_size()
+            return tensor
+        key = (tensor.device, storage.data_ptr())
         if key not in self.storages:
             self.storages.add(key)
-            self.total += tensor.untyped_storage().nbytes()
+            self.total += storage.nbytes()
         return tensor
 
 
@@ -198,7 +203,7 @@ def _batched_vjp(y, anchor, rows, create_graph, batched=True):
 def _unit_rows(start, stop, batch, m, like):
     """(stop - start, B, m): the one-hot output rows e_start .. e_{stop-1}, the same for every sample."""
     rows = torch.zeros(stop - start, batch, m, dtype=like.dtype, device=like.device)
-    rows[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
+    rows[torch.arange(stop - start, device=like.device), :, torch.arange(start, stop, device=like.device)] = 1
     return rows
 
 
@@ -206,8 +211,11 @@ class ModelJacobian:
     """model(x, *cond) run once on the batch, and products with its per-sample Jacobian
     J_b = d y_b / d x_b[wrt] (B, m, k) from that one forward (see the module docstring).
 
-    y: the flattened output (B, m), with its graph; index: the chosen features (None: all);
-    create_graph: whether products are differentiable (grad mode at construction)."""
+    y: the flattened output (B, m), with its graph (built whatever the grad mode, since the
+    products need it); index: the chosen features (None: all); create_graph: the grad mode at
+    construction, which decides whether output() carries the graph. Products are differentiable
+    when grad mode is on where they are taken (e.g. held constant under torch.no_grad while y
+    keeps its graph, as the large-margin loss's use_approximation wants)."""
 
     def __init__(self, model, x: torch.Tensor, *cond, wrt=None, max_memory: Optional[int] = None):
         _check_call(model, x)
@@ -263,17 +271,17 @@ class ModelJacobian:
                 torch.cuda.set_rng_state(device_state, x.device)
             return self._run(x, cond)
 
-    def chunked(self, n_rows: int, row_bytes: int, compute, *tensors):
+    def chunked(self, n_rows: int, row_bytes: int, create_graph: bool, compute, *tensors):
         """[compute(y, anchor, start, stop, *tensors) for each chunk of the n_rows rows], as many
-        rows a chunk as max_memory holds at row_bytes a row. With a graph, the chunks after the
-        first are recomputed in the backward (the forward too), so each holds no graph between its
-        forward and backward; pass the differentiable tensors compute reads (other than the
+        rows a chunk as max_memory holds at row_bytes a row. With create_graph, the chunks after
+        the first are recomputed in the backward (the forward too), so each holds no graph between
+        its forward and backward; pass the differentiable tensors compute reads (other than the
         model's) as `tensors`."""
         step = n_rows if self.max_memory is None else max(1, min(n_rows, int(self.max_memory // row_bytes)))
         results = []
         for start in range(0, n_rows, step):
             stop = min(n_rows, start + step)
-            if self.create_graph and start > 0:
+            if create_graph and start > 0:
                 def recomputed(x, *inputs, start=start, stop=stop):
                     y, anchor = self._rerun(x, inputs[:len(self.cond)])
                     return compute(y, anchor, start, stop, *inputs[len(self.cond):])
@@ -291,13 +299,14 @@ class ModelJacobian:
         n_rows = self.m if directions is None else directions.shape[1]
         if self.batch == 0 or n_rows == 0:
             return [reduce(0, n_rows, self.y.new_zeros(self.batch, n_rows, self.k))]
+        create_graph = torch.is_grad_enabled()
 
         def compute(y, anchor, start, stop, *u):
             rows = _unit_rows(start, stop, self.batch, self.m, y) if not u else u[0][:, start:stop].transpose(0, 1)
-            return reduce(start, stop, _batched_vjp(y, anchor, rows, self.create_graph, batched=y is self.y))
+            return reduce(start, stop, _batched_vjp(y, anchor, rows, create_graph, batched=y is self.y))
 
         row_bytes = self.saved_bytes + self.batch * self.k * self.y.element_size()
-        return self.chunked(n_rows, row_bytes, compute, *([] if directions is None else [directions]))
+        return self.chunked(n_rows, row_bytes, create_graph, compute, *([] if directions is None else [directions]))
 
     def jacobian(self) -> torch.Tensor:
         """J (B, m, k)."""
@@ -430,7 +439,7 @@ def laplacian(model, x: torch.Tensor, *cond, wrt=None, return_gradient: bool = F
 
     if batch and m:
         row_bytes = 2 * lin.saved_bytes + batch * (m + 1) * n * lin.y.element_size()
-        lap = sum(lin.chunked(m * k, row_bytes, diagonal_sum))
+        lap = sum(lin.chunked(m * k, row_bytes, lin.create_graph, diagonal_sum))
     else:
         lap = lin.y.new_zeros(batch, m)
     if not lin.create_graph:

@@ -288,6 +288,10 @@ def test_input_gradients_of_directions_that_depend_on_the_output():
     y, jac = ref_jacobian(model, x, ())
     want = directions(y) @ jac[:, :, [3, 1]]
     torch.testing.assert_close(rows, want)
+    with torch.no_grad():  # held constant (use_approximation) while y keeps its graph
+        constant = lin.input_gradients(directions(lin.y))
+    assert not constant.requires_grad and lin.output().requires_grad
+    torch.testing.assert_close(constant, want.detach())
     for g, w in zip(gradients(rows.norm(dim=2).sum(), model, x, ()), gradients(want.norm(dim=2).sum(), model, x, ())):
         torch.testing.assert_close(g, w)
     with pytest.raises(ValueError, match=r"directions must be a tensor of shape \(4, r, 3\)"):
