@@ -10,7 +10,10 @@ them). The output is flattened too: y = model(x, *cond).reshape(B, -1), (B, m).
 The model runs once, on the whole batch, as it would by itself: Dropout in train() draws its
 masks exactly as model(x, *cond) would under the same seed (y equals that call's output, and the
 random state after it is the same), and every derivative is that of the realized function (the
-masks held fixed). The Jacobian's rows come from reverse-mode products with the same graph, all
+masks held fixed). One exception to "as it would": normalization layers (LayerNorm, GroupNorm,
+RMSNorm, InstanceNorm, BatchNorm on running statistics) run as their formulas in elementary ops,
+equal to the fused kernels up to rounding, because the fused ops' third derivatives are wrong
+(see _ComposedNorms). The Jacobian's rows come from reverse-mode products with the same graph, all
 rows of a chunk in one batched call (torch.autograd.grad with is_grads_batched; a loop over the
 rows where an op has no batching rule). This assumes the samples do not interact, so per-sample
 Jacobians are defined: BatchNorm on batch statistics is refused.

@@ -340,6 +340,25 @@ def test_max_memory_chunks_give_the_same_values_and_gradients(kind):
         generic.jacobian(model, x, max_memory=0)
 
 
+def test_max_memory_sets_the_chunks(monkeypatch):
+    """One row a chunk at 1 byte (each chunk after the first recomputed), one chunk for a
+    budget above everything, and none recomputed without a graph."""
+    model, x, _ = make("mlp")
+    recomputed = []
+    original = generic.checkpoint
+    monkeypatch.setattr(generic, "checkpoint", lambda *args, **kwargs: recomputed.append(1) or original(*args, **kwargs))
+    generic.jacobian(model, x, max_memory=1)
+    assert len(recomputed) == 3 - 1
+    recomputed.clear()
+    generic.laplacian(model, x, wrt=[1, 2], max_memory=1)
+    assert len(recomputed) == 3 * 2 - 1
+    recomputed.clear()
+    generic.jacobian(model, x, max_memory=2 ** 40)
+    with torch.no_grad():
+        generic.jacobian(model, x, max_memory=1)
+    assert not recomputed
+
+
 def test_under_no_grad_results_carry_no_graph():
     model, x, cond = make("cond")
     with torch.no_grad():
