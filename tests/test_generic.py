@@ -298,29 +298,20 @@ def test_input_gradients_of_directions_that_depend_on_the_output():
         lin.input_gradients(torch.ones(4, 3))
 
 
-def small_cases():
-    """(name, function of differentiable inputs) for gradcheck and gradgradcheck: each quantity on
-    a small net with a conditioning input, and the chunked (recomputed) path."""
+@pytest.mark.parametrize("max_memory", [None, 1])
+@pytest.mark.parametrize("name", ALL + ["divergence", "jacobian_diagonal"])
+def test_gradcheck_and_gradgradcheck(name, max_memory):
+    """Each quantity on a small net with a conditioning input, whole and in chunks (recomputed)."""
     model, x, (t,) = make("cond", batch=2)
     for p in model.parameters():
-        p.requires_grad_(False)  # x and t are the checked inputs; parameters are covered above
-    cases = []
-    for name in ALL + ["divergence", "jacobian_diagonal"]:
-        wrt = None if name in ("divergence", "jacobian_diagonal") else [2, 0]
-        for max_memory in (None, 1):
-            def function(x, t, name=name, wrt=wrt, max_memory=max_memory):
-                return generic_quantity(name, model, x, (t,), wrt, max_memory=max_memory)
+        p.requires_grad_(False)  # x and t are the checked inputs; the parameters' gradients are tested above
+    wrt = None if name in ("divergence", "jacobian_diagonal") else [2, 0]
 
-            cases.append((f"{name}-{max_memory}", function))
-    return cases, (x, t)
+    def function(x, t):
+        return generic_quantity(name, model, x, (t,), wrt, max_memory=max_memory)
 
-
-@pytest.mark.parametrize("case", range(14))
-def test_gradcheck_and_gradgradcheck(case):
-    cases, inputs = small_cases()
-    name, function = cases[case]
-    assert torch.autograd.gradcheck(function, inputs), name
-    assert torch.autograd.gradgradcheck(function, inputs), name
+    assert torch.autograd.gradcheck(function, (x, t))
+    assert torch.autograd.gradgradcheck(function, (x, t))
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
