@@ -33,24 +33,32 @@ SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAM
 
 
 class NotLowerable(TypeError):
-    """The model does not run on the fused engine; path, op and where name the node, why says why."""
+    """The model does not run on the fused engine: path (the module's qualified name), op (module
+    class or function), where ('file:line' of the user's code) name the node, why says why.
+    args: (message, path, op, where, why), no __init__ of its own: torch.compile builds it."""
 
-    def __init__(self, path: str, op: str, where: str, why: str):
-        self.path, self.op, self.where, self.why = path, op, where, why
-        super().__init__(f"jacext: {path} ({op}) at {where} does not run on the fused engine: {why}")
+    def __str__(self):
+        return self.args[0]
 
-    def __reduce__(self):
-        return type(self), (self.path, self.op, self.where, self.why)
+    path = property(lambda self: self.args[1])
+    op = property(lambda self: self.args[2])
+    where = property(lambda self: self.args[3])
+    why = property(lambda self: self.args[4])
+
+
+def _not_lowerable(path, op, where, why):
+    return NotLowerable(f"jacext: {path} ({op}) at {where} does not run on the fused engine: {why}",
+                        path, op, where, why)
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One Linear of the plan: qualified names of its weight and bias (None: no bias), the
-    BatchNorm1d modules folded into its input side (in the order the model applies them) and
-    into its output side, and its activation."""
+    """One Linear of the plan: the qualified names (split at the dots) of its weight and bias
+    (None: F.linear without a bias; an nn.Linear's bias is read, None or not), of the BatchNorm1d modules folded into its input side (in the order the
+    model applies them) and into its output side, and its activation."""
 
-    weight: str
-    bias: Optional[str]
+    weight: tuple
+    bias: Optional[tuple]
     before: tuple
     after: tuple
     activation: int
@@ -112,34 +120,48 @@ def _check_input(x, n, flatten_input):
 
 # ---- per call: the spec from the plan -------------------------------------------------------
 
-def _fetch(model, name):
-    for part in name.split("."):
-        model = getattr(model, part)
+def _module(model, parts):
+    for part in parts:
+        model = model._modules[part]
     return model
+
+
+def _get(module, name):
+    """module.name, through nn.Module's dicts first (its __getattr__ is slow); getattr for the
+    rest, e.g. a parametrized weight (torch.nn.utils.parametrize), which is a property."""
+    for table in (module._parameters, module._buffers):
+        if name in table:
+            return table[name]
+    return getattr(module, name)
+
+
+def _attribute(model, parts):
+    return _get(_module(model, parts[:-1]), parts[-1])
 
 
 def _bn_affine(bn):
     """BatchNorm1d in eval as h -> s h + t (differentiable in its weight and bias)."""
-    s = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        s = bn.weight * s
-    t = -bn.running_mean * s
-    if bn.bias is not None:
-        t = t + bn.bias
+    weight, bias = _get(bn, "weight"), _get(bn, "bias")
+    s = torch.rsqrt(_get(bn, "running_var") + bn.eps)
+    if weight is not None:
+        s = weight * s
+    t = -_get(bn, "running_mean") * s
+    if bias is not None:
+        t = t + bias
     return s, t
 
 
 def _build(model, plan):
     weights, biases, codes, params = [], [], [], []
     for layer in plan.layers:
-        w = _fetch(model, layer.weight)
-        b = None if layer.bias is None else _fetch(model, layer.bias)
+        w = _attribute(model, layer.weight)
+        b = None if layer.bias is None else _attribute(model, layer.bias)
         for path in reversed(layer.before):  # W (s h + t) + b, nearest BatchNorm first
-            s, t = _bn_affine(_fetch(model, path))
+            s, t = _bn_affine(_module(model, path))
             b = w @ t if b is None else b + w @ t
             w = w * s
         for path in layer.after:  # s (W h + b) + t
-            s, t = _bn_affine(_fetch(model, path))
+            s, t = _bn_affine(_module(model, path))
             w = s[:, None] * w
             b = t if b is None else s * b + t
         weights.append(w)
@@ -155,45 +177,78 @@ _CACHE = weakref.WeakKeyDictionary()  # model -> {(n_inputs, signature): Plan or
 _CACHE_SIZE = 8  # structures kept per model (train() / eval() toggles keep both)
 
 
-def _hyper(m):
-    """What the plan reads from a module besides its type and training flag."""
-    parsed = act.from_module(m)
-    if parsed is not None:
-        return parsed
+def _hyper_reader(m):
+    """The function that reads what the plan depends on in a module of m's class besides its class
+    and training flag (None: nothing)."""
+    if act.from_module(m) is not None:
+        return act.from_module
     if isinstance(m, nn.modules.dropout._DropoutNd):
-        return m.p
+        return operator.attrgetter("p")
     if isinstance(m, nn.BatchNorm1d):
-        return m.track_running_stats and m.running_mean is not None
+        return lambda bn: (bn.track_running_stats, bn.running_mean is None)
     if isinstance(m, nn.Flatten):
-        return m.start_dim, m.end_dim
+        return operator.attrgetter("start_dim", "end_dim")
     return None
 
 
+_HYPER = {}  # module class -> its _hyper_reader
+
+
 def _signature(model):
-    return tuple((name, type(m), m.training, _hyper(m), bool(m._forward_hooks or m._forward_pre_hooks))
-                 for name, m in model.named_modules())
+    """The model's structure as far as a plan depends on it: the module tree (names, classes,
+    training flags, hyperparameters, forward hooks). Parameters are not in it: the plan names them."""
+    out = []
+
+    def walk(m):
+        cls = type(m)
+        if cls not in _HYPER:
+            _HYPER[cls] = _hyper_reader(m)
+        read = _HYPER[cls]
+        out.append((cls, m.training, read and read(m), bool(m._forward_hooks or m._forward_pre_hooks)))
+        for name, child in m._modules.items():
+            out.append(name)
+            if child is not None:
+                walk(child)
+
+    walk(model)
+    return tuple(out)
 
 
 def _plan(model, n_inputs):
-    key = (n_inputs, _signature(model))
-    plans = _CACHE.setdefault(model, {})
+    plan = _lookup(model, n_inputs, _signature(model))
+    if not isinstance(plan, Plan):
+        raise NotLowerable(*plan)  # a new one each call: a raised exception keeps its traceback
+    return plan
+
+
+@torch.compiler.assume_constant_result
+def _lookup(model, n_inputs, signature):
+    """The cached Plan (or NotLowerable's args) of the model for this signature; traced on a miss. Under
+    torch.compile it runs at compile time, its result a constant: the signature, computed in the
+    compiled code, is what torch.compile guards on, so a changed structure recompiles."""
+    plans = _CACHE.get(model)
+    if plans is None:
+        plans = _CACHE[model] = {}
+    key = (n_inputs, signature)
     plan = plans.get(key)
     if plan is None:
         try:
             plan = _read(model, n_inputs)
         except NotLowerable as e:
-            plan = e
+            plan = e.args
         if len(plans) >= _CACHE_SIZE:
             plans.clear()
         plans[key] = plan
-    if isinstance(plan, NotLowerable):
-        raise NotLowerable(plan.path, plan.op, plan.where, plan.why)
     return plan
 
 
 # ---- reading: trace and lower ---------------------------------------------------------------
 
 _SKIP = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+def _parts(qualname):
+    return tuple(qualname.split(".")) if qualname else ()
 
 
 def _user_frame(frames):
@@ -233,7 +288,7 @@ def _trace(model, n_inputs):
         return _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as e:  # data-dependent control flow, len() of a proxy, ...
         where = _user_frame((f.filename, f.lineno) for f in reversed(traceback.extract_tb(e.__traceback__)))
-        raise NotLowerable(type(model).__name__, "torch.fx trace", where,
+        raise _not_lowerable(type(model).__name__, "torch.fx trace", where,
                            f"torch.fx cannot trace it ({type(e).__name__}: {e})") from None
 
 
@@ -261,7 +316,7 @@ class _Reader:
 
     # naming
     def refuse(self, node, why):
-        raise NotLowerable(*self.name(node), node.meta.get("jacext_where", "?"), why)
+        raise _not_lowerable(*self.name(node), node.meta.get("jacext_where", "?"), why)
 
     def name(self, node):
         if node.op == "call_module":
@@ -286,7 +341,7 @@ class _Reader:
 
     def linear(self, node, weight, bias):
         self.close()
-        self.layer = dict(weight=weight, bias=bias, before=tuple(n.target for n in self.pending), after=[],
+        self.layer = dict(weight=weight, bias=bias, before=tuple(_parts(n.target) for n in self.pending), after=[],
                           activation=act.IDENTITY, act_params=(0.0, 0.0))
         self.pending = []
         self.started = True
@@ -310,7 +365,7 @@ class _Reader:
         if self.layer is None or self.layer["activation"] != act.IDENTITY:
             self.pending.append(node)
         else:
-            self.layer["after"].append(node.target)
+            self.layer["after"].append(_parts(node.target))
         self.started = True
 
     def dropout(self, node, p, training):
@@ -365,7 +420,8 @@ class _Reader:
             self.refuse(node, "unsupported call: the engine's modules take one tensor")
         self.chain(node, node.args[0])
         if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
-            self.linear(node, f"{node.target}.weight", None if m.bias is None else f"{node.target}.bias")
+            path = _parts(node.target)
+            self.linear(node, path + ("weight",), path + ("bias",))
         elif act.from_module(m) is not None:
             self.activation(node, *act.from_module(m))
         elif isinstance(m, nn.modules.dropout._DropoutNd):
@@ -417,7 +473,7 @@ class _Reader:
             weight, bias = a["weight"], a.get("bias")
             if any(t is not None and (not isinstance(t, fx.Node) or t.op != "get_attr") for t in (weight, bias)):
                 self.refuse(node, "F.linear runs on the engine with the model's own parameters only")
-            self.linear(node, weight.target, None if bias is None else bias.target)
+            self.linear(node, _parts(weight.target), None if bias is None else _parts(bias.target))
         elif target in _ACTIVATION_FUNCTIONS:
             code, params = _ACTIVATION_FUNCTIONS[target]
             a = self.step(node)

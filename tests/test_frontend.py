@@ -410,3 +410,28 @@ def test_the_cache_does_not_keep_the_model_alive():
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_under_torch_compile(reads):
+    """A model first lowered inside torch.compile (fullgraph: the trace runs at compile time, its
+    plan a constant), recompiled when its structure changes; a refusal can be caught there."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+
+    def penalty(x):
+        spec = lower(model).spec
+        return jacext.ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params)[1]
+
+    compiled = torch.compile(penalty, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), penalty(x), **TOL)
+    model[1] = nn.ReLU()
+    torch.testing.assert_close(compiled(x), reference_jacobian(model, x).square().sum((1, 2)), **TOL)
+
+    def guarded(x):
+        try:
+            return penalty(x)
+        except NotLowerable:
+            return -x.sum(1)
+
+    model[1] = nn.LayerNorm(5).double()
+    torch.testing.assert_close(torch.compile(guarded, fullgraph=True, backend="eager")(x), -x.sum(1))
