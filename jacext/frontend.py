@@ -10,6 +10,7 @@ its module path, op and source line."""
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 import os
 import sys
@@ -34,8 +35,10 @@ SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAM
 
 class NotLowerable(TypeError):
     """The model does not run on the fused engine: path (the module's qualified name), op (module
-    class or function), where ('file:line' of the user's code) name the node, why says why.
-    args: (message, path, op, where, why), no __init__ of its own: torch.compile builds it."""
+    class or function), where ('file:line' of the user's code; for a step with no line of the
+    user's own, such as an nn.Sequential's, the line that first called jacext on the model) name
+    the node, why says why. args: (message, path, op, where, why); no __init__ of its own, so
+    that torch.compile can build and catch it."""
 
     def __str__(self):
         return self.args[0]
@@ -54,8 +57,10 @@ def _not_lowerable(path, op, where, why):
 @dataclass(frozen=True)
 class Layer:
     """One Linear of the plan: the qualified names (split at the dots) of its weight and bias
-    (None: F.linear without a bias; an nn.Linear's bias is read, None or not), of the BatchNorm1d modules folded into its input side (in the order the
-    model applies them) and into its output side, and its activation."""
+    (None: F.linear without a bias; an nn.Linear's bias is read, None or not), of the BatchNorm1d
+    modules folded into its input side (in the order the model applies them) and into its output
+    side, and its activation. Per-sample factors beside the activation (masks, gates), a
+    per-sample bias (conditioning) and residual markers would be more fields of the same form."""
 
     weight: tuple
     bias: Optional[tuple]
@@ -108,8 +113,8 @@ def _check_input(x, n, flatten_input):
     if flatten_input:
         if x.dim() < 2:
             raise ValueError(f"x must have shape (batch, ...) with {n} features per sample, got {tuple(x.shape)}")
-        if x[0].numel() != n:
-            raise ValueError(f"x has {x[0].numel()} features per sample (shape {tuple(x.shape[1:])}) but the "
+        if math.prod(x.shape[1:]) != n:
+            raise ValueError(f"x has {math.prod(x.shape[1:])} features per sample (shape {tuple(x.shape[1:])}) but the "
                              f"model flattens them for a first Linear that expects {n}")
         return
     if x.dim() != 2:
@@ -173,7 +178,7 @@ def _build(model, plan):
 
 # ---- the plan, cached per module instance and structure -------------------------------------
 
-_CACHE = weakref.WeakKeyDictionary()  # model -> {(n_inputs, signature): Plan or NotLowerable}
+_CACHE = weakref.WeakKeyDictionary()  # model -> {(n_inputs, signature): Plan or NotLowerable's args}
 _CACHE_SIZE = 8  # structures kept per model (train() / eval() toggles keep both)
 
 
@@ -407,7 +412,8 @@ class _Reader:
             self.refuse(node, f"the model returns a {type(result).__name__}; the engine computes one tensor")
         self.chain(node, result)
         if self.pending:
-            self.refuse(self.pending[-1], "a BatchNorm1d after the last activation has no nn.Linear after it to fold into")
+            self.refuse(self.pending[-1], "a BatchNorm1d after the last activation has no nn.Linear after it "
+                                          "to fold into")
         self.close()
         if not self.layers:
             self.refuse(node, "the model has no nn.Linear layer")

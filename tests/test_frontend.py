@@ -330,6 +330,7 @@ def test_bad_x():
         lower(model, torch.randn(2, 3, 5, dtype=torch.float64))
     with pytest.raises(TypeError, match="torch.Tensor"):
         lower(model, [0.0] * 16)
+    assert lower(model, torch.randn(0, 1, 4, 4, dtype=torch.float64)).input_shape == (1, 4, 4)
     with pytest.raises(ValueError, match="4 features"):
         lower(build("sequential")[0], torch.randn(2, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="nn.Module"):
