@@ -287,8 +287,9 @@ class _Tracer(fx.Tracer):
 
 def _trace(model, n_inputs):
     params = list(inspect.signature(model.forward).parameters.values())
+    # the arguments the call does not pass take their defaults (forward(x, mask=None): mask is None)
     concrete = {p.name: p.default for p in params[n_inputs:]
-                if p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
+                if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     try:
         return _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as e:  # data-dependent control flow, len() of a proxy, ...

@@ -219,10 +219,14 @@ def test_unused_extra_input_lowers_and_a_used_one_does_not():
             super().__init__()
             self.fc = nn.Linear(5, 3)
 
-        def forward(self, x, t):
-            return self.fc(x) * t
+        def forward(self, x, t=None, *, scale=None):
+            y = self.fc(x)
+            if t is not None:
+                y = y * t
+            return y if scale is None else y * scale
 
-    with pytest.raises(NotLowerable, match="conditioning inputs run on the generic path"):
+    assert lower(Conditioned(), x).spec.widths == [5, 3]  # called as model(x): t and scale are None
+    with pytest.raises(NotLowerable, match=r"Conditioned \(operator.mul\) .* conditioning inputs run on the generic"):
         lower(Conditioned(), x, torch.ones(6, 1))
 
 
