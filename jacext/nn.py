@@ -1,5 +1,5 @@
-"""Modules: the MLP builder, and the parser that turns a plain nn.Sequential into the op's
-arguments (weights, biases, activation codes and parameters)."""
+"""Modules: the MLP builder, and parse_model, the op's arguments (weights, biases, activation
+codes and parameters) of a model."""
 from __future__ import annotations
 
 import copy
@@ -28,57 +28,14 @@ class MLPSpec:
         return [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
 
 
-def _flatten(model: nn.Module):
-    if isinstance(model, nn.Sequential):
-        # _modules, not named_children(): a module used twice must be seen twice.
-        for name, child in model._modules.items():
-            for path, module in _flatten(child):
-                yield (f"{name}.{path}" if path else name), module
-    else:
-        yield "", model
-
-
-def _where(path, position, module):
-    """How the errors name a module (built only for an error: parse_model runs every step)."""
-    return f"module {path!r} (position {position}, {type(module).__name__})"
-
-
 def parse_model(model: nn.Module) -> MLPSpec:
-    """Read an nn.Sequential (nested ones too) of nn.Linear and supported activations.
+    """The engine's MLPSpec of a model (jacext.frontend.lower's spec): nn.Linear and supported
+    activations, Flatten of the input, Dropout and BatchNorm1d in eval(), the user's own modules
+    made of these. Raises jacext.frontend.NotLowerable (a TypeError) naming the node that does
+    not lower."""
+    from .frontend import lower  # the front-end builds MLPSpecs: imported here, not in a cycle
 
-    Each activation applies to the Linear before it; a Linear without one is linear. Raises a
-    TypeError naming the module and its position for anything else."""
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"jacext needs an nn.Sequential of nn.Linear and activations (or jacext.MLP), "
-                        f"got {type(model).__name__}; method='autograd' handles any module")
-    weights, biases, codes, params = [], [], [], []
-    has_activation = []
-    for position, (path, module) in enumerate(_flatten(model)):
-        if isinstance(module, nn.Linear):
-            weights.append(module.weight)
-            biases.append(module.bias)
-            codes.append(act.IDENTITY)
-            params += [0.0, 0.0]
-            has_activation.append(False)
-            continue
-        parsed = act.from_module(module)
-        if parsed is None:
-            raise TypeError(f"jacext: unsupported {_where(path, position, module)}; supported are nn.Linear and "
-                            f"{sorted(act.NAMES)} activation modules (method='autograd' handles any module)")
-        code, p0, p1 = parsed
-        if code == act.IDENTITY:
-            continue
-        if not weights:
-            raise TypeError(f"jacext: {_where(path, position, module)} comes before the first nn.Linear")
-        if has_activation[-1]:
-            raise TypeError(f"jacext: {_where(path, position, module)} follows another activation; one "
-                            "activation per Linear is supported")
-        codes[-1] = code
-        params[-2:] = [p0, p1]
-        has_activation[-1] = True
-    if not weights:
-        raise TypeError("jacext: the model has no nn.Linear layer")
-    return MLPSpec(weights, biases, codes, params)
+    return lower(model).spec
 
 
 class MLP(nn.Sequential):

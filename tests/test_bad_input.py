@@ -95,7 +95,7 @@ def test_nan_and_inf_propagate_per_sample(model, method):
 @pytest.mark.parametrize("module, position", [(nn.Dropout(0.1), 1), (nn.LayerNorm(7), 1), (nn.Conv1d(1, 1, 1), 1)])
 def test_unsupported_module_is_named(module, position):
     model = nn.Sequential(nn.Linear(5, 7), module, nn.Linear(7, 3))
-    with pytest.raises(TypeError, match=rf"unsupported module '{position}' \(position {position}, {type(module).__name__}\)"):
+    with pytest.raises(TypeError, match=rf"jacext: {position} \({type(module).__name__}\) at .+ does not run on the fused engine"):
         jacext.jacobian_frobenius(model, torch.randn(2, 5))
 
 
@@ -109,9 +109,9 @@ def test_two_activations_in_a_row():
         jacext.jacobian_frobenius(nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.ReLU()), torch.randn(2, 5))
 
 
-def test_model_not_sequential():
-    with pytest.raises(TypeError, match="nn.Sequential"):
-        jacext.jacobian_frobenius(nn.Linear(5, 3), torch.randn(2, 5))
+def test_model_not_a_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        jacext.jacobian_frobenius(lambda x: x, torch.randn(2, 5))
 
 
 def test_no_linear_layer():
