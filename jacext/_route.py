@@ -16,7 +16,7 @@ __all__ = ["as_cond", "engine_or_generic", "wrt_columns"]
 # the generic path itself; every other method names something only the engine does.
 ANY_MODULE = ("auto", "autograd")
 
-_warned_classes = set()
+_warned = set()  # (model class, module path, op): one warning each
 
 
 def as_cond(cond) -> tuple:
@@ -34,10 +34,10 @@ def as_cond(cond) -> tuple:
 
 
 def engine_or_generic(model, x, cond: tuple, method: str, quantity: str,
-                      any_module=ANY_MODULE) -> Optional[Lowered]:
+                      any_module=ANY_MODULE, stacklevel: int = 3) -> Optional[Lowered]:
     """The lowered model for the engine, or None for the generic path. method="autograd" is the
     generic path; "auto" (and the other methods in `any_module`) take it when the model does not
-    lower, with one warning per model class naming the node; any other method is one of the
+    lower, with one warning per model class and node naming the node; any other method is one of the
     engine's own and raises a TypeError naming that node."""
     if method == "autograd":
         return None
@@ -47,11 +47,12 @@ def engine_or_generic(model, x, cond: tuple, method: str, quantity: str,
         if method not in any_module:
             raise TypeError(f"{reason}; method={method!r} runs on the fused engine only: method='auto' or "
                             f"'autograd' runs any module on the generic path") from None
-        if type(model) not in _warned_classes:
-            _warned_classes.add(type(model))
+        key = (type(model), reason.path, reason.op)
+        if key not in _warned:
+            _warned.add(key)
             warnings.warn(f"{reason}. jacext.{quantity} runs the generic autograd path for this model class "
                           "(exact, slower); method='autograd' chooses it without this warning",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=stacklevel)
         return None
 
 

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import activations as act
-from .nn import MLPSpec
 
-__all__ = ["lower", "Lowered", "NotLowerable"]
+__all__ = ["lower", "Lowered", "NotLowerable", "MLPSpec", "parse_model"]
 
 SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAMES))
              + " (modules or functions), nn.Identity, nn.Flatten / flatten / view / reshape of the input to "
@@ -52,6 +51,28 @@ class NotLowerable(TypeError):
 def _not_lowerable(path, op, where, why):
     return NotLowerable(f"jacext: {path} ({op}) at {where} does not run on the fused engine: {why}",
                         path, op, where, why)
+
+
+@dataclass
+class MLPSpec:
+    """What the ops need to know about an MLP. weights[i] is (n_{i+1}, n_i)."""
+
+    weights: list
+    biases: list
+    activations: list
+    act_params: list
+
+    @property
+    def widths(self) -> list:
+        return [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
+
+
+def parse_model(model: nn.Module) -> MLPSpec:
+    """The engine's MLPSpec of a model (lower's spec): nn.Linear and supported
+    activations, Flatten of the input, Dropout and BatchNorm1d in eval(), the user's own modules
+    made of these. Raises NotLowerable (a TypeError) naming the node that does
+    not lower."""
+    return lower(model).spec
 
 
 @dataclass(frozen=True)

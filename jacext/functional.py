@@ -1,4 +1,8 @@
-"""The model-level API: pass an nn.Sequential (or jacext.MLP) and a batch."""
+"""The model-level API of the penalty, the Jacobians and the Gram: pass any nn.Module and a batch.
+
+Every function takes `wrt` (the input features to differentiate with respect to), `cond`
+(conditioning inputs: the model is called as model(x, *cond)) and `method`: the fused engine runs
+a model that lowers (frontend.py), the generic autograd path (generic.py) anything else."""
 from __future__ import annotations
 
 from typing import Sequence, Union
@@ -7,11 +11,10 @@ import torch
 from torch import nn
 
 from . import activations as act
+from . import generic
 from . import ops as _ops
-from ._checks import check_input
+from ._route import ANY_MODULE, as_cond, engine_or_generic, wrt_columns
 from .estimators import check_estimator_options, hutch_plus_plus, hutchinson, random_projections
-from .nn import parse_model
-from .reference import jacobian_frobenius_ref
 
 __all__ = ["jacobian_frobenius", "JacobianFrobenius", "jacobian", "Jacobian", "jacobian_gram", "JacobianGram",
            "random_projections", "METHODS"]
@@ -21,9 +24,10 @@ ESTIMATORS = ("hutchinson", "hutch++")
 
 
 def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, generator=None, *,
-                       distribution: str = "rademacher", orthogonal: bool = False,
+                       wrt=None, cond=None, distribution: str = "rademacher", orthogonal: bool = False,
                        return_variance: bool = False, max_memory=None):
-    """(y, sq): y == model(x) (B, m) and sq[b] = ||dy_b/dx_b||_F^2 (B,).
+    """(y, sq): y == model(x, *cond) (B, m) and sq[b] = ||dy_b/dx_b[wrt]||_F^2 (B,), x_b the
+    flattened sample and wrt the chosen features (all by default; see jacext.jacobian).
 
     method: "auto" (the exact strategy with the fewest multiply-adds), "reverse" (carry the m
     output rows back; end with the Gram epilogue instead of forming J when cheaper), "forward"
@@ -31,8 +35,12 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     (one hidden layer and a linear output: d^T M d with M = (W_1 W_1^T) .* (W_2^T W_2) shared by
     the batch; deeper nets: the cheapest Gram epilogue, or J = A C split at the hidden layer where
     sum((A^T A) .* (C C^T)) is cheapest, e.g. a bottleneck), "hutchinson" (an unbiased random estimate
-    from n_proj projections, see below), or "autograd" (torch.func vmap(jacrev): any module,
-    slow). Differentiable twice w.r.t. x and the parameters.
+    from n_proj projections, see below), "hutch++", or "autograd" (the generic path: any module
+    torch can differentiate, one batched reverse product per output row). "auto" and
+    "hutchinson" run the generic path for a model that does not lower to the engine (with one
+    warning per model class); the engine's own strategies raise a TypeError naming the node.
+    With wrt, the engine forms J's chosen columns (one sweep) and reduces them. Differentiable
+    twice w.r.t. x, cond and the parameters.
 
     "hutchinson": sq[b] = mean_i ||v_i^T J_b||^2 over n_proj random v with E[v v^T] = I
     (`distribution` "rademacher" or "gaussian", drawn from `generator`), all carried back in one
@@ -61,24 +69,55 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     check_estimator_options(method, ESTIMATORS, n_proj, generator, distribution, orthogonal, return_variance)
-    if method == "autograd":
-        if max_memory is not None:
-            raise ValueError("max_memory applies to jacext's fused methods, not to method='autograd'")
-        return jacobian_frobenius_ref(model, x)
-    spec = parse_model(model)
-    check_input(spec, x)
+    if orthogonal and method == "hutch++":
+        raise ValueError("orthogonal applies to method='hutchinson'; 'hutch++' orthonormalizes its sketch itself")
+    cond = as_cond(cond)
+    lowered = engine_or_generic(model, x, cond, method, "jacobian_frobenius", ANY_MODULE + ("hutchinson",))
+    if lowered is None:
+        if orthogonal:
+            raise ValueError("orthogonal projections run on the fused engine only; this call runs the generic path")
+        options = dict(n_proj=n_proj, generator=generator, distribution=distribution,
+                       return_variance=return_variance) if method == "hutchinson" else {}
+        return generic.jacobian_frobenius(model, x, *cond, wrt=wrt, method="hutchinson" if options else "exact",
+                                          max_memory=max_memory, **options)
+    spec, x = lowered.spec, lowered.flatten(x)
+    columns = wrt_columns(wrt, spec.widths[0])
+    if columns is not None:
+        return _frobenius_of_columns(spec, x, columns, method, n_proj, generator, distribution, orthogonal,
+                                     return_variance)
     if method == "hutchinson":
         return hutchinson(_frobenius_terms(spec, x, max_memory), x.shape[0], n_proj, spec.widths[-1],
                           distribution=distribution, orthogonal=orthogonal, generator=generator, dtype=x.dtype,
                           device=x.device, return_variance=return_variance)
     if method == "hutch++":
-        if orthogonal:
-            raise ValueError("orthogonal applies to method='hutchinson'; 'hutch++' orthonormalizes its sketch itself")
         return hutch_plus_plus(_frobenius_terms(spec, x, max_memory), Linearization(spec, x).forward_product,
                                x.shape[0], n_proj, spec.widths[0], spec.widths[-1], distribution=distribution,
                                generator=generator, dtype=x.dtype, device=x.device, return_variance=return_variance)
     return _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                        method=method, max_memory=max_memory)
+
+
+def _columns(spec, x, columns):
+    """(y, J[:, :, columns]) from the engine's Jacobian (one sweep, its strategy the planner's)."""
+    y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params)
+    return y, jac.index_select(2, columns.to(jac.device))
+
+
+def _frobenius_of_columns(spec, x, columns, method, n_proj, generator, distribution, orthogonal, return_variance):
+    """jacobian_frobenius with wrt on the engine: the chosen columns of J, then the norm or the
+    estimators' terms from them (the same estimates as without wrt, on the restricted J)."""
+    y, jac = _columns(spec, x, columns)
+    if method in ("hutchinson", "hutch++"):
+        def terms_of(rows):
+            return y, (rows.to(jac.dtype) @ jac).square().sum(2)
+
+        common = dict(distribution=distribution, generator=generator, dtype=x.dtype, device=x.device,
+                      return_variance=return_variance)
+        if method == "hutchinson":
+            return hutchinson(terms_of, x.shape[0], n_proj, jac.shape[1], orthogonal=orthogonal, **common)
+        return hutch_plus_plus(terms_of, lambda g: (g.to(jac.dtype) @ jac.detach().transpose(1, 2)), x.shape[0],
+                               n_proj, jac.shape[2], jac.shape[1], **common)
+    return y, jac.square().sum((1, 2))
 
 
 def _frobenius_terms(spec, x, max_memory):
@@ -142,25 +181,69 @@ class Linearization:
             return u
 
 
-def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0):
-    """J (B, m, n_layer): J[b] = d model(x)_b / d h_layer,b, where h_0 = x and h_l is the output
-    of the l-th Linear's activation. Differentiable twice.
+JACOBIAN_METHODS = ("auto", "reverse", "forward", "autograd")
+
+
+def _check_layer_and_wrt(layer, wrt, generic_path):
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    if wrt is not None and layers != [0]:
+        raise ValueError(f"wrt chooses input features: it applies to layer 0 only, got layer={layer!r}")
+    if generic_path and layers != [0]:
+        raise ValueError(f"layer={layer!r}: Jacobians at hidden layers need a model that runs on the fused engine "
+                         "(an MLP it reads); the generic path differentiates with respect to the input (layer 0)")
+
+
+def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, *, wrt=None, cond=None,
+             method: str = "auto", max_memory=None):
+    """J (B, m, k): J[b] = d y_b / d h_layer,b with y = model(x, *cond) (flattened to (B, m)), where
+    h_0 = x (flattened per sample: a model that begins with nn.Flatten gives the Jacobian with
+    respect to its n = C*H*W inputs) and h_l is the output of the l-th Linear's activation;
+    k = n_layer, or at layer 0 the number of features chosen by `wrt` (an int k for features
+    0..k-1, a slice, or a sequence of feature indices; the others held fixed; J's columns in
+    that order). Differentiable twice.
 
     With a sequence of layers, the list of their Jacobians, from one reverse sweep down to the
-    lowest (it passes every layer above: one op instead of one per layer)."""
-    spec = parse_model(model)
-    check_input(spec, x)
+    lowest (it passes every layer above: one op instead of one per layer). method: "auto",
+    "reverse" / "forward" (the engine's sweep), or "autograd" (the generic path; layer 0 only);
+    max_memory applies to the generic path."""
+    if method not in JACOBIAN_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {JACOBIAN_METHODS}")
+    cond = as_cond(cond)
+    lowered = engine_or_generic(model, x, cond, method, "jacobian")
+    _check_layer_and_wrt(layer, wrt, lowered is None)
+    if lowered is None:
+        jac = generic.jacobian(model, x, *cond, wrt=wrt, max_memory=max_memory)[1]
+        return jac if isinstance(layer, int) else [jac]
+    spec, x = lowered.spec, lowered.flatten(x)
+    columns = wrt_columns(wrt, spec.widths[0])
+    if columns is not None:
+        return _columns(spec, x, columns)[1]
+    engine_method = "auto" if method == "auto" else method
     if isinstance(layer, int):
-        return _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer)[1]
+        return _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer,
+                                 method=engine_method)[1]
     return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layer)[1]
 
 
-def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0):
-    """G (B, m, m) = J J^T with J = jacobian(model, x, layer); a list for several layers (one
-    reverse sweep). At the input layer of a net whose first hidden layer is narrower than its
-    input, J J^T = S G S^T (G = W_1 W_1^T once per batch) without forming J."""
-    spec = parse_model(model)
-    check_input(spec, x)
+def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, *, wrt=None, cond=None,
+                  method: str = "auto", max_memory=None):
+    """G (B, m, m) = J J^T with J = jacobian(model, x, layer, wrt=wrt, cond=cond); a list for
+    several layers (one reverse sweep). At the input layer of a net whose first hidden layer is
+    narrower than its input, J J^T = S G S^T (G = W_1 W_1^T once per batch) without forming J.
+    method: "auto" or "autograd" (the generic path)."""
+    if method not in ANY_MODULE:
+        raise ValueError(f"unknown method {method!r}; expected one of {ANY_MODULE}")
+    cond = as_cond(cond)
+    lowered = engine_or_generic(model, x, cond, method, "jacobian_gram")
+    _check_layer_and_wrt(layer, wrt, lowered is None)
+    if lowered is None:
+        gram = generic.jacobian_gram(model, x, *cond, wrt=wrt, max_memory=max_memory)[1]
+        return gram if isinstance(layer, int) else [gram]
+    spec, x = lowered.spec, lowered.flatten(x)
+    columns = wrt_columns(wrt, spec.widths[0])
+    if columns is not None:
+        jac = _columns(spec, x, columns)[1]
+        return _ops.batched_gram(jac)
     layers = [layer] if isinstance(layer, int) else list(layer)
     _, grams = _ops.mlp_jacobian_grams(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                        layers=layers)
@@ -178,27 +261,27 @@ class JacobianFrobenius(nn.Module):
         super().__init__()
         self.model, self.method, self.options = model, method, options
 
-    def forward(self, x: torch.Tensor):
-        return jacobian_frobenius(self.model, x, method=self.method, **self.options)
+    def forward(self, x: torch.Tensor, *cond):
+        return jacobian_frobenius(self.model, x, method=self.method, cond=cond, **self.options)
 
 
 class Jacobian(nn.Module):
     """jacobian as a module: Jacobian(model, layer)(x) -> J (for DDP and functional_call)."""
 
-    def __init__(self, model: nn.Module, layer: Union[int, Sequence[int]] = 0):
+    def __init__(self, model: nn.Module, layer: Union[int, Sequence[int]] = 0, **options):
         super().__init__()
-        self.model, self.layer = model, layer
+        self.model, self.layer, self.options = model, layer, options
 
-    def forward(self, x: torch.Tensor):
-        return jacobian(self.model, x, layer=self.layer)
+    def forward(self, x: torch.Tensor, *cond):
+        return jacobian(self.model, x, layer=self.layer, cond=cond, **self.options)
 
 
 class JacobianGram(nn.Module):
     """jacobian_gram as a module: JacobianGram(model, layer)(x) -> J J^T (for DDP and functional_call)."""
 
-    def __init__(self, model: nn.Module, layer: Union[int, Sequence[int]] = 0):
+    def __init__(self, model: nn.Module, layer: Union[int, Sequence[int]] = 0, **options):
         super().__init__()
-        self.model, self.layer = model, layer
+        self.model, self.layer, self.options = model, layer, options
 
-    def forward(self, x: torch.Tensor):
-        return jacobian_gram(self.model, x, layer=self.layer)
+    def forward(self, x: torch.Tensor, *cond):
+        return jacobian_gram(self.model, x, layer=self.layer, cond=cond, **self.options)

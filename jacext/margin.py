@@ -20,9 +20,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import ops as _ops
 from . import activations as act
-from .nn import parse_model
+from . import generic
+from . import ops as _ops
+from ._route import ANY_MODULE, as_cond, engine_or_generic
 
 __all__ = ["margin_distances", "large_margin_loss", "LargeMarginLoss"]
 
@@ -30,11 +31,9 @@ DUAL_NORM = {1: math.inf, 2: 2, math.inf: 1}
 SCORES = ("probs", "logits")
 
 
-def _check(spec, x, target, layers, dist_norm, on):
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != spec.widths[0]:
-        raise ValueError(f"x must be a tensor of shape (batch, {spec.widths[0]}), got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    m = spec.widths[-1]
+def _check(m, depth, x, target, layers, dist_norm, on):
+    """m: the number of classes; depth: the engine's number of layers (None on the generic path,
+    where the margin is taken at the input only)."""
     if (not isinstance(target, torch.Tensor) or target.shape != (x.shape[0],)
             or target.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"target must be an integer tensor of shape ({x.shape[0]},) with class indices")
@@ -48,9 +47,11 @@ def _check(spec, x, target, layers, dist_norm, on):
             torch._assert_async(valid, f"jacext: {message}")
     if m < 2:
         raise ValueError("a margin needs at least two classes (outputs)")
-    depth = len(spec.weights)
-    if (len(layers) == 0 or len(set(layers)) != len(layers)
-            or any(not isinstance(l, int) or not 0 <= l < depth for l in layers)):
+    if depth is None and layers != (0,):
+        raise ValueError(f"layers={layers!r}: margins at hidden layers need a model that runs on the fused engine; "
+                         "the generic path takes the margin at the input (layers=(0,))")
+    if depth is not None and (len(layers) == 0 or len(set(layers)) != len(layers)
+                              or any(not isinstance(l, int) or not 0 <= l < depth for l in layers)):
         raise ValueError(f"layers must be distinct integers in [0, {depth - 1}] (0 = input, l = output of "
                          f"the l-th activation), got {tuple(layers)}")
     if dist_norm not in DUAL_NORM:
@@ -176,11 +177,18 @@ def _gradient_norms(jac, u, q):
     """||u_k^T J||_q per sample and class (B, k), in the Jacobian's precision (float32 under
     autocast); for q = 2, `jac` is the Gram matrix J J^T (B, m, m)."""
     with torch.autocast(u.device.type, enabled=False):
-        dtype = jac.s.dtype if isinstance(jac, _InputFactor) else jac.dtype
+        dtype = (jac.s.dtype if isinstance(jac, _InputFactor) else u.dtype if isinstance(jac, _InputGradients)
+                 else jac.dtype)
         return _gradient_norms_full_precision(jac, u.to(dtype), q)
 
 
 def _gradient_norms_full_precision(jac, u, q):
+    if isinstance(jac, _InputGradients):
+        rows = jac.rows(u)
+        if q == 2:
+            sq = rows.square().sum(2)
+            return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq.new_zeros(()))
+        return rows.abs().amax(2) if q == math.inf else rows.abs().sum(2)
     if isinstance(jac, _InputFactor):  # q = inf at the input layer: the rows (u^T S) W_1
         return _MaxAbsOfProduct.apply(torch.bmm(u, jac.s), jac.w)[0]
     if q == 2:  # Gram identity: u^T (J J^T) u
@@ -192,6 +200,49 @@ def _gradient_norms_full_precision(jac, u, q):
     return torch.bmm(u, jac).abs().sum(2)  # q = 1
 
 
+class _InputGradients:
+    """The generic path's Jacobian at the input: the gradients u^T J for the directions u, by
+    batched reverse products of the model's one forward (generic.ModelJacobian); held constant
+    (computed without a graph) for the large-margin loss's use_approximation."""
+
+    def __init__(self, jacobian, constant):
+        self.jacobian, self.constant = jacobian, constant
+
+    def rows(self, u):
+        if self.constant:
+            with torch.no_grad():
+                return self.jacobian.input_gradients(u.detach())
+        return self.jacobian.input_gradients(u)
+
+
+def _margin_parts(model, x, cond, layers, q, wrt, method, max_memory, target, dist_norm, on, constant_norms=False,
+                  quantity="margin_distances"):
+    """(logits, [what each layer's norms come from], m) on the engine or the generic path."""
+    if method not in ANY_MODULE:
+        raise ValueError(f"unknown method {method!r}; expected one of {ANY_MODULE}")
+    cond = as_cond(cond)
+    lowered = engine_or_generic(model, x, cond, method, quantity, stacklevel=4)
+    if lowered is None:
+        lin = generic.ModelJacobian(model, x, *cond, wrt=wrt, max_memory=max_memory)
+        logits = lin.output()
+        _check(logits.shape[1], None, x, target, layers, dist_norm, on)
+        return logits, [_InputGradients(lin, constant_norms)], logits.shape[1]
+    if wrt is not None:
+        raise ValueError("wrt applies to the generic path's margin (method='autograd'); the engine's margins are "
+                         "with respect to whole layers")
+    spec, flat = lowered.spec, lowered.flatten(x)
+    m = spec.widths[-1]
+    _check(m, len(spec.weights), flat, target, layers, dist_norm, on)
+    layer_matrices = _layer_matrices(q)
+    if constant_norms:  # the norms are constants: no graph through the Jacobians
+        logits = model(x, *cond)
+        with torch.no_grad():
+            _, jacobians = layer_matrices(spec, flat, layers)
+        return logits, jacobians, m
+    logits, jacobians = layer_matrices(spec, flat, layers)
+    return logits, jacobians, m
+
+
 def _competitors(score, target, top_k):
     """The top_k classes other than the target, by score, highest first (B, top_k)."""
     others = score.detach().scatter(1, target.view(-1, 1), -math.inf)
@@ -199,21 +250,24 @@ def _competitors(score, target, top_k):
 
 
 def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Sequence[int] = (0,),
-                     dist_norm=2, on: str = "probs", top_k: Optional[int] = None, epsilon: float = 1e-8):
+                     dist_norm=2, on: str = "probs", top_k: Optional[int] = None, epsilon: float = 1e-8, *,
+                     wrt=None, cond=None, method: str = "auto", max_memory=None):
     """(logits, dist): dist[b, i, j] = (f_y - f_j) / (epsilon + ||grad_{h_l}(f_y - f_j)||_q), the
     signed distance of sample b to the boundary between its class y = target[b] and class j,
     measured at layer l = layers[i] (0 = input, l = output of the l-th activation), with q the
     dual of dist_norm (1 -> inf, 2 -> 2, inf -> 1) and f the softmax probabilities (on="probs")
     or the logits. Without top_k, j runs over all m classes and dist[b, i, y] = inf; with top_k,
-    over the top_k classes other than y by score, highest first. Differentiable twice."""
-    spec = parse_model(model)
+    over the top_k classes other than y by score, highest first. Differentiable twice.
+
+    model(x, *cond) may be any module: "auto" runs the engine when it lowers, else (and with
+    method="autograd") the generic path, at the input layer, with `wrt` choosing input features
+    and max_memory bounding its chunks."""
     layers = tuple(layers)
-    _check(spec, x, target, layers, dist_norm, on)
-    m = spec.widths[-1]
+    logits, jacobians, m = _margin_parts(model, x, cond, layers, DUAL_NORM.get(dist_norm), wrt, method, max_memory,
+                                         target, dist_norm, on)
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= m - 1):
         raise ValueError(f"top_k must be an integer in [1, {m - 1}] or None, got {top_k!r}")
     q = DUAL_NORM[dist_norm]
-    logits, jacobians = _layer_matrices(q)(spec, x, layers)
     score, score_jacobian = _scores(logits, on)
     if top_k is None:
         classes = torch.arange(m, device=x.device).expand(x.shape[0], m)
@@ -230,7 +284,8 @@ def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Seque
 def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequence[int] = (0,),
                       gamma: float = 10000.0, alpha_factor: float = 2.0, top_k: int = 1, dist_norm=2,
                       epsilon: float = 1e-8, use_approximation: bool = True, worst_case_loss: bool = True,
-                      layers_weights: Optional[Sequence[float]] = None, on: str = "probs") -> torch.Tensor:
+                      layers_weights: Optional[Sequence[float]] = None, on: str = "probs", *, wrt=None,
+                      cond=None, method: str = "auto", max_memory=None) -> torch.Tensor:
     """The large-margin loss with the options of the official code (google-research/large_margin,
     margin_loss.large_margin), as a scalar.
 
@@ -240,11 +295,12 @@ def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequ
     - gamma, summed over the classes kept, averaged over the batch, then over the layers. The
     constant -gamma is the official code's (it does not change the gradient). With
     use_approximation the gradient norms are held constant (no second derivative); without it the
-    norms' own gradient flows (double backward through the Jacobian)."""
-    spec = parse_model(model)
+    norms' own gradient flows (double backward through the Jacobian). model, cond, wrt, method
+    and max_memory as in margin_distances."""
     layers = tuple(layers)
-    _check(spec, x, target, layers, dist_norm, on)
-    m = spec.widths[-1]
+    logits, jacobians, m = _margin_parts(model, x, cond, layers, DUAL_NORM.get(dist_norm), wrt, method, max_memory,
+                                         target, dist_norm, on, constant_norms=use_approximation,
+                                         quantity="large_margin_loss")
     if not (isinstance(top_k, int) and 1 <= top_k <= m - 1):
         raise ValueError(f"top_k must be an integer in [1, {m - 1}], got {top_k!r}")
     if not gamma > 0 or not alpha_factor > 0 or not epsilon >= 0:
@@ -254,13 +310,6 @@ def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequ
         raise ValueError(f"layers_weights must hold {len(layers)} positive numbers, got {layers_weights!r}")
 
     q = DUAL_NORM[dist_norm]
-    layer_matrices = _layer_matrices(q)
-    if use_approximation:  # the norms are constants: no graph through the Jacobians
-        logits = model(x)
-        with torch.no_grad():
-            _, jacobians = layer_matrices(spec, x, layers)
-    else:
-        logits, jacobians = layer_matrices(spec, x, layers)
     score, score_jacobian = _scores(logits, on)
     classes = _competitors(score, target, top_k)
     diff = score.gather(1, target.view(-1, 1)) - score.gather(1, classes)
@@ -290,8 +339,8 @@ class LargeMarginLoss(nn.Module):
                             dist_norm=dist_norm, epsilon=epsilon, use_approximation=use_approximation,
                             worst_case_loss=worst_case_loss, layers_weights=layers_weights, on=on)
 
-    def forward(self, model, x, target):
-        return large_margin_loss(model, x, target, **self.options)
+    def forward(self, model, x, target, *cond):
+        return large_margin_loss(model, x, target, cond=cond, **self.options)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,41 +1,17 @@
-"""Modules: the MLP builder, and parse_model, the op's arguments (weights, biases, activation
-codes and parameters) of a model."""
+"""Modules: the MLP builder (MLPSpec and parse_model, the engine's reading of a model, live in
+frontend.py and are exported here too)."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from torch import nn
 
 from . import activations as act
 from .activations import SmoothLeakyReLU
+from .frontend import MLPSpec, parse_model
 
 __all__ = ["MLP", "SmoothLeakyReLU", "MLPSpec", "parse_model"]
-
-
-@dataclass
-class MLPSpec:
-    """What the ops need to know about an MLP. weights[i] is (n_{i+1}, n_i)."""
-
-    weights: list
-    biases: list
-    activations: list
-    act_params: list
-
-    @property
-    def widths(self) -> list:
-        return [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
-
-
-def parse_model(model: nn.Module) -> MLPSpec:
-    """The engine's MLPSpec of a model (jacext.frontend.lower's spec): nn.Linear and supported
-    activations, Flatten of the input, Dropout and BatchNorm1d in eval(), the user's own modules
-    made of these. Raises jacext.frontend.NotLowerable (a TypeError) naming the node that does
-    not lower."""
-    from .frontend import lower  # the front-end builds MLPSpecs: imported here, not in a cycle
-
-    return lower(model).spec
 
 
 class MLP(nn.Sequential):

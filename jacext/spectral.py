@@ -24,14 +24,16 @@ import torch
 
 from . import ops as _ops
 from . import activations as act
+from . import generic
 from ._checks import check_input
-from .functional import Linearization
+from ._route import ANY_MODULE, as_cond, engine_or_generic, wrt_columns
+from .functional import Linearization, _columns
 from .nn import parse_model
 from .planner import REVERSE, predicted_cost, resolve_strategy
 
 __all__ = ["jacobian_spectral_norm", "spectral_plan", "SPECTRAL_METHODS"]
 
-SPECTRAL_METHODS = ("auto", "exact", "power")
+SPECTRAL_METHODS = ("auto", "exact", "power", "autograd")
 # Multiply-add equivalents per k^3 of the batched symmetric eigen-decomposition of a k x k Gram
 # matrix (eigenvalues and vectors, which the backward needs: about 9 k^3 flops, Golub & Van Loan).
 EIGH_COST = 9
@@ -148,15 +150,20 @@ def _sqrt(sq):
 
 def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: str = "auto", n_iter: int = 100,
                            tol: float = 1e-3, init: Optional[torch.Tensor] = None, generator=None,
-                           return_vectors: bool = False, second_order: bool = False):
-    """(y, s): y == model(x) (B, m) and s[b] = ||J_b||_2, the largest singular value of
-    J_b = dy_b/dh_layer,b (h_0 = x, h_l the output of the l-th activation). Differentiable.
+                           return_vectors: bool = False, second_order: bool = False, wrt=None, cond=None,
+                           max_memory=None):
+    """(y, s): y == model(x, *cond) (B, m) and s[b] = ||J_b||_2, the largest singular value of
+    J_b = dy_b/dh_layer,b (h_0 = x, h_l the output of the l-th activation); at layer 0, `wrt`
+    chooses the input features (see jacext.jacobian). Differentiable.
 
     method: "exact" (the top eigenpair of the smaller Gram matrix, J J^T or J^T J, formed without
     gradient: u the top left singular vector, then s = ||u^T J|| by the fused op with u held fixed,
     whose value is ||J||_2 and whose gradient is u^T dJ v, exact), "power" (power iteration, below)
-    or "auto" (the one of lower predicted cost: exact for small m or n_layer;
-    `jacext.explain(model, x, quantity="spectral_norm")`).
+    "auto" (the one of lower predicted cost: exact for small m or n_layer;
+    `jacext.explain(model, x, quantity="spectral_norm")`), or "autograd" (the generic path, any
+    module: J by batched reverse products, then its exact largest singular value; "auto" and
+    "exact" take it for a model that does not lower; max_memory applies to it). With wrt, the
+    engine forms J's chosen columns and takes their largest singular value by an SVD.
 
     second_order: the exact path's second derivative too: s = sqrt of the largest eigenvalue of
     the differentiable Gram, about twice the work (the Gram's backward). Without it (and on the power path) the
@@ -186,8 +193,13 @@ def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: st
     return_vectors=True returns (y, s, u) with u (B, m) the top left singular vectors (no
     gradient), to pass as init= for the same samples at the next step. J = 0 gives s = 0 with a
     zero gradient; NaN/Inf propagate per sample; an empty batch gives empty outputs."""
-    spec = parse_model(model)
-    check_input(spec, x)
+    if method not in SPECTRAL_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {SPECTRAL_METHODS}")
+    cond = as_cond(cond)
+    lowered = engine_or_generic(model, x, cond, method, "jacobian_spectral_norm", ANY_MODULE + ("exact",))
+    if lowered is None or wrt is not None:
+        return _spectral_of_columns(model, x, cond, lowered, layer, wrt, return_vectors, max_memory)
+    spec, x = lowered.spec, lowered.flatten(x)
     _check_options(spec, x, layer, method, n_iter, tol, init)
     if second_order and method == "power":
         raise ValueError("second_order=True is the exact path's (the power path differentiates ||u^T J|| with u "
@@ -199,6 +211,24 @@ def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: st
         u = _power_iteration(Linearization(spec, x, layer), _start(spec, x, init, generator), n_iter, tol)
         y, s = _power_value(spec, x, layer, u)
     return (y, s, u) if return_vectors else (y, s)
+
+
+def _spectral_of_columns(model, x, cond, lowered, layer, wrt, return_vectors, max_memory):
+    """The generic path, or wrt on the engine: the largest singular value of the Jacobian's
+    (chosen) columns by an SVD, differentiable where it is simple."""
+    if layer != 0:
+        raise ValueError(f"layer={layer!r}: with wrt or on the generic path the spectral norm is taken with respect "
+                         "to the input (layer 0)")
+    if lowered is None:
+        if return_vectors:
+            raise ValueError("return_vectors (warm starts for the power path) applies to models on the fused engine")
+        return generic.jacobian_spectral_norm(model, x, *cond, wrt=wrt, max_memory=max_memory)
+    spec, x = lowered.spec, lowered.flatten(x)
+    columns = wrt_columns(wrt, spec.widths[0])
+    y, jac = _columns(spec, x, columns) if columns is not None else \
+        _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params)
+    u, s, _ = torch.linalg.svd(jac, full_matrices=False)
+    return (y, s[:, 0], u[:, :, 0].detach()) if return_vectors else (y, s[:, 0])
 
 
 def _exact(spec, x, layer, vectors, second_order):

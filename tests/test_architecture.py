@@ -14,10 +14,10 @@ PACKAGE = ROOT / "jacext"
 # docs/design.md's layers: a module imports only from layers below its own (and from itself).
 LAYERS = {
     "_C": 0, "activations": 0, "_checks": 0, "_wrt": 0,
-    "_library": 1, "layouts": 1, "_composites": 1, "reference": 1, "workspace": 1, "data": 1,
-    "planner": 2,
+    "_library": 1, "layouts": 1, "_composites": 1, "estimators": 1, "reference": 1, "workspace": 1, "data": 1,
+    "planner": 2, "frontend": 2, "generic": 2,
     "_jacobian_ops": 3, "_laplacian_ops": 3, "_flow_ops": 3,
-    "ops": 4, "estimators": 4, "nn": 4, "frontend": 4, "generic": 4,
+    "ops": 4, "nn": 4, "_route": 4,
     "functional": 5, "laplacian": 5, "spectral": 6, "margin": 6, "flows": 6, "targetprop": 6,
     "explain": 7,
     "__init__": 8, "__main__": 9,

@@ -95,18 +95,32 @@ def test_nan_and_inf_propagate_per_sample(model, method):
 @pytest.mark.parametrize("module, position", [(nn.Dropout(0.1), 1), (nn.LayerNorm(7), 1), (nn.Conv1d(1, 1, 1), 1)])
 def test_unsupported_module_is_named(module, position):
     model = nn.Sequential(nn.Linear(5, 7), module, nn.Linear(7, 3))
-    with pytest.raises(TypeError, match=rf"jacext: {position} \({type(module).__name__}\) at .+ does not run on the fused engine"):
-        jacext.jacobian_frobenius(model, torch.randn(2, 5))
+    with pytest.raises(TypeError, match=rf"jacext: {position} \({type(module).__name__}\) at .+ does not run on the fused "
+                                        "engine.*method='reverse' runs on the fused engine only"):
+        jacext.jacobian_frobenius(model, torch.randn(2, 5), method="reverse")
+
+
+def test_auto_runs_the_generic_path_with_one_warning_naming_the_node():
+    model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    jacext._route._warned.clear()
+    with pytest.warns(RuntimeWarning, match=r"1 \(LayerNorm\) at .+test_bad_input.py:\d+ .*generic autograd path"):
+        _, sq = jacext.jacobian_frobenius(model, x)
+    torch.testing.assert_close(sq, jacobian_frobenius_ref(model, x)[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model class and node
+        jacext.jacobian_frobenius(model, x)
+        jacext.jacobian_frobenius(model, x, method="autograd")  # chosen: nothing to warn about
 
 
 def test_activation_before_first_linear():
     with pytest.raises(TypeError, match="before the first nn.Linear"):
-        jacext.jacobian_frobenius(nn.Sequential(nn.Tanh(), nn.Linear(5, 3)), torch.randn(2, 5))
+        jacext.jacobian_frobenius(nn.Sequential(nn.Tanh(), nn.Linear(5, 3)), torch.randn(2, 5), method="reverse")
 
 
 def test_two_activations_in_a_row():
     with pytest.raises(TypeError, match="follows another activation"):
-        jacext.jacobian_frobenius(nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.ReLU()), torch.randn(2, 5))
+        jacext.jacobian_frobenius(nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.ReLU()), torch.randn(2, 5), method="reverse")
 
 
 def test_model_not_a_module():
@@ -116,7 +130,7 @@ def test_model_not_a_module():
 
 def test_no_linear_layer():
     with pytest.raises(TypeError, match="no nn.Linear"):
-        jacext.jacobian_frobenius(nn.Sequential(nn.Identity()), torch.randn(2, 5))
+        jacext.jacobian_frobenius(nn.Sequential(nn.Identity()), torch.randn(2, 5), method="reverse")
 
 
 def test_unknown_method(model):
