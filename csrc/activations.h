@@ -3,7 +3,7 @@
 // CPU kernels and the CUDA kernels both evaluate these very formulas, so the CPU tests exercise
 // what the GPU runs; one exception: on CPU, the transcendental parts of tanh, sigmoid, silu,
 // softplus and smooth_leaky_relu come from vectorized loops (float32 tanh: jacext's own,
-// cpu/mlp_jacobian_cpu.cpp's tanh_float; otherwise ATen's tanh(y), sigmoid(y), log1p(exp(-|y|))),
+// cpu/micro_kernels.h's tanh_float; otherwise ATen's tanh(y), sigmoid(y), log1p(exp(-|y|))),
 // the rest by the formulas here. The codes must match jacext/activations.py.
 #pragma once
 #include <cmath>

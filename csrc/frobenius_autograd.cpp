@@ -1,9 +1,8 @@
 // mlp_jacobian_frobenius's autograd, in C++ (the Autograd key, every device): its backward is
 // mlp_jacobian_backward, whose own autograd (jacext/_ops.py) gives the double backward and every
-// higher order. The Python autograd.Function it replaced cost 0.4 ms more of P2's 12 ms training
-// step (its wrapper 0.99 -> 0.57 ms, docs/benchmarks.md): Function.apply and saving in Python in
-// the forward, and in the backward a Python node that unpacked the saved tensors and rebuilt the
-// op's arguments.
+// higher order. In C++ because a Python autograd.Function costs a training step noticeably
+// (docs/benchmarks.md): Function.apply and saving in Python in the forward, and in the backward a
+// Python node that unpacks the saved tensors and rebuilds the op's arguments.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
@@ -89,8 +88,8 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     const std::vector<Tensor> saved(tensors.begin() + 1 + 2 * L + has_projections, tensors.end());
     const auto act_params = ctx->saved_data["act_params"].toDoubleVector();
     // Without create_graph (grad mode off in a backward) and outside torch.func, straight to the
-    // device kernel: the backward op's autograd (a Python kernel, 30-40 us) would only pass the
-    // call on. With create_graph, that autograd records the double backward.
+    // device kernel: the backward op's autograd (a Python kernel, with its overhead) would only
+    // pass the call on. With create_graph, that autograd records the double backward.
     std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
     // (functorch includes its front-mode key while any transform is on.)
     const bool transforms = c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);

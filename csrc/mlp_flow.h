@@ -15,7 +15,7 @@
 // (W_k, b_k). In relative mode no inverse or determinant is formed.
 #pragma once
 
-#include "mlp_jacobian.h"
+#include "mlp_common.h"
 
 namespace jacext {
 

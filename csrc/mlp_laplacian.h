@@ -50,7 +50,7 @@
 #include <vector>
 
 #include "activations.h"
-#include "mlp_jacobian.h"  // check_mlp, check_tile, bias_at, flat, batch_rows, the absent-tensor helpers
+#include "mlp_common.h"
 
 namespace jacext {
 namespace carry {

@@ -2,8 +2,8 @@
 // temporaries, outputs, gradients).
 //
 // Why: a fresh tensor of more than a few hundred KiB comes from mmap, and every page of it is
-// faulted in on first touch (~1.4 ns per float here, more than the GEMM work per element of a
-// width-256 carry); when it is freed, glibc hands it back to the kernel, so the next training step
+// faulted in on first touch (more than the GEMM work per element of a width-256
+// carry); when it is freed, glibc hands it back to the kernel, so the next training step
 // pays again. The workspace keeps freed blocks and hands them out again by size, so a second
 // identical step touches no new page. It never changes the process's malloc settings: only
 // tensors that jacext allocates use it. CUDA needs none: torch's caching allocator does this.

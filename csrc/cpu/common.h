@@ -1,4 +1,4 @@
-// What the CPU kernel files share (mlp_jacobian_cpu.cpp, mlp_laplacian_cpu.cpp): the grain of
+// What the CPU kernel files share (mlp_jacobian_kernels.h, mlp_laplacian_cpu.cpp): the grain of
 // their parallel passes, the dtype check and the threads' loops (tiles, two chains side by side).
 // Mirrored by ../cuda/common.cuh.
 #pragma once
@@ -43,9 +43,8 @@ void parallel_for_as_caller(int64_t begin, int64_t end, int64_t grain, F&& f) {
 // 22 and one of 18). Thread i owns lane i, the i-th contiguous share of the tiles, and runs it
 // first to last, so that the backward finds the carries that it wrote in the forward still in its
 // cache. The last quarter of each lane (its tail) may be taken by a thread that is done with its
-// own lane: on a shared machine one thread may run slower than the other (a busy neighbour; in
-// P5's profile one thread's GEMMs ran at 0.7x the other's, and 5 ms of a 35 ms backward went to
-// waiting). So that the gradients do not depend on who ran what, each tail tile adds to sums of its
+// own lane: on a shared machine one thread may run slower than the other (a busy neighbour),
+// and the faster one would otherwise wait. So that the gradients do not depend on who ran what, each tail tile adds to sums of its
 // own (slot), and a lane's other tiles to the lane's: the slots are added up in their order, and
 // the result is the same, to the bit, on every call (torch.autograd.gradcheck checks that).
 struct TileSchedule {
@@ -99,10 +98,10 @@ void for_tiles(int64_t B, int64_t tile, F&& f) {
 
 // Whether two independent chains of GEMMs (the MLP's layers and a Gram's products) of about
 // f_macs and g_macs multiply-adds pay to run side by side (side_by_side): where the op has exactly
-// two threads and neither chain is more than 1.5x the other. MKL splits P2's 128-row GEMMs over
-// two threads at 1.2x to 1.4x one thread's rate; two balanced chains side by side run at up to
-// 2x (P2's step in 0.94x the time, bench/ab_step.py). With more threads, one chain each would
-// leave the rest idle.
+// two threads and neither chain is more than 1.5 times the other. MKL splits a GEMM of a
+// hundred-odd rows over two threads well below twice one thread's rate; two balanced chains side by
+// side, one thread each, come close to it (docs/benchmarks.md). With more threads, one chain each
+// would leave the rest idle.
 inline bool side_by_side_pays(double f_macs, double g_macs) {
   return std::min(f_macs, g_macs) > 0 && std::max(f_macs, g_macs) <= 1.5 * std::min(f_macs, g_macs) &&
          at::get_num_threads() == 2 && !at::in_parallel_region();

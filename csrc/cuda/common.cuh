@@ -1,4 +1,4 @@
-// What the CUDA kernel files share (mlp_jacobian_cuda.cu, mlp_laplacian_cuda.cu): the launch
+// What the CUDA kernel files share (mlp_jacobian_kernels.cuh, mlp_laplacian_cuda.cu): the launch
 // shape, the dtype check and the grid-stride loop. Mirrors ../cpu/common.h.
 #pragma once
 

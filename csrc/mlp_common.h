@@ -1,0 +1,121 @@
+// What the device-agnostic algorithms share (mlp_jacobian.h, mlp_flow.h, mlp_laplacian.h): the
+// strategy codes, the validation of an MLP's description, and the helpers that move tensors between
+// the ops' schemas (empty tensors for absent ones) and the algorithms (undefined tensors).
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+
+#include <optional>
+#include <vector>
+
+#include "activations.h"
+
+namespace jacext {
+
+using at::Tensor;
+
+// The Jacobian ops' strategies (mlp_jacobian.h); the other ops validate as kReverse.
+enum Strategy : int64_t { kReverse = 0, kForward = 1, kReverseGram = 2, kGram1 = 3, kForwardGram = 4 };
+
+// act' is not identically 1 (identity layers have no d), act'' not identically 0.
+constexpr bool has_derivative(int64_t code) { return code != kIdentity; }
+constexpr bool has_curvature(int64_t code) { return code != kIdentity && code != kReLU && code != kLeakyReLU; }
+
+// A layer without bias passes an empty tensor: a list of optional tensors would stop autograd
+// from reaching the biases that are present.
+inline std::optional<Tensor> bias_at(at::TensorList biases, int64_t i) {
+  if (!biases[i].defined() || biases[i].numel() == 0) return std::nullopt;
+  return biases[i];
+}
+
+// Every op validates its MLP description the same way; messages say what was expected.
+inline void check_mlp(const Tensor& x, at::TensorList weights, at::TensorList biases,
+                      at::IntArrayRef activations, at::ArrayRef<double> act_params,
+                      int64_t layer, int64_t strategy) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(L >= 1, "jacext: expected at least one weight matrix, got none");
+  TORCH_CHECK(static_cast<int64_t>(biases.size()) == L, "jacext: expected ", L,
+              " biases (an empty tensor for a layer without bias), got ", biases.size());
+  TORCH_CHECK(static_cast<int64_t>(activations.size()) == L, "jacext: expected ", L,
+              " activation codes, got ", activations.size());
+  TORCH_CHECK(static_cast<int64_t>(act_params.size()) == 2 * L, "jacext: expected ", 2 * L,
+              " activation parameters (two per layer), got ", act_params.size());
+  TORCH_CHECK(x.dim() == 2, "jacext: expected x of shape (batch, features), got ", x.dim(),
+              "-d tensor of shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "jacext: expected x of dtype float32 or float64, got ", x.scalar_type(),
+              " (float16 / bfloat16 run under torch.autocast, which casts them to float32)");
+  TORCH_CHECK(layer >= 0 && layer < L, "jacext: layer must be in [0, ", L - 1,
+              "] (0 = input, l = output of the l-th activation), got ", layer);
+  TORCH_CHECK(strategy >= kReverse && strategy <= kForwardGram,
+              "jacext: strategy must be 0 (reverse), 1 (forward), 2 (reverse with Gram "
+              "epilogue), 3 (one-hidden-layer Gram) or 4 (forward with Gram epilogue), got ", strategy);
+  TORCH_CHECK(strategy != kGram1 || (layer == 0 && L == 2 && activations[1] == kIdentity),
+              "jacext: strategy 3 (one-hidden-layer Gram) needs the Jacobian w.r.t. the input of "
+              "a net with exactly two layers and a linear output layer");
+  TORCH_CHECK(strategy != kReverseGram || (layer == 0 && L >= 2),
+              "jacext: the Gram epilogue needs the Jacobian w.r.t. the input of a net with at "
+              "least two layers");
+  TORCH_CHECK(strategy != kForwardGram || (layer == 0 && L >= 2 && activations[L - 1] == kIdentity),
+              "jacext: strategy 4 (forward with Gram epilogue) needs the Jacobian w.r.t. the input "
+              "of a net with at least two layers and a linear output layer");
+  int64_t width = x.size(1);
+  for (const auto i : c10::irange(L)) {
+    const Tensor& w = weights[i];
+    TORCH_CHECK(w.dim() == 2, "jacext: weight ", i, " must be 2-d (out, in), got shape ",
+                w.sizes());
+    TORCH_CHECK(w.size(1) == width, "jacext: weight ", i, " has shape ", w.sizes(),
+                " but its input has ", width, " features");
+    TORCH_CHECK(w.scalar_type() == x.scalar_type(), "jacext: weight ", i, " has dtype ",
+                w.scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK(w.device() == x.device(), "jacext: weight ", i, " is on ", w.device(),
+                " but x is on ", x.device());
+    width = w.size(0);
+    if (auto b = bias_at(biases, i)) {
+      TORCH_CHECK(b->dim() == 1 && b->size(0) == width, "jacext: bias ", i,
+                  " must have shape (", width, "), got ", b->sizes());
+      TORCH_CHECK(b->scalar_type() == x.scalar_type(), "jacext: bias ", i, " has dtype ",
+                  b->scalar_type(), " but x has ", x.scalar_type());
+      TORCH_CHECK(b->device() == x.device(), "jacext: bias ", i, " is on ", b->device(),
+                  " but x is on ", x.device());
+    }
+    TORCH_CHECK(activations[i] >= 0 && activations[i] < kNumActivations,
+                "jacext: unknown activation code ", activations[i], " for layer ", i);
+  }
+}
+
+// (n, r, c) as (n * r, c): the GEMM view of a contiguous per-sample stack of matrices.
+inline Tensor flat(const Tensor& t) { return t.view({-1, t.size(-1)}); }
+
+// Rows [b0, b0 + n) of each per-sample tensor; undefined ones (an identity layer's d) stay undefined.
+inline std::vector<Tensor> batch_rows(const std::vector<Tensor>& all, int64_t b0, int64_t n) {
+  std::vector<Tensor> out;
+  out.reserve(all.size());
+  for (const Tensor& t : all) out.push_back(t.defined() ? t.narrow(0, b0, n) : t);
+  return out;
+}
+
+// In `saved` an absent d or act'' is an empty 1-d tensor (the schema has no optional list
+// elements); in the algorithms it is an undefined tensor.
+inline Tensor absent_to_undefined(const Tensor& t) { return t.dim() == 1 ? Tensor() : t; }
+inline Tensor undefined_to_absent(const Tensor& t, const at::TensorOptions& options) {
+  return t.defined() ? t : at::empty({0}, options);
+}
+
+// An optional tensor's data (nullptr when undefined), for the device kernels; callers pass
+// contiguous tensors (optional_contiguous).
+template <typename T>
+const T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* mutable_or_null(const Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+inline Tensor optional_contiguous(const Tensor& t) { return t.defined() ? t.contiguous() : t; }
+
+inline void check_tile(int64_t tile) {
+  TORCH_CHECK(tile >= 0, "jacext: tile must be >= 0 samples (0: the whole batch at once), got ", tile);
+}
+
+}  // namespace jacext
