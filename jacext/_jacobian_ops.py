@@ -20,7 +20,7 @@ from ._library import (ActivationSpec, below_autograd, bias_tensors, compiled, e
 from .layouts import REVERSE, REVERSE_GRAM, first_carry_index, saved_shapes
 from .planner import Split, batch_chunk, default_memory_budget, op_element_size, resolve_strategy, tile_size
 
-__all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "mlp_jacobians", "mlp_jacobian_grams"]
+__all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "mlp_jacobians", "mlp_jacobian_grams", "batched_gram"]
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_frobenius")
@@ -291,6 +291,11 @@ class _BatchedGram(torch.autograd.Function):
     def backward(ctx, grad):
         (jac,) = ctx.saved_tensors
         return torch.bmm(grad + grad.transpose(1, 2), jac)
+
+
+def batched_gram(jac: torch.Tensor) -> torch.Tensor:
+    """J J^T per sample (B, m, m) from J (B, m, n), differentiable to any order."""
+    return _BatchedGram.apply(jac)
 
 
 @explained_functorch_errors

@@ -18,7 +18,7 @@ LAYERS = {
     "planner": 2, "frontend": 2, "generic": 2,
     "_jacobian_ops": 3, "_laplacian_ops": 3, "_flow_ops": 3,
     "ops": 4, "nn": 4, "_route": 4,
-    "functional": 5, "laplacian": 5, "spectral": 6, "margin": 6, "flows": 6, "targetprop": 6,
+    "functional": 5, "laplacian": 6, "spectral": 6, "margin": 6, "flows": 6, "targetprop": 6,
     "explain": 7,
     "__init__": 8, "__main__": 9,
 }
