@@ -314,7 +314,7 @@ class ModelJacobian:
         recompute = create_graph and isinstance(self.model, nn.Module)
         named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad] if recompute else []
         names = tuple(name for name, _ in named)
-        slots = [i for i, c in enumerate(self.cond) if isinstance(c, torch.Tensor)]  # cond's tensors travel
+        slots = [i for i, c in enumerate(self.cond) if isinstance(c, torch.Tensor)]  # inputs of a recomputed chunk
         results = []
         for start in range(0, n_rows, step):
             stop = min(n_rows, start + step)
