@@ -20,11 +20,13 @@ Jacobians are defined: BatchNorm on batch statistics is refused.
 
 Everything is differentiable twice w.r.t. x, cond and the parameters (when grad mode is on; under
 torch.no_grad the results carry no graph). max_memory (bytes, None for no limit) caps the rows
-of one chunk by an estimate of their memory: one row costs about the forward's saved tensors (the
-graph of its backward) plus its (B, k) product. The batch itself is never split: that would draw
-different Dropout masks than the module's one call. When a graph is built, each chunk beyond the
-first is recomputed in the backward (torch.utils.checkpoint, with the forward's random state), so
-that only one chunk's graph is held at a time.
+of one chunk by an estimate of their memory: one row costs about twice the forward's saved
+tensors (the graph of its backward, kept for the double backward) plus its (B, k) product; the
+forward's own graph and the outputs are not counted. The batch itself is never split: that would
+draw different Dropout masks than the module's one call. When a graph is built, each chunk
+beyond the first holds no graph: it is computed without one, and again in the backward (the
+forward too, with the forward's random state), so that one chunk's graph is held at a time
+(_Recomputed).
 """
 from __future__ import annotations
 
@@ -37,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.checkpoint import checkpoint
 
 from ._wrt import resolve_wrt
 
@@ -182,25 +183,49 @@ class _SavedBytes:
         return tensor
 
 
-def _batched_vjp(y, anchor, rows, create_graph, batched=True):
+def _batched_vjp(y, anchor, rows, create_graph):
     """(B, r, k): rows (r, *y.shape) of output cotangents times each sample's Jacobian dy/d anchor, in
-    one vmapped backward, or one backward a row where an op's backward has no batching rule or
-    with batched=False. A chunk recomputed under torch.utils.checkpoint runs unbatched: the
-    batching fallback of some ops' backward (Dropout's) saves tensors whose recomputed shape
-    differs from the saved one, which the checkpoint refuses."""
+    one vmapped backward, or one backward a row where an op's backward has no batching rule."""
     if not y.requires_grad:  # the output does not depend on anything differentiable
         return anchor.new_zeros(anchor.shape[0], rows.shape[0], anchor.shape[1])
     options = dict(retain_graph=True, create_graph=create_graph, allow_unused=True, materialize_grads=True)
-    products = None
     with torch.set_grad_enabled(create_graph):  # under no_grad, create_graph alone would record nothing
-        if batched:
-            try:
-                (products,) = torch.autograd.grad(y, anchor, rows, is_grads_batched=True, **options)
-            except RuntimeError:
-                pass
-        if products is None:
+        try:
+            (products,) = torch.autograd.grad(y, anchor, rows, is_grads_batched=True, **options)
+        except RuntimeError:
             products = torch.stack([torch.autograd.grad(y, anchor, row, **options)[0] for row in rows])
         return products.transpose(0, 1)
+
+
+class _Recomputed(torch.autograd.Function):
+    """run(params, *inputs) -> a tensor, computed without keeping its graph: the backward runs it
+    again and differentiates that. params: the model's parameters by name (handed to run, which
+    calls the model with them); inputs: the other tensors run reads. In the backward every one of
+    them enters run through an identity view, so that the gradients returned are those with
+    respect to the tensors themselves (not through their history) and, under create_graph, are
+    differentiable with respect to them in turn: a double backward sees the whole graph, which
+    torch.utils.checkpoint's reentrant form does not give, and its non-reentrant form keeps the
+    recomputed tensors of a backward taken inside the region (the products), which defeats it."""
+
+    @staticmethod
+    def forward(ctx, run, names, *tensors):
+        ctx.run, ctx.names = run, names
+        ctx.save_for_backward(*tensors)
+        detached = [t.detach() for t in tensors]
+        with torch.enable_grad():
+            out = run(dict(zip(names, detached)), *detached[len(names):])
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tensors = ctx.saved_tensors
+        with torch.enable_grad():
+            views = [t.view_as(t) if t.requires_grad else t for t in tensors]
+            out = ctx.run(dict(zip(ctx.names, views)), *views[len(ctx.names):])
+        wanted = [v for v in views if v.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=torch.is_grad_enabled(),
+                                         allow_unused=True) if out.requires_grad and wanted else [None] * len(wanted))
+        return (None, None, *(next(grads) if v.requires_grad else None for v in views))
 
 
 def _unit_rows(start, stop, batch, m, like):
@@ -240,8 +265,9 @@ class ModelJacobian:
         self.m = self.y.shape[1]
         self.saved_bytes = counter.total
 
-    def _run(self, x, cond):
-        """(y (B, m), anchor (B, k)): the forward, with the chosen features as the variable."""
+    def _run(self, x, cond, params=None):
+        """(y (B, m), anchor (B, k)): the forward, with the chosen features as the variable (and the
+        parameters `params` by name in place of the model's, for a recomputed chunk)."""
         with torch.enable_grad():
             flat = x.reshape(self.batch, self.n_features)
             if self.index is None:
@@ -253,7 +279,10 @@ class ModelJacobian:
                     anchor = anchor.detach().requires_grad_()
                 full = flat.index_copy(1, self.index, anchor)  # the other features: held fixed, x's own
             with _ComposedNorms():
-                out = self.model(full.view(x.shape), *cond)
+                if params is None:
+                    out = self.model(full.view(x.shape), *cond)
+                else:
+                    out = torch.func.functional_call(self.model, params, (full.view(x.shape), *cond))
         if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != self.batch:
             raise TypeError(f"the model must return one tensor of shape ({self.batch}, ...) for x of shape "
                             f"{tuple(x.shape)}; got {type(out).__name__}"
@@ -265,31 +294,40 @@ class ModelJacobian:
         """y as returned by the functions: with its graph when building one, else detached."""
         return self.y if self.create_graph else self.y.detach()
 
-    def _rerun(self, x, cond):
+    def _rerun(self, params, x, cond):
         """The forward again, drawing the same random numbers as the first (for a recomputed chunk)."""
         cpu, device_state = self.state
         with torch.random.fork_rng(devices=[x.device] if device_state is not None else []):
             torch.set_rng_state(cpu)
             if device_state is not None:
                 torch.cuda.set_rng_state(device_state, x.device)
-            return self._run(x, cond)
+            return self._run(x, cond, params)
 
     def chunked(self, n_rows: int, row_bytes: int, create_graph: bool, compute, *tensors):
         """[compute(y, anchor, start, stop, *tensors) for each chunk of the n_rows rows], as many
         rows a chunk as max_memory holds at row_bytes a row. With create_graph, the chunks after
-        the first are recomputed in the backward (the forward too), so each holds no graph between
-        its forward and backward; pass the differentiable tensors compute reads (other than the
-        model's) as `tensors`."""
+        the first hold no graph (_Recomputed: computed without, and again in the backward, the
+        forward too); pass the differentiable tensors compute reads (other than the model's and
+        x and cond) as `tensors`. A model that is not an nn.Module (whose parameters cannot be
+        found) keeps every chunk's graph."""
         step = n_rows if self.max_memory is None else max(1, min(n_rows, int(self.max_memory // row_bytes)))
+        recompute = create_graph and isinstance(self.model, nn.Module)
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad] if recompute else []
+        names = tuple(name for name, _ in named)
+        slots = [i for i, c in enumerate(self.cond) if isinstance(c, torch.Tensor)]  # inputs of a recomputed chunk
         results = []
         for start in range(0, n_rows, step):
             stop = min(n_rows, start + step)
-            if create_graph and start > 0:
-                def recomputed(x, *inputs, start=start, stop=stop):
-                    y, anchor = self._rerun(x, inputs[:len(self.cond)])
-                    return compute(y, anchor, start, stop, *inputs[len(self.cond):])
+            if recompute and start > 0:
+                def run(params, x, *inputs, start=start, stop=stop):
+                    cond = list(self.cond)
+                    for slot, tensor in zip(slots, inputs):
+                        cond[slot] = tensor
+                    y, anchor = self._rerun(params, x, cond)
+                    return compute(y, anchor, start, stop, *inputs[len(slots):])
 
-                results.append(checkpoint(recomputed, self.x, *self.cond, *tensors, use_reentrant=False))
+                results.append(_Recomputed.apply(run, names, *(p for _, p in named), self.x,
+                                                 *(self.cond[i] for i in slots), *tensors))
             else:
                 results.append(compute(self.y, self.anchor, start, stop, *tensors))
         return results
@@ -297,8 +335,8 @@ class ModelJacobian:
     def products(self, reduce, directions: Optional[torch.Tensor] = None):
         """[reduce(start, stop, P) per chunk] with P (B, r, k) the rows start..stop-1 of J (directions
         None) or of u^T J for directions u (B, R, m) (e.g. depending on y, differentiably); at
-        least one chunk. A row costs about the graph of one backward (the forward's saved
-        tensors) and its product."""
+        least one chunk. A row costs about its product and the graph of one backward: the
+        forward's saved tensors, about as much again when the backward keeps its own graph."""
         n_rows = self.m if directions is None else directions.shape[1]
         if self.batch == 0 or n_rows == 0:
             return [reduce(0, n_rows, self.y.new_zeros(self.batch, n_rows, self.k))]
@@ -306,9 +344,9 @@ class ModelJacobian:
 
         def compute(y, anchor, start, stop, *u):
             rows = _unit_rows(start, stop, self.batch, self.m, y) if not u else u[0][:, start:stop].transpose(0, 1)
-            return reduce(start, stop, _batched_vjp(y, anchor, rows, create_graph, batched=y is self.y))
+            return reduce(start, stop, _batched_vjp(y, anchor, rows, create_graph))
 
-        row_bytes = self.saved_bytes + self.batch * self.k * self.y.element_size()
+        row_bytes = 2 * self.saved_bytes + self.batch * self.k * self.y.element_size()
         return self.chunked(n_rows, row_bytes, create_graph, compute, *([] if directions is None else [directions]))
 
     def jacobian(self) -> torch.Tensor:
@@ -415,7 +453,8 @@ def laplacian(model, x: torch.Tensor, *cond, wrt=None, return_gradient: bool = F
     x (B, m, n): a PDE residual needs u_t beside u_xx. The gradient comes from m reverse products
     (kept differentiable), the Hessian's diagonal entries from m k reverse products of the
     gradient, one per pair (output i, chosen feature j), chunked under max_memory (a pair runs
-    through the graph of the forward and of its backward). Differentiable twice."""
+    through the graphs of the forward and of its backward, and keeps one of its own).
+    Differentiable twice."""
     lin = ModelJacobian(model, x, *cond, max_memory=max_memory)
     batch, m, n = lin.batch, lin.m, lin.n_features
     chosen = resolve_wrt(wrt, n)
@@ -423,7 +462,7 @@ def laplacian(model, x: torch.Tensor, *cond, wrt=None, return_gradient: bool = F
     k = len(chosen)
 
     def gradient(y, anchor):  # (B, m, n), differentiable whatever the grad mode: the Hessian is its derivative
-        return _batched_vjp(y, anchor, _unit_rows(0, m, batch, m, y), create_graph=True, batched=y is lin.y)
+        return _batched_vjp(y, anchor, _unit_rows(0, m, batch, m, y), create_graph=True)
 
     grad = gradient(lin.y, lin.anchor) if batch and m else lin.y.new_zeros(batch, m, n)
 
@@ -436,12 +475,12 @@ def laplacian(model, x: torch.Tensor, *cond, wrt=None, return_gradient: bool = F
         outputs, features = pairs // k, chosen[pairs % k]
         rows = torch.zeros(stop - start, batch, m, n, dtype=y.dtype, device=y.device)
         rows[torch.arange(stop - start, device=y.device), :, outputs, features] = 1
-        hess = _batched_vjp(first, anchor, rows, lin.create_graph, batched=y is lin.y)  # (B, r, n)
+        hess = _batched_vjp(first, anchor, rows, lin.create_graph)  # (B, r, n)
         entries = hess.gather(2, features.expand(batch, -1).unsqueeze(2)).squeeze(2)  # (B, r)
         return y.new_zeros(batch, m).index_add(1, outputs, entries)
 
     if batch and m:
-        row_bytes = 2 * lin.saved_bytes + batch * (m + 1) * n * lin.y.element_size()
+        row_bytes = 3 * lin.saved_bytes + batch * (m + 1) * n * lin.y.element_size()
         lap = sum(lin.chunked(m * k, row_bytes, lin.create_graph, diagonal_sum))
     else:
         lap = lin.y.new_zeros(batch, m)

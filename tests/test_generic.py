@@ -1,8 +1,11 @@
 """jacext.generic, the generic path (method="autograd"), and jacext._wrt: every quantity for
 any module against torch.func references in float64 (vmap(jacrev), hessian), with wrt,
 conditioning inputs, CNNs, LayerNorm, Dropout in train(), max_memory chunking and empty batches."""
+import collections
 import functools
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -336,8 +339,8 @@ def test_max_memory_sets_the_chunks(monkeypatch):
     budget above everything, and none recomputed without a graph."""
     model, x, _ = make("mlp")
     recomputed = []
-    original = generic.checkpoint
-    monkeypatch.setattr(generic, "checkpoint", lambda *args, **kwargs: recomputed.append(1) or original(*args, **kwargs))
+    original = generic._Recomputed.apply
+    monkeypatch.setattr(generic._Recomputed, "apply", staticmethod(lambda *args: recomputed.append(1) or original(*args)))
     generic.jacobian(model, x, max_memory=1)
     assert len(recomputed) == 3 - 1
     recomputed.clear()
@@ -348,6 +351,56 @@ def test_max_memory_sets_the_chunks(monkeypatch):
     with torch.no_grad():
         generic.jacobian(model, x, max_memory=1)
     assert not recomputed
+
+
+class HeldBytes:
+    """The bytes of the storages that live graphs hold, through saved-tensor hooks: a storage's
+    bytes count (once) from the first packing of a tensor on it until the last graph that saved
+    one is freed."""
+
+    def __init__(self):
+        self.held, self.users = 0, collections.Counter()
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if not self.users[key]:
+            self.held += storage.nbytes()
+        self.users[key] += 1
+        holder = Holder(tensor.detach())  # (the tensor itself, an output, would tie its node in a cycle)
+        weakref.finalize(holder, self._release, key, storage.nbytes())
+        return holder
+
+    def _release(self, key, size):
+        self.users[key] -= 1
+        if not self.users[key]:
+            self.held -= size
+
+    @staticmethod
+    def unpack(holder):
+        return holder.tensor
+
+
+class Holder:
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def test_max_memory_lowers_the_memory_the_graph_holds():
+    """With a graph, the chunks after the first hold none: the bytes the outputs' graph holds
+    fall with the budget (and the values do not change)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 16)).to(DT)
+    x = torch.randn(32, 4, dtype=DT, requires_grad=True)
+    held = {}
+    for max_memory in (None, 1):
+        counter = HeldBytes()
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            y, sq = generic.jacobian_frobenius(model, x, max_memory=max_memory)
+        gc.collect()
+        held[max_memory] = counter.held
+        torch.autograd.grad(sq.sum(), x)  # the graph is whole
+    assert held[1] < held[None] / 4, held
 
 
 def test_under_no_grad_results_carry_no_graph():
