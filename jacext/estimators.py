@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["DISTRIBUTIONS", "random_projections", "orthonormal_columns", "check_estimator_options", "hutchinson",
-           "hutch_plus_plus"]
+           "hutch_plus_plus", "mean_and_variance"]
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -55,7 +55,7 @@ def check_estimator_options(method, estimators, n_proj, generator, distribution,
                          "the other methods are exact")
 
 
-def _mean_and_variance(terms, return_variance):
+def mean_and_variance(terms, return_variance):
     """The mean of each sample's n terms and, with return_variance, their sample variance divided by
     n: an unbiased estimate of the mean's variance for independent terms (written out: var(1)
     warns on an empty batch)."""
@@ -76,7 +76,7 @@ def hutchinson(terms_of, batch, n_proj, n, *, distribution, orthogonal, generato
     v = random_projections(batch, n_proj, n, distribution=distribution, orthogonal=orthogonal, generator=generator,
                            dtype=dtype, device=device)
     y, terms = terms_of(v)
-    return (y, *_mean_and_variance(terms, return_variance))
+    return (y, *mean_and_variance(terms, return_variance))
 
 
 def hutch_plus_plus(terms_of, sketch_of, batch, n_proj, n_in, m, *, distribution, generator, dtype, device,
@@ -102,5 +102,5 @@ def hutch_plus_plus(terms_of, sketch_of, batch, n_proj, n_in, m, *, distribution
     y, terms = terms_of(rows)
     exact_part, residual_terms = terms[:, :rank].sum(1), terms[:, rank:]
     # the exact part does not vary for a given Q
-    estimate, *variance = _mean_and_variance(residual_terms, return_variance)
+    estimate, *variance = mean_and_variance(residual_terms, return_variance)
     return (y, exact_part + estimate, *variance)

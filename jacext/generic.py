@@ -41,12 +41,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._wrt import resolve_wrt
+from .estimators import check_estimator_options, mean_and_variance, random_projections
 
 __all__ = ["ModelJacobian", "jacobian", "jacobian_frobenius", "jacobian_gram", "jacobian_spectral_norm",
            "laplacian", "divergence", "jacobian_diagonal", "check_per_sample"]
 
 ESTIMATOR_METHODS = ("exact", "hutchinson")
-DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
 def check_per_sample(model) -> None:
@@ -371,36 +371,17 @@ def _shape(value):
 def _check_estimator(method, n_proj, generator, distribution, return_variance):
     if method not in ESTIMATOR_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {ESTIMATOR_METHODS}")
-    if method == "exact":
-        if n_proj != 1 or generator is not None or return_variance or distribution != "rademacher":
-            raise ValueError("n_proj, generator, distribution and return_variance apply to method='hutchinson' "
-                             "only; method='exact' is exact")
-        return
-    if isinstance(n_proj, bool) or not isinstance(n_proj, int) or n_proj < 1:
-        raise ValueError(f"n_proj must be a positive integer, got {n_proj!r}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
+    check_estimator_options("exact" if method == "exact" else "hutchinson", ("hutchinson",), n_proj, generator,
+                            distribution, False, return_variance)
     if return_variance and n_proj < 2:
         raise ValueError("return_variance needs n_proj >= 2 (a sample variance of the projections)")
 
 
 def _projections(batch, n_proj, size, distribution, generator, like):
-    """(batch, n_proj, size) rows with E[v v^T] = I, drawn as jacext.random_projections draws its
-    independent rows (so one generator seed gives the engine's projections)."""
-    source = generator.device if generator is not None else like.device
-    if distribution == "gaussian":
-        rows = torch.randn(batch, n_proj, size, generator=generator, device=source, dtype=torch.float64)
-    else:
-        rows = torch.randint(0, 2, (batch, n_proj, size), generator=generator, device=source) * 2 - 1
-    return rows.to(device=like.device, dtype=like.dtype)
-
-
-def _estimate(terms, n_proj, return_variance):
-    mean = terms.mean(1)
-    if return_variance:  # written out: var(1) warns on an empty batch
-        spread = (terms - mean.unsqueeze(1)).square().sum(1) / (n_proj - 1)
-        return mean, spread / n_proj
-    return (mean,)
+    """(batch, n_proj, size) rows with E[v v^T] = I, as jacext.random_projections draws them (one
+    generator seed gives the engine's projections)."""
+    return random_projections(batch, n_proj, size, distribution=distribution, generator=generator, dtype=like.dtype,
+                              device=like.device)
 
 
 def jacobian(model, x: torch.Tensor, *cond, wrt=None, max_memory: Optional[int] = None):
@@ -426,7 +407,7 @@ def jacobian_frobenius(model, x: torch.Tensor, *cond, wrt=None, method: str = "e
         return lin.output(), sum(lin.products(lambda start, stop, p: p.square().sum((1, 2))))
     v = _projections(lin.batch, n_proj, lin.m, distribution, generator, lin.y)
     terms = torch.cat(lin.products(lambda start, stop, p: p.square().sum(2), v), 1)
-    return (lin.output(), *_estimate(terms, n_proj, return_variance))
+    return (lin.output(), *mean_and_variance(terms, return_variance))
 
 
 def jacobian_gram(model, x: torch.Tensor, *cond, wrt=None, max_memory: Optional[int] = None):
@@ -522,7 +503,7 @@ def divergence(model, x: torch.Tensor, *cond, wrt=None, method: str = "exact", n
         return (p * v[:, start:stop]).sum(2)
 
     terms = torch.cat(lin.products(reduce, v), 1)
-    return (lin.output(), *_estimate(terms, n_proj, return_variance))
+    return (lin.output(), *mean_and_variance(terms, return_variance))
 
 
 def jacobian_diagonal(model, x: torch.Tensor, *cond, wrt=None, max_memory: Optional[int] = None):
