@@ -4,8 +4,10 @@ and its API block runs as printed."""
 import os
 import re
 import sys
+import warnings
 
 import torch
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -36,17 +38,35 @@ def test_the_readme_is_short():
     assert len(readme()) < 15_000
 
 
+class _TimeField(nn.Module):
+    """A field f(z, t) on cat([z, t]), as FFJORD's."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))
+
+    def forward(self, z, t):
+        return self.net(torch.cat([z, t], 1))
+
+
 def test_the_api_block_runs():
     """The first python block under '## API', with the names it leaves to the reader defined."""
     block = readme().split("## API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     torch.manual_seed(0)
     import jacext
     namespace = {"target": torch.randint(0, 10, (128,)), "g": torch.Generator().manual_seed(0),
-                 "output_target": torch.randn(128, 10)}
-    exec(compile(block, "README.md API block", "exec"), namespace)
+                 "output_target": torch.randn(128, 10), "pinn": jacext.MLP([2, 16, 1]), "xt": torch.rand(64, 2),
+                 "ffjord": _TimeField(), "z": torch.randn(32, 4), "t": torch.rand(32, 1),
+                 "cnn": nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)),
+                 "images": torch.randn(4, 1, 4, 3)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the CNN's: it runs the generic path
+        exec(compile(block, "README.md API block", "exec"), namespace)
     assert namespace["lap"].shape == (128, 10) and namespace["s"].shape == (128,)
     assert namespace["div"].shape == (128,) and namespace["diag"].shape == (128, 784)
     assert len(namespace["targets"]) == 3
+    assert namespace["u_xx"].shape == (64, 1) and namespace["grad_u"].shape == (64, 1, 2)
+    assert namespace["div_z"].shape == (32,) and namespace["sq"].shape == (4,)
 
 
 def _pip_packages(command):
