@@ -3,6 +3,8 @@ the exact Laplacian with the input gradient (physics-informed nets), and the div
 Jacobian diagonal of a square net (continuous normalizing flows, score matching)."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from . import ops as _ops
@@ -13,19 +15,75 @@ from .nn import parse_model
 __all__ = ["laplacian", "divergence", "jacobian_diagonal"]
 
 
-def laplacian(model, x: torch.Tensor, return_gradient: bool = False):
+def laplacian(model, x: torch.Tensor, return_gradient: bool = False, *, wrt=None):
     """(y, lap): y == model(x) (B, m) and lap[b, i] = sum_j d^2 y_i / dx_j^2 at x_b (B, m), exact;
     with return_gradient, (y, grad, lap) and grad[b] = dy_b/dx_b (B, m, n_0).
 
-    The forward Laplacian: each layer carries h, the n_0 columns of dh/dx and Delta h in one GEMM
-    over the batch's B (n_0 + 2) rows, then one fused pass (Delta <- act' (W Delta) + act''
-    sum_j (W J)_j^2). Differentiable w.r.t. x and the parameters (the backward needs act''',
-    compiled), and again to any order (through torch ops). Piecewise-linear activations (relu,
-    leaky_relu) have a zero second derivative almost everywhere: their kinks do not count."""
+    wrt: the features j the Laplacian sums over: None (all), an int k (0..k-1), a slice, or a
+    sequence of feature indices (e.g. wrt=[0] on (x, t) gives u_xx of a heat-equation residual);
+    the gradient still covers every feature (u_t beside u_xx).
+
+    The forward Laplacian: each layer carries h, the chosen columns of dh/dx (every column with the
+    gradient) and Delta h in one GEMM over the batch's B (columns + 2) rows, then one fused pass
+    (Delta <- act' (W Delta) + act'' sum_j (W J)_j^2 over the chosen j). Differentiable w.r.t. x and
+    the parameters (the backward needs act''', compiled), and again to any order (through torch
+    ops). Piecewise-linear activations (relu, leaky_relu) have a zero second derivative almost
+    everywhere: their kinks do not count."""
     spec = parse_model(model)
     check_input(spec, x)
-    return _ops.mlp_laplacian(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                        return_gradient=return_gradient)
+    directions, rows, order = _laplacian_directions(spec.widths[0], wrt, return_gradient, x.dtype, x.device)
+    out = _ops.mlp_laplacian(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+                             return_gradient=return_gradient, directions=directions, laplacian_rows=rows)
+    if order is None:
+        return out
+    y, grad, lap = out
+    return y, grad[:, :, order], lap
+
+
+def _wrt_features(n0: int, wrt) -> list:
+    """The feature indices that wrt names (None: all), checked: distinct, in range, at least one."""
+    if wrt is None:
+        return list(range(n0))
+    if isinstance(wrt, bool):
+        raise TypeError("wrt must be an int, a slice or a sequence of feature indices, got a bool")
+    if isinstance(wrt, int):
+        if not 1 <= wrt <= n0:
+            raise ValueError(f"wrt={wrt} names the features 0..{wrt - 1}; it must be in [1, {n0}] (the model "
+                             f"takes {n0} features)")
+        return list(range(wrt))
+    if isinstance(wrt, slice):
+        features = list(range(n0)[wrt])
+    else:
+        try:
+            features = [operator.index(j) for j in wrt]
+        except TypeError:
+            raise TypeError(f"wrt must be an int, a slice or a sequence of feature indices, got {wrt!r}") from None
+    if not features:
+        raise ValueError(f"wrt={wrt!r} names no feature")
+    if any(not 0 <= j < n0 for j in features):
+        raise ValueError(f"wrt={wrt!r} names a feature outside 0..{n0 - 1} (the model takes {n0} features)")
+    if len(set(features)) != len(features):
+        raise ValueError(f"wrt={wrt!r} names a feature twice")
+    return features
+
+
+def _laplacian_directions(n0: int, wrt, gradient: bool, dtype, device):
+    """(directions, laplacian_rows, order) of mlp_laplacian for the features wrt names: the chosen
+    unit vectors first, then, with the gradient, the other features' (the Laplacian sums the first
+    k rows); `order` puts the gradient's columns back in feature order (None: already). The leading
+    features 0..k-1, in any order, need no directions: they are the op's own first k unit vectors."""
+    chosen = _wrt_features(n0, wrt)
+    k = len(chosen)
+    if sorted(chosen) == list(range(k)):
+        return None, (None if k == n0 else k), None
+    rows = chosen + [j for j in range(n0) if j not in chosen] if gradient else chosen
+    directions = torch.eye(n0, dtype=dtype, device=device)[rows].unsqueeze(0)
+    order = None
+    if gradient:
+        order = torch.empty(n0, dtype=torch.long)
+        order[rows] = torch.arange(n0)
+        order = order.to(device)
+    return directions, k, order
 
 
 def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, generator=None, *,
