@@ -166,8 +166,9 @@ struct ForwardCarry {
     return t;
   }
 
-  // C_0 for a tile: [x; I or V; 0] (n, rows, n_0), I the first c unit vectors; with h alone, x itself. Formed, so that the
-  // first layer is a GEMM like the others (n_0 + 2 short rows: a small share of its work).
+  // C_0 for a tile: [x; I or V; 0] (n, rows, n_0), I the first c unit vectors; with h alone, x
+  // itself. Formed, so that the first layer is a GEMM like the others (c + 2 short rows: a small
+  // share of its work).
   Tensor first_carry(const Tensor& x, const Tensor& v) const {
     const int64_t n = x.size(0), n0 = x.size(1);
     if (rows() == 1) return x.view({n, 1, n0});

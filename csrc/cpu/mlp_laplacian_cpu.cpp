@@ -41,8 +41,9 @@ struct CpuCarryKernels {
 
   // The fused forward pass of one layer (mlp_laplacian.h): pre = [z; P; q] (n, R, N), out =
   // [h; T; Delta], which may be pre itself; d1, d2, d3 (n, N) receive act', act'', act''' where
-  // defined; Delta's square sum runs over the first `squared` rows of P. tanh and sigmoid take their value from ATen's vectorized kernels (scalar libm is
-  // about 10x slower) and the derivatives from the value.
+  // defined; Delta's square sum runs over the first `squared` rows of P. tanh and sigmoid take
+  // their value from ATen's vectorized kernels (scalar libm is about 10x slower) and the
+  // derivatives from the value.
   static void carry_forward(const Tensor& pre, const Tensor& bias, const Tensor& out, const Tensor& d1,
                             const Tensor& d2, const Tensor& d3, int64_t code, double p0, double p1,
                             int64_t columns, bool laplacian, int64_t squared) {
