@@ -7,14 +7,16 @@
 // of n_{i+1}:
 //   h      the activation (1 row);
 //   T      c tangent rows, T_j = dh/dx t_j: for t_j the unit vectors (c = n_0, so T = J^T, the
-//          Jacobian's columns), or k random projections v_j (c = k); c = 0 carries h alone;
-//   Delta  (Laplacian only) sum_j d^2 h / dx_j^2.
+//          Jacobian's columns), k random projections v_j (c = k), or the Laplacian's directions
+//          v_j (c rows given by the caller); c = 0 carries h alone;
+//   Delta  (Laplacian only) sum_{j<s} t_j^T (d^2 h / dx^2) t_j over the first s tangent rows
+//          (`squared`; s = c = n_0 with the unit vectors: the Laplacian sum_j d^2 h / dx_j^2).
 // C_0 = [x; I or V; 0]. Each layer is one GEMM over the tile's stacked rows, A = C W[i]^T = [z; P; q],
 // and one fused pass (Kernels::carry_forward) with the bias on the h rows:
-//   h = act(z + b),  T_j = act'(.) P_j,  Delta = act'(.) q + act''(.) sum_j P_j^2.
+//   h = act(z + b),  T_j = act'(.) P_j,  Delta = act'(.) q + act''(.) sum_{j<s} P_j^2.
 // The backward is the adjoint sweep, one fused pass per layer (Kernels::carry_backward)
-//   zbar   = act' hbar + act'' (sum_j Tbar_j P_j + dbar) + Deltabar (act'' q + act''' sum_j P_j^2)
-//   Pbar_j = act' Tbar_j + 2 act'' Deltabar P_j,  qbar = act' Deltabar
+//   zbar   = act' hbar + act'' (sum_j Tbar_j P_j + dbar) + Deltabar (act'' q + act''' sum_{j<s} P_j^2)
+//   Pbar_j = act' Tbar_j + 2 act'' Deltabar P_j (the last term for j < s only),  qbar = act' Deltabar
 // (dbar: an epilogue's own adjoint of act'), then Wbar += Abar^T C and Cbar = Abar W[i], two
 // GEMMs over the stacked rows, and bbar += the zbar rows.
 //
@@ -81,6 +83,7 @@ struct ForwardCarry {
   bool laplacian;        // the Delta row
   int64_t carried;       // layers that carry every row
   Tensor projections;    // (B, c, n_0) tangents v_j, or undefined (unit vectors, or c = 0)
+  int64_t squared = 0;   // Laplacian: Delta sums over the first `squared` tangent rows
 
   int64_t depth() const { return static_cast<int64_t>(weights.size()); }
   int64_t width(int64_t i) const { return i == 0 ? weights[0].size(1) : weights[i - 1].size(0); }
@@ -163,8 +166,9 @@ struct ForwardCarry {
     return t;
   }
 
-  // C_0 for a tile: [x; I or V; 0] (n, rows, n_0); with h alone, x itself. Formed, so that the
-  // first layer is a GEMM like the others (n_0 + 2 short rows: a small share of its work).
+  // C_0 for a tile: [x; I or V; 0] (n, rows, n_0), I the first c unit vectors; with h alone, x
+  // itself. Formed, so that the first layer is a GEMM like the others (c + 2 short rows: a small
+  // share of its work).
   Tensor first_carry(const Tensor& x, const Tensor& v) const {
     const int64_t n = x.size(0), n0 = x.size(1);
     if (rows() == 1) return x.view({n, 1, n0});
@@ -194,7 +198,7 @@ struct ForwardCarry {
     Kernels::mm(flat(a), in, weights[i].t());
     Kernels::carry_forward(a, bias_at(biases, i).value_or(Tensor()), out, t.d1[i], t.d2[i],
                            full ? t.d3[i] : Tensor(), activations[i], act_params[2 * i], act_params[2 * i + 1],
-                           full ? columns : 0, full && laplacian);
+                           full ? columns : 0, full && laplacian, squared);
   }
 
   // The carried layers of a tile; returns C_carried (for carried = 0, C_0). `top` receives the
@@ -216,7 +220,7 @@ struct ForwardCarry {
                         bool zero_tangents, bool input, CarrySums& sums) const {
     const bool full = g.size(1) == rows();
     Kernels::carry_backward(g, full ? t.pre[i] : Tensor(), t.d1[i], t.d2[i], full ? t.d3[i] : Tensor(), adj_d,
-                            full ? columns : 0, full && laplacian, zero_tangents);
+                            full ? columns : 0, full && laplacian, squared, zero_tangents);
     const auto options = g.options();
     if (bias_at(biases, i)) zeroed(sums.b[i], {width(i + 1)}, options).add_(g.select(1, 0).sum(0));
     add_mm(sums.w[i], flat(g).t(), in);
@@ -233,7 +237,7 @@ struct ForwardCarry {
     for (int64_t i = top; i >= 0; --i) {
       Tensor g_in = layer_backward(i, g, flat(carry_into(i, t, x)), t, adj_d[i], zero_tangents && i == top,
                                    i > 0, sums);
-      // of C_0 = [x; I or V; 0] only x's row has a gradient
+      // of C_0 = [x; I or V; 0] only x's row has a gradient (V is held constant)
       if (i == 0 && grad_x.defined()) Kernels::mm(grad_x, g.select(1, 0), weights[0]);
       g = g_in;
     }
@@ -284,31 +288,57 @@ inline void copy_or_zero(const Tensor& out, const Tensor& src) {
 inline Tensor value_or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 // ---------------------------------------------------------------------------------------------
-// The Laplacian: y, J (when `gradient`) and Delta y = sum_j d^2 y / dx_j^2, all (B, m, ...).
+// The Laplacian: y, J V^T (when `gradient`) and Delta y = sum_{j<k} v_j^T (d^2 y / dx^2) v_j, all
+// (B, m, ...), for c tangent rows v_j: the unit vectors (c = n_0; J and the Laplacian
+// sum_j d^2 y / dx_j^2 when k = n_0), or the caller's `directions` (B or 1, c, n_0); k =
+// laplacian_rows (-1: all c).
+
+// The directions, checked and expanded to the batch (a broadcast row stays stride-0: only copied
+// into C_0), or undefined.
+inline Tensor checked_directions(const std::optional<Tensor>& directions, const Tensor& x) {
+  if (!directions.has_value() || !directions->defined()) return Tensor();
+  const Tensor& v = *directions;
+  const int64_t B = x.size(0);
+  TORCH_CHECK(v.dim() == 3 && (v.size(0) == B || v.size(0) == 1) && v.size(1) >= 1 && v.size(2) == x.size(1),
+              "jacext: directions must have shape (batch=", B, " or 1, c >= 1, features=", x.size(1), "), got ",
+              v.sizes());
+  TORCH_CHECK(v.scalar_type() == x.scalar_type() && v.device() == x.device(),
+              "jacext: directions must match x's dtype and device, got ", v.scalar_type(), " on ", v.device());
+  return v.expand({B, v.size(1), v.size(2)});
+}
 
 // The plan of the Laplacian op and of its backward (both start here, after the input checks).
+// Without the gradient only the first k rows reach an output: the others are not carried.
 template <class Kernels>
 ForwardCarry<Kernels> laplacian_carry(const Tensor& x, at::TensorList weights, at::TensorList biases,
                                       at::IntArrayRef activations, at::ArrayRef<double> act_params,
-                                      bool gradient, int64_t tile) {
+                                      bool gradient, const std::optional<Tensor>& directions,
+                                      int64_t laplacian_rows, int64_t tile) {
   check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
   check_tile(tile);
-  const int64_t L = static_cast<int64_t>(weights.size());
+  Tensor v = checked_directions(directions, x);
+  const int64_t L = static_cast<int64_t>(weights.size()), c = v.defined() ? v.size(1) : x.size(1);
+  TORCH_CHECK(laplacian_rows == -1 || (laplacian_rows >= 1 && laplacian_rows <= c), "jacext: laplacian_rows must "
+              "be -1 (every tangent row) or in [1, ", c, "], got ", laplacian_rows);
+  const int64_t k = laplacian_rows == -1 ? c : laplacian_rows, columns = gradient ? c : k;
+  if (v.defined() && columns < c) v = v.narrow(1, 0, columns);
   // A linear output layer maps h and Delta alone when J is not returned.
   const bool thin_top = !gradient && activations[L - 1] == kIdentity;
-  return {weights, biases, activations, act_params, x.size(1), true, thin_top ? L - 1 : L, Tensor()};
+  return {weights, biases, activations, act_params, columns, true, thin_top ? L - 1 : L, v, k};
 }
 
 template <class Kernels>
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_laplacian(
     const Tensor& x_in, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
-    at::ArrayRef<double> act_params, bool gradient, int64_t tile) {
+    at::ArrayRef<double> act_params, bool gradient, const std::optional<Tensor>& directions,
+    int64_t laplacian_rows, int64_t tile) {
   const Tensor x = x_in.contiguous();
-  const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, tile);
-  const int64_t B = x.size(0), L = net.depth(), m = net.width(L), n0 = x.size(1);
+  const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, directions,
+                                            laplacian_rows, tile);
+  const int64_t B = x.size(0), L = net.depth(), m = net.width(L), c = net.columns;
   const auto options = x.options();
   Tensor y = net.empty({B, m}, options), lap = net.empty({B, m}, options);
-  Tensor grad = gradient ? net.empty({B, m, n0}, options) : at::empty({0}, options);
+  Tensor grad = gradient ? net.empty({B, m, c}, options) : at::empty({0}, options);
   const CarrySaved saved = net.allocate_saved(B, 0, options);
   Kernels::for_tiles(B, tile, [&](int64_t /*slot*/, int64_t b0, int64_t n) {
     const auto t = net.tile_of(saved, b0, n);
@@ -318,7 +348,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_laplacian(
       net.carry_forward(t, x.narrow(0, b0, n), top);
       y_t.copy_(top.select(1, 0));
       lap_t.copy_(top.select(1, net.delta_row()));
-      if (gradient) grad.narrow(0, b0, n).copy_(top.narrow(1, 1, n0).transpose(1, 2));
+      if (gradient) grad.narrow(0, b0, n).copy_(top.narrow(1, 1, c).transpose(1, 2));
       return;
     }
     Tensor c = net.carry_forward(t, x.narrow(0, b0, n), Tensor());  // C_{L-1}
@@ -333,17 +363,19 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_laplacian(
   return {y, grad, lap, net.pack_saved(saved, options)};
 }
 
-// Gradients of sum(grad_y * y) + sum(grad_grad * J) + sum(grad_lap * Delta y) w.r.t. x (when
-// input_grad), the weights and the biases (an empty tensor for a layer without bias).
+// Gradients of sum(grad_y * y) + sum(grad_grad * grad) + sum(grad_lap * Delta y) w.r.t. x (when
+// input_grad), the weights and the biases (an empty tensor for a layer without bias); the
+// directions are held constant.
 template <class Kernels>
 std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_laplacian_backward(
     const std::optional<Tensor>& grad_y_in, const std::optional<Tensor>& grad_grad_in,
     const std::optional<Tensor>& grad_lap_in, const Tensor& x_in, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, bool gradient, at::TensorList saved_list,
-    int64_t tile, bool input_grad) {
+    const std::optional<Tensor>& directions, int64_t laplacian_rows, int64_t tile, bool input_grad) {
   const Tensor x = x_in.contiguous();
-  const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, tile);
-  const int64_t B = x.size(0), L = net.depth(), m = net.width(L), n0 = x.size(1);
+  const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, directions,
+                                            laplacian_rows, tile);
+  const int64_t B = x.size(0), L = net.depth(), m = net.width(L), c = net.columns;
   const auto options = x.options();
   const CarrySaved saved = net.unpack_saved(saved_list);
   const Tensor grad_y = value_or_undefined(grad_y_in), grad_grad = value_or_undefined(grad_grad_in),
@@ -351,7 +383,7 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
   TORCH_CHECK(!grad_grad.defined() || gradient, "jacext: the gradient was not returned (gradient=False), so it "
               "takes no incoming gradient");
   for (const auto& [g, name, sizes] : {std::tuple<Tensor, const char*, std::vector<int64_t>>{grad_y, "grad_y", {B, m}},
-                                       {grad_grad, "grad_grad", {B, m, n0}}, {grad_lap, "grad_lap", {B, m}}}) {
+                                       {grad_grad, "grad_grad", {B, m, c}}, {grad_lap, "grad_lap", {B, m}}}) {
     TORCH_CHECK(!g.defined() || g.sizes() == at::IntArrayRef(sizes), "jacext: ", name, " must have shape ",
                 at::IntArrayRef(sizes), ", got ", g.sizes());
   }
@@ -367,7 +399,7 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     if (net.carried == L) {
       Tensor g = net.empty({n, net.rows(), m}, options);
       copy_or_zero(g.select(1, 0), gy);
-      copy_or_zero(g.narrow(1, 1, n0), grad_grad.defined() ? grad_grad.narrow(0, b0, n).transpose(1, 2) : Tensor());
+      copy_or_zero(g.narrow(1, 1, c), grad_grad.defined() ? grad_grad.narrow(0, b0, n).transpose(1, 2) : Tensor());
       copy_or_zero(g.select(1, net.delta_row()), gl);
       net.sweep_backward(g, L - 1, t, x_t, no_adj_d, false, gx, s);
       return;
@@ -607,7 +639,7 @@ Tensor activation_derivatives(const Tensor& y, int64_t activation, double p0, do
   Tensor out = at::empty({4, n}, y.options());
   if (n > 0) {
     Kernels::carry_forward(y.reshape({1, 1, n}).contiguous(), Tensor(), out[0].view({1, 1, n}), out[1].view({1, n}),
-                           out[2].view({1, n}), out[3].view({1, n}), activation, p0, p1, 0, false);
+                           out[2].view({1, n}), out[3].view({1, n}), activation, p0, p1, 0, false, 0);
   }
   std::vector<int64_t> sizes = {4};
   sizes.insert(sizes.end(), y.sizes().begin(), y.sizes().end());

@@ -58,10 +58,12 @@ def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biase
     return vjp((*cotangents, [g for g in grad_carries if g is not None]))
 
 
-def forward_carry_composite(x, weights, biases, activations, act_params, tangents=None, laplacian=False):
+def forward_carry_composite(x, weights, biases, activations, act_params, tangents=None, laplacian=False,
+                            laplacian_rows=-1):
     """(y, T, delta): the MLP output, the tangent rows T[b, j] = (dy_b/dx_b) t_j (B, c, m) for the unit
-    vectors (tangents None) or the rows of tangents (B, c, n_0), and with laplacian the Laplacian
-    sum_j d^2 y / dx_j^2 (B, m), else None: the carry of csrc/mlp_laplacian.h in torch ops."""
+    vectors (tangents None) or the rows of tangents (B or 1, c, n_0), and with laplacian the Laplacian
+    sum_j t_j^T (d^2 y / dx^2) t_j over the first laplacian_rows rows (-1: all) (B, m), else None:
+    the carry of csrc/mlp_laplacian.h in torch ops."""
     h = x
     t = tangents if tangents is not None else torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
     delta = torch.zeros_like(x) if laplacian else None
@@ -74,7 +76,8 @@ def forward_carry_composite(x, weights, biases, activations, act_params, tangent
         d1 = activation_derivative(z, code, p0, p1)
         if laplacian:
             d2 = activation_second_derivative(z, code, p0, p1)
-            delta = d1 * (delta @ w.t()) + d2 * p.pow(2).sum(1)
+            squared = p if laplacian_rows == -1 else p[:, :laplacian_rows]
+            delta = d1 * (delta @ w.t()) + d2 * squared.pow(2).sum(1)
         h, t = activation_value(z, code, p0, p1), d1.unsqueeze(1) * p
     return h, t, delta
 
@@ -94,12 +97,14 @@ def _vjp_of(outputs_fn, x, weights, biases, cotangents):
     return vjp(tuple(torch.zeros_like(v) if g is None else g for g, v in zip(cotangents, values)))
 
 
-def mlp_laplacian_backward_composite(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params):
+def mlp_laplacian_backward_composite(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params,
+                                     directions=None, laplacian_rows=-1):
     """What the op mlp_laplacian_backward computes, in differentiable torch ops: the gradients of
     sum(grad_y*y) + sum(grad_grad*grad) + sum(grad_lap*lap) w.r.t. x, the weights and the biases
-    that are not None."""
+    that are not None; the directions (tangent rows) held constant."""
     def outputs(x, weights, biases):
-        y, t, lap = forward_carry_composite(x, weights, biases, activations, act_params, laplacian=True)
+        y, t, lap = forward_carry_composite(x, weights, biases, activations, act_params, directions, laplacian=True,
+                                            laplacian_rows=laplacian_rows)
         return y, t.transpose(1, 2), lap
 
     return _vjp_of(outputs, x, weights, biases, (grad_y, grad_grad, grad_lap))

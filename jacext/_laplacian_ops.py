@@ -21,12 +21,15 @@ from .planner import carry_tile_size, op_element_size, resolve_diagonal_strategy
 __all__ = ["mlp_laplacian", "mlp_jacobian_diagonal"]
 
 @torch.library.register_fake("jacext::mlp_laplacian")
-def _laplacian_fake(x, weights, biases, activations, act_params, gradient, *, tile=0):
+def _laplacian_fake(x, weights, biases, activations, act_params, gradient, directions=None, laplacian_rows=-1, *,
+                    tile=0):
     widths, B = widths_of(x, weights), x.shape[0]
-    layout = laplacian_layout(widths, activations, gradient)
+    layout = laplacian_layout(widths, activations, gradient, None if directions is None else directions.shape[1],
+                              laplacian_rows)
     saved = [x.new_empty(s) for s in carry_saved_shapes(widths, B, activations, layout)]
     m = widths[-1]
-    return x.new_empty(B, m), x.new_empty(B, m, widths[0]) if gradient else x.new_empty(0), x.new_empty(B, m), saved
+    return (x.new_empty(B, m), x.new_empty(B, m, layout.columns) if gradient else x.new_empty(0), x.new_empty(B, m),
+            saved)
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_diagonal")
@@ -45,7 +48,7 @@ def _grads_fake(x, weights, biases, input_grad):
 
 @torch.library.register_fake("jacext::mlp_laplacian_backward")
 def _laplacian_backward_fake(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params, gradient,
-                             saved, *, tile=0, input_grad=True):
+                             saved, directions=None, laplacian_rows=-1, *, tile=0, input_grad=True):
     return _grads_fake(x, weights, biases, input_grad)
 
 
@@ -84,18 +87,30 @@ def _present(grad_b, bias_present):
     return [g if present else None for g, present in zip(grad_b, bias_present)]
 
 
+def _laplacian_trailing(inputs, first):
+    """(directions, laplacian_rows, how many of them the call passed): the dispatcher drops trailing
+    arguments left at their defaults (None, -1), and they get no gradient slot then."""
+    trailing = list(inputs[first:])
+    directions, laplacian_rows = trailing + [None, -1][len(trailing):]
+    return directions, laplacian_rows, 2 if laplacian_rows != -1 else int(directions is not None)
+
+
 def _laplacian_setup(ctx, inputs, keyword_only_inputs, output):
-    _, _, _, activations, act_params, gradient = inputs
-    _save_forward(ctx, inputs, keyword_only_inputs, output[3], (list(activations), list(act_params), gradient))
+    _, _, _, activations, act_params, gradient = inputs[:6]
+    directions, laplacian_rows, ctx.n_trailing = _laplacian_trailing(inputs, 6)
+    _save_forward(ctx, inputs, keyword_only_inputs, output[3],
+                  (list(activations), list(act_params), gradient, laplacian_rows), directions)
 
 
 def _laplacian_backward(ctx, grad_y, grad_grad, grad_lap, grad_saved):
-    x, weights, biases, saved, _ = _load_forward(ctx)
-    activations, act_params, gradient = ctx.config
+    x, weights, biases, saved, directions = _load_forward(ctx)
+    activations, act_params, gradient, laplacian_rows = ctx.config
     grad_x, grad_w, grad_b = compiled.mlp_laplacian_backward(
         grad_y, grad_grad if gradient else None, grad_lap, x, weights, biases, activations, act_params, gradient,
-        saved, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
-    return grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None
+        saved, directions, laplacian_rows, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
+    # the directions are held constant: no gradient
+    return (grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None,
+            *[None] * ctx.n_trailing)
 
 
 def _diagonal_setup(ctx, inputs, keyword_only_inputs, output):
@@ -156,20 +171,22 @@ def _double_backward(ctx, composite, gg_x, gg_w, gg_b):
 
 
 def _laplacian_backward_setup(ctx, inputs, keyword_only_inputs, output):
-    grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params, gradient, saved = inputs
+    grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params, gradient, saved = inputs[:10]
+    directions, laplacian_rows, ctx.n_trailing = _laplacian_trailing(inputs, 10)
     _backward_setup(ctx, (grad_y, grad_grad, grad_lap), x, weights, biases, saved,
-                    (list(activations), list(act_params)))
+                    (list(activations), list(act_params), laplacian_rows), directions)
 
 
 def _laplacian_backward_backward(ctx, gg_x, gg_w, gg_b):
-    activations, act_params = ctx.config
+    activations, act_params, laplacian_rows = ctx.config
 
     def composite(grads, x, weights, biases):
-        return mlp_laplacian_backward_composite(*grads, x, weights, biases, activations, act_params)
+        return mlp_laplacian_backward_composite(*grads, x, weights, biases, activations, act_params,
+                                                ctx.projections, laplacian_rows)
 
     g_grads, g_x, g_w, g_b = _double_backward(ctx, composite, gg_x, gg_w, gg_b)
     # no gradient flows into `saved`: the composite differentiates through x, weights and biases
-    return (*g_grads, g_x, g_w, g_b, None, None, None, [None] * ctx.n_saved)
+    return (*g_grads, g_x, g_w, g_b, None, None, None, [None] * ctx.n_saved, *[None] * ctx.n_trailing)
 
 
 def _diagonal_backward_setup(ctx, inputs, keyword_only_inputs, output):
@@ -202,21 +219,37 @@ torch.library.register_autograd("jacext::mlp_jacobian_diagonal_backward", _diago
 # folds into the op's batch, over anything else loops (_library.register_vmap).
 for _op in ("mlp_laplacian", "mlp_jacobian_diagonal"):
     register_float32_autocast(_op)
-register_vmap("mlp_laplacian", sample_inputs=(0,))
+register_vmap("mlp_laplacian", sample_inputs=(0, 6))  # x, directions (mlp_laplacian expands them to the batch)
 register_vmap("mlp_jacobian_diagonal", sample_inputs=(0, 6))  # x, projections
 
 
 @explained_functorch_errors
 def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
-                  activations: Sequence[ActivationSpec], act_params=None, return_gradient: bool = False):
+                  activations: Sequence[ActivationSpec], act_params=None, return_gradient: bool = False,
+                  directions: Optional[torch.Tensor] = None, laplacian_rows: Optional[int] = None):
     """(y, lap), or (y, grad, lap) with return_gradient: lap[b, i] = sum_j d^2 y_i / dx_j^2 (B, m)
-    and grad = dy/dx (B, m, n_0), from one fused forward-Laplacian op (csrc/mlp_laplacian.h)."""
+    and grad = dy/dx (B, m, n_0), from one fused forward-Laplacian op (csrc/mlp_laplacian.h).
+
+    directions V (B or 1, c, n_0): the tangent rows carried instead of the n_0 unit vectors (held
+    constant: no gradient reaches them); grad[b] = (dy_b/dx_b) V_b^T (B, m, c). laplacian_rows k:
+    lap sums v_j^T (d^2 y_i / dx^2) v_j over the first k rows only (None: all); without the gradient
+    only those k rows are carried."""
     codes, params = normalize_activations(activations, act_params, len(weights))
     widths = widths_of(x, weights)
-    tile = carry_tile_size(widths, x.shape[0], laplacian_layout(widths, codes, return_gradient), op_element_size(x),
-                           x.device)
+    if directions is not None:
+        if directions.dim() != 3 or directions.shape[0] not in (1, x.shape[0]) or directions.shape[2] != widths[0]:
+            raise ValueError(f"directions must have shape (batch={x.shape[0]} or 1, c, features={widths[0]}), "
+                             f"got {tuple(directions.shape)}")
+        # to the batch (stride 0, no copy), so that vmap folds it with x
+        directions = directions.expand(x.shape[0], -1, -1)
+    rows = widths[0] if directions is None else directions.shape[1]
+    if laplacian_rows is not None and not 1 <= laplacian_rows <= rows:
+        raise ValueError(f"laplacian_rows must be in [1, {rows}] (the carried rows), got {laplacian_rows}")
+    laplacian_rows = -1 if laplacian_rows is None else int(laplacian_rows)
+    layout = laplacian_layout(widths, codes, return_gradient, None if directions is None else rows, laplacian_rows)
+    tile = carry_tile_size(widths, x.shape[0], layout, op_element_size(x), x.device)
     y, grad, lap, _ = compiled.mlp_laplacian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                         bool(return_gradient), tile=tile)
+                                         bool(return_gradient), directions, laplacian_rows, tile=tile)
     return (y, grad, lap) if return_gradient else (y, lap)
 
 

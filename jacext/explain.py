@@ -9,6 +9,7 @@ from ._checks import check_square
 from .activations import IDENTITY
 from .layouts import (CARRY_FORWARD, FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, carry_saved_shapes,
                       diagonal_layout, laplacian_layout)
+from .laplacian import _wrt_features
 from .nn import parse_model
 from .planner import (DIAGONAL_STRATEGY_NAMES, L2_CACHE_BYTES, Split, applicable, batch_chunk, best_split,
                       carry_cost, carry_macs, carry_tile_size, default_memory_budget, diagonal_applicable, footprint,
@@ -60,7 +61,7 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     candidate's cost: `print(jacext.explain(model, x))`. quantity "spectral_norm": the plan of
     jacobian_spectral_norm(model, x, method=method, **options) (layer, n_iter, tol); "laplacian",
     "divergence" or "jacobian_diagonal": the plan of that function (explain_carry; options
-    return_gradient, n_proj)."""
+    return_gradient, n_proj, wrt)."""
     if quantity != "frobenius" and max_memory is not None:
         raise ValueError("explain: max_memory applies to the Frobenius norm's plan only")
     if quantity == "spectral_norm":
@@ -112,8 +113,9 @@ class CarryPlan:
 
 
 def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", return_gradient: bool = False,
-                  n_proj: int = 1) -> CarryPlan:
-    """The plan of jacext.laplacian (quantity "laplacian"), divergence or jacobian_diagonal."""
+                  n_proj: int = 1, wrt=None) -> CarryPlan:
+    """The plan of jacext.laplacian (quantity "laplacian", over the features `wrt` names),
+    divergence or jacobian_diagonal."""
     spec = parse_model(model)
     widths, batch, codes = spec.widths, x.shape[0], spec.activations
 
@@ -125,10 +127,15 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
     if quantity == "laplacian":
         if method != "auto":
             raise ValueError(f"the Laplacian has one method ('auto'), got {method!r}")
-        layout = laplacian_layout(widths, codes, return_gradient)
-        name = "forward Laplacian" + (" (thin last layer)" if layout.carried < len(widths) - 1 else "")
+        features = _wrt_features(widths[0], wrt)
+        rows = len(features) if wrt is not None else -1
+        layout = laplacian_layout(widths, codes, return_gradient, None if rows == -1 else widths[0], rows)
+        name = "forward Laplacian" + (f" over features {features}" if wrt is not None else "")
+        name += " (thin last layer)" if layout.carried < len(widths) - 1 else ""
         candidates, choice = {name: entry(layout)}, name
     elif quantity in ("divergence", "jacobian_diagonal"):
+        if wrt is not None:
+            raise ValueError(f"explain: wrt applies to the Laplacian's plan, not to {quantity!r}")
         check_square(spec.widths)
         trace = quantity == "divergence"
         strategy = resolve_diagonal_strategy(method, widths, codes, trace, batch)

@@ -37,11 +37,13 @@ def laplacian(model, x: torch.Tensor, return_gradient: bool = False, *, wrt=None
     if lowered is None:
         return generic.laplacian(model, x, *cond, wrt=wrt, return_gradient=return_gradient, max_memory=max_memory)
     spec, flat = lowered.spec, lowered.flatten(x)
-    columns = wrt_columns(wrt, spec.widths[0])
-    if columns is not None:
-        return generic.laplacian(model, x, *cond, wrt=wrt, return_gradient=return_gradient, max_memory=max_memory)
-    return _ops.mlp_laplacian(flat, spec.weights, spec.biases, spec.activations, spec.act_params,
-                              return_gradient=return_gradient)
+    directions, rows, order = _laplacian_directions(spec.widths[0], wrt, return_gradient, flat.dtype, flat.device)
+    out = _ops.mlp_laplacian(flat, spec.weights, spec.biases, spec.activations, spec.act_params,
+                             return_gradient=return_gradient, directions=directions, laplacian_rows=rows)
+    if order is None:
+        return out
+    y, grad, lap = out
+    return y, grad[:, :, order], lap
 
 
 def _square_columns(spec, wrt):
@@ -49,6 +51,26 @@ def _square_columns(spec, wrt):
     columns = wrt_columns(wrt, spec.widths[0])
     check_square([spec.widths[0] if columns is None else len(columns), spec.widths[-1]])
     return columns
+
+
+def _laplacian_directions(n0: int, wrt, gradient: bool, dtype, device):
+    """(directions, laplacian_rows, order) of mlp_laplacian for the features wrt names: the chosen
+    unit vectors first, then, with the gradient, the other features' (the Laplacian sums the first
+    k rows); `order` puts the gradient's columns back in feature order (None: already). The leading
+    features 0..k-1, in any order, need no directions: they are the op's own first k unit vectors."""
+    columns = wrt_columns(wrt, n0)
+    chosen = list(range(n0)) if columns is None else columns.tolist()
+    k = len(chosen)
+    if sorted(chosen) == list(range(k)):
+        return None, (None if k == n0 else k), None
+    rows = chosen + [j for j in range(n0) if j not in chosen] if gradient else chosen
+    directions = torch.eye(n0, dtype=dtype, device=device)[rows].unsqueeze(0)
+    order = None
+    if gradient:
+        order = torch.empty(n0, dtype=torch.long)
+        order[rows] = torch.arange(n0)
+        order = order.to(device)
+    return directions, k, order
 
 
 def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, generator=None, *,

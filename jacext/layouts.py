@@ -61,12 +61,18 @@ class CarryLayout:
         return 1 + self.columns + int(self.laplacian)
 
 
-def laplacian_layout(widths: Sequence[int], activations: Sequence[int], gradient: bool) -> CarryLayout:
-    """The n_0 columns and Delta through every layer, or, with a linear output layer and no
-    gradient returned, through all but the last, which maps h and Delta alone."""
+def laplacian_layout(widths: Sequence[int], activations: Sequence[int], gradient: bool,
+                     directions: Optional[int] = None, laplacian_rows: int = -1) -> CarryLayout:
+    """The c tangent rows (the n_0 unit vectors, or `directions` rows) and Delta through every
+    layer, or, with a linear output layer and no gradient returned, through all but the last, which
+    maps h and Delta alone. Without the gradient only the first laplacian_rows rows (-1: all) are
+    carried: the others reach no output."""
     depth = len(widths) - 1
+    columns = widths[0] if directions is None else directions
+    if not gradient and laplacian_rows != -1:
+        columns = laplacian_rows
     thin_top = not gradient and activations[-1] == IDENTITY
-    return CarryLayout(widths[0], True, depth - 1 if thin_top else depth)
+    return CarryLayout(columns, True, depth - 1 if thin_top else depth)
 
 
 def diagonal_layout(widths: Sequence[int], strategy: int, projections: int = 0) -> CarryLayout:

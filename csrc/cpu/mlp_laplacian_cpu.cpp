@@ -41,15 +41,17 @@ struct CpuCarryKernels {
 
   // The fused forward pass of one layer (mlp_laplacian.h): pre = [z; P; q] (n, R, N), out =
   // [h; T; Delta], which may be pre itself; d1, d2, d3 (n, N) receive act', act'', act''' where
-  // defined. tanh and sigmoid take their value from ATen's vectorized kernels (scalar libm is
-  // several times slower) and the derivatives from the value.
+  // defined; Delta's square sum runs over the first `squared` rows of P. tanh and sigmoid take
+  // their value from ATen's vectorized kernels (scalar libm is several times slower) and the
+  // derivatives from the value.
   static void carry_forward(const Tensor& pre, const Tensor& bias, const Tensor& out, const Tensor& d1,
                             const Tensor& d2, const Tensor& d3, int64_t code, double p0, double p1,
-                            int64_t columns, bool laplacian) {
+                            int64_t columns, bool laplacian, int64_t squared) {
     RECORD_FUNCTION("jacext::carry_forward_cpu", {});
     check_cpu_dtype(out);
     const int64_t n = out.size(0), R = out.size(1), N = out.size(2);
     TORCH_INTERNAL_ASSERT(pre.is_contiguous() && out.is_contiguous() && R == 1 + columns + (laplacian ? 1 : 0));
+    TORCH_INTERNAL_ASSERT(!laplacian || squared <= columns);
     const bool from_value = code == kTanh || code == kSigmoid;
     if (from_value) {
       Tensor h = out.select(1, 0);
@@ -100,7 +102,7 @@ struct CpuCarryKernels {
               scalar_t* delta = o + (1 + columns) * N;
               if constexpr (curved) {
                 std::fill(squares.begin(), squares.end(), scalar_t(0));
-                for (int64_t j = 0; j < columns; ++j) {
+                for (int64_t j = 0; j < squared; ++j) {
                   for (int64_t i = 0; i < N; ++i) squares[i] += p[j * N + i] * p[j * N + i];
                 }
                 for (int64_t i = 0; i < N; ++i) delta[i] = g1[i] * q[i] + g2[i] * squares[i];
@@ -119,15 +121,18 @@ struct CpuCarryKernels {
 
   // The fused backward pass of one layer, in place: g = [hbar; Tbar; Deltabar] (n, R, N) becomes
   // [zbar; Pbar; qbar] (mlp_laplacian.h); pre = [z; P; q] is read only through act'' (undefined
-  // without it); adj_d (n, N): an extra adjoint of act'; zero_tangents: Tbar is zero (unwritten).
+  // without it); adj_d (n, N): an extra adjoint of act'; zero_tangents: Tbar is zero (unwritten);
+  // Delta's square sum reads the first `squared` rows of P.
   static void carry_backward(const Tensor& g, const Tensor& pre, const Tensor& d1, const Tensor& d2, const Tensor& d3,
-                             const Tensor& adj_d, int64_t columns, bool laplacian, bool zero_tangents) {
+                             const Tensor& adj_d, int64_t columns, bool laplacian, int64_t squared,
+                             bool zero_tangents) {
     RECORD_FUNCTION("jacext::carry_backward_cpu", {});
     check_cpu_dtype(g);
     const int64_t n = g.size(0), R = g.size(1), N = g.size(2);
     TORCH_INTERNAL_ASSERT(g.is_contiguous() && R == 1 + columns + (laplacian ? 1 : 0));
     TORCH_INTERNAL_ASSERT(!d2.defined() || R == 1 || (pre.defined() && pre.is_contiguous()));
     TORCH_INTERNAL_ASSERT(!zero_tangents || laplacian);
+    TORCH_INTERNAL_ASSERT(!laplacian || squared <= columns);
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "jacext_carry_backward_cpu", [&] {
       scalar_t* gp = g.mutable_data_ptr<scalar_t>();
       const scalar_t* ap = data_or_null<scalar_t>(pre);
@@ -154,12 +159,15 @@ struct CpuCarryKernels {
             for (int64_t j = 0; j < columns; ++j) {
               scalar_t* tj = tbar + j * N;
               const scalar_t* pj = p + j * N;
-              if (laplacian && zero_tangents) {
+              const bool in_delta = laplacian && j < squared;
+              if (zero_tangents && !in_delta) {
+                std::fill(tj, tj + N, scalar_t(0));
+              } else if (zero_tangents) {
                 for (int64_t i = 0; i < N; ++i) {
                   squares[i] += pj[i] * pj[i];
                   tj[i] = curvature[i] * pj[i];
                 }
-              } else if (laplacian) {
+              } else if (in_delta) {
                 for (int64_t i = 0; i < N; ++i) {
                   dots[i] += tj[i] * pj[i];
                   squares[i] += pj[i] * pj[i];

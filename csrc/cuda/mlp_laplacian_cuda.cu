@@ -17,12 +17,12 @@
 namespace jacext {
 namespace {
 
-// pre = [z; P; q] -> out = [act(z + b); act' P; act' q + act'' sum_j P_j^2] (out may be pre).
+// pre = [z; P; q] -> out = [act(z + b); act' P; act' q + act'' sum_{j<squared} P_j^2] (out may be pre).
 template <int64_t Code, typename scalar_t>
 __global__ void carry_forward_kernel(const scalar_t* pre, const scalar_t* __restrict__ bias, scalar_t* out,
                                      scalar_t* __restrict__ d1, scalar_t* __restrict__ d2, scalar_t* __restrict__ d3,
-                                     int64_t n, int64_t R, int64_t N, int64_t columns, bool laplacian, scalar_t p0,
-                                     scalar_t p1) {
+                                     int64_t n, int64_t R, int64_t N, int64_t columns, bool laplacian,
+                                     int64_t squared, scalar_t p0, scalar_t p1) {
   JACEXT_GRID_STRIDE(k, n * N) {
     const int64_t b = k / N, i = k % N;
     const scalar_t* a = pre + b * R * N + i;
@@ -34,7 +34,7 @@ __global__ void carry_forward_kernel(const scalar_t* pre, const scalar_t* __rest
     scalar_t squares = 0;
     for (int64_t j = 1; j <= columns; ++j) {
       const scalar_t p = a[j * N];
-      squares += p * p;
+      if (j <= squared) squares += p * p;
       o[j * N] = r.d1 * p;
     }
     if (laplacian) o[(1 + columns) * N] = r.d1 * a[(1 + columns) * N] + r.d2 * squares;
@@ -47,7 +47,7 @@ template <typename scalar_t>
 __global__ void carry_backward_kernel(scalar_t* g, const scalar_t* __restrict__ pre, const scalar_t* __restrict__ d1,
                                       const scalar_t* __restrict__ d2, const scalar_t* __restrict__ d3,
                                       const scalar_t* __restrict__ adj_d, int64_t n, int64_t R, int64_t N,
-                                      int64_t columns, bool laplacian, bool zero_tangents) {
+                                      int64_t columns, bool laplacian, int64_t squared, bool zero_tangents) {
   JACEXT_GRID_STRIDE(k, n * N) {
     const int64_t b = k / N, i = k % N;
     scalar_t* gb = g + b * R * N + i;
@@ -60,8 +60,12 @@ __global__ void carry_backward_kernel(scalar_t* g, const scalar_t* __restrict__ 
       for (int64_t j = 1; j <= columns; ++j) {
         const scalar_t t = zero_tangents ? scalar_t(0) : gb[j * N], p = a[j * N];
         dots += t * p;
-        squares += p * p;
-        gb[j * N] = g1 * t + curvature * p;
+        if (j <= squared) {
+          squares += p * p;
+          gb[j * N] = g1 * t + curvature * p;
+        } else {
+          gb[j * N] = g1 * t;
+        }
       }
       scalar_t z = g1 * gb[0] + g2 * dots;
       if (laplacian) z += deltabar * (g2 * a[(1 + columns) * N] + d3[k] * squares);
@@ -94,7 +98,7 @@ struct CudaCarryKernels {
 
   static void carry_forward(const Tensor& pre, const Tensor& bias, const Tensor& out, const Tensor& d1,
                             const Tensor& d2, const Tensor& d3, int64_t code, double p0, double p1,
-                            int64_t columns, bool laplacian) {
+                            int64_t columns, bool laplacian, int64_t squared) {
     RECORD_FUNCTION("jacext::carry_forward_cuda", {});
     check_cuda_dtype(out);
     const at::cuda::OptionalCUDAGuard device_guard(out.device());
@@ -107,14 +111,15 @@ struct CudaCarryKernels {
             <<<blocks_for(n * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
                 pre.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), out.mutable_data_ptr<scalar_t>(),
                 mutable_or_null<scalar_t>(d1), mutable_or_null<scalar_t>(d2), mutable_or_null<scalar_t>(d3), n, R, N,
-                columns, laplacian, static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
+                columns, laplacian, squared, static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
 
   static void carry_backward(const Tensor& g, const Tensor& pre, const Tensor& d1, const Tensor& d2, const Tensor& d3,
-                             const Tensor& adj_d, int64_t columns, bool laplacian, bool zero_tangents) {
+                             const Tensor& adj_d, int64_t columns, bool laplacian, int64_t squared,
+                             bool zero_tangents) {
     RECORD_FUNCTION("jacext::carry_backward_cuda", {});
     check_cuda_dtype(g);
     const at::cuda::OptionalCUDAGuard device_guard(g.device());
@@ -127,7 +132,7 @@ struct CudaCarryKernels {
       carry_backward_kernel<scalar_t><<<blocks_for(n * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           g.mutable_data_ptr<scalar_t>(), data_or_null<scalar_t>(pre), data_or_null<scalar_t>(d1),
           data_or_null<scalar_t>(d2), data_or_null<scalar_t>(d3), data_or_null<scalar_t>(adj_d), n, R, N, columns,
-          laplacian, zero_tangents);
+          laplacian, squared, zero_tangents);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
