@@ -9,7 +9,7 @@ from ._checks import check_square
 from .activations import IDENTITY
 from .layouts import (CARRY_FORWARD, FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, carry_saved_shapes,
                       diagonal_layout, laplacian_layout)
-from .laplacian import _wrt_features
+from ._route import wrt_columns
 from .nn import parse_model
 from .planner import (DIAGONAL_STRATEGY_NAMES, L2_CACHE_BYTES, Split, applicable, batch_chunk, best_split,
                       carry_cost, carry_macs, carry_tile_size, default_memory_budget, diagonal_applicable, footprint,
@@ -127,7 +127,8 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
     if quantity == "laplacian":
         if method != "auto":
             raise ValueError(f"the Laplacian has one method ('auto'), got {method!r}")
-        features = _wrt_features(widths[0], wrt)
+        columns = wrt_columns(wrt, widths[0])
+        features = list(range(widths[0])) if columns is None else columns.tolist()
         rows = len(features) if wrt is not None else -1
         layout = laplacian_layout(widths, codes, return_gradient, None if rows == -1 else widths[0], rows)
         name = "forward Laplacian" + (f" over features {features}" if wrt is not None else "")

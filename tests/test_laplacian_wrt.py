@@ -209,7 +209,7 @@ def test_vmap_over_the_samples():
 def test_bad_wrt():
     model = make_mlp((3, 4, 1), nn.Tanh)
     x = torch.randn(2, 3, dtype=torch.float64)
-    for wrt, message in [([0, 0], "twice"), ([3], "outside"), ([-1], "outside"), ([], "no feature"),
+    for wrt, message in [([0, 0], "repeated"), ([3], "outside"), ([-1], "outside"), ([], "no feature"),
                          (slice(3, None), "no feature"), (0, r"\[1, 3\]"), (4, r"\[1, 3\]")]:
         with pytest.raises(ValueError, match=message):
             jacext.laplacian(model, x, wrt=wrt)
