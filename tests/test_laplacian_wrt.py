@@ -214,7 +214,7 @@ def test_bad_wrt():
         with pytest.raises(ValueError, match=message):
             jacext.laplacian(model, x, wrt=wrt)
     for wrt in (True, "x", 1.0, [0.5]):
-        with pytest.raises(TypeError, match="wrt must be"):
+        with pytest.raises(TypeError, match="wrt must (be|hold integer)"):
             jacext.laplacian(model, x, wrt=wrt)
     spec = jacext.parse_model(model)
     args = (x, spec.weights, spec.biases, spec.activations, spec.act_params)
