@@ -175,16 +175,6 @@ def test_tiled_projections_match_whole_batch():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_tiled_ops_pass_opcheck():
-    model = make_mlp([5, 7, 6, 4], nn.Tanh)
-    spec, biases = op_inputs(model, None)
-    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    args = (x, spec.weights, biases, spec.activations, spec.act_params, REVERSE_GRAM)
-    torch.library.opcheck(torch.ops.jacext.mlp_jacobian_frobenius.default, args, {"tile": 3})
-    torch.library.opcheck(torch.ops.jacext.mlp_jacobian.default,
-                          (x, spec.weights, biases, spec.activations, spec.act_params, 1, FORWARD), {"tile": 2})
-
-
 def test_tile_must_not_be_negative():
     model = make_mlp([5, 7, 4], nn.Tanh)
     spec, biases = op_inputs(model, None)

@@ -1,6 +1,6 @@
 """The forward-carry functionals (jacext.laplacian, divergence, jacobian_diagonal) against
 torch.func in float64: values and gradients for every activation, depths 1-4, n_0 in {1, 2, 3, 10},
-m in {1, 3}, with and without bias; gradcheck, gradgradcheck, opcheck, torch.compile; the
+m in {1, 3}, with and without bias; gradcheck, gradgradcheck, torch.compile (opcheck: test_contract.py); the
 activation table's third derivative; the Hutchinson divergence; bad input."""
 import os
 import subprocess
@@ -188,48 +188,6 @@ def test_diagonal_gradcheck_and_gradgradcheck(activation, case, device):
     leaves = leaves_of(x, weights, biases)
     assert torch.autograd.gradcheck(fn, leaves)
     assert torch.autograd.gradgradcheck(fn, leaves)
-
-
-# opcheck's aot_dispatch test traces the autograd formulas (slow): once per op, the other cases without it
-FAST_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor")
-
-
-@pytest.mark.parametrize("gradient", [False, True])
-def test_opcheck_laplacian(gradient, device):
-    x, weights, biases, codes, params = op_inputs("softplus", (3, 5, 4, 2), (True, False, True), device,
-                                                  output=act.IDENTITY)
-    biases = jacext.ops.bias_tensors(biases, weights)
-    args = (x, weights, biases, codes, params, gradient)
-    utils = {} if gradient else {"test_utils": FAST_OPCHECK}
-    torch.library.opcheck(torch.ops.jacext.mlp_laplacian.default, args, **utils)
-    with torch.no_grad():
-        y, grad, lap, saved = torch.ops.jacext.mlp_laplacian(*args)
-    grad_grad = torch.randn_like(grad).requires_grad_() if gradient else None
-    torch.library.opcheck(torch.ops.jacext.mlp_laplacian_backward.default,
-                          (torch.randn_like(y).requires_grad_(), grad_grad, torch.randn_like(lap).requires_grad_(),
-                           x, weights, biases, codes, params, gradient, list(saved)), **utils)
-
-
-@pytest.mark.parametrize("case", DIAGONAL_CASES)
-def test_opcheck_diagonal(case, device):
-    widths, strategy = DIAGONAL_CASES[case]
-    x, weights, biases, codes, params = op_inputs("tanh", widths, [True, False, True][:len(widths) - 1], device,
-                                                  output=act.IDENTITY)
-    biases = jacext.ops.bias_tensors(biases, weights)
-    projections = torch.randn(3, 2, widths[0], dtype=torch.float64, device=device) if case == "hutchinson" else None
-    args = (x, weights, biases, codes, params, strategy, projections)
-    utils = {} if case == "forward" else {"test_utils": FAST_OPCHECK}
-    torch.library.opcheck(torch.ops.jacext.mlp_jacobian_diagonal.default, args, **utils)
-    with torch.no_grad():
-        y, out, saved = torch.ops.jacext.mlp_jacobian_diagonal(*args)
-    torch.library.opcheck(torch.ops.jacext.mlp_jacobian_diagonal_backward.default,
-                          (torch.randn_like(y), torch.randn_like(out).requires_grad_(), x, weights, biases, codes,
-                           params, strategy, list(saved), projections), **utils)
-
-
-def test_opcheck_activation_derivatives(device):
-    y = torch.randn(3, 5, dtype=torch.float64, device=device)
-    torch.library.opcheck(torch.ops.jacext.activation_derivatives.default, (y, act.GELU, 0.0, 0.0))
 
 
 @pytest.mark.parametrize("fn", ["laplacian", "divergence", "jacobian_diagonal"])

@@ -1,6 +1,6 @@
 """The Laplacian over chosen input features (jacext.laplacian(..., wrt=)) and the op's tangent
 rows (mlp_laplacian's directions and laplacian_rows), against torch.func in float64: values and
-gradients, gradcheck, gradgradcheck, opcheck, tiles, the empty batch and bad input."""
+gradients, gradcheck, gradgradcheck, tiles, the empty batch and bad input."""
 import pytest
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ import jacext
 from jacext import activations as act
 from jacext.layouts import laplacian_layout
 from helpers import make_mlp
-from test_laplacian import FAST_OPCHECK, TOL, grads, leaves_of, op_function, op_inputs, weights_like
+from test_laplacian import TOL, grads, leaves_of, op_function, op_inputs, weights_like
 
 ACTIVATIONS = {"tanh": nn.Tanh, "softplus": lambda: nn.Softplus(beta=1.5, threshold=2.0), "gelu": nn.GELU,
                "relu": nn.ReLU}
@@ -130,24 +130,6 @@ def test_op_gradcheck_and_gradgradcheck_with_directions(activation, gradient, ro
     leaves = leaves_of(x, weights, biases)
     assert torch.autograd.gradcheck(fn, leaves)
     assert torch.autograd.gradgradcheck(fn, leaves)
-
-
-@pytest.mark.parametrize("gradient", [False, True])
-def test_opcheck_laplacian_with_directions(gradient, device):
-    x, weights, biases, codes, params = op_inputs("softplus", (3, 5, 4, 2), (True, False, True), device,
-                                                  output=act.IDENTITY)
-    biases = jacext.ops.bias_tensors(biases, weights)
-    trailing = (directions_for(x), 3)
-    args = (x, weights, biases, codes, params, gradient, *trailing)
-    utils = {} if gradient else {"test_utils": FAST_OPCHECK}
-    torch.library.opcheck(torch.ops.jacext.mlp_laplacian.default, args, **utils)
-    with torch.no_grad():
-        y, grad, lap, saved = torch.ops.jacext.mlp_laplacian(*args)
-    assert grad.shape == ((3, 2, 4) if gradient else (0,))
-    grad_grad = torch.randn_like(grad).requires_grad_() if gradient else None
-    torch.library.opcheck(torch.ops.jacext.mlp_laplacian_backward.default,
-                          (torch.randn_like(y).requires_grad_(), grad_grad, torch.randn_like(lap).requires_grad_(),
-                           x, weights, biases, codes, params, gradient, list(saved), *trailing), **utils)
 
 
 @pytest.mark.parametrize("gradient", [False, True])
