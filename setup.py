@@ -10,6 +10,9 @@ a visible GPU and without TORCH_CUDA_ARCH_LIST, the kernels are built for sm_80 
 JACEXT_CUDA_EMULATION=1 also builds jacext._C_cuda_emulated, with or without CUDA: the CUDA kernel
 files compiled as C++ against a CPU shim (csrc/cuda/emulation/cuda_on_cpu.h), their ops registered for
 CPU tensors in the library jacext_cuda_emulated, for tests/test_cuda_emulated.py (docs/cuda-emulation.md).
+JACEXT_CUDA_EMULATION=only builds that one alone, beside an existing build of jacext._C:
+
+    JACEXT_CUDA_EMULATION=only python setup.py build_ext --inplace      # .ci/cuda_emulation.sh
 """
 import glob
 import os
@@ -94,8 +97,9 @@ else:
               else "no CUDA toolkit found: set CUDA_HOME or put nvcc on PATH")
     print(f"jacext: building CPU kernels only ({reason})")
 
-extensions = [extension]
-if os.environ.get("JACEXT_CUDA_EMULATION") == "1":
+emulation = os.environ.get("JACEXT_CUDA_EMULATION")
+extensions = [] if emulation == "only" else [extension]
+if emulation in ("1", "only"):
     # g++ takes a .cu file for CUDA: each is compiled through a generated one-line .cpp instead.
     emulation_dir = os.path.join("build", "cuda_emulation")
     os.makedirs(emulation_dir, exist_ok=True)

@@ -227,6 +227,18 @@ def test_forward_carry_batch_sizes(batch, dtype):
     check_diagonal(x, net, 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_reductions_longer_than_a_block(dtype):
+    """Per-sample sums over 10 x 40 and 10 x 30 terms: more than the 256 threads of a block, every
+    slot of the shared-memory tree used."""
+    net = mlp([40, 30, 20, 10], "tanh", dtype)
+    x = inputs(3, 40, dtype)
+    for strategy in (0, 1, 2):
+        check_frobenius(x, net, strategy)
+    g = torch.Generator().manual_seed(7)
+    check_frobenius(x, net, 0, torch.randn(3, 2, 10, generator=g, dtype=torch.float64).to(dtype))
+
+
 def test_large_grid():
     """Batch 2200 at width 32: 70400 elements a layer, 275 blocks of 256 threads (over two an SM)."""
     net = mlp([32, 32, 16, 8], "tanh", torch.float32)
