@@ -6,6 +6,13 @@ toolkit (nvcc) is found, whether or not a GPU is visible (clusters build on logi
 JACEXT_FORCE_CPU=1 skips the CUDA kernels; JACEXT_FORCE_CUDA=1 makes their absence an error. Without
 a visible GPU and without TORCH_CUDA_ARCH_LIST, the kernels are built for sm_80 and sm_90 plus PTX
 (which newer GPUs compile when the library loads).
+
+JACEXT_CUDA_EMULATION=1 also builds jacext._C_cuda_emulated, with or without CUDA: the CUDA kernel
+files compiled as C++ against a CPU shim (csrc/cuda/emulation/cuda_on_cpu.h), their ops registered for
+CPU tensors in the library jacext_cuda_emulated, for tests/test_cuda_emulated.py (docs/cuda-emulation.md).
+JACEXT_CUDA_EMULATION=only builds that one alone, beside an existing build of jacext._C:
+
+    JACEXT_CUDA_EMULATION=only python setup.py build_ext --inplace      # .ci/cuda_emulation.sh
 """
 import glob
 import os
@@ -65,7 +72,8 @@ sources = [os.path.join("csrc", "jacext.cpp"), os.path.join("csrc", "frobenius_a
 # -fno-trapping-math (as torch's own build): lets GCC compute both sides of a select in the CPU
 # inner loops so that they vectorize (tanh_float_loop); nothing here enables FP exceptions, and
 # results are unchanged (no reassociation).
-cxx_flags = ["-O3", "-fno-trapping-math"] + (["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin" else [])
+openmp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin" else []
+cxx_flags = ["-O3", "-fno-trapping-math"] + openmp
 if use_cuda:
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # PTX: GPUs newer than sm_90 JIT-compile it
@@ -89,7 +97,28 @@ else:
               else "no CUDA toolkit found: set CUDA_HOME or put nvcc on PATH")
     print(f"jacext: building CPU kernels only ({reason})")
 
+emulation = os.environ.get("JACEXT_CUDA_EMULATION")
+extensions = [] if emulation == "only" else [extension]
+if emulation in ("1", "only"):
+    # g++ takes a .cu file for CUDA: each is compiled through a generated one-line .cpp instead.
+    emulation_dir = os.path.join("build", "cuda_emulation")
+    os.makedirs(emulation_dir, exist_ok=True)
+    emulated_sources = [os.path.join("csrc", "cuda", "emulation", "module.cpp")]
+    for cu in sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))):
+        wrapper = os.path.join(emulation_dir, os.path.basename(cu)[:-3] + ".cpp")
+        text = f'#include "{os.path.join(here, cu)}"\n'
+        if not os.path.exists(wrapper) or open(wrapper).read() != text:  # unchanged: no rebuild
+            with open(wrapper, "w") as f:
+                f.write(text)
+        emulated_sources.append(wrapper)
+    extensions.append(CppExtension(
+        "jacext._C_cuda_emulated", emulated_sources, include_dirs=[os.path.join(here, "csrc")],
+        # -O1 -g0: a test build, compiled on every CI run: compile time counts more than speed
+        define_macros=[("JACEXT_CUDA_EMULATION", "1")], extra_compile_args={"cxx": ["-O1", "-g0"] + openmp},
+    ))
+    print("jacext: also building the emulated CUDA kernels (jacext._C_cuda_emulated)")
+
 setup(
-    ext_modules=[extension],
+    ext_modules=extensions,
     cmdclass={"build_ext": BuildExtension},
 )

@@ -6,7 +6,7 @@
 
 namespace jacext {
 
-TORCH_LIBRARY_IMPL(jacext, CUDA, m) {
+JACEXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("mlp_flow", &mlp_flow<CudaKernels>);
   m.impl("mlp_flow_backward", &mlp_flow_backward<CudaKernels>);
 }

@@ -6,7 +6,7 @@
 
 namespace jacext {
 
-TORCH_LIBRARY_IMPL(jacext, CUDA, m) {
+JACEXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("mlp_jacobian_frobenius", &mlp_jacobian_frobenius<CudaKernels>);
   m.impl("mlp_jacobian", &mlp_jacobian<CudaKernels>);
   m.impl("mlp_jacobian_backward", &mlp_jacobian_backward<CudaKernels>);

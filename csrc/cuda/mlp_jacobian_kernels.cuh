@@ -8,9 +8,6 @@
 #pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/record_function.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "../mlp_common.h"
 #include "common.cuh"
@@ -179,12 +176,11 @@ struct CudaKernels {
     if (n == 0) return;
     AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "jacext_activation_cuda", [&] {
       dispatch_activation(code, [&](auto act) {
-        activation_kernel<decltype(act)::value, scalar_t>
-            <<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                h.mutable_data_ptr<scalar_t>(), d.mutable_data_ptr<scalar_t>(),
-                d2.defined() ? d2.mutable_data_ptr<scalar_t>() : nullptr, n,
-                static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(activation_kernel<decltype(act)::value, scalar_t>, blocks_for(n), kThreads, 0,
+                      at::cuda::getCurrentCUDAStream(),
+                      h.mutable_data_ptr<scalar_t>(), d.mutable_data_ptr<scalar_t>(),
+                      d2.defined() ? d2.mutable_data_ptr<scalar_t>() : nullptr, n, static_cast<scalar_t>(p0),
+                      static_cast<scalar_t>(p1));
       });
     });
   }
@@ -200,11 +196,10 @@ struct CudaKernels {
     const int64_t n = out.size(0), R = out.size(1), N = out.size(2);
     if (n * R * N == 0) return;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_scale_cuda", [&] {
-      scale_kernel<scalar_t><<<blocks_for(n * R * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols), data_or_null<scalar_t>(rows),
-          data_or_null<scalar_t>(sample), static_cast<scalar_t>(c), out.mutable_data_ptr<scalar_t>(), n, R, N,
-          x.size(0) == 1 ? 0 : R * N);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(scale_kernel<scalar_t>, blocks_for(n * R * N), kThreads, 0, at::cuda::getCurrentCUDAStream(),
+                    x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols), data_or_null<scalar_t>(rows),
+                    data_or_null<scalar_t>(sample), static_cast<scalar_t>(c), out.mutable_data_ptr<scalar_t>(), n, R,
+                    N, x.size(0) == 1 ? 0 : R * N);
     });
   }
 
@@ -226,11 +221,10 @@ struct CudaKernels {
     const int64_t R = a.size(1), N = a.size(2);
     if (out.numel() == 0) return;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_reduce_product_cuda", [&] {
-      reduce_product_kernel<scalar_t><<<out.numel(), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          a.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols),
-          out.mutable_data_ptr<scalar_t>(), R, N, a.size(0) == 1 ? 0 : R * N, c.size(0) == 1 ? 0 : R * N,
-          out.dim() == 2);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(reduce_product_kernel<scalar_t>, out.numel(), kThreads, 0, at::cuda::getCurrentCUDAStream(),
+                    a.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols),
+                    out.mutable_data_ptr<scalar_t>(), R, N, a.size(0) == 1 ? 0 : R * N, c.size(0) == 1 ? 0 : R * N,
+                    out.dim() == 2);
     });
   }
 
@@ -248,12 +242,12 @@ struct CudaKernels {
     const int64_t n = out.size(0), R = out.size(1), N = out.size(2);
     if (n * N == 0) return;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_rowwise_dot_scale_cuda", [&] {
-      rowwise_dot_scale_kernel<scalar_t><<<blocks_for(n * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          r.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols),
-          data_or_null<scalar_t>(sample), static_cast<scalar_t>(c), data_or_null<scalar_t>(d),
-          out.mutable_data_ptr<scalar_t>(), adj_d.defined() ? adj_d.mutable_data_ptr<scalar_t>() : nullptr, n, R, N,
-          r.size(0) == 1 ? 0 : R * N);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(rowwise_dot_scale_kernel<scalar_t>, blocks_for(n * N), kThreads, 0,
+                    at::cuda::getCurrentCUDAStream(),
+                    r.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols),
+                    data_or_null<scalar_t>(sample), static_cast<scalar_t>(c), data_or_null<scalar_t>(d),
+                    out.mutable_data_ptr<scalar_t>(), adj_d.defined() ? adj_d.mutable_data_ptr<scalar_t>() : nullptr,
+                    n, R, N, r.size(0) == 1 ? 0 : R * N);
     });
   }
 
@@ -266,10 +260,9 @@ struct CudaKernels {
     const int64_t n = x.size(0), R = x.size(1), N = x.size(2);
     if (R * N == 0) return;
     AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "jacext_batch_sum_cuda", [&] {
-      batch_sum_kernel<scalar_t><<<blocks_for(R * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          acc.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols),
-          data_or_null<scalar_t>(rows), n, R, N);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(batch_sum_kernel<scalar_t>, blocks_for(R * N), kThreads, 0, at::cuda::getCurrentCUDAStream(),
+                    acc.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(cols),
+                    data_or_null<scalar_t>(rows), n, R, N);
     });
   }
 
@@ -283,10 +276,9 @@ struct CudaKernels {
     Tensor grad_h = optional_contiguous(grad_h_in);
     if (g.numel() == 0) return;
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "jacext_mlp_delta_cuda", [&] {
-      mlp_delta_kernel<scalar_t><<<blocks_for(g.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          data_or_null<scalar_t>(grad_h), data_or_null<scalar_t>(d), data_or_null<scalar_t>(adj_d),
-          data_or_null<scalar_t>(d2), g.mutable_data_ptr<scalar_t>(), g.numel());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(mlp_delta_kernel<scalar_t>, blocks_for(g.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream(),
+                    data_or_null<scalar_t>(grad_h), data_or_null<scalar_t>(d), data_or_null<scalar_t>(adj_d),
+                    data_or_null<scalar_t>(d2), g.mutable_data_ptr<scalar_t>(), g.numel());
     });
     // ATen's column sums on the current stream, accumulated in double as the CPU's
     if (grad_b.defined()) grad_b.add_(at::sum(g, {0}, false, at::kDouble));

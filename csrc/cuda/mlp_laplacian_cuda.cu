@@ -6,9 +6,6 @@
 // over the tangent rows accumulate in the tensor's own type, as on the CPU.
 #include <ATen/Dispatch.h>
 #include <ATen/record_function.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../mlp_laplacian.h"
@@ -107,12 +104,11 @@ struct CudaCarryKernels {
     if (n * N == 0) return;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "jacext_carry_forward_cuda", [&] {
       dispatch_activation(code, [&](auto act) {
-        carry_forward_kernel<decltype(act)::value, scalar_t>
-            <<<blocks_for(n * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                pre.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), out.mutable_data_ptr<scalar_t>(),
-                mutable_or_null<scalar_t>(d1), mutable_or_null<scalar_t>(d2), mutable_or_null<scalar_t>(d3), n, R, N,
-                columns, laplacian, squared, static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(carry_forward_kernel<decltype(act)::value, scalar_t>, blocks_for(n * N), kThreads, 0,
+                      at::cuda::getCurrentCUDAStream(),
+                      pre.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), out.mutable_data_ptr<scalar_t>(),
+                      mutable_or_null<scalar_t>(d1), mutable_or_null<scalar_t>(d2), mutable_or_null<scalar_t>(d3), n,
+                      R, N, columns, laplacian, squared, static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
       });
     });
   }
@@ -129,18 +125,17 @@ struct CudaCarryKernels {
     TORCH_INTERNAL_ASSERT(!zero_tangents || laplacian);
     if (n * N == 0) return;
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "jacext_carry_backward_cuda", [&] {
-      carry_backward_kernel<scalar_t><<<blocks_for(n * N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          g.mutable_data_ptr<scalar_t>(), data_or_null<scalar_t>(pre), data_or_null<scalar_t>(d1),
-          data_or_null<scalar_t>(d2), data_or_null<scalar_t>(d3), data_or_null<scalar_t>(adj_d), n, R, N, columns,
-          laplacian, squared, zero_tangents);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(carry_backward_kernel<scalar_t>, blocks_for(n * N), kThreads, 0, at::cuda::getCurrentCUDAStream(),
+                    g.mutable_data_ptr<scalar_t>(), data_or_null<scalar_t>(pre), data_or_null<scalar_t>(d1),
+                    data_or_null<scalar_t>(d2), data_or_null<scalar_t>(d3), data_or_null<scalar_t>(adj_d), n, R, N,
+                    columns, laplacian, squared, zero_tangents);
     });
   }
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jacext, CUDA, m) {
+JACEXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("mlp_laplacian", &carry::mlp_laplacian<CudaCarryKernels>);
   m.impl("mlp_laplacian_backward", &carry::mlp_laplacian_backward<CudaCarryKernels>);
   m.impl("mlp_jacobian_diagonal", &carry::mlp_jacobian_diagonal<CudaCarryKernels>);
