@@ -563,4 +563,5 @@ def test_bad_points(points, match):
     model = TwiceAndInPlace().to(DT)
     error = TypeError if match.startswith("sequence") else ValueError
     with pytest.raises(error, match=match):
-        generic.ModelJacobian(model, torch.randn(2, 3, dtype=DT), points=points).gradients(torch.ones(2, 1, 2, dtype=DT))
+        lin = generic.ModelJacobian(model, torch.randn(2, 3, dtype=DT), points=points)
+        lin.gradients(torch.ones(2, 1, 2, dtype=DT))
