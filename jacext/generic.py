@@ -184,8 +184,8 @@ class _SavedBytes:
 
 def _batched_vjp(y, anchor, rows, create_graph, batched=True):
     """(B, r, k): rows (r, *y.shape) of output cotangents times each sample's Jacobian dy/d anchor, in
-    one vmapped backward, or one backward a row where an op's backward has no batching rule or
-    with batched=False; for a tuple of anchors (B, ...), the tuple of their products, each
+    one vmapped backward (a plain one for a single row), or one backward a row where an op's
+    backward has no batching rule or with batched=False; for a tuple of anchors (B, ...), the tuple of their products, each
     flattened per sample to (B, r, n_i), from the same backward. A chunk recomputed under
     torch.utils.checkpoint runs unbatched: the batching fallback of some ops' backward (Dropout's)
     saves tensors whose recomputed shape differs from the saved one, which the checkpoint refuses."""
@@ -196,7 +196,7 @@ def _batched_vjp(y, anchor, rows, create_graph, batched=True):
     options = dict(retain_graph=True, create_graph=create_graph, allow_unused=True, materialize_grads=True)
     products = None
     with torch.set_grad_enabled(create_graph):  # under no_grad, create_graph alone would record nothing
-        if batched:
+        if batched and rows.shape[0] > 1:  # one row needs no vmap
             try:
                 products = torch.autograd.grad(y, anchors, rows, is_grads_batched=True, **options)
             except RuntimeError:
