@@ -239,7 +239,7 @@ def write_demo_json(rows, task, args, ratio):
 
 
 BENCH_SCRIPTS = ("frobenius", "margin", "flows", "targetprop", "spectral", "laplacian")
-EXPLAIN_QUANTITIES = ("frobenius", "spectral_norm", "laplacian", "divergence", "jacobian_diagonal")
+EXPLAIN_QUANTITIES = ("frobenius", "spectral_norm", "margin", "laplacian", "divergence", "jacobian_diagonal")
 
 
 def bench_folder():
@@ -343,7 +343,8 @@ def main(argv=None):
                    help="layer widths, comma-separated, e.g. 784,1024,1000")
     e.add_argument("--batch", type=int, default=64)
     e.add_argument("--quantity", default="frobenius", choices=list(EXPLAIN_QUANTITIES),
-                   help="whose plan: jacobian_frobenius (default), jacobian_spectral_norm, laplacian, "
+                   help="whose plan: jacobian_frobenius (default), jacobian_spectral_norm, large_margin_loss "
+                        "(margin: at the input, top_k=1, dist_norm=2, norms held constant), laplacian, "
                         "divergence or jacobian_diagonal")
     e.add_argument("--method", default="auto",
                    help="the method to explain (default auto; the choices depend on --quantity)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_input", "check_square"]
+__all__ = ["check_input", "check_square", "check_weights"]
 
 
 def check_input(spec, x):
@@ -21,3 +21,13 @@ def check_square(widths):
     if widths[-1] != widths[0]:
         raise ValueError(f"the divergence and the Jacobian diagonal need a square net (as many outputs as inputs); "
                          f"the model maps {widths[0]} features to {widths[-1]}")
+
+
+def check_weights(spec, x):
+    """The ops' own dtype and device check, for code that runs the MLP in torch ops (autocast casts
+    every dtype, so only the device is checked under it)."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    for i, w in enumerate(spec.weights):
+        if w.device != x.device or (w.dtype != x.dtype and not autocast):
+            raise RuntimeError(f"jacext: weight {i} has dtype {w.dtype} on {w.device} but x has {x.dtype} "
+                               f"on {x.device}")

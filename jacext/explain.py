@@ -15,6 +15,7 @@ from .planner import (DIAGONAL_STRATEGY_NAMES, L2_CACHE_BYTES, Split, applicable
                       carry_cost, carry_macs, carry_tile_size, default_memory_budget, diagonal_applicable, footprint,
                       op_element_size, penalty_macs, predicted_cost, resolve_diagonal_strategy, resolve_strategy,
                       strategy_name, tile_size)
+from .margin import margin_plan
 from .spectral import spectral_plan
 
 __all__ = ["explain", "explain_carry", "Plan", "CarryPlan"]
@@ -61,11 +62,14 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     candidate's cost: `print(jacext.explain(model, x))`. quantity "spectral_norm": the plan of
     jacobian_spectral_norm(model, x, method=method, **options) (layer, n_iter, tol); "laplacian",
     "divergence" or "jacobian_diagonal": the plan of that function (explain_carry; options
-    return_gradient, n_proj, wrt)."""
+    return_gradient, n_proj, wrt); "margin": the plan of large_margin_loss(model, x, method=method,
+    **options) (margin_plan; options target, layers, top_k, dist_norm, use_approximation, cond)."""
     if quantity != "frobenius" and max_memory is not None:
         raise ValueError("explain: max_memory applies to the Frobenius norm's plan only")
     if quantity == "spectral_norm":
         return spectral_plan(model, x, method, **options)
+    if quantity == "margin":
+        return margin_plan(model, x, method=method, **options)
     if quantity != "frobenius":
         return explain_carry(model, x, quantity, method, **options)
     if options:
@@ -151,7 +155,7 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
             candidates = {DIAGONAL_STRATEGY_NAMES[st]: entry(diagonal_layout(widths, st), st) for st in able}
             choice = DIAGONAL_STRATEGY_NAMES[strategy]
     else:
-        raise ValueError(f"unknown quantity {quantity!r}; expected 'frobenius', 'spectral_norm', 'laplacian', "
-                         "'divergence' or 'jacobian_diagonal'")
+        raise ValueError(f"unknown quantity {quantity!r}; expected 'frobenius', 'spectral_norm', 'margin', "
+                         "'laplacian', 'divergence' or 'jacobian_diagonal'")
     tile = carry_tile_size(widths, batch, layout, op_element_size(x), x.device)
     return CarryPlan(quantity, widths, batch, method, candidates, choice, layout, tile)

@@ -185,16 +185,26 @@ class _SavedBytes:
 
 def _batched_vjp(y, anchor, rows, create_graph):
     """(B, r, k): rows (r, *y.shape) of output cotangents times each sample's Jacobian dy/d anchor, in
-    one vmapped backward, or one backward a row where an op's backward has no batching rule."""
+    one vmapped backward (a plain one for a single row), or one backward a row where an op's
+    backward has no batching rule; for a tuple of anchors (B, ...), the tuple of their products,
+    each flattened per sample to (B, r, n_i), from the same backward."""
+    anchors = anchor if isinstance(anchor, tuple) else (anchor,)
     if not y.requires_grad:  # the output does not depend on anything differentiable
-        return anchor.new_zeros(anchor.shape[0], rows.shape[0], anchor.shape[1])
+        products = tuple(a.new_zeros(a.shape[0], rows.shape[0], math.prod(a.shape[1:])) for a in anchors)
+        return products if isinstance(anchor, tuple) else products[0]
     options = dict(retain_graph=True, create_graph=create_graph, allow_unused=True, materialize_grads=True)
     with torch.set_grad_enabled(create_graph):  # under no_grad, create_graph alone would record nothing
-        try:
-            (products,) = torch.autograd.grad(y, anchor, rows, is_grads_batched=True, **options)
-        except RuntimeError:
-            products = torch.stack([torch.autograd.grad(y, anchor, row, **options)[0] for row in rows])
-        return products.transpose(0, 1)
+        products = None
+        if rows.shape[0] > 1:  # one row needs no vmap
+            try:
+                products = torch.autograd.grad(y, anchors, rows, is_grads_batched=True, **options)
+            except RuntimeError:
+                pass
+        if products is None:
+            per_row = [torch.autograd.grad(y, anchors, row, **options) for row in rows]
+            products = tuple(torch.stack(parts) for parts in zip(*per_row))
+        flat = tuple(p.reshape(rows.shape[0], a.shape[0], -1).transpose(0, 1) for p, a in zip(products, anchors))
+        return flat if isinstance(anchor, tuple) else flat[0]
 
 
 class _Recomputed(torch.autograd.Function):
@@ -243,9 +253,15 @@ class ModelJacobian:
     products need it); index: the chosen features (None: all); create_graph: the grad mode at
     construction, which decides whether output() carries the graph. Products are differentiable
     when grad mode is on where they are taken (e.g. held constant under torch.no_grad while y
-    keeps its graph, as the large-margin loss's use_approximation wants)."""
+    keeps its graph, as the large-margin loss's use_approximation wants).
 
-    def __init__(self, model, x: torch.Tensor, *cond, wrt=None, max_memory: Optional[int] = None):
+    points: None, or the representations to differentiate with respect to instead of x alone, in
+    order: None for the input (its `wrt` features) or the name of a submodule (as in
+    model.named_modules()) whose output, captured by a forward hook in the one forward, is the
+    representation. With points, `anchor` is the tuple of them and products give one product per
+    point (gradients())."""
+
+    def __init__(self, model, x: torch.Tensor, *cond, wrt=None, max_memory: Optional[int] = None, points=None):
         _check_call(model, x)
         if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, (int, float))
                                        or not max_memory > 0):
@@ -256,6 +272,7 @@ class ModelJacobian:
         index = resolve_wrt(wrt, self.n_features)
         self.index = None if index is None else index.to(x.device)
         self.k = self.n_features if index is None else len(index)
+        self.points = None if points is None else _check_points(model, points)
         self.create_graph = torch.is_grad_enabled()
         self.state = _random_state(x.device) if max_memory is not None else None
         counter = _SavedBytes()
@@ -264,10 +281,13 @@ class ModelJacobian:
             self.y, self.anchor = self._run(x, cond)
         self.m = self.y.shape[1]
         self.saved_bytes = counter.total
+        # features per sample of each variable: the chosen inputs, or each point's representation
+        self.sizes = (self.k,) if points is None else tuple(math.prod(a.shape[1:]) for a in self.anchor)
 
     def _run(self, x, cond, params=None):
         """(y (B, m), anchor (B, k)): the forward, with the chosen features as the variable (and the
-        parameters `params` by name in place of the model's, for a recomputed chunk)."""
+        parameters `params` by name in place of the model's, for a recomputed chunk); with points,
+        anchor is the tuple of the points' tensors (the captured outputs as they are)."""
         with torch.enable_grad():
             flat = x.reshape(self.batch, self.n_features)
             if self.index is None:
@@ -278,7 +298,7 @@ class ModelJacobian:
                 if not anchor.requires_grad:
                     anchor = anchor.detach().requires_grad_()
                 full = flat.index_copy(1, self.index, anchor)  # the other features: held fixed, x's own
-            with _ComposedNorms():
+            with _ComposedNorms(), _Capture(self.model, self.points or (), self.batch) as captured:
                 if params is None:
                     out = self.model(full.view(x.shape), *cond)
                 else:
@@ -287,6 +307,8 @@ class ModelJacobian:
             raise TypeError(f"the model must return one tensor of shape ({self.batch}, ...) for x of shape "
                             f"{tuple(x.shape)}; got {type(out).__name__}"
                             f"{' of shape ' + str(tuple(out.shape)) if isinstance(out, torch.Tensor) else ''}")
+        if self.points is not None:
+            anchor = tuple(anchor if point is None else captured.output(point) for point in self.points)
         with torch.enable_grad():  # a view taken under no_grad would leave the graph
             return out.reshape(self.batch, math.prod(out.shape[1:])), anchor
 
@@ -334,19 +356,21 @@ class ModelJacobian:
 
     def products(self, reduce, directions: Optional[torch.Tensor] = None):
         """[reduce(start, stop, P) per chunk] with P (B, r, k) the rows start..stop-1 of J (directions
-        None) or of u^T J for directions u (B, R, m) (e.g. depending on y, differentiably); at
-        least one chunk. A row costs about its product and the graph of one backward: the
-        forward's saved tensors, about as much again when the backward keeps its own graph."""
+        None) or of u^T J for directions u (B, R, m) (e.g. depending on y, differentiably), with
+        points the tuple of those products at each point (B, r, n_i); at least one chunk. A row
+        costs about its product and the graph of one backward: the forward's saved tensors, about
+        as much again when the backward keeps its own graph."""
         n_rows = self.m if directions is None else directions.shape[1]
         if self.batch == 0 or n_rows == 0:
-            return [reduce(0, n_rows, self.y.new_zeros(self.batch, n_rows, self.k))]
+            empty = tuple(self.y.new_zeros(self.batch, n_rows, size) for size in self.sizes)
+            return [reduce(0, n_rows, empty if self.points is not None else empty[0])]
         create_graph = torch.is_grad_enabled()
 
         def compute(y, anchor, start, stop, *u):
             rows = _unit_rows(start, stop, self.batch, self.m, y) if not u else u[0][:, start:stop].transpose(0, 1)
             return reduce(start, stop, _batched_vjp(y, anchor, rows, create_graph))
 
-        row_bytes = 2 * self.saved_bytes + self.batch * self.k * self.y.element_size()
+        row_bytes = 2 * self.saved_bytes + self.batch * sum(self.sizes) * self.y.element_size()
         return self.chunked(n_rows, row_bytes, create_graph, compute, *([] if directions is None else [directions]))
 
     def jacobian(self) -> torch.Tensor:
@@ -357,11 +381,76 @@ class ModelJacobian:
         """(B, r, k): the gradients of u_j . y_b w.r.t. x_b[wrt] for the directions u (B, r, m), e.g.
         the large-margin loss's u = e_y - e_j or rows of the softmax Jacobian (which may depend on y,
         differentiably: their gradient flows too)."""
+        if self.points is not None:
+            raise ValueError("this ModelJacobian differentiates with respect to points: use gradients()")
+        return self.gradients(directions)[0]
+
+    def gradients(self, directions: torch.Tensor) -> list:
+        """[(B, r, n_i)]: input_gradients at each point (the input alone without points), the
+        representation flattened per sample, all from one batched reverse product per chunk."""
         if not isinstance(directions, torch.Tensor) or directions.dim() != 3 or \
                 directions.shape[0] != self.batch or directions.shape[2] != self.m:
             raise ValueError(f"directions must be a tensor of shape ({self.batch}, r, {self.m}) (r output directions "
                              f"per sample), got {_shape(directions)}")
-        return torch.cat(self.products(lambda start, stop, p: p, directions), 1)
+        chunks = self.products(lambda start, stop, p: p if isinstance(p, tuple) else (p,), directions)
+        return [torch.cat(parts, 1) for parts in zip(*chunks)]
+
+
+def _check_points(model, points) -> tuple:
+    """points as a tuple of None (the input) and submodule names, checked against the model."""
+    if isinstance(points, (str, bytes)) or not hasattr(points, "__iter__"):
+        raise TypeError(f"points must be a sequence of submodule names (None for the input), got {points!r}")
+    points = tuple(points)
+    modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
+    for point in points:
+        if point is not None and point not in modules:
+            raise ValueError(f"{point!r} names no submodule of the model; the names are those of "
+                             f"model.named_modules(), e.g. {[name for name in modules if name][:6]}")
+    if len(set(points)) != len(points):
+        raise ValueError(f"points must be distinct, got {points}")
+    return points
+
+
+class _Capture:
+    """Forward hooks that keep the output of each named submodule during one forward. A point
+    must be one tensor (B, ...), computed once per forward and not changed in place afterwards
+    (e.g. by a ReLU(inplace=True)): its derivative would otherwise be that of another value."""
+
+    def __init__(self, model, names, batch):
+        self.model, self.names, self.batch = model, [n for n in names if n is not None], batch
+        self.outputs, self.handles = {}, []
+
+    def __enter__(self):
+        for name in self.names:
+            self.handles.append(self.model.get_submodule(name).register_forward_hook(
+                lambda module, args, output, name=name: self._keep(name, output)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return False
+
+    def _keep(self, name, output):
+        if name in self.outputs:
+            raise ValueError(f"submodule {name!r} runs more than once in the model's forward, so its output names "
+                             f"no single representation; name a submodule that runs once")
+        if not isinstance(output, torch.Tensor) or output.dim() == 0 or output.shape[0] != self.batch:
+            raise TypeError(f"submodule {name!r} must return one tensor of shape ({self.batch}, ...) to be a point; "
+                            f"got {_shape(output)}")
+        self.outputs[name] = (output, output._version)
+
+    def output(self, name):
+        if name not in self.outputs:
+            raise ValueError(f"submodule {name!r} did not run in the model's forward")
+        output, version = self.outputs[name]
+        if output._version != version:
+            raise ValueError(f"the output of submodule {name!r} is changed in place later in the forward (e.g. by "
+                             f"an inplace activation), so its gradient is not that of the representation; make "
+                             f"that operation out of place")
+        if not output.requires_grad:
+            raise ValueError(f"the output of submodule {name!r} does not depend on x")
+        return output
 
 
 def _shape(value):

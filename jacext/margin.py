@@ -4,36 +4,50 @@ Classification") on jacext's layer Jacobians.
 The distance of sample b to the boundary between its class y and class j, measured at layer l, is
 (f_y - f_j) / (eps + ||grad_{h_l}(f_y - f_j)||_q), q the dual of the distance norm, f the softmax
 probabilities (as the official code) or the logits. Every gradient is a row combination of the
-layer Jacobian J = df/dh_l (all layers from one reverse sweep, differentiable twice): with u = e_y - e_j
-(logits) or u = S_y - S_j (probabilities, S = diag(s) - s s^T the softmax Jacobian),
-grad(f_y - f_j) = u^T J. For q = 2 its norm is u^T (J J^T) u, from the m x m Gram matrix, with no
-per-class gradient formed (at the input layer J J^T comes from the Gram epilogue S G S^T where that
-is cheaper than J); for q = 1 or inf only the needed rows u^T J are formed. For q = inf at the input
-layer, J = S W_1 (S = R^(1) D_1, the reverse carry one layer up) is not formed either: the rows
-(u^T S) W_1 are, and their max-norm's backward reads one column of W_1 per row instead of two GEMMs
-with W_1 (the max depends on one entry of each row)."""
+layer Jacobian J = df/dh_l: with u = e_y - e_j (logits) or u = S_y - S_j (probabilities,
+S = diag(s) - s s^T the softmax Jacobian), grad(f_y - f_j) = u^T J. The loss needs k = top_k of
+them per sample and layer. On the engine the planner (planner.margin_costs) picks one of two paths:
+
+- rows: the k directions u carried back from the logits through the net, giving u^T J_l at every
+  requested layer from one reverse sweep (torch ops over one forward's activation derivatives;
+  with use_approximation no graph at all, so the loss's graph is the logits');
+- jacobian: all m rows in the engine's sweep (differentiable twice), then J J^T for q = 2 (at the
+  input layer by the Gram epilogue S G S^T where that is cheaper than J), u^T J for q = 1, and for
+  q = inf at the input layer the rows (u^T S) W_1 from J = S W_1 (S = R^(1) D_1, the reverse carry
+  one layer up), whose max-norm's backward reads one column of W_1 per row.
+
+On the generic path (any module) the points are the input and the outputs of named submodules,
+and the rows come from batched reverse products of the model's one forward."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import activations as act
 from . import generic
 from . import ops as _ops
+from ._checks import check_weights
 from ._route import ANY_MODULE, as_cond, engine_or_generic
+from .frontend import NotLowerable, lower
+from .planner import CARRY_ELEMENT_COST, margin_costs, margin_path
 
-__all__ = ["margin_distances", "large_margin_loss", "LargeMarginLoss"]
+__all__ = ["margin_distances", "large_margin_loss", "LargeMarginLoss", "margin_plan", "MarginPlan", "MARGIN_METHODS"]
 
 DUAL_NORM = {1: math.inf, 2: 2, math.inf: 1}
 SCORES = ("probs", "logits")
+# "auto": the engine's cheaper path when the model lowers and the layers are ints, else the generic
+# path; "rows" / "jacobian": that engine path; "autograd": the generic path.
+MARGIN_METHODS = ANY_MODULE + ("rows", "jacobian")
+INPUT = "input"  # the name of layer 0 (x) in `layers`
+Layer = Union[int, str]
 
 
-def _check(m, depth, x, target, layers, dist_norm, on):
-    """m: the number of classes; depth: the engine's number of layers (None on the generic path,
-    where the margin is taken at the input only)."""
+def _check(m, x, target, dist_norm, on):
+    """m: the number of classes."""
     if (not isinstance(target, torch.Tensor) or target.shape != (x.shape[0],)
             or target.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"target must be an integer tensor of shape ({x.shape[0]},) with class indices")
@@ -47,17 +61,46 @@ def _check(m, depth, x, target, layers, dist_norm, on):
             torch._assert_async(valid, f"jacext: {message}")
     if m < 2:
         raise ValueError("a margin needs at least two classes (outputs)")
-    if depth is None and layers != (0,):
-        raise ValueError(f"layers={layers!r}: margins at hidden layers need a model that runs on the fused engine; "
-                         "the generic path takes the margin at the input (layers=(0,))")
-    if depth is not None and (len(layers) == 0 or len(set(layers)) != len(layers)
-                              or any(not isinstance(l, int) or not 0 <= l < depth for l in layers)):
-        raise ValueError(f"layers must be distinct integers in [0, {depth - 1}] (0 = input, l = output of "
-                         f"the l-th activation), got {tuple(layers)}")
     if dist_norm not in DUAL_NORM:
         raise ValueError(f"dist_norm must be 1, 2 or math.inf, got {dist_norm!r}")
     if on not in SCORES:
         raise ValueError(f"on must be 'probs' or 'logits', got {on!r}")
+
+
+def _names_points(layers) -> bool:
+    """Whether `layers` names submodules (then the margin runs on the generic path)."""
+    return any(isinstance(l, str) and l != INPUT for l in layers)
+
+
+def _engine_layers(layers, depth) -> tuple:
+    """layers as the engine's ints ("input" is 0), checked."""
+    layers = tuple(0 if l == INPUT else l for l in layers)
+    if (len(layers) == 0 or len(set(layers)) != len(layers)
+            or any(isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < depth for l in layers)):
+        raise ValueError(f"layers must be distinct integers in [0, {depth - 1}] (0 or 'input' = input, l = output "
+                         f"of the l-th activation), or names of submodules, got {layers}")
+    return layers
+
+
+def _generic_points(layers) -> tuple:
+    """layers as generic.ModelJacobian's points: None for the input (0 or "input"), else names."""
+    points = tuple(None if (l == INPUT or (isinstance(l, int) and not isinstance(l, bool) and l == 0)) else l
+                   for l in layers)
+    if len(points) == 0 or len(set(points)) != len(points) or any(
+            p is not None and not isinstance(p, str) for p in points):
+        raise ValueError(f"layers={layers!r}: on the generic path the layers are 0 or 'input' for x and names of "
+                         "submodules (model.named_modules()) whose outputs are the representations, distinct; "
+                         "integer hidden layers need a model that runs on the fused engine")
+    return points
+
+
+def _top_k(top_k, m, optional):
+    """The number of direction rows per sample: top_k, or m (every class) for None where allowed."""
+    if top_k is None and optional:
+        return m
+    if not (isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k <= m - 1):
+        raise ValueError(f"top_k must be an integer in [1, {m - 1}]{' or None' if optional else ''}, got {top_k!r}")
+    return top_k
 
 
 def _layer_grams(spec, x, layers):
@@ -173,74 +216,147 @@ def _directions(score_jacobian, target, classes, m, dtype):
     return u_y - u_j
 
 
+def _sqrt_or_zero(sq):
+    """sqrt(sq), with no gradient where sq = 0 (u = 0 for j = y): sqrt's derivative is infinite there."""
+    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq.new_zeros(()))
+
+
+def _row_norms(rows, q):
+    """||rows_j||_q over the last dimension of rows (B, k, n): (B, k)."""
+    if q == 2:
+        return _sqrt_or_zero(rows.square().sum(2))
+    return rows.abs().amax(2) if q == math.inf else rows.abs().sum(2)
+
+
 def _gradient_norms(jac, u, q):
     """||u_k^T J||_q per sample and class (B, k), in the Jacobian's precision (float32 under
     autocast); for q = 2, `jac` is the Gram matrix J J^T (B, m, m)."""
     with torch.autocast(u.device.type, enabled=False):
-        dtype = (jac.s.dtype if isinstance(jac, _InputFactor) else u.dtype if isinstance(jac, _InputGradients)
-                 else jac.dtype)
+        dtype = jac.s.dtype if isinstance(jac, _InputFactor) else jac.dtype
         return _gradient_norms_full_precision(jac, u.to(dtype), q)
 
 
 def _gradient_norms_full_precision(jac, u, q):
-    if isinstance(jac, _InputGradients):
-        rows = jac.rows(u)
-        if q == 2:
-            sq = rows.square().sum(2)
-            return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq.new_zeros(()))
-        return rows.abs().amax(2) if q == math.inf else rows.abs().sum(2)
     if isinstance(jac, _InputFactor):  # q = inf at the input layer: the rows (u^T S) W_1
         return _MaxAbsOfProduct.apply(torch.bmm(u, jac.s), jac.w)[0]
     if q == 2:  # Gram identity: u^T (J J^T) u
-        sq = (torch.bmm(u, jac) * u).sum(2)
-        # sqrt's derivative is infinite at 0 (u = 0 for j = y): keep it out of the graph there
-        return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq.new_zeros(()))
+        return _sqrt_or_zero((torch.bmm(u, jac) * u).sum(2))
     if q == math.inf:  # only the k needed gradients, and one entry of each in the backward
         return _MaxAbsOfProduct.apply(u, jac)[0]
     return torch.bmm(u, jac).abs().sum(2)  # q = 1
 
 
-class _InputGradients:
-    """The generic path's Jacobian at the input: the gradients u^T J for the directions u, by
-    batched reverse products of the model's one forward (generic.ModelJacobian); held constant
-    (computed without a graph) for the large-margin loss's use_approximation."""
+class _RowSweep:
+    """The rows path: the lowered MLP's forward in torch ops, keeping each layer's weight W_i and
+    activation derivative D_i; then norms(u, q), the norms of the rows u^T J_l at every requested
+    layer from one reverse sweep of the k rows u (B, k, m): r <- (r D_i) W_i from the logits down to
+    the lowest layer. With constant norms (use_approximation) neither the derivatives nor the sweep
+    carry a graph, so the loss's graph is the logits' alone; otherwise the sweep is torch ops over
+    differentiable derivatives, so the norms' gradient flows (the double backward). Under autocast
+    it runs in float32, as the ops do."""
 
-    def __init__(self, jacobian, constant):
-        self.jacobian, self.constant = jacobian, constant
+    def __init__(self, spec, x, layers, constant):
+        check_weights(spec, x)
+        self.layers, self.low, self.constant = layers, min(layers), constant
+        self.device_type = x.device.type
+        self.dtype = torch.float32 if torch.is_autocast_enabled(self.device_type) else x.dtype
+        self.maps = []  # (W_i, D_i or None for an identity activation) for the layers above the lowest
+        with torch.autocast(self.device_type, enabled=False):
+            h = x.to(self.dtype)
+            for i, (w, b, code) in enumerate(zip(spec.weights, spec.biases, spec.activations)):
+                w = w.to(self.dtype)
+                z = F.linear(h, w, None if b is None else b.to(self.dtype))
+                p0, p1 = spec.act_params[2 * i:2 * i + 2]
+                if i >= self.low:
+                    with torch.set_grad_enabled(torch.is_grad_enabled() and not constant):
+                        d = None if code == act.IDENTITY else act.activation_derivative(z, code, p0, p1)
+                    self.maps.append((w, d))
+                h = act.activation_value(z, code, p0, p1)
+        self.logits = h
 
-    def rows(self, u):
-        if self.constant:
-            with torch.no_grad():
-                return self.jacobian.input_gradients(u.detach())
-        return self.jacobian.input_gradients(u)
+    def norms(self, u, q):
+        """[||u_j^T J_l||_q (B, k) for each requested layer l]."""
+        norms = {}
+        with torch.autocast(self.device_type, enabled=False), \
+                torch.set_grad_enabled(torch.is_grad_enabled() and not self.constant):
+            rows = u.to(self.dtype)
+            for layer in range(len(self.maps) - 1 + self.low, self.low - 1, -1):
+                w, d = self.maps[layer - self.low]
+                if d is not None:
+                    rows = rows * d.unsqueeze(1)
+                if layer == self.low and q == math.inf and torch.is_grad_enabled():
+                    # the last product's max-norm: its backward reads one column of W per row
+                    norms[layer] = _MaxAbsOfProduct.apply(rows, w)[0]
+                    break
+                rows = rows @ w
+                if layer in self.layers:
+                    norms[layer] = _row_norms(rows, q)
+        return [norms[l] for l in self.layers]
 
 
-def _margin_parts(model, x, cond, layers, q, wrt, method, max_memory, target, dist_norm, on, constant_norms=False,
-                  quantity="margin_distances"):
-    """(logits, [what each layer's norms come from], m) on the engine or the generic path."""
-    if method not in ANY_MODULE:
-        raise ValueError(f"unknown method {method!r}; expected one of {ANY_MODULE}")
-    cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, quantity, stacklevel=4)
+def _generic_norms(lin, constant):
+    """u, q -> [||u_j^T dy/dh_p||_q (B, k) at each point p] by lin.gradients (generic.ModelJacobian):
+    one batched reverse product per chunk for every point; held constant (computed without a
+    graph) for use_approximation."""
+    def norms(u, q):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not constant):
+            return [_row_norms(rows, q) for rows in lin.gradients(u.detach() if constant else u)]
+    return norms
+
+
+def _plan(model, x, cond, layers, method, quantity, stacklevel=5):
+    """(lowered model or None for the generic path, layers as that path takes them)."""
+    if method not in MARGIN_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {MARGIN_METHODS}")
+    layers = tuple(layers) if not isinstance(layers, (int, str)) else (layers,)
+    if _names_points(layers):
+        if method not in ANY_MODULE:
+            raise ValueError(f"layers {layers} name submodules, which the generic path differentiates at; "
+                             f"method={method!r} is a path of the fused engine (integer layers)")
+        return None, _generic_points(layers)
+    lowered = engine_or_generic(model, x, cond, method, quantity, stacklevel=stacklevel)
     if lowered is None:
-        lin = generic.ModelJacobian(model, x, *cond, wrt=wrt, max_memory=max_memory)
+        return None, _generic_points(layers)
+    return lowered, _engine_layers(layers, len(lowered.spec.weights))
+
+
+def _margin_parts(model, x, cond, layers, top_k, top_k_optional, wrt, method, max_memory, target, dist_norm, on,
+                  constant_norms, quantity):
+    """(logits, norms, m, k): norms(u, q) gives [||u_j^T J_l||_q (B, k) for each layer] for the
+    k = top_k (or m) directions u (B, k, m), on the engine (by the planner's path) or the generic
+    path."""
+    cond = as_cond(cond)
+    lowered, layers = _plan(model, x, cond, layers, method, quantity)
+    if lowered is None:
+        lin = generic.ModelJacobian(model, x, *cond, wrt=wrt, max_memory=max_memory, points=layers)
         logits = lin.output()
-        _check(logits.shape[1], None, x, target, layers, dist_norm, on)
-        return logits, [_InputGradients(lin, constant_norms)], logits.shape[1]
+        m = logits.shape[1]
+        _check(m, x, target, dist_norm, on)
+        return logits, _generic_norms(lin, constant_norms), m, _top_k(top_k, m, top_k_optional)
     if wrt is not None:
         raise ValueError("wrt applies to the generic path's margin (method='autograd'); the engine's margins are "
                          "with respect to whole layers")
     spec, flat = lowered.spec, lowered.flatten(x)
     m = spec.widths[-1]
-    _check(m, len(spec.weights), flat, target, layers, dist_norm, on)
+    _check(m, flat, target, dist_norm, on)
+    k = _top_k(top_k, m, top_k_optional)
+    q = DUAL_NORM[dist_norm]
+    path = method if method in ("rows", "jacobian") else margin_path(spec.widths, flat.shape[0], layers, k, q,
+                                                                        constant_norms)
+    if path == "rows":
+        sweep = _RowSweep(spec, flat, layers, constant_norms)
+        return sweep.logits, sweep.norms, m, k
     layer_matrices = _layer_matrices(q)
     if constant_norms:  # the norms are constants: no graph through the Jacobians
         logits = model(x, *cond)
         with torch.no_grad():
             _, jacobians = layer_matrices(spec, flat, layers)
-        return logits, jacobians, m
-    logits, jacobians = layer_matrices(spec, flat, layers)
-    return logits, jacobians, m
+    else:
+        logits, jacobians = layer_matrices(spec, flat, layers)
+
+    def norms(u, q):
+        return [_gradient_norms(jac, u, q) for jac in jacobians]
+    return logits, norms, m, k
 
 
 def _competitors(score, target, top_k):
@@ -249,24 +365,28 @@ def _competitors(score, target, top_k):
     return others.topk(top_k, dim=1).indices
 
 
-def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Sequence[int] = (0,),
+def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Sequence[Layer] = (0,),
                      dist_norm=2, on: str = "probs", top_k: Optional[int] = None, epsilon: float = 1e-8, *,
                      wrt=None, cond=None, method: str = "auto", max_memory=None):
     """(logits, dist): dist[b, i, j] = (f_y - f_j) / (epsilon + ||grad_{h_l}(f_y - f_j)||_q), the
     signed distance of sample b to the boundary between its class y = target[b] and class j,
-    measured at layer l = layers[i] (0 = input, l = output of the l-th activation), with q the
-    dual of dist_norm (1 -> inf, 2 -> 2, inf -> 1) and f the softmax probabilities (on="probs")
-    or the logits. Without top_k, j runs over all m classes and dist[b, i, y] = inf; with top_k,
-    over the top_k classes other than y by score, highest first. Differentiable twice.
+    measured at layer l = layers[i], with q the dual of dist_norm (1 -> inf, 2 -> 2, inf -> 1) and
+    f the softmax probabilities (on="probs") or the logits. Without top_k, j runs over all m
+    classes and dist[b, i, y] = inf; with top_k, over the top_k classes other than y by score,
+    highest first. Differentiable twice. An empty batch gives empty tensors.
 
-    model(x, *cond) may be any module: "auto" runs the engine when it lowers, else (and with
-    method="autograd") the generic path, at the input layer, with `wrt` choosing input features
-    and max_memory bounding its chunks."""
-    layers = tuple(layers)
-    logits, jacobians, m = _margin_parts(model, x, cond, layers, DUAL_NORM.get(dist_norm), wrt, method, max_memory,
-                                         target, dist_norm, on)
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= m - 1):
-        raise ValueError(f"top_k must be an integer in [1, {m - 1}] or None, got {top_k!r}")
+    layers: where the margins are taken. On the engine (a model that lowers), integers: 0 (or
+    "input") for x, l for the output of the l-th activation. On any module (the generic path),
+    0 or "input" for x and names of submodules (as in model.named_modules(), e.g. "features.0" or
+    a conv block's name) whose outputs, flattened per sample, are the representations; such a
+    module must run once per forward, and its output must not be changed in place later.
+
+    model(x, *cond) may be any module: "auto" runs the engine when it lowers and the layers are
+    integers (the planner's cheaper path: "rows", the direction rows only, or "jacobian", all m
+    rows; either can be forced by that method), else (and with method="autograd") the generic
+    path, with `wrt` choosing input features and max_memory bounding its chunks."""
+    logits, norms, m, k = _margin_parts(model, x, cond, layers, top_k, True, wrt, method, max_memory, target,
+                                        dist_norm, on, False, "margin_distances")
     q = DUAL_NORM[dist_norm]
     score, score_jacobian = _scores(logits, on)
     if top_k is None:
@@ -275,13 +395,13 @@ def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Seque
         classes = _competitors(score, target, top_k)
     diff = score.gather(1, target.view(-1, 1)) - score.gather(1, classes)
     u = _directions(score_jacobian, target, classes, m, logits.dtype)
-    dist = torch.stack([diff / (epsilon + _gradient_norms(jac, u, q)) for jac in jacobians], dim=1)
+    dist = torch.stack([diff / (epsilon + norm) for norm in norms(u, q)], dim=1)
     if top_k is None:
         dist = dist.masked_fill((classes == target.view(-1, 1)).unsqueeze(1), math.inf)
     return logits, dist
 
 
-def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequence[int] = (0,),
+def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequence[Layer] = (0,),
                       gamma: float = 10000.0, alpha_factor: float = 2.0, top_k: int = 1, dist_norm=2,
                       epsilon: float = 1e-8, use_approximation: bool = True, worst_case_loss: bool = True,
                       layers_weights: Optional[Sequence[float]] = None, on: str = "probs", *, wrt=None,
@@ -294,21 +414,22 @@ def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequ
     (worst_case_loss) or each of them; the loss max(0, gamma - max(d, gamma (1 - alpha_factor)))
     - gamma, summed over the classes kept, averaged over the batch, then over the layers. The
     constant -gamma is the official code's (it does not change the gradient). With
-    use_approximation the gradient norms are held constant (no second derivative); without it the
-    norms' own gradient flows (double backward through the Jacobian). model, cond, wrt, method
-    and max_memory as in margin_distances."""
-    layers = tuple(layers)
-    logits, jacobians, m = _margin_parts(model, x, cond, layers, DUAL_NORM.get(dist_norm), wrt, method, max_memory,
-                                         target, dist_norm, on, constant_norms=use_approximation,
-                                         quantity="large_margin_loss")
-    if not (isinstance(top_k, int) and 1 <= top_k <= m - 1):
-        raise ValueError(f"top_k must be an integer in [1, {m - 1}], got {top_k!r}")
+    use_approximation the gradient norms are held constant (no second derivative; on the rows
+    path no graph beyond the logits'); without it the norms' own gradient flows (double backward
+    through the Jacobian). The official MNIST settings are top_k=1, dist_norm=math.inf,
+    use_approximation=True. An empty batch raises a ValueError (the batch mean is undefined).
+    layers, model, cond, wrt, method and max_memory as in margin_distances."""
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 0:
+        raise ValueError("x holds no samples: the large-margin loss averages over the batch, which is undefined "
+                         "for an empty batch (skip the step, or weight the loss by the batch size)")
     if not gamma > 0 or not alpha_factor > 0 or not epsilon >= 0:
         raise ValueError(f"need gamma > 0, alpha_factor > 0 and epsilon >= 0, got {gamma}, {alpha_factor}, {epsilon}")
-    weights = [1.0] * len(layers) if layers_weights is None else [float(w) for w in layers_weights]
-    if len(weights) != len(layers) or any(not w > 0 for w in weights):
-        raise ValueError(f"layers_weights must hold {len(layers)} positive numbers, got {layers_weights!r}")
-
+    n_layers = len(layers) if not isinstance(layers, (int, str)) else 1
+    weights = [1.0] * n_layers if layers_weights is None else [float(w) for w in layers_weights]
+    if len(weights) != n_layers or any(not w > 0 for w in weights):
+        raise ValueError(f"layers_weights must hold {n_layers} positive numbers, got {layers_weights!r}")
+    logits, norms, m, k = _margin_parts(model, x, cond, layers, top_k, False, wrt, method, max_memory, target,
+                                        dist_norm, on, use_approximation, "large_margin_loss")
     q = DUAL_NORM[dist_norm]
     score, score_jacobian = _scores(logits, on)
     classes = _competitors(score, target, top_k)
@@ -316,13 +437,13 @@ def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequ
     if use_approximation and score_jacobian is not None:
         score_jacobian = score_jacobian.detach()
     u = _directions(score_jacobian, target, classes, m, logits.dtype)
-    lower = gamma * (1 - alpha_factor)
+    floor = gamma * (1 - alpha_factor)
     losses = []
-    for jac, weight in zip(jacobians, weights):
-        dist = diff / (_gradient_norms(jac, u, q) / weight + epsilon)
+    for norm, weight in zip(norms(u, q), weights):
+        dist = diff / (norm / weight + epsilon)
         if worst_case_loss:
             dist = dist.amin(1, keepdim=True)
-        loss = torch.relu(gamma - torch.maximum(dist, dist.new_tensor(lower))) - gamma
+        loss = torch.relu(gamma - torch.maximum(dist, dist.new_tensor(floor))) - gamma
         losses.append(loss.sum(1).mean())
     return torch.stack(losses).mean()
 
@@ -344,3 +465,83 @@ class LargeMarginLoss(nn.Module):
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class MarginPlan:
+    """What large_margin_loss (or margin_distances) runs for a model and options, with each
+    engine path's predicted cost (planner.margin_costs); `reason` says why a call runs the generic
+    path (costs then None)."""
+
+    def __init__(self, widths, batch, layers, rows, dist_norm, use_approximation, method, costs, choice, reason=None):
+        self.widths, self.batch, self.layers, self.rows = widths, batch, layers, rows
+        self.dist_norm, self.use_approximation, self.method = dist_norm, use_approximation, method
+        self.costs, self.choice, self.reason = costs, choice, reason
+
+    def path_name(self, path: str) -> str:
+        m = self.widths[-1]
+        if path == "rows":
+            return f"rows: {self.rows} direction row{'s' if self.rows > 1 else ''} u^T J, one sweep"
+        q = DUAL_NORM[self.dist_norm]
+        what = "J J^T" if q == 2 else "J, then u^T J"
+        return f"jacobian: all {m} rows, {what}"
+
+    def __repr__(self):
+        norms = "held constant (use_approximation)" if self.use_approximation else "differentiated (exact gradient)"
+        head = (f"large-margin loss, layers {self.layers}, {self.rows} row{'s' if self.rows > 1 else ''} per sample "
+                f"(top_k), dist_norm={self.dist_norm} (gradient norm q={DUAL_NORM[self.dist_norm]}), norms {norms}, "
+                f"method={self.method!r}")
+        if self.costs is None:
+            return (f"{head}: runs the generic path ({self.reason}): one forward of the module, then the "
+                    f"{self.rows} rows u^T dy/dh at every point from batched reverse products")
+        lines = [f"{head}\n  MLP {self.widths}, batch {self.batch}: runs {self.path_name(self.choice)}",
+                 f"  {'path':44}{'GEMM multiply-adds':>20}{'predicted cost':>17}"]
+        for path, (macs, cost) in self.costs.items():
+            mark = "  <- chosen" if path == self.choice else ""
+            lines.append(f"  {self.path_name(path):44}{macs / 1e9:>17.4g} G{cost / 1e9:>14.4g} G{mark}")
+        lines.append(f"  (forward + backward of the loss; cost = multiply-adds + CARRY_ELEMENT_COST "
+                     f"({CARRY_ELEMENT_COST}) x carried elements; the least cost wins, rows on a tie)")
+        return "\n".join(lines)
+
+
+def margin_plan(model, x: torch.Tensor, target: Optional[torch.Tensor] = None, layers: Sequence[Layer] = (0,),
+                top_k: Optional[int] = 1, dist_norm=2, use_approximation: bool = True, method: str = "auto",
+                cond=None) -> MarginPlan:
+    """The plan of large_margin_loss(model, x, target, layers, top_k=top_k, dist_norm=dist_norm,
+    use_approximation=use_approximation, method=method): `print(jacext.explain(model, x,
+    quantity="margin", top_k=1, dist_norm=math.inf))`. top_k=None with use_approximation=False
+    is margin_distances' plan over every class. target, where given, is checked as the loss
+    checks it (the plan does not depend on its values)."""
+    cond = as_cond(cond)
+    if method not in MARGIN_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {MARGIN_METHODS}")
+    layers = tuple(layers) if not isinstance(layers, (int, str)) else (layers,)
+    reason = None
+    if method == "autograd":
+        reason = "method='autograd'"
+    elif _names_points(layers):
+        reason = "layers name submodules"
+    else:
+        try:
+            lowered = lower(model, x, *cond)
+        except NotLowerable as error:
+            if method != "auto":
+                raise TypeError(f"{error}; method={method!r} runs on the fused engine only") from None
+            reason = f"the model does not lower: {error.path} ({error.op})"
+    if reason is not None:
+        points = _generic_points(layers)
+        with torch.no_grad():
+            m = generic.ModelJacobian(model, x, *cond, points=points).m
+        _check(m, x, x.new_zeros(x.shape[0], dtype=torch.long) if target is None else target, dist_norm, "probs")
+        rows = _top_k(top_k, m, True)
+        return MarginPlan(None, x.shape[0], layers, rows, dist_norm, use_approximation, method, None, None, reason)
+    spec = lowered.spec
+    layers = _engine_layers(layers, len(spec.weights))
+    m = spec.widths[-1]
+    _check(m, lowered.flatten(x), x.new_zeros(x.shape[0], dtype=torch.long) if target is None else target,
+           dist_norm, "probs")
+    rows = _top_k(top_k, m, True)
+    q = DUAL_NORM[dist_norm]
+    costs = margin_costs(spec.widths, x.shape[0], layers, rows, q, use_approximation)
+    choice = method if method in ("rows", "jacobian") else margin_path(spec.widths, x.shape[0], layers, rows, q,
+                                                                        use_approximation)
+    return MarginPlan(spec.widths, x.shape[0], layers, rows, dist_norm, use_approximation, method, costs, choice)

@@ -428,3 +428,63 @@ def carry_tile_size(widths: Sequence[int], batch, layout: CarryLayout, element_s
     threads = torch.get_num_threads() if threads is None else threads
     working_set = TILE_WORKING_COPIES * layout.rows * max(widths) * element_size
     return _balanced_tile(working_set, layout.rows, batch, threads, CARRY_MIN_TILE_ROWS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The large-margin loss on the engine (margin.py): which rows carry the gradient norms.
+
+MARGIN_PATHS = ("rows", "jacobian")
+
+
+def margin_costs(widths: Sequence[int], batch: int, layers: Sequence[int], rows: int, q: float,
+                 constant: bool) -> dict:
+    """{path: (GEMM multiply-adds, predicted cost)} of one forward + backward of the large-margin
+    loss (or margin_distances) on the engine, for `rows` direction rows per sample (top_k, or m for
+    every class), the gradient norm's order q (1, 2 or inf) and constant norms (use_approximation).
+
+    "rows": the forward in torch ops, then the `rows` directions u carried back from the logits to
+    the lowest requested layer, giving u^T J_l at every layer on the way; with constant norms once
+    without a graph, else again twice in the backward (the rows' adjoint, the weights' gradient),
+    except q = inf's last product, whose backward reads one column per row.
+    "jacobian": the engine's sweep of all m rows (its first carry D_L W_L is free), then J J^T
+    (q = 2; at the input the Gram epilogue S (W_1 W_1^T) S^T where cheaper) or u^T J (q = 1, inf;
+    q = inf at the input from the factors (u^T S) W_1); with constant norms, forward only, plus
+    the model's own forward for the logits.
+    Both: the MLP's forward and backward (3 GEMMs per layer), and CARRY_ELEMENT_COST per element of
+    the per-sample tensors carried (the rows, the Jacobians), per pass."""
+    n, depth, m, low = list(widths), len(widths) - 1, widths[-1], min(layers)
+    passes = 1 if constant else 3
+    mlp = batch * sum(n[i] * n[i + 1] for i in range(depth))
+    # rows: k rows through every layer from the top down to the lowest one requested
+    gemms = [batch * rows * n[i] * n[i + 1] for i in range(low, depth)]
+    rows_macs = 3 * mlp + passes * sum(gemms) - (0 if constant or q != math.inf else 2 * gemms[0])
+    rows_elements = passes * batch * rows * sum(n[low:depth])
+    # jacobian: m rows from D_L W_L down to layer max(low, 1), then the input layer's own way
+    input_special = low == 0 and depth >= 2 and q != 1
+    carry = passes * sum(batch * m * n[i] * n[i + 1] for i in range(1 if input_special else low, depth - 1))
+    if input_special and q == 2:  # the last GEMM, or the Gram epilogue where cheaper
+        epilogue = n[1] ** 2 * n[0] + batch * m * n[1] ** 2  # G = W_1 W_1^T, then S G S^T; twice with the backward
+        carry += min(passes * batch * m * n[0] * n[1], (1 if constant else 2) * epilogue)
+    elif input_special:  # q = inf: the k rows (u^T S) W_1, one column each in the backward
+        carry += batch * rows * n[0] * n[1]
+    # the norms: J J^T (q = 2), u^T J (q = 1), u^T J with a one-column backward (q = inf)
+    norm_passes = 1 if q == math.inf else passes
+    norms = norm_passes * sum(batch * (m * m if q == 2 else rows * m) * n[l] for l in layers
+                              if not (l == 0 and input_special))
+    jacobian_macs = (3 + constant) * mlp + carry + norms
+    jacobian_elements = passes * batch * m * sum(n[low:depth])
+    return {"rows": (rows_macs, rows_macs + CARRY_ELEMENT_COST * rows_elements),
+            "jacobian": (jacobian_macs, jacobian_macs + CARRY_ELEMENT_COST * jacobian_elements)}
+
+
+def margin_path(widths: Sequence[int], batch, layers: Sequence[int], rows: int, q: float, constant: bool) -> str:
+    """The path of least predicted cost (margin_costs), "rows" on a tie; cached by its arguments."""
+    if not isinstance(batch, int):  # a symbolic size under torch.compile: plan for a typical batch
+        batch = 64
+    return _cached_margin_path(tuple(widths), batch, tuple(sorted(layers)), rows, q, bool(constant))
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_margin_path(widths, batch, layers, rows, q, constant) -> str:
+    costs = margin_costs(widths, batch, layers, rows, q, constant)
+    return "rows" if costs["rows"][1] <= costs["jacobian"][1] else "jacobian"

@@ -2,7 +2,8 @@
 
 - The torch.func references (vmap of jacrev) that the tests compare against.
 - The large-margin loss written out with one autograd.grad per class and layer: the tests'
-  reference and the benchmark's batched-autograd peer.
+  reference and the benchmark's batched-autograd peer, at the layers of an nn.Sequential MLP or
+  at named submodules of any model.
 """
 from __future__ import annotations
 
@@ -41,6 +42,25 @@ def hidden_states(model, x):
     return h, hs
 
 
+def representations(model, x, layers):
+    """(output, [h_l for l in layers]) with the graph: an integer l indexes hidden_states (an
+    nn.Sequential MLP; 0 is x), "input" is x, any other string names a submodule whose output (a
+    forward hook) is h_l."""
+    if all(isinstance(l, int) for l in layers):
+        out, hs = hidden_states(model, x)
+        return out, [hs[l] for l in layers]
+    captured, handles = {}, []
+    for name in {l for l in layers if isinstance(l, str) and l != "input"}:
+        handles.append(model.get_submodule(name).register_forward_hook(
+            lambda module, args, output, name=name: captured.__setitem__(name, output)))
+    try:
+        out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, [x if l in (0, "input") else captured[l] for l in layers]
+
+
 def margin_classes_ref(score, target, top_k=None):
     """(classes, f_y - f_j): all m classes (top_k=None), or the top_k others by score."""
     rows = torch.arange(len(target))
@@ -55,7 +75,8 @@ def margin_classes_ref(score, target, top_k=None):
 
 def margin_gradient_norms_ref(score, hs, target, classes, layers, q, create_graph):
     """||grad_{h_l}(f_y - f_j)||_q for each layer and class column, one autograd.grad each:
-    a list over layers of (B, k)."""
+    a list over layers of (B, k). hs: the representations, indexed by the entries of layers (a
+    list of every hidden state with integer layers, or a dict)."""
     rows = torch.arange(score.shape[0])
     norms = []
     for layer in layers:
@@ -63,15 +84,17 @@ def margin_gradient_norms_ref(score, hs, target, classes, layers, q, create_grap
         for i in range(classes.shape[1]):
             diff = score[rows, target] - score[rows, classes[:, i]]
             (grad,) = torch.autograd.grad(diff.sum(), hs[layer], retain_graph=True, create_graph=create_graph)
-            per_class.append(grad.norm(p=q, dim=1))
+            per_class.append(grad.flatten(1).norm(p=q, dim=1))
         norms.append(torch.stack(per_class, dim=1))
     return norms
 
 
 def large_margin_loss_ref(model, x, target, layers, gamma, alpha_factor, top_k, dist_norm, epsilon,
                           use_approximation, worst_case_loss, layers_weights, on):
-    """The official TF code's large-margin formula in plain autograd (x must require grad)."""
-    logits, hs = hidden_states(model, x)
+    """The official TF code's large-margin formula in plain autograd (x must require grad); layers
+    as in representations."""
+    logits, chosen = representations(model, x, layers)
+    hs = dict(zip(layers, chosen))
     score = torch.softmax(logits, 1) if on == "probs" else logits
     classes, diff = margin_classes_ref(score, target, top_k)
     q = {1: math.inf, 2: 2, math.inf: 1}[dist_norm]

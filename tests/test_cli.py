@@ -39,7 +39,8 @@ def test_explain_prints_the_plan(capsys):
 
 @pytest.mark.parametrize("quantity, expected", [("spectral_norm", "spectral norm"), ("laplacian", "forward Laplacian"),
                                                 ("divergence", "divergence of MLP"),
-                                                ("jacobian_diagonal", "jacobian_diagonal of MLP")])
+                                                ("jacobian_diagonal", "jacobian_diagonal of MLP"),
+                                                ("margin", "large-margin loss")])
 def test_explain_prints_the_plan_of_each_quantity(capsys, quantity, expected):
     main(["explain", "--sizes", "16,64,64,16", "--batch", "32", "--quantity", quantity])
     out = capsys.readouterr().out

@@ -563,3 +563,58 @@ def test_resolve_wrt(wrt, n, expected):
 def test_resolve_wrt_refuses(wrt, error, match):
     with pytest.raises(error, match=match):
         resolve_wrt(wrt, 5)
+
+
+@pytest.mark.parametrize("max_memory", [None, 1])
+def test_gradients_at_named_points(max_memory):
+    """ModelJacobian(points=...): u^T dy/dh at the input and at submodule outputs, from one forward,
+    against torch.func (the model split at the points), values and the gradient of their norms;
+    chunked (max_memory=1: one row a chunk, recomputed) as well."""
+    model, x, _ = make("cnn", batch=3)
+    u = torch.randn(3, 2, 3, dtype=DT)
+    lin = generic.ModelJacobian(model, x, points=(None, "1", "4"), max_memory=max_memory)
+    got = lin.gradients(u)
+    assert [g.shape for g in got] == [(3, 2, 64), (3, 2, 2 * 6 * 6), (3, 2, 4)]
+
+    def tail(start):  # the model from the output of module `start` on, per sample
+        return lambda h: model[start + 1:](h.unsqueeze(0)).squeeze(0)
+
+    h1 = model[:2](x)
+    h4 = model[:5](x)
+    want = [torch.einsum("brm,bmn->brn", u, vmap(jacrev(lambda h: model(h.unsqueeze(0)).squeeze(0)))(x).flatten(2)),
+            torch.einsum("brm,bmn->brn", u, vmap(jacrev(tail(1)))(h1).flatten(2)),
+            torch.einsum("brm,bmn->brn", u, vmap(jacrev(tail(4)))(h4))]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    total = sum(g.square().sum() for g in got)
+    reference = sum(w.square().sum() for w in want)
+    inputs = [x] + list(model.parameters())[:-1]  # the rows do not depend on the last bias
+    for a, b in zip(torch.autograd.grad(total, inputs), torch.autograd.grad(reference, inputs)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="use gradients"):
+        lin.input_gradients(u)
+
+
+class TwiceAndInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared, self.linear = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.linear(self.shared(self.shared(x)))
+        return h.tanh_()
+
+
+@pytest.mark.parametrize("points, match", [
+    (["missing"], "names no submodule"),
+    (["shared"], "more than once"),
+    (["linear"], "changed in place"),
+    ([None, None], "distinct"),
+    ("linear", "sequence of submodule names"),
+])
+def test_bad_points(points, match):
+    model = TwiceAndInPlace().to(DT)
+    error = TypeError if match.startswith("sequence") else ValueError
+    with pytest.raises(error, match=match):
+        lin = generic.ModelJacobian(model, torch.randn(2, 3, dtype=DT), points=points)
+        lin.gradients(torch.ones(2, 1, 2, dtype=DT))

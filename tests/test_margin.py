@@ -10,7 +10,7 @@ from torch import nn
 
 import jacext
 from jacext.reference import (hidden_states, large_margin_loss_ref, margin_classes_ref,
-                              margin_gradient_norms_ref)
+                              margin_gradient_norms_ref, representations)
 from helpers import make_mlp
 
 WIDTHS = (6, 7, 5, 4)
@@ -192,3 +192,216 @@ def test_margin_training_on_digits_widens_the_margin(device):
     print(results)
     assert results["margin"][0] >= 0.95
     assert results["margin"][1] > results["cross-entropy"][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every top_k / dist_norm / approximation combination against the official formula (float64), on
+# the engine's two paths (forced) and on the generic path at named layers of a small CNN.
+
+WIDTHS10 = (6, 8, 7, 10)
+GRID = list(itertools.product([1, 3, 9], [1, 2, math.inf], [True, False]))
+GRID_IDS = [f"k{k}-d{d}-{'approx' if a else 'exact'}" for k, d, a in GRID]
+
+
+def mlp10_and_data(seed=0, batch=7):
+    model = make_mlp(WIDTHS10, nn.Tanh, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return model, torch.randn(batch, WIDTHS10[0], generator=g, dtype=torch.float64), \
+        torch.randint(0, WIDTHS10[-1], (batch,), generator=g)
+
+
+def small_cnn(seed=0, batch_norm=True):
+    """The paper's MNIST CNN in miniature: two conv blocks (conv, batch norm in eval, ReLU, 2x2 max
+    pooling), then a dense ReLU layer and the 10 logits."""
+    torch.manual_seed(seed)
+
+    def block(c_in, c_out):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out) if batch_norm else
+                             nn.Identity(), nn.ReLU(), nn.MaxPool2d(2))
+
+    model = nn.Sequential(block(1, 3), block(3, 4), nn.Flatten(), nn.Linear(4 * 2 * 2, 12), nn.ReLU(),
+                          nn.Linear(12, 10)).double()
+    with torch.no_grad():  # running statistics away from (0, 1), so that the normalization matters
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def _loss_and_grads(loss_fn, model, x):
+    xg = x.clone().requires_grad_()
+    loss = loss_fn(model, xg)
+    return [loss] + list(torch.autograd.grad(loss, [xg] + list(model.parameters())))
+
+
+def _official(layers, top_k, dist_norm, use_approximation):
+    return dict(layers=layers, gamma=0.3, alpha_factor=1.5, top_k=top_k, dist_norm=dist_norm, epsilon=1e-8,
+                use_approximation=use_approximation, worst_case_loss=True, layers_weights=None, on="probs")
+
+
+@pytest.mark.parametrize("method", ["rows", "jacobian", "auto"])
+@pytest.mark.parametrize("top_k, dist_norm, use_approximation", GRID, ids=GRID_IDS)
+def test_every_setting_matches_the_official_formula_on_an_mlp(top_k, dist_norm, use_approximation, method):
+    model, x, target = mlp10_and_data()
+    options = _official((0, 1, 2), top_k, dist_norm, use_approximation)
+    got = _loss_and_grads(lambda m, x: jacext.large_margin_loss(m, x, target, method=method, **options), model, x)
+    want = _loss_and_grads(lambda m, x: large_margin_loss_ref(m, x, target, **options), model, x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.parametrize("top_k, dist_norm, use_approximation", GRID, ids=GRID_IDS)
+def test_every_setting_matches_the_official_formula_on_a_cnn(top_k, dist_norm, use_approximation):
+    """The generic path at the input and after each conv block (named submodules)."""
+    model = small_cnn()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 10, (5,), generator=g)
+    options = _official(("input", "0", "1"), top_k, dist_norm, use_approximation)
+    got = _loss_and_grads(lambda m, x: jacext.large_margin_loss(m, x, target, **options), model, x)
+    want = _loss_and_grads(lambda m, x: large_margin_loss_ref(m, x, target, **options), model, x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.parametrize("layers", [(0,), (2, 0), (1, 2)], ids=["input", "two", "hidden"])
+@pytest.mark.parametrize("top_k, dist_norm, use_approximation", GRID, ids=GRID_IDS)
+def test_rows_and_jacobian_paths_agree(top_k, dist_norm, use_approximation, layers):
+    model, x, target = mlp10_and_data(seed=2)
+    options = dict(layers=layers, gamma=0.3, alpha_factor=1.5, top_k=top_k, dist_norm=dist_norm,
+                   use_approximation=use_approximation, worst_case_loss=False, on="probs")
+    rows, jac = (_loss_and_grads(lambda m, x: jacext.large_margin_loss(m, x, target, method=method, **options),
+                                 model, x) for method in ("rows", "jacobian"))
+    for r, j in zip(rows, jac):
+        torch.testing.assert_close(r, j, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dist_norm", [1, 2, math.inf])
+def test_distances_on_both_paths_agree(dist_norm):
+    model, x, target = mlp10_and_data(seed=4)
+    results = [jacext.margin_distances(model, x, target, layers=(0, 1), dist_norm=dist_norm, method=method)
+               for method in ("rows", "jacobian")]
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
+
+
+def _matmul_nodes(tensor):
+    """The matrix-product nodes of tensor's autograd graph."""
+    seen, stack, found = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found += any(name in type(node).__name__ for name in ("Mm", "Addmm", "Bmm", "Matmul", "Linear"))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def test_rows_path_with_approximation_builds_the_logits_graph_only():
+    """Held-constant norms: the loss's graph holds the three layers' products, nothing of the sweep."""
+    model, x, target = mlp10_and_data()
+    loss = jacext.large_margin_loss(model, x, target, layers=(0, 1, 2), top_k=3, dist_norm=math.inf,
+                                    use_approximation=True, method="rows")
+    assert _matmul_nodes(loss) == 3
+    exact = jacext.large_margin_loss(model, x, target, layers=(0, 1, 2), top_k=3, dist_norm=math.inf,
+                                     use_approximation=False, method="rows")
+    assert _matmul_nodes(exact) > 3
+
+
+@pytest.mark.parametrize("dist_norm", [1, 2, math.inf])
+def test_rows_path_gradgradcheck(dist_norm):
+    """The exact rows path is differentiable twice (the loss's gradient is itself differentiable)."""
+    model, x, target = mlp10_and_data(batch=3)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def distances(x):
+        return jacext.margin_distances(model, x, target, layers=(0, 1), dist_norm=dist_norm, top_k=2,
+                                       method="rows")[1]
+
+    xg = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(distances, (xg,))
+    assert torch.autograd.gradgradcheck(distances, (xg,))
+
+
+@pytest.mark.parametrize("method", ["rows", "jacobian", "autograd"])
+def test_empty_batch(method):
+    """The loss refuses an empty batch (its batch mean is undefined); the distances are empty."""
+    model, x, target = mlp10_and_data()
+    layers = (0, "1") if method == "autograd" else (0, 1)  # the first Tanh's output, named or counted
+    with pytest.raises(ValueError, match="no samples"):
+        jacext.large_margin_loss(model, x[:0], target[:0], layers=layers, method=method)
+    logits, dist = jacext.margin_distances(model, x[:0], target[:0], layers=layers, top_k=2, method=method)
+    assert logits.shape == (0, 10) and dist.shape == (0, 2, 2)
+
+
+def test_cnn_margins_at_the_paper_layers():
+    """The paper's CNN (28x28, two 5x5 conv blocks of 32 and 64 filters, batch norm in eval, a 512
+    dense layer) at its settings, margins at the input and after each conv block: the distances
+    against the reference's, and the loss trains (finite gradient for every parameter)."""
+    torch.manual_seed(0)
+
+    def block(c_in, c_out):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 5, padding=2), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))
+
+    model = nn.Sequential(block(1, 32), block(32, 64), nn.Flatten(), nn.Linear(64 * 7 * 7, 512), nn.ReLU(),
+                          nn.Linear(512, 10)).eval()
+    x = torch.randn(4, 1, 28, 28)
+    target = torch.tensor([0, 3, 7, 9])
+    layers = (0, "0", "1")
+    logits, dist = jacext.margin_distances(model, x, target, layers=layers, dist_norm=math.inf, top_k=1)
+    x_ref = x.clone().requires_grad_()
+    logits_ref, hs = representations(model, x_ref, layers)
+    score = torch.softmax(logits_ref, 1)
+    classes, diff = margin_classes_ref(score, target, 1)
+    norms = margin_gradient_norms_ref(score, dict(zip(layers, hs)), target, classes, layers, 1, create_graph=False)
+    torch.testing.assert_close(dist, torch.stack([diff / (1e-8 + n) for n in norms], 1).detach(),
+                               rtol=1e-4, atol=1e-6)
+    loss = jacext.large_margin_loss(model, x, target, layers=layers, top_k=1, dist_norm=math.inf,
+                                    use_approximation=True)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("layers, match", [
+    ((0, "nope"), "names no submodule"),
+    ((0, 1), "integer hidden layers"),
+    (("0", "0"), "distinct"),
+])
+def test_bad_named_layers(layers, match):
+    model = small_cnn()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        jacext.large_margin_loss(model, x, torch.tensor([1, 2]), layers=layers)
+
+
+def test_named_layers_on_an_mlp_run_the_generic_path():
+    """Names route an MLP to the generic path: the outputs of its Tanh modules "1" and "3" are the
+    engine's layers 1 and 2."""
+    model, x, target = mlp10_and_data()
+    by_name = jacext.large_margin_loss(model, x, target, layers=("input", "1", "3"), top_k=3, use_approximation=False)
+    by_index = jacext.large_margin_loss(model, x, target, layers=(0, 1, 2), top_k=3, use_approximation=False)
+    torch.testing.assert_close(by_name, by_index, **TOL)
+    with pytest.raises(ValueError, match="name submodules"):
+        jacext.large_margin_loss(model, x, target, layers=("input", "1"), method="rows")
+
+
+def test_explain_shows_the_margin_plan():
+    model = jacext.MLP([784, 512, 512, 10], activation="tanh")
+    x = torch.randn(128, 784)
+    official = jacext.explain(model, x, quantity="margin", layers=(0, 1, 2), top_k=1, dist_norm=math.inf,
+                              use_approximation=True)
+    assert official.choice == "rows" and "<- chosen" in repr(official) and "jacobian: all 10 rows" in repr(official)
+    rows_cost, jacobian_cost = official.costs["rows"][1], official.costs["jacobian"][1]
+    assert rows_cost < jacobian_cost
+    forced = jacext.explain(model, x, quantity="margin", layers=(0, 1, 2), top_k=9, method="jacobian")
+    assert forced.choice == "jacobian"
+    cnn = jacext.explain(small_cnn(), torch.randn(2, 1, 8, 8, dtype=torch.float64), quantity="margin",
+                         layers=(0, "0"), top_k=3)
+    assert cnn.costs is None and "generic path" in repr(cnn) and "name submodules" in repr(cnn)
+    with pytest.raises(ValueError, match="top_k"):
+        jacext.explain(model, x, quantity="margin", top_k=10)

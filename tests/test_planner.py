@@ -1,8 +1,10 @@
 """The strategy choice follows the cost model: multiply-adds plus the carries' elementwise traffic."""
+import math
+
 import pytest
 
-from jacext.planner import (FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, best_split, penalty_macs,
-                            resolve_strategy, strategy_name)
+from jacext.planner import (FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, best_split, margin_costs,
+                            margin_path, penalty_macs, resolve_strategy, strategy_name)
 
 
 def test_macs_of_a_one_hidden_layer_net():
@@ -100,3 +102,24 @@ def test_plans_are_cached_by_their_key():
     assert after.misses == before.misses + 1 and after.hits == before.hits + 1
     resolve_strategy("auto", widths, batch=30)
     assert _cached_strategy.cache_info().misses == after.misses + 1
+
+
+def test_margin_costs_follow_the_rows_carried():
+    """The rows path carries top_k rows through every layer from the logits down (3 passes with the
+    norms differentiated, 1 held constant); the jacobian path all m rows, so its carry does not
+    grow with top_k. With one row the rows path wins at every setting."""
+    widths, batch, layers = [784, 512, 512, 10], 128, (0, 1, 2)
+    mlp = batch * (784 * 512 + 512 * 512 + 512 * 10)
+    sweep = batch * (784 * 512 + 512 * 512 + 512 * 10)  # one row through every layer
+    for constant in (True, False):
+        passes = 1 if constant else 3
+        one, three = (margin_costs(widths, batch, layers, k, 2, constant)["rows"][0] for k in (1, 3))
+        assert one == 3 * mlp + passes * sweep and three - one == 2 * passes * sweep
+    for q in (1, 2, math.inf):
+        for constant in (True, False):
+            assert margin_path(widths, batch, layers, 1, q, constant) == "rows"
+            costs = margin_costs(widths, batch, layers, 1, q, constant)
+            assert costs["rows"][1] < costs["jacobian"][1]
+    # the jacobian path's carry is the same for every top_k; only its u^T J norms grow
+    carry = [margin_costs(widths, batch, layers, k, 2, False)["jacobian"][0] for k in (1, 9)]
+    assert carry[0] == carry[1]
