@@ -208,7 +208,7 @@ def _batched_vjp(y, anchor, rows, create_graph):
 
 
 class _Recomputed(torch.autograd.Function):
-    """run(params, *inputs) -> a tensor, computed without keeping its graph: the backward runs it
+    """run(params, *inputs) -> a tensor (or a tuple of them), computed without keeping its graph: the backward runs it
     again and differentiates that. params: the model's parameters by name (handed to run, which
     calls the model with them); inputs: the other tensors run reads. In the backward every one of
     them enters run through an identity view, so that the gradients returned are those with
@@ -224,17 +224,20 @@ class _Recomputed(torch.autograd.Function):
         detached = [t.detach() for t in tensors]
         with torch.enable_grad():
             out = run(dict(zip(names, detached)), *detached[len(names):])
-        return out.detach()
+        return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grad_outs):
         tensors = ctx.saved_tensors
         with torch.enable_grad():
             views = [t.view_as(t) if t.requires_grad else t for t in tensors]
             out = ctx.run(dict(zip(ctx.names, views)), *views[len(ctx.names):])
+        outs = out if isinstance(out, tuple) else (out,)  # a tuple: the products at several points
+        pairs = [(o, g) for o, g in zip(outs, grad_outs) if g is not None and o.requires_grad]
         wanted = [v for v in views if v.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=torch.is_grad_enabled(),
-                                         allow_unused=True) if out.requires_grad and wanted else [None] * len(wanted))
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                         create_graph=torch.is_grad_enabled(), allow_unused=True)
+                     if pairs and wanted else [None] * len(wanted))
         return (None, None, *(next(grads) if v.requires_grad else None for v in views))
 
 
@@ -263,9 +266,9 @@ class ModelJacobian:
 
     def __init__(self, model, x: torch.Tensor, *cond, wrt=None, max_memory: Optional[int] = None, points=None):
         _check_call(model, x)
-        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, (int, float))
+        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
                                        or not max_memory > 0):
-            raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
+            raise ValueError(f"max_memory must be a positive number of bytes (an int) or None, got {max_memory!r}")
         self.model, self.x, self.cond, self.max_memory = model, x, cond, max_memory
         self.batch = x.shape[0]
         self.n_features = math.prod(x.shape[1:])

@@ -118,6 +118,10 @@ def test_no_timings_in_comments_or_docstrings():
     for path in sorted(PACKAGE.glob("*.py")):
         hits += [f"{path.relative_to(ROOT)}:{line}: {text.strip()[:100]}" for line, text in _python_prose(path)
                  if TIMING.search(text)]
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        if path.suffix in (".h", ".cpp", ".cu", ".cuh"):
+            hits += [f"{path.relative_to(ROOT)}:{line}: {text.strip()[:100]}" for line, text in _cpp_prose(path)
+                     if TIMING.search(text)]
     assert not hits, "timings belong in docs/benchmarks.md:\n" + "\n".join(hits)
 
 
