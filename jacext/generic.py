@@ -183,26 +183,35 @@ class _SavedBytes:
         return tensor
 
 
-def _batched_vjp(y, anchor, rows, create_graph):
-    """(B, r, k): rows (r, *y.shape) of output cotangents times each sample's Jacobian dy/d anchor, in
-    one vmapped backward (a plain one for a single row), or one backward a row where an op's
-    backward has no batching rule; for a tuple of anchors (B, ...), the tuple of their products,
-    each flattened per sample to (B, r, n_i), from the same backward."""
+# A vmapped backward over r rows holds about r copies of the forward's saved tensors at once: past
+# this many bytes it runs slower than r plain backwards (memory-bound), so the rows go in groups.
+VMAP_BYTES = 32 * 2 ** 20
+
+
+def _batched_vjp(y, anchor, rows, create_graph, group=None):
+    """(B, r, k): rows (r, *y.shape) of output cotangents times each sample's Jacobian dy/d anchor, by
+    vmapped backwards over `group` rows at a time (all of them by default; a plain backward for a
+    group of one, and one backward a row where an op's backward has no batching rule); for a tuple
+    of anchors (B, ...), the tuple of their products, each flattened per sample to (B, r, n_i),
+    from the same backwards."""
     anchors = anchor if isinstance(anchor, tuple) else (anchor,)
     if not y.requires_grad:  # the output does not depend on anything differentiable
         products = tuple(a.new_zeros(a.shape[0], rows.shape[0], math.prod(a.shape[1:])) for a in anchors)
         return products if isinstance(anchor, tuple) else products[0]
     options = dict(retain_graph=True, create_graph=create_graph, allow_unused=True, materialize_grads=True)
-    with torch.set_grad_enabled(create_graph):  # under no_grad, create_graph alone would record nothing
-        products = None
-        if rows.shape[0] > 1:  # one row needs no vmap
+
+    def backward(part):
+        if part.shape[0] > 1:
             try:
-                products = torch.autograd.grad(y, anchors, rows, is_grads_batched=True, **options)
+                return torch.autograd.grad(y, anchors, part, is_grads_batched=True, **options)
             except RuntimeError:
                 pass
-        if products is None:
-            per_row = [torch.autograd.grad(y, anchors, row, **options) for row in rows]
-            products = tuple(torch.stack(parts) for parts in zip(*per_row))
+        per_row = [torch.autograd.grad(y, anchors, row, **options) for row in part]
+        return tuple(torch.stack(parts) for parts in zip(*per_row))
+
+    with torch.set_grad_enabled(create_graph):  # under no_grad, create_graph alone would record nothing
+        parts = [backward(part) for part in rows.split(group or rows.shape[0])]
+        products = tuple(torch.cat(p) for p in zip(*parts)) if len(parts) > 1 else parts[0]
         flat = tuple(p.reshape(rows.shape[0], a.shape[0], -1).transpose(0, 1) for p, a in zip(products, anchors))
         return flat if isinstance(anchor, tuple) else flat[0]
 
@@ -279,11 +288,12 @@ class ModelJacobian:
         self.create_graph = torch.is_grad_enabled()
         self.state = _random_state(x.device) if max_memory is not None else None
         counter = _SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t) if max_memory is not None \
-                else contextlib.nullcontext():
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
             self.y, self.anchor = self._run(x, cond)
         self.m = self.y.shape[1]
         self.saved_bytes = counter.total
+        group = VMAP_BYTES // max(self.saved_bytes, 1)
+        self.row_group = group if group >= 4 else 1  # rows per vmapped backward (a few gain nothing)
         # features per sample of each variable: the chosen inputs, or each point's representation
         self.sizes = (self.k,) if points is None else tuple(math.prod(a.shape[1:]) for a in self.anchor)
 
@@ -371,7 +381,7 @@ class ModelJacobian:
 
         def compute(y, anchor, start, stop, *u):
             rows = _unit_rows(start, stop, self.batch, self.m, y) if not u else u[0][:, start:stop].transpose(0, 1)
-            return reduce(start, stop, _batched_vjp(y, anchor, rows, create_graph))
+            return reduce(start, stop, _batched_vjp(y, anchor, rows, create_graph, self.row_group))
 
         row_bytes = 2 * self.saved_bytes + self.batch * sum(self.sizes) * self.y.element_size()
         return self.chunked(n_rows, row_bytes, create_graph, compute, *([] if directions is None else [directions]))
@@ -535,7 +545,7 @@ def laplacian(model, x: torch.Tensor, *cond, wrt=None, return_gradient: bool = F
     k = len(chosen)
 
     def gradient(y, anchor):  # (B, m, n), differentiable whatever the grad mode: the Hessian is its derivative
-        return _batched_vjp(y, anchor, _unit_rows(0, m, batch, m, y), create_graph=True)
+        return _batched_vjp(y, anchor, _unit_rows(0, m, batch, m, y), create_graph=True, group=lin.row_group)
 
     grad = gradient(lin.y, lin.anchor) if batch and m else lin.y.new_zeros(batch, m, n)
 
@@ -548,7 +558,7 @@ def laplacian(model, x: torch.Tensor, *cond, wrt=None, return_gradient: bool = F
         outputs, features = pairs // k, chosen[pairs % k]
         rows = torch.zeros(stop - start, batch, m, n, dtype=y.dtype, device=y.device)
         rows[torch.arange(stop - start, device=y.device), :, outputs, features] = 1
-        hess = _batched_vjp(first, anchor, rows, lin.create_graph)  # (B, r, n)
+        hess = _batched_vjp(first, anchor, rows, lin.create_graph, lin.row_group)  # (B, r, n)
         entries = hess.gather(2, features.expand(batch, -1).unsqueeze(2)).squeeze(2)  # (B, r)
         return y.new_zeros(batch, m).index_add(1, outputs, entries)
 

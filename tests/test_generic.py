@@ -618,3 +618,21 @@ def test_bad_points(points, match):
     with pytest.raises(error, match=match):
         lin = generic.ModelJacobian(model, torch.randn(2, 3, dtype=DT), points=points)
         lin.gradients(torch.ones(2, 1, 2, dtype=DT))
+
+
+@pytest.mark.parametrize("vmap_bytes", [1, "four rows", 2 ** 40])
+def test_rows_in_vmapped_groups_or_one_by_one_give_the_same_jacobian(vmap_bytes, monkeypatch):
+    """The rows of J go through vmapped backwards in groups sized by the forward's saved bytes (one
+    by one past generic.VMAP_BYTES): every grouping gives torch.func's J and its gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 10)).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    saved = generic.ModelJacobian(model, x).saved_bytes
+    monkeypatch.setattr(generic, "VMAP_BYTES", 4 * saved if vmap_bytes == "four rows" else vmap_bytes)
+    lin = generic.ModelJacobian(model, x)
+    assert lin.row_group == {1: 1, "four rows": 4}.get(vmap_bytes, lin.row_group)
+    jac = lin.jacobian()
+    ref = torch.func.vmap(torch.func.jacrev(lambda xi: model(xi.unsqueeze(0))[0]))(x)
+    torch.testing.assert_close(jac, ref)
+    torch.testing.assert_close(torch.autograd.grad(jac.square().sum(), x)[0],
+                               torch.autograd.grad(ref.square().sum(), x)[0])
