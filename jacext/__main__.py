@@ -265,8 +265,8 @@ def plot_bench(outputs, path):
             times = [next((r["median_s"] * 1e3 for r in results if r["method"] == method
                            and str(r.get("case", r.get("q", ""))) == g), float("nan")) for g in groups]
             ax.bar([j + i * width for j in range(len(groups))], times, width, label=method)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))],
-                      [f"q={g}" if name == "margin" else g for g in groups])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups,
+                      rotation=30 if max(map(len, groups)) > 6 else 0, ha="right" if max(map(len, groups)) > 6 else "center")
         lowest = min(r["median_s"] * 1e3 for r in results)
         ax.set(yscale="log", ylabel="median ms (log)", title=name)
         ax.set_ylim(bottom=lowest / 3)  # every bar visibly rises from the axis
