@@ -253,6 +253,13 @@ def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
     return y, jac
 
 
+def _checked_layers(layers, depth):
+    layers = list(layers)
+    if not layers or any(not isinstance(l, int) or not 0 <= l < depth for l in layers):
+        raise ValueError(f"layers must be a non-empty list of integers in [0, {depth - 1}], got {layers}")
+    return layers
+
+
 @explained_functorch_errors
 def mlp_jacobians(x: torch.Tensor, weights: Sequence[torch.Tensor],
                   biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
@@ -261,10 +268,8 @@ def mlp_jacobians(x: torch.Tensor, weights: Sequence[torch.Tensor],
     (the sweep down to the lowest layer passes every layer above it), each differentiable twice."""
     warn_if_tf32(x.device, x.dtype)
     codes, params = normalize_activations(activations, act_params, len(weights))
-    layers = list(layers)
     depth = len(weights)
-    if not layers or any(not isinstance(l, int) or not 0 <= l < depth for l in layers):
-        raise ValueError(f"layers must be a non-empty list of integers in [0, {depth - 1}], got {layers}")
+    layers = _checked_layers(layers, depth)
     tile = tile_size(widths_of(x, weights), x.shape[0], REVERSE, op_element_size(x), layer=min(layers), device=x.device)
     y, _, saved = compiled.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
                                     min(layers), REVERSE, tile=tile)
@@ -308,10 +313,8 @@ def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
     reverse carry and its Gram epilogue): m n_1^2 instead of m n_1 n_0 per sample."""
     warn_if_tf32(x.device, x.dtype)
     codes, params = normalize_activations(activations, act_params, len(weights))
-    layers = list(layers)
     depth = len(weights)
-    if not layers or any(not isinstance(l, int) or not 0 <= l < depth for l in layers):
-        raise ValueError(f"layers must be a non-empty list of integers in [0, {depth - 1}], got {layers}")
+    layers = _checked_layers(layers, depth)
     widths = widths_of(x, weights)
     gram_at_input = 0 in layers and resolve_strategy("reverse", widths, batch=x.shape[0]) == REVERSE_GRAM
     strategy, low = (REVERSE_GRAM, 0) if gram_at_input else (REVERSE, min(layers))

@@ -74,12 +74,9 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     cond = as_cond(cond)
     lowered = engine_or_generic(model, x, cond, method, "jacobian_frobenius", ANY_MODULE + ("hutchinson",))
     if lowered is None:
-        if orthogonal:
-            raise ValueError("orthogonal projections run on the fused engine only; this call runs the generic path")
-        options = dict(n_proj=n_proj, generator=generator, distribution=distribution,
-                       return_variance=return_variance) if method == "hutchinson" else {}
-        return generic.jacobian_frobenius(model, x, *cond, wrt=wrt, method="hutchinson" if options else "exact",
-                                          max_memory=max_memory, **options)
+        return generic.jacobian_frobenius(model, x, *cond, wrt=wrt, max_memory=max_memory,
+                                          **_generic_estimator(method, n_proj, generator, distribution, orthogonal,
+                                                               return_variance))
     spec, x = lowered.spec, lowered.flatten(x)
     columns = wrt_columns(wrt, spec.widths[0])
     if columns is not None:
@@ -95,6 +92,17 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
                                generator=generator, dtype=x.dtype, device=x.device, return_variance=return_variance)
     return _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                        method=method, max_memory=max_memory)
+
+
+def _generic_estimator(method, n_proj, generator, distribution, orthogonal, return_variance) -> dict:
+    """The generic path's method and estimator options for a call with `method` (exact unless it is
+    "hutchinson"; orthogonal projections are the engine's only)."""
+    if orthogonal:
+        raise ValueError("orthogonal projections run on the fused engine only; this call runs the generic path")
+    if method != "hutchinson":
+        return {"method": "exact"}
+    return dict(method="hutchinson", n_proj=n_proj, generator=generator, distribution=distribution,
+                return_variance=return_variance)
 
 
 def _columns(spec, x, columns):
@@ -218,10 +226,9 @@ def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, *, wr
     columns = wrt_columns(wrt, spec.widths[0])
     if columns is not None:
         return _columns(spec, x, columns)[1]
-    engine_method = "auto" if method == "auto" else method
     if isinstance(layer, int):
         return _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer,
-                                 method=engine_method)[1]
+                                 method=method)[1]
     return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layer)[1]
 
 

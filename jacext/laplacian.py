@@ -11,7 +11,7 @@ from . import ops as _ops
 from ._checks import check_square
 from ._route import ANY_MODULE, as_cond, engine_or_generic, wrt_columns
 from .estimators import check_estimator_options, hutchinson
-from .functional import _columns
+from .functional import _columns, _generic_estimator
 
 __all__ = ["laplacian", "divergence", "jacobian_diagonal"]
 
@@ -97,12 +97,9 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
     cond = as_cond(cond)
     lowered = engine_or_generic(model, x, cond, method, "divergence", ANY_MODULE + ("hutchinson",))
     if lowered is None:
-        if orthogonal:
-            raise ValueError("orthogonal projections run on the fused engine only; this call runs the generic path")
-        options = dict(n_proj=n_proj, generator=generator, distribution=distribution,
-                       return_variance=return_variance) if method == "hutchinson" else {}
-        return generic.divergence(model, x, *cond, wrt=wrt, method="hutchinson" if options else "exact",
-                                  max_memory=max_memory, **options)
+        return generic.divergence(model, x, *cond, wrt=wrt, max_memory=max_memory,
+                                  **_generic_estimator(method, n_proj, generator, distribution, orthogonal,
+                                                       return_variance))
     spec, x = lowered.spec, lowered.flatten(x)
     columns = _square_columns(spec, wrt)
     if columns is not None:
