@@ -63,7 +63,7 @@ __global__ void reduce_product_kernel(const scalar_t* __restrict__ a, const scal
   __shared__ double partial[kThreads];
   partial[threadIdx.x] = total;
   __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+  for (unsigned stride = kThreads / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
     __syncthreads();
   }
