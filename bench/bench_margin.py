@@ -25,7 +25,7 @@ the others the exact gradient at top_k 1, 3 and 9 (q = the gradient norm, the du
     python bench/bench_margin.py              # the cases below, each method in its own process
     python bench/bench_margin.py --repeats 5  # ratios as the median of 5 runs
     python bench/bench_margin.py --grid       # the 18 settings on the MLP
-    python bench/bench_margin.py --smoke      # tiny sizes, seconds (CI)
+    python bench/bench_margin.py --smoke      # tiny sizes, three of the cases, seconds (CI)
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ MLP = dict(widths=[784, 512, 512, 10], batch=128, layers=(0, 1, 2))
 CNN = dict(image=28, channels=(32, 64), dense=512, batch=128, layers=(0, "0", "1"))
 SMOKE_MLP = dict(widths=[12, 9, 9, 10], batch=6, layers=(0, 1, 2))
 SMOKE_CNN = dict(image=8, channels=(2, 3), dense=8, batch=4, layers=(0, "0", "1"))
+# --smoke's cases: the norms held and their gradient flowing, the MLP and the CNN
+SMOKE_CASES = ["official", "top3-qinf-exact", "cnn-official"]
 # name: (model, top_k, dist_norm, use_approximation)
 CASES = {
     "official": ("mlp", 1, math.inf, True),
@@ -190,7 +192,8 @@ def main():
         return
 
     cases = GRID if args.grid else CASES
-    names = list(cases) if args.cases is None else args.cases.split(",")
+    default = SMOKE_CASES if args.smoke and not args.grid else list(cases)
+    names = default if args.cases is None else args.cases.split(",")
     unknown = [name for name in names if name not in cases]
     if unknown:
         sys.exit(f"unknown cases {unknown}; expected some of {list(cases)}")

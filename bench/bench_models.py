@@ -17,6 +17,7 @@
 
     python bench/bench_models.py --repeats 5   # ratios as the median of 5 runs
     python bench/bench_models.py --smoke       # tiny sizes, seconds (CI)
+    python bench/bench_models.py --device cuda # on a GPU (bench/gpu_check.sh)
 
 Each case and method runs in its own process; the table gives the median time per step and each
 method's time over jacext's (the median of the per-run ratios with --repeats).
@@ -102,18 +103,18 @@ def penalty(model, x, method):
     return sum(r.flatten(1).square().sum(1) for r in rows)
 
 
-def time_case(case, method, min_run_time):
+def time_case(case, method, min_run_time, device="cpu"):
     torch.manual_seed(0)
     if case["kind"] == "heat":
-        model = heat_model(case["widths"])
-        xt = torch.rand(case["batch"], 2)
+        model = heat_model(case["widths"]).to(device)
+        xt = torch.rand(case["batch"], 2, device=device)
 
         def step():
             model.zero_grad(set_to_none=True)
             heat_residual(model, xt, method).square().mean().backward()
     else:
-        model = MnistNet(case["side"]).eval()
-        x = torch.randn(case["batch"], 1, case["side"], case["side"])
+        model = MnistNet(case["side"]).eval().to(device)
+        x = torch.randn(case["batch"], 1, case["side"], case["side"], device=device)
 
         def step():
             model.zero_grad(set_to_none=True)
@@ -124,7 +125,7 @@ def time_case(case, method, min_run_time):
     return time_step(step, min_run_time)[TIME_KEY]
 
 
-def frontend_cost(smoke):
+def frontend_cost(smoke):  # pure Python: the same on every device
     """Seconds per jacext.frontend.lower call on a model it has traced (the median of 5 blocks)."""
     model = jacext.MLP([784, 256, 256, 10] if not smoke else [8, 8, 2])
     jacext.frontend.lower(model)
@@ -137,7 +138,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timed runs per method and case")
     parser.add_argument("--repeats", type=int, default=1, help="time every (case, method) this many times over")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/models_cpu[_smoke].json)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/models_<device>[_smoke].json)")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cases = SMOKE_CASES if args.smoke else CASES
@@ -148,11 +150,12 @@ def main():
             report({TIME_KEY: frontend_cost(args.smoke)})
             return
         case = next(c for c in cases if c["name"] == args.worker[0])
-        report({TIME_KEY: time_case(case, args.worker[1], args.min_run_time)})
+        report({TIME_KEY: time_case(case, args.worker[1], args.min_run_time, args.device)})
         return
 
     def worker(case, method):
-        command = ["--min-run-time", args.min_run_time, "--worker", case, method] + (["--smoke"] if args.smoke else [])
+        command = ["--min-run-time", args.min_run_time, "--device", args.device, "--worker", case, method] + (
+            ["--smoke"] if args.smoke else [])
         return run_worker(__file__, command, f"{case} {method}")[TIME_KEY]
 
     runs = []
@@ -165,7 +168,7 @@ def main():
                 print(f"{case['name']} {method}: {seconds * 1e3:.2f} ms", flush=True)
     results = summarise(runs, ("case", "method"), lambda row: {"method": "jacext"}, "time_vs_jacext")
     frontend = worker("F1", "lower")
-    machine = machine_description("cpu")
+    machine = machine_description(args.device)
     print(f"\n{machine}; float32; one training step, median"
           + (f" over {args.repeats} runs (ratio: the median of the per-run ratios)" if args.repeats > 1 else "")
           + "; each case and method in its own process\n")
@@ -191,7 +194,7 @@ def main():
             print(f"{name}: jacext {s['speedup']:.2f}x the speed of {peer}; target {s['target']:g}x: "
                   f"{'met' if s['met'] else 'NOT met'}")
     print(f"F1: jacext.frontend.lower on a traced 784-256-256-10 MLP: {frontend * 1e6:.1f} us per call")
-    write_results(args.out, "models", "cpu", args.smoke, {"machine": machine, "repeats": args.repeats,
+    write_results(args.out, "models", args.device, args.smoke, {"machine": machine, "repeats": args.repeats,
                                                           "results": results, "runs": runs, "summary": summary,
                                                           "frontend_lower_s": frontend})
 
