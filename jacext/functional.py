@@ -13,6 +13,7 @@ from torch import nn
 from . import activations as act
 from . import generic
 from . import ops as _ops
+from ._checks import check_weights
 from ._route import ANY_MODULE, as_cond, engine_or_generic, wrt_columns
 from .estimators import check_estimator_options, hutch_plus_plus, hutchinson, random_projections
 
@@ -144,12 +145,8 @@ class Linearization:
 
     def __init__(self, spec, x: torch.Tensor, layer: int = 0):
         self.device_type = x.device.type
-        autocast = torch.is_autocast_enabled(self.device_type)
-        for i, w in enumerate(spec.weights):  # the ops' own checks (autocast casts every dtype)
-            if w.device != x.device or (w.dtype != x.dtype and not autocast):
-                raise RuntimeError(f"jacext: weight {i} has dtype {w.dtype} on {w.device} but x has {x.dtype} "
-                                   f"on {x.device}")
-        self.dtype = torch.float32 if autocast else x.dtype
+        check_weights(spec, x)
+        self.dtype = torch.float32 if torch.is_autocast_enabled(self.device_type) else x.dtype
         self.maps = []  # (W_k, d_k or None for an identity layer) for the layers above `layer`
         with torch.no_grad(), torch.autocast(self.device_type, enabled=False):
             h = x.to(self.dtype)
