@@ -7,10 +7,9 @@ from typing import Optional
 
 import torch
 
-from ._wrt import resolve_wrt
-from .frontend import Lowered, NotLowerable, lower
+from .frontend import Lowered, NotLowerable, _not_lowerable, lower
 
-__all__ = ["as_cond", "engine_or_generic", "wrt_columns"]
+__all__ = ["as_cond", "engine_or_generic"]
 
 # Methods that any module can run: "auto" picks the engine when the model lowers, "autograd" is
 # the generic path itself; every other method names something only the engine does.
@@ -33,16 +32,28 @@ def as_cond(cond) -> tuple:
     return cond
 
 
+# What each factor of a lowered model (Lowered.factors) is, for the messages of the quantities
+# that do not run it on the engine.
+_FACTORS = {"input_concat": "conditioning inputs concatenated with x"}
+
+
 def engine_or_generic(model, x, cond: tuple, method: str, quantity: str,
-                      any_module=ANY_MODULE, stacklevel: int = 3) -> Optional[Lowered]:
+                      any_module=ANY_MODULE, stacklevel: int = 3,
+                      supports: frozenset = frozenset(_FACTORS)) -> Optional[Lowered]:
     """The lowered model for the engine, or None for the generic path. method="autograd" is the
     generic path; "auto" (and the other methods in `any_module`) take it when the model does not
-    lower, with one warning per model class and node naming the node; any other method is one of the
-    engine's own and raises a TypeError naming that node."""
+    lower, or lowers with a factor the quantity's engine path does not take (`supports`: the
+    Lowered.factors it takes), with one warning per model class and node naming the node; any other
+    method is one of the engine's own and raises a TypeError naming that node."""
     if method == "autograd":
         return None
     try:
-        return lower(model, x, *cond)
+        lowered = lower(model, x, *cond)
+        missing = sorted(lowered.factors - supports)
+        if missing:
+            raise _not_lowerable(type(model).__name__, missing[0], "its forward",
+                                 f"jacext.{quantity}'s engine path does not take {_FACTORS[missing[0]]}")
+        return lowered
     except NotLowerable as reason:
         if method not in any_module:
             raise TypeError(f"{reason}; method={method!r} runs on the fused engine only: method='auto' or "
@@ -54,12 +65,3 @@ def engine_or_generic(model, x, cond: tuple, method: str, quantity: str,
                           "(exact, slower); method='autograd' chooses it without this warning",
                           RuntimeWarning, stacklevel=stacklevel)
         return None
-
-
-def wrt_columns(wrt, n_features: int):
-    """resolve_wrt's index tensor of the chosen features, or None for all of them (also when
-    wrt names every feature in order)."""
-    index = resolve_wrt(wrt, n_features)
-    if index is not None and index.numel() == n_features and bool((index == torch.arange(n_features)).all()):
-        return None
-    return index

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["resolve_wrt"]
+__all__ = ["resolve_wrt", "wrt_columns"]
 
 EXPECTED = ("None (every feature), an int k (features 0..k-1), a slice, or a sequence of distinct "
             "feature indices")
@@ -69,3 +69,19 @@ def resolve_wrt(wrt, n_features: int) -> Optional[torch.Tensor]:
     if repeated:
         raise ValueError(f"wrt holds repeated feature indices {repeated}; each feature may be chosen once")
     return torch.tensor([int(i) for i in items], dtype=torch.int64)
+
+
+def wrt_columns(wrt, n_features: int, offset: int = 0, n_columns: Optional[int] = None) -> Optional[torch.Tensor]:
+    """The columns of an (B, n_columns) input that hold the features wrt chooses, when x's
+    n_features features sit at columns offset..offset+n_features-1 of it (a model that concatenates
+    conditioning inputs with x); None for every column in order (n_columns defaults to n_features)."""
+    n_columns = n_features if n_columns is None else n_columns
+    index = resolve_wrt(wrt, n_features)
+    if index is None:
+        if offset == 0 and n_features == n_columns:
+            return None  # no tensor to compare: torch.compile traces this call
+        index = torch.arange(n_features)
+    index = index + offset
+    if index.numel() == n_columns and bool((index == torch.arange(n_columns)).all()):
+        return None
+    return index

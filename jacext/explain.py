@@ -9,7 +9,7 @@ from ._checks import check_square
 from .activations import IDENTITY
 from .layouts import (CARRY_FORWARD, FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, carry_saved_shapes,
                       diagonal_layout, laplacian_layout)
-from ._route import wrt_columns
+from ._wrt import wrt_columns
 from .nn import parse_model
 from .planner import (DIAGONAL_STRATEGY_NAMES, L2_CACHE_BYTES, Split, applicable, batch_chunk, best_split,
                       carry_cost, carry_macs, carry_tile_size, default_memory_budget, diagonal_applicable, footprint,

@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import activations as act
+from ._wrt import wrt_columns
 
 __all__ = ["lower", "Lowered", "NotLowerable", "MLPSpec", "parse_model"]
 
 SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAMES))
              + " (modules or functions), nn.Identity, nn.Flatten / flatten / view / reshape of the input to "
-             "(B, n), nn.Dropout and nn.BatchNorm1d in eval()")
+             "(B, n), torch.cat of the input with conditioning inputs, nn.Dropout and nn.BatchNorm1d in eval()")
 
 
 class NotLowerable(TypeError):
@@ -93,8 +94,12 @@ class Layer:
 
 @dataclass(frozen=True)
 class Plan:
+    """layers; flatten_input: x is flattened to (B, n) first; input_parts: None, or the order in
+    which the model concatenates x (-1) with its conditioning inputs (k: cond[k]) into the first
+    Linear's input, each as (index, expanded to the batch)."""
     layers: tuple
     flatten_input: bool
+    input_parts: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -102,15 +107,38 @@ class Lowered:
     """What the engine needs for one call. spec holds the current parameters (derived tensors
     where BatchNorm is folded); flatten_input: the model flattens x to (B, n) before its first
     Linear (the Jacobian is with respect to the flattened input); input_shape: x's per-sample
-    shape when the model flattens it and lower() was given x, else None."""
+    shape when the model flattens it and lower() was given x, else None. input_parts: Plan's;
+    x_offset, x_features: the columns of the engine's input that hold x's (flattened) features
+    (conditioning inputs concatenated before x come first); x_features is None without x."""
 
     spec: MLPSpec
     flatten_input: bool
     input_shape: Optional[tuple] = None
+    input_parts: Optional[tuple] = None
+    x_offset: int = 0
+    x_features: Optional[int] = None
 
-    def flatten(self, x: torch.Tensor) -> torch.Tensor:
-        """x as the (B, n) matrix the engine takes."""
-        return x.flatten(1) if self.flatten_input else x
+    @property
+    def factors(self) -> frozenset:
+        """The parts of the lowered model beyond a plain MLP, which a quantity must support to run
+        it on the engine (jacext/_route.py): "input_concat" (conditioning inputs concatenated
+        with x)."""
+        return frozenset(("input_concat",) if self.input_parts is not None else ())
+
+    def input(self, x: torch.Tensor, cond: tuple = ()) -> torch.Tensor:
+        """The (B, n) matrix the engine takes: x flattened, concatenated with the conditioning
+        inputs as the model concatenates them (so that their gradients flow as in the model)."""
+        x = x.flatten(1) if self.flatten_input else x
+        if self.input_parts is None:
+            return x
+        return torch.cat([x if k < 0 else cond[k].expand(x.shape[0], -1) if expand else cond[k]
+                          for k, expand in self.input_parts], 1)
+
+    def columns(self, wrt) -> Optional[torch.Tensor]:
+        """The engine-input columns of the features of x that wrt chooses; None for every column
+        of the engine's input, in order."""
+        n = self.spec.widths[0] if self.x_features is None else self.x_features
+        return wrt_columns(wrt, n, self.x_offset, self.spec.widths[0])
 
 
 def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond) -> Lowered:
@@ -121,11 +149,32 @@ def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond) -> Lowered:
         raise TypeError(f"jacext needs an nn.Module, got {type(model).__name__}")
     plan = _plan(model, 1 + len(cond))
     spec = _build(model, plan)
-    input_shape = None
+    input_shape, x_offset, n = None, 0, None
     if x is not None:
-        _check_input(x, spec.widths[0], plan.flatten_input)
+        n = spec.widths[0]
+        if plan.input_parts is not None:
+            x_offset = _check_cond(x, cond, plan, n)
+            n -= sum(cond[k].shape[1] for k, _ in plan.input_parts if k >= 0)
+        _check_input(x, n, plan.flatten_input)
         input_shape = tuple(x.shape[1:]) if plan.flatten_input else None
-    return Lowered(spec, plan.flatten_input, input_shape)
+    return Lowered(spec, plan.flatten_input, input_shape, plan.input_parts, x_offset, n)
+
+
+def _check_cond(x, cond, plan, n):
+    """Checks the conditioning inputs the model concatenates with x; returns x's column offset."""
+    offset, before = 0, True
+    for k, expand in plan.input_parts:
+        if k < 0:
+            before = False
+            continue
+        c = cond[k]
+        if not isinstance(c, torch.Tensor) or c.dim() != 2 or (not expand and c.shape[0] != x.shape[0]):
+            raise ValueError(f"the model concatenates cond[{k}] with x along the features: it must be a "
+                             f"({x.shape[0] if x.dim() else 'B'}, k) tensor, got "
+                             f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
+        if before:
+            offset += c.shape[1]
+    return offset
 
 
 def _check_input(x, n, flatten_input):
@@ -339,6 +388,8 @@ class _Reader:
         self.flatten_input = False
         self.started = False      # a step other than Identity / eval Dropout / Flatten has run
         self.batch = set()        # nodes holding x.shape, and the batch size x.shape[0]
+        self.cond = {}            # conditioning-input nodes -> (cond index, expanded to the batch)
+        self.input_parts = None   # Plan.input_parts
         self.current = None       # the chain's value
 
     # naming
@@ -360,7 +411,17 @@ class _Reader:
         return path, op
 
     # steps
+    COND_WHY = ("a conditioning input joins the engine only by torch.cat with x at the input (torch.cat([x, c], 1)); "
+                "elsewhere the model runs on the generic path")
+
+    def unsupported(self, node, kind):
+        if any(a in self.cond for a in node.all_input_nodes):
+            self.refuse(node, self.COND_WHY)
+        self.refuse(node, f"unsupported {kind}; the engine runs {SUPPORTED}")
+
     def chain(self, node, value):
+        if value in self.cond:
+            self.refuse(node, self.COND_WHY)
         if value is not self.current:
             self.refuse(node, "it takes a value other than the previous step's output (branches, skips "
                               "and several inputs do not run on the engine)")
@@ -413,10 +474,7 @@ class _Reader:
     def read(self):
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         self.current = placeholders[0]
-        for extra in placeholders[1:]:
-            users = [u for u in extra.users if u.target is not fx._symbolic_trace._assert_is_none]
-            if users:
-                self.refuse(users[0], "conditioning inputs run on the generic path")
+        self.cond = {extra: (k, False) for k, extra in enumerate(placeholders[1:])}
         for node in self.graph.nodes:
             if node.op == "call_module":
                 self.call_module(node)
@@ -426,7 +484,7 @@ class _Reader:
                 self.call_method(node)
             elif node.op == "output":
                 self.output(node)
-        return Plan(tuple(self.layers), self.flatten_input)
+        return Plan(tuple(self.layers), self.flatten_input, self.input_parts)
 
     def output(self, node):
         result = node.args[0]
@@ -516,8 +574,27 @@ class _Reader:
             self.dropout(node, a.get("p", 0.5), a.get("training", True))
         elif target is torch.flatten:
             self.flatten_to_matrix(node, self.step(node))
+        elif target in (torch.cat, torch.concat, torch.concatenate):
+            self.concatenate(node)
         else:
-            self.refuse(node, f"unsupported function; the engine runs {SUPPORTED}")
+            self.unsupported(node, "function")
+
+    def concatenate(self, node):
+        """torch.cat([x, c, ...], 1) at the input: x and conditioning inputs (or c.expand(B, k))."""
+        a = self.arguments(node)
+        tensors, dim = a.get("tensors"), a.get("dim", 0)
+        if self.started or self.input_parts is not None:
+            self.refuse(node, "a concatenation runs on the engine only at the input, of x with conditioning "
+                              "inputs, before the first nn.Linear (a per-sample bias inside the network runs on "
+                              "the generic path)")
+        if dim not in (1, -1) or not isinstance(tensors, (list, tuple)):
+            self.refuse(node, f"torch.cat along dim={dim}; the engine concatenates features (dim=1)")
+        if sum(t is self.current for t in tensors) != 1 or not all(t is self.current or t in self.cond
+                                                                     for t in tensors):
+            self.refuse(node, "the engine concatenates x once with conditioning inputs (the model's extra "
+                              "arguments, or their .expand(B, k)) only")
+        self.input_parts = tuple((-1, False) if t is self.current else self.cond[t] for t in tensors)
+        self.current = node
 
     def call_method(self, node):
         target = node.target
@@ -539,8 +616,15 @@ class _Reader:
             self.flatten(node)
         elif target == "flatten":
             self.flatten_to_matrix(node, self.step(node))
+        elif target == "expand" and node.args[0] in self.cond:
+            sizes = node.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = tuple(sizes[0])
+            if node.kwargs or len(sizes) != 2 or sizes[0] not in self.batch or not isinstance(sizes[1], int):
+                self.refuse(node, "a conditioning input's expand other than c.expand(x.shape[0], k)")
+            self.cond[node] = (self.cond[node.args[0]][0], True)
         else:
-            self.refuse(node, f"unsupported method; the engine runs {SUPPORTED}")
+            self.unsupported(node, "method")
 
     def flatten_to_matrix(self, node, a):
         if (a.get("start_dim", 0), a.get("end_dim", -1)) != (1, -1):

@@ -14,7 +14,7 @@ from . import activations as act
 from . import generic
 from . import ops as _ops
 from ._checks import check_weights
-from ._route import ANY_MODULE, as_cond, engine_or_generic, wrt_columns
+from ._route import ANY_MODULE, as_cond, engine_or_generic
 from .estimators import check_estimator_options, hutch_plus_plus, hutchinson, random_projections
 
 __all__ = ["jacobian_frobenius", "JacobianFrobenius", "jacobian", "Jacobian", "jacobian_gram", "JacobianGram",
@@ -78,8 +78,8 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
         return generic.jacobian_frobenius(model, x, *cond, wrt=wrt, max_memory=max_memory,
                                           **_generic_estimator(method, n_proj, generator, distribution, orthogonal,
                                                                return_variance))
-    spec, x = lowered.spec, lowered.flatten(x)
-    columns = wrt_columns(wrt, spec.widths[0])
+    spec, x = lowered.spec, lowered.input(x, cond)
+    columns = lowered.columns(wrt)
     if columns is not None:
         return _frobenius_of_columns(spec, x, columns, method, n_proj, generator, distribution, orthogonal,
                                      return_variance)
@@ -104,6 +104,19 @@ def _generic_estimator(method, n_proj, generator, distribution, orthogonal, retu
         return {"method": "exact"}
     return dict(method="hutchinson", n_proj=n_proj, generator=generator, distribution=distribution,
                 return_variance=return_variance)
+
+
+def _input_layer_columns(lowered, layer, wrt):
+    """The chosen columns of the engine's input (None: all) for a Jacobian at `layer` (an int or a
+    list; wrt only with layer 0, checked before). A hidden layer's Jacobian does not see how the
+    input was formed; the input's, of a model that concatenates conditioning inputs with x, is
+    taken over x's columns, alone."""
+    if layer == 0:
+        return lowered.columns(wrt)
+    if lowered.input_parts is not None and not isinstance(layer, int) and 0 in list(layer):
+        raise ValueError("the model concatenates conditioning inputs with x: ask for the input's Jacobian "
+                         "(layer 0, over x's features) on its own, not in a list of layers")
+    return None
 
 
 def _columns(spec, x, columns):
@@ -219,8 +232,8 @@ def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, *, wr
     if lowered is None:
         jac = generic.jacobian(model, x, *cond, wrt=wrt, max_memory=max_memory)[1]
         return jac if isinstance(layer, int) else [jac]
-    spec, x = lowered.spec, lowered.flatten(x)
-    columns = wrt_columns(wrt, spec.widths[0])
+    spec, x = lowered.spec, lowered.input(x, cond)
+    columns = _input_layer_columns(lowered, layer, wrt)
     if columns is not None:
         return _columns(spec, x, columns)[1]
     if isinstance(layer, int):
@@ -243,8 +256,8 @@ def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, 
     if lowered is None:
         gram = generic.jacobian_gram(model, x, *cond, wrt=wrt, max_memory=max_memory)[1]
         return gram if isinstance(layer, int) else [gram]
-    spec, x = lowered.spec, lowered.flatten(x)
-    columns = wrt_columns(wrt, spec.widths[0])
+    spec, x = lowered.spec, lowered.input(x, cond)
+    columns = _input_layer_columns(lowered, layer, wrt)
     if columns is not None:
         jac = _columns(spec, x, columns)[1]
         return _ops.batched_gram(jac)

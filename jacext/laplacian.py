@@ -9,7 +9,7 @@ import torch
 from . import generic
 from . import ops as _ops
 from ._checks import check_square
-from ._route import ANY_MODULE, as_cond, engine_or_generic, wrt_columns
+from ._route import ANY_MODULE, as_cond, engine_or_generic
 from .estimators import check_estimator_options, hutchinson
 from .functional import _columns, _generic_estimator
 
@@ -36,8 +36,8 @@ def laplacian(model, x: torch.Tensor, return_gradient: bool = False, *, wrt=None
     lowered = engine_or_generic(model, x, cond, method, "laplacian")
     if lowered is None:
         return generic.laplacian(model, x, *cond, wrt=wrt, return_gradient=return_gradient, max_memory=max_memory)
-    spec, flat = lowered.spec, lowered.flatten(x)
-    directions, rows, order = _laplacian_directions(spec.widths[0], wrt, return_gradient, flat.dtype, flat.device)
+    spec, flat = lowered.spec, lowered.input(x, cond)
+    directions, rows, order = _laplacian_directions(lowered, wrt, return_gradient, flat.dtype, flat.device)
     out = _ops.mlp_laplacian(flat, spec.weights, spec.biases, spec.activations, spec.act_params,
                              return_gradient=return_gradient, directions=directions, laplacian_rows=rows)
     if order is None:
@@ -46,29 +46,34 @@ def laplacian(model, x: torch.Tensor, return_gradient: bool = False, *, wrt=None
     return y, grad[:, :, order], lap
 
 
-def _square_columns(spec, wrt):
+def _square_columns(lowered, wrt):
     """The chosen columns (None: all) after checking that they are as many as the outputs."""
-    columns = wrt_columns(wrt, spec.widths[0])
-    check_square([spec.widths[0] if columns is None else len(columns), spec.widths[-1]])
+    columns, widths = lowered.columns(wrt), lowered.spec.widths
+    check_square([widths[0] if columns is None else len(columns), widths[-1]])
     return columns
 
 
-def _laplacian_directions(n0: int, wrt, gradient: bool, dtype, device):
+def _laplacian_directions(lowered, wrt, gradient: bool, dtype, device):
     """(directions, laplacian_rows, order) of mlp_laplacian for the features wrt names: the chosen
-    unit vectors first, then, with the gradient, the other features' (the Laplacian sums the first
-    k rows); `order` puts the gradient's columns back in feature order (None: already). The leading
-    features 0..k-1, in any order, need no directions: they are the op's own first k unit vectors."""
-    columns = wrt_columns(wrt, n0)
+    unit vectors first, then, with the gradient, x's other features' (the Laplacian sums the first
+    k rows); `order` puts the gradient's columns back in x's feature order (None: already). The
+    leading columns 0..k-1, in any order, need no directions: they are the op's own first k unit
+    vectors. x's features are columns x_offset.. of the engine's input when the model concatenates
+    conditioning inputs with x (their columns are held fixed: no direction of theirs)."""
+    n0 = lowered.spec.widths[0]
+    columns = lowered.columns(wrt)
     chosen = list(range(n0)) if columns is None else columns.tolist()
+    features = lowered.columns(None)
+    features = list(range(n0)) if features is None else features.tolist()
     k = len(chosen)
-    if sorted(chosen) == list(range(k)):
+    if sorted(chosen) == list(range(k)) and (not gradient or features == list(range(n0))):
         return None, (None if k == n0 else k), None
-    rows = chosen + [j for j in range(n0) if j not in chosen] if gradient else chosen
+    rows = chosen + [j for j in features if j not in chosen] if gradient else chosen
     directions = torch.eye(n0, dtype=dtype, device=device)[rows].unsqueeze(0)
     order = None
-    if gradient:
-        order = torch.empty(n0, dtype=torch.long)
-        order[rows] = torch.arange(n0)
+    if gradient and rows != features:
+        order = torch.empty(len(rows), dtype=torch.long)
+        order[torch.tensor(rows) - features[0]] = torch.arange(len(rows))
         order = order.to(device)
     return directions, k, order
 
@@ -100,8 +105,8 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
         return generic.divergence(model, x, *cond, wrt=wrt, max_memory=max_memory,
                                   **_generic_estimator(method, n_proj, generator, distribution, orthogonal,
                                                        return_variance))
-    spec, x = lowered.spec, lowered.flatten(x)
-    columns = _square_columns(spec, wrt)
+    spec, x = lowered.spec, lowered.input(x, cond)
+    columns = _square_columns(lowered, wrt)
     if columns is not None:
         y, jac = _columns(spec, x, columns)
         if method != "hutchinson":
@@ -133,8 +138,8 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None,
     lowered = engine_or_generic(model, x, cond, method, "jacobian_diagonal")
     if lowered is None:
         return generic.jacobian_diagonal(model, x, *cond, wrt=wrt, max_memory=max_memory)
-    spec, x = lowered.spec, lowered.flatten(x)
-    columns = _square_columns(spec, wrt)
+    spec, x = lowered.spec, lowered.input(x, cond)
+    columns = _square_columns(lowered, wrt)
     if columns is not None:
         y, jac = _columns(spec, x, columns)
         return y, jac.diagonal(dim1=1, dim2=2)

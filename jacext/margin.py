@@ -314,7 +314,7 @@ def _plan(model, x, cond, layers, method, quantity, stacklevel=5):
             raise ValueError(f"layers {layers} name submodules, which the generic path differentiates at; "
                              f"method={method!r} is a path of the fused engine (integer layers)")
         return None, _generic_points(layers)
-    lowered = engine_or_generic(model, x, cond, method, quantity, stacklevel=stacklevel)
+    lowered = engine_or_generic(model, x, cond, method, quantity, stacklevel=stacklevel, supports=frozenset())
     if lowered is None:
         return None, _generic_points(layers)
     return lowered, _engine_layers(layers, len(lowered.spec.weights))
@@ -336,7 +336,7 @@ def _margin_parts(model, x, cond, layers, top_k, top_k_optional, wrt, method, ma
     if wrt is not None:
         raise ValueError("wrt applies to the generic path's margin (method='autograd'); the engine's margins are "
                          "with respect to whole layers")
-    spec, flat = lowered.spec, lowered.flatten(x)
+    spec, flat = lowered.spec, lowered.input(x)
     m = spec.widths[-1]
     _check(m, flat, target, dist_norm, on)
     k = _top_k(top_k, m, top_k_optional)
@@ -523,6 +523,8 @@ def margin_plan(model, x: torch.Tensor, target: Optional[torch.Tensor] = None, l
     else:
         try:
             lowered = lower(model, x, *cond)
+            if lowered.factors:
+                reason = f"the engine's margin does not take the model's {', '.join(sorted(lowered.factors))}"
         except NotLowerable as error:
             if method != "auto":
                 raise TypeError(f"{error}; method={method!r} runs on the fused engine only") from None
@@ -537,7 +539,7 @@ def margin_plan(model, x: torch.Tensor, target: Optional[torch.Tensor] = None, l
     spec = lowered.spec
     layers = _engine_layers(layers, len(spec.weights))
     m = spec.widths[-1]
-    _check(m, lowered.flatten(x), x.new_zeros(x.shape[0], dtype=torch.long) if target is None else target,
+    _check(m, lowered.input(x), x.new_zeros(x.shape[0], dtype=torch.long) if target is None else target,
            dist_norm, "probs")
     rows = _top_k(top_k, m, True)
     q = DUAL_NORM[dist_norm]

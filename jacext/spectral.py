@@ -26,7 +26,7 @@ from . import ops as _ops
 from . import activations as act
 from . import generic
 from ._checks import check_input
-from ._route import ANY_MODULE, as_cond, engine_or_generic, wrt_columns
+from ._route import ANY_MODULE, as_cond, engine_or_generic
 from .functional import Linearization, _columns
 from .nn import parse_model
 from .planner import REVERSE, predicted_cost, resolve_strategy
@@ -197,9 +197,9 @@ def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: st
         raise ValueError(f"unknown method {method!r}; expected one of {SPECTRAL_METHODS}")
     cond = as_cond(cond)
     lowered = engine_or_generic(model, x, cond, method, "jacobian_spectral_norm", ANY_MODULE + ("exact",))
-    if lowered is None or wrt is not None:
+    if lowered is None or lowered.columns(wrt) is not None:
         return _spectral_of_columns(model, x, cond, lowered, layer, wrt, return_vectors, max_memory)
-    spec, x = lowered.spec, lowered.flatten(x)
+    spec, x = lowered.spec, lowered.input(x, cond)
     _check_options(spec, x, layer, method, n_iter, tol, init)
     if second_order and method == "power":
         raise ValueError("second_order=True is the exact path's (the power path differentiates ||u^T J|| with u "
@@ -223,8 +223,8 @@ def _spectral_of_columns(model, x, cond, lowered, layer, wrt, return_vectors, ma
         if return_vectors:
             raise ValueError("return_vectors (warm starts for the power path) applies to models on the fused engine")
         return generic.jacobian_spectral_norm(model, x, *cond, wrt=wrt, max_memory=max_memory)
-    spec, x = lowered.spec, lowered.flatten(x)
-    columns = wrt_columns(wrt, spec.widths[0])
+    spec, x = lowered.spec, lowered.input(x, cond)
+    columns = lowered.columns(wrt)
     y, jac = _columns(spec, x, columns) if columns is not None else \
         _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params)
     u, s, _ = torch.linalg.svd(jac, full_matrices=False)

@@ -148,7 +148,7 @@ def test_lowered_network_and_jacobian_match_the_model(case):
     model, x = build(case)
     lowered = lower(model, x)
     spec = lowered.spec
-    flat = lowered.flatten(x)
+    flat = lowered.input(x)
     assert lowered.flatten_input == (x.dim() > 2)
     assert lowered.input_shape == (tuple(x.shape[1:]) if x.dim() > 2 else None)
     assert flat.shape == (x.shape[0], x[0].numel())
@@ -226,7 +226,7 @@ def test_unused_extra_input_lowers_and_a_used_one_does_not():
             return y if scale is None else y * scale
 
     assert lower(Conditioned(), x).spec.widths == [5, 3]  # called as model(x): t and scale are None
-    with pytest.raises(NotLowerable, match=r"Conditioned \(operator.mul\) .* conditioning inputs run on the generic"):
+    with pytest.raises(NotLowerable, match=r"Conditioned \(operator.mul\) .* joins the engine only by torch.cat"):
         lower(Conditioned(), x, torch.ones(6, 1))
 
 
@@ -294,7 +294,7 @@ class Branchy(nn.Module):
 @pytest.mark.parametrize("model, path, op, where, why", [
     (WithLayerNorm(), "norm", "LayerNorm", line_of(WithLayerNorm, "# norm"), "unsupported module"),
     (Residual(), "Residual", "operator.add", line_of(Residual, "# residual"), "unsupported function"),
-    (Concat(), "Concat", "torch.cat", line_of(Concat, "# cat"), "unsupported function"),
+    (Concat(), "Concat", "torch.cat", line_of(Concat, "# cat"), "concatenates x once with conditioning inputs"),
     (Branchy(), "Branchy", "torch.fx trace", line_of(Branchy, "# data-dependent"), "torch.fx cannot trace it"),
     (Conv(), "features.0", "Conv2d", line_of(Conv, "# features"), "unsupported module"),
     (nn.Sequential(nn.Linear(5, 7), nn.Dropout(0.1), nn.Linear(7, 3)), "1", "Dropout", None,
