@@ -12,6 +12,13 @@
          jacext         jacext.jacobian_frobenius(model, x, method="autograd"): the generic path
          vmap-jacrev    torch.func: vmap(jacrev(model)) and the squared norm
          grad-loop      one autograd.grad(create_graph=True) per output
+  N1   an FFJORD-style field f(x, t) = MLP(cat([x, t])), 17-64-64-16 tanh, t a conditioning input,
+       B = 512: loss = mean(|f|^2 + div_x f), backward to every parameter (a CNF step's shape)
+         jacext         jacext.divergence(field, x, cond=t): exact, on the engine over x's columns
+         autograd-trace one autograd.grad(create_graph=True) per dimension of x (FFJORD's exact trace)
+  N2   the same field and loss with the divergence estimated from one Rademacher projection
+         jacext         jacext.divergence(field, x, cond=t, method="hutchinson", n_proj=1)
+         ffjord-vjp     FFJORD's estimator: e^T (e^T df/dx) from one vjp
   F1   the front-end's cost per call on a lowered MLP (784-256-256-10): jacext.frontend.lower on a
        model it has traced (the plan is cached per module and structure), not a training step
 
@@ -37,13 +44,20 @@ import jacext
 from common import TIME_KEY, machine_description, report, run_worker, summarise, time_step, write_results  # bench/common.py
 
 CASES = [dict(name="H1", kind="heat", widths=[2, 64, 64, 64, 1], batch=4096),
-         dict(name="C1", kind="cnn", side=28, batch=32)]
+         dict(name="C1", kind="cnn", side=28, batch=32),
+         dict(name="N1", kind="cnf", widths=[16, 64, 64, 16], batch=512),
+         dict(name="N2", kind="cnf-estimate", widths=[16, 64, 64, 16], batch=512)]
 SMOKE_CASES = [dict(name="H1", kind="heat", widths=[2, 8, 8, 1], batch=16),
-               dict(name="C1", kind="cnn", side=12, batch=2)]
-METHODS = {"heat": ["jacext", "autograd-loop", "torch-func"], "cnn": ["jacext", "vmap-jacrev", "grad-loop"]}
-PEERS = {"heat": ["autograd-loop", "torch-func"], "cnn": ["vmap-jacrev", "grad-loop"]}
-# issue 29's targets: jacext's speed-up over each peer (the CNN: not slower than the faster one)
-TARGETS = {"H1": {"autograd-loop": 2.5, "torch-func": 1.5}, "C1": {"best": 1.0}}
+               dict(name="C1", kind="cnn", side=12, batch=2),
+               dict(name="N1", kind="cnf", widths=[3, 8, 3], batch=8),
+               dict(name="N2", kind="cnf-estimate", widths=[3, 8, 3], batch=8)]
+METHODS = {"heat": ["jacext", "autograd-loop", "torch-func"], "cnn": ["jacext", "vmap-jacrev", "grad-loop"],
+           "cnf": ["jacext", "autograd-trace"], "cnf-estimate": ["jacext", "ffjord-vjp"]}
+PEERS = {"heat": ["autograd-loop", "torch-func"], "cnn": ["vmap-jacrev", "grad-loop"], "cnf": ["autograd-trace"],
+         "cnf-estimate": ["ffjord-vjp"]}
+# issues 29 and 31's targets: jacext's speed-up over each peer (the CNN: not slower than the faster one)
+TARGETS = {"H1": {"autograd-loop": 2.5, "torch-func": 1.5}, "C1": {"best": 1.0}, "N1": {"autograd-trace": 4.0},
+           "N2": {"ffjord-vjp": 1.0}}
 
 
 class MnistNet(nn.Module):
@@ -103,9 +117,47 @@ def penalty(model, x, method):
     return sum(r.flatten(1).square().sum(1) for r in rows)
 
 
+class Field(nn.Module):
+    """FFJORD's field f(x, t): an MLP on cat([x, t]) (t: one time per sample, (B, 1))."""
+
+    def __init__(self, widths):
+        super().__init__()
+        self.net = heat_model([widths[0] + 1] + widths[1:])
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t], 1))
+
+
+def cnf_divergence(field, x, t, method):
+    """(f, div_x f) as each method computes it."""
+    if method == "jacext":
+        return jacext.divergence(field, x, cond=t)
+    if method == "jacext-hutchinson":
+        return jacext.divergence(field, x, cond=t, method="hutchinson", n_proj=1)
+    x = x.detach().requires_grad_()
+    f = field(x, t)
+    if method == "autograd-trace":
+        div = sum(torch.autograd.grad(f[:, i].sum(), x, create_graph=True)[0][:, i] for i in range(x.shape[1]))
+        return f, div
+    e = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1  # ffjord-vjp: Rademacher
+    (e_jac,) = torch.autograd.grad(f, x, e, create_graph=True)
+    return f, (e_jac * e).sum(1)
+
+
 def time_case(case, method, min_run_time, device="cpu"):
     torch.manual_seed(0)
-    if case["kind"] == "heat":
+    if case["kind"] in ("cnf", "cnf-estimate"):
+        field = Field(case["widths"]).to(device)
+        x = torch.randn(case["batch"], case["widths"][0], device=device)
+        t = torch.rand(case["batch"], 1, device=device)
+        if case["kind"] == "cnf-estimate" and method == "jacext":
+            method = "jacext-hutchinson"
+
+        def step():
+            field.zero_grad(set_to_none=True)
+            f, div = cnf_divergence(field, x, t, method)
+            (f.square().sum(1) + div).mean().backward()
+    elif case["kind"] == "heat":
         model = heat_model(case["widths"]).to(device)
         xt = torch.rand(case["batch"], 2, device=device)
 

@@ -11,7 +11,8 @@ from . import ops as _ops
 from ._checks import check_square
 from ._route import ANY_MODULE, as_cond, engine_or_generic
 from .estimators import check_estimator_options, hutchinson
-from .functional import _columns, _generic_estimator
+from .frontend import MLPSpec
+from .functional import _generic_estimator
 
 __all__ = ["laplacian", "divergence", "jacobian_diagonal"]
 
@@ -107,28 +108,42 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
                                                        return_variance))
     spec, x = lowered.spec, lowered.input(x, cond)
     columns = _square_columns(lowered, wrt)
-    if columns is not None:
-        y, jac = _columns(spec, x, columns)
-        if method != "hutchinson":
-            return y, jac.diagonal(dim1=1, dim2=2).sum(1)
-        return hutchinson(lambda v: (y, ((v.to(jac.dtype) @ jac) * v.to(jac.dtype)).sum(2)), x.shape[0], n_proj,
-                          len(columns), distribution=distribution, orthogonal=orthogonal, generator=generator,
-                          dtype=x.dtype, device=x.device, return_variance=return_variance)
+    spec, outputs = _squared_up(spec, columns)
     if method != "hutchinson":
-        return _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations,
-                                          spec.act_params, method=method, trace=True)
+        y, div = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations,
+                                            spec.act_params, method=method, trace=True)
+        return outputs(y), div
 
     def terms_of(v):  # each term v^T J v is unbiased for tr J
-        return _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                          method="hutchinson", projections=v)
+        if columns is not None:  # v over the chosen features, zero on the others
+            v = v.new_zeros(*v.shape[:2], spec.widths[0]).index_copy(2, columns.to(v.device), v)
+        y, terms = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+                                              method="hutchinson", projections=v)
+        return outputs(y), terms
 
-    return hutchinson(terms_of, x.shape[0], n_proj, spec.widths[0], distribution=distribution, orthogonal=orthogonal,
+    n = spec.widths[0] if columns is None else len(columns)
+    return hutchinson(terms_of, x.shape[0], n_proj, n, distribution=distribution, orthogonal=orthogonal,
                       generator=generator, dtype=x.dtype, device=x.device, return_variance=return_variance)
+
+
+def _squared_up(spec, columns):
+    """(spec', outputs) for the diagonal over chosen columns c_0..c_{m-1} of the engine's input
+    (None: all, and spec' = spec): spec' maps output i to row c_i of a square net and leaves its
+    other rows zero (zero weights and bias), so that diag(J')[c_i] = dy_i/dx_{c_i}, J' has no other
+    nonzero diagonal entry, and the fused diagonal ops (every strategy) apply; outputs(y') takes
+    y back from y'. Differentiable in the last layer's weight and bias."""
+    if columns is None:
+        return spec, lambda y: y
+    n0, w, b = spec.widths[0], spec.weights[-1], spec.biases[-1]
+    index = columns.to(w.device)
+    weights = spec.weights[:-1] + [w.new_zeros(n0, w.shape[1]).index_copy(0, index, w)]
+    biases = spec.biases[:-1] + [None if b is None else b.new_zeros(n0).index_copy(0, index, b)]
+    return MLPSpec(weights, biases, spec.activations, spec.act_params), lambda y: y.index_select(1, index)
 
 
 def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None, cond=None, max_memory=None):
     """(y, diag): y == model(x, *cond) (B, n) and diag[b, i] = dy_b,i / dx_b,wrt[i] (B, n), exact,
-    without forming J on the engine (with wrt: from J's chosen columns). method "auto", "forward"
+    without forming J on the engine. method "auto", "forward"
     (the input columns; the last layer forms the diagonal alone), "gram" (one hidden layer:
     diag = d_2 .* (d_1 (W_1 .* W_2^T)), the matrix once per batch) or "autograd" (the generic
     path). Differentiable twice."""
@@ -140,8 +155,7 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None,
         return generic.jacobian_diagonal(model, x, *cond, wrt=wrt, max_memory=max_memory)
     spec, x = lowered.spec, lowered.input(x, cond)
     columns = _square_columns(lowered, wrt)
-    if columns is not None:
-        y, jac = _columns(spec, x, columns)
-        return y, jac.diagonal(dim1=1, dim2=2)
-    return _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                      method=method)
+    spec, outputs = _squared_up(spec, columns)
+    y, diag = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+                                         method=method)
+    return outputs(y), outputs(diag)

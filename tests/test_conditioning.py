@@ -148,3 +148,16 @@ def test_bad_conditioning_shapes_are_clear():
         jacext.divergence(field, x, cond=t[:3])
     with pytest.raises(ValueError, match="features"):
         jacext.divergence(field, x[:, :3], cond=t)
+
+
+def test_hutchinson_over_x_columns_is_exact_with_n_orthogonal_projections():
+    field, x, t = setup(False, False)
+    jac = vmap(jacrev(per_sample(field)))(x, t)
+    y, div = on_engine(lambda: jacext.divergence(field, x, cond=t, method="hutchinson", n_proj=4, orthogonal=True,
+                                                 generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(y, field(x, t))
+    torch.testing.assert_close(div, jac.diagonal(dim1=1, dim2=2).sum(1))
+    _, one = on_engine(lambda: jacext.divergence(field, x, cond=t, method="hutchinson", n_proj=1,
+                                                 generator=torch.Generator().manual_seed(0)))
+    v = jacext.random_projections(5, 1, 4, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    torch.testing.assert_close(one, torch.einsum("bki,bij,bkj->b", v, jac, v))
