@@ -41,7 +41,8 @@ from torch.func import hessian, jacrev, vmap
 
 import jacext
 
-from common import TIME_KEY, machine_description, report, run_worker, summarise, time_step, write_results  # bench/common.py
+from common import (TIME_KEY, machine_description, report, run_worker, summarise, time_step,  # bench/common.py
+                    torch_gemm_macs, write_results)
 
 CASES = [dict(name="H1", kind="heat", widths=[2, 64, 64, 64, 1], batch=4096),
          dict(name="C1", kind="cnn", side=28, batch=32),
@@ -174,7 +175,11 @@ def time_case(case, method, min_run_time, device="cpu"):
 
     for _ in range(2):  # warm-up: the front-end's trace, the workspace, lazy initialization
         step()
-    return time_step(step, min_run_time)[TIME_KEY]
+    macs = None
+    if case["kind"] == "heat":  # the GEMM work of a step: jacext's by its planner, the others counted
+        macs = jacext.explain(model, xt, quantity="laplacian", return_gradient=True, wrt=[0]).candidates
+        macs = next(iter(macs.values()))[0] if method == "jacext" else torch_gemm_macs(step)
+    return {TIME_KEY: time_step(step, min_run_time)[TIME_KEY], "gemm_macs": macs}
 
 
 def frontend_cost(smoke):  # pure Python: the same on every device
@@ -202,33 +207,36 @@ def main():
             report({TIME_KEY: frontend_cost(args.smoke)})
             return
         case = next(c for c in cases if c["name"] == args.worker[0])
-        report({TIME_KEY: time_case(case, args.worker[1], args.min_run_time, args.device)})
+        report(time_case(case, args.worker[1], args.min_run_time, args.device))
         return
 
     def worker(case, method):
         command = ["--min-run-time", args.min_run_time, "--device", args.device, "--worker", case, method] + (
             ["--smoke"] if args.smoke else [])
-        return run_worker(__file__, command, f"{case} {method}")[TIME_KEY]
+        return run_worker(__file__, command, f"{case} {method}")
 
     runs = []
     for repeat in range(args.repeats):
         for case in cases:
             for method in METHODS[case["kind"]]:
-                seconds = worker(case["name"], method)
+                result = worker(case["name"], method)
+                seconds = result[TIME_KEY]
                 runs.append({"case": case["name"], "method": method, "batch": case["batch"], "repeat": repeat,
-                             TIME_KEY: seconds})
+                             TIME_KEY: seconds, "gemm_macs": result.get("gemm_macs")})
                 print(f"{case['name']} {method}: {seconds * 1e3:.2f} ms", flush=True)
     results = summarise(runs, ("case", "method"), lambda row: {"method": "jacext"}, "time_vs_jacext")
-    frontend = worker("F1", "lower")
+    frontend = worker("F1", "lower")[TIME_KEY]
     machine = machine_description(args.device)
     print(f"\n{machine}; float32; one training step, median"
           + (f" over {args.repeats} runs (ratio: the median of the per-run ratios)" if args.repeats > 1 else "")
           + "; each case and method in its own process\n")
-    header = f"{'case':5} {'B':>5}  {'method':14} {'median ms':>10} {'x jacext':>9}"
+    header = f"{'case':5} {'B':>5}  {'method':14} {'median ms':>10} {'x jacext':>9} {'GEMM G mult-adds':>17}"
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['case']:5} {r['batch']:5d}  {r['method']:14} {r[TIME_KEY] * 1e3:10.2f} {r['time_vs_jacext']:9.2f}")
+        m = r["gemm_macs"]
+        print(f"{r['case']:5} {r['batch']:5d}  {r['method']:14} {r[TIME_KEY] * 1e3:10.2f} {r['time_vs_jacext']:9.2f}"
+              f" {'' if m is None else f'{m / 1e9:17.3f}'}")
     summary = {}
     for case in cases:
         rows = {r["method"]: r for r in results if r["case"] == case["name"]}

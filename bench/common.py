@@ -45,6 +45,31 @@ def time_step(step, min_run_time: float) -> dict:
     return {TIME_KEY: measurement.median, "runs": len(measurement.times)}
 
 
+def torch_gemm_macs(step) -> int:
+    """The multiply-adds of the GEMMs (mm, addmm, bmm, baddbmm) that one call of step() dispatches
+    from Python and autograd, counted by a dispatch mode. A registered op's own GEMMs run inside its
+    kernel, unseen: count jacext's ops by the planner (jacext.explain) instead."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    products = {aten.mm: 0, aten.bmm: 0, aten.addmm: 1, aten.addmm_: 1, aten.baddbmm: 1}
+
+    class Count(TorchDispatchMode):
+        macs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            first = products.get(func.overloadpacket)
+            if first is not None:
+                a, b = args[first], args[first + 1]
+                Count.macs += a.numel() * b.shape[-1]
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.macs
+
+
 def summarise(runs: list, by: tuple, baseline, ratio_key: str) -> list:
     """One row per distinct value of the keys `by` among `runs` (dicts with "repeat" and TIME_KEY, one
     per timing; the methods of one repeat ran one after another), in the order first seen: the first
