@@ -255,16 +255,23 @@ class _RowSweep:
     differentiable derivatives, so the norms' gradient flows (the double backward). Under autocast
     it runs in float32, as the ops do."""
 
-    def __init__(self, spec, x, layers, constant):
+    def __init__(self, spec, x, layers, constant, reuse=False):
         check_weights(spec, x)
         self.layers, self.low, self.constant = layers, min(layers), constant
         self.device_type = x.device.type
         self.dtype = torch.float32 if torch.is_autocast_enabled(self.device_type) else x.dtype
+        # reuse (constant norms, down to the input): the forward keeps no graph, and the sweep keeps
+        # its rows for _ReusedRows, the backward of the margins' differences
+        self.reuse = reuse and constant and self.low == 0
+        self.spec, self.x, self.inputs, self.scaled, self.input_rows = spec, x, [], {}, None
         self.maps = []  # (W_i, D_i or None for an identity activation) for the layers above the lowest
-        with torch.autocast(self.device_type, enabled=False):
+        with torch.autocast(self.device_type, enabled=False), torch.set_grad_enabled(
+                torch.is_grad_enabled() and not self.reuse):
             h = x.to(self.dtype)
             for i, (w, b, code) in enumerate(zip(spec.weights, spec.biases, spec.activations)):
                 w = w.to(self.dtype)
+                if self.reuse:
+                    self.inputs.append(h)
                 z = F.linear(h, w, None if b is None else b.to(self.dtype))
                 p0, p1 = spec.act_params[2 * i:2 * i + 2]
                 if i >= self.low:
@@ -284,6 +291,8 @@ class _RowSweep:
                 w, d = self.maps[layer - self.low]
                 if d is not None:
                     rows = rows * d.unsqueeze(1)
+                if self.reuse:
+                    self.scaled[layer] = rows
                 if layer == self.low and q == math.inf and torch.is_grad_enabled():
                     # the last product's max-norm: its backward reads one column of W per row
                     norms[layer] = _MaxAbsOfProduct.apply(rows, w)[0]
@@ -291,7 +300,46 @@ class _RowSweep:
                 rows = rows @ w
                 if layer in self.layers:
                     norms[layer] = _row_norms(rows, q)
+        if self.reuse:
+            self.input_rows = rows
         return [norms[l] for l in self.layers]
+
+    def differences(self, diff):
+        """diff (B, k), computed from the graph-free logits, as a function of x and the parameters
+        whose backward reuses the sweep's rows (norms() must have run with the directions u of
+        d diff / d logits)."""
+        present = [b for b in self.spec.biases if b is not None]
+        return _ReusedRows.apply(diff, self, self.x, *self.spec.weights, *present)
+
+
+class _ReusedRows(torch.autograd.Function):
+    """The margins' differences diff_j = f_y - f_j with the rows path's backward: d diff_j / d logits
+    is the sweep's direction u_j, so the gradient of sum_j c_j diff_j at layer i's pre-activation is
+    sum_j c_j (u_j^T d logits / d z_i), the sweep's rows there, per sample. The backward combines
+    them (a (1, k) x (k, n) product per sample) and runs only the weight gradients' GEMMs: no reverse
+    GEMM through the network again, which the logits' own backward would run."""
+
+    @staticmethod
+    def forward(ctx, diff, sweep, x, *params):
+        ctx.sweep = sweep
+        return diff.clone()
+
+    @staticmethod
+    def backward(ctx, c):
+        sweep = ctx.sweep
+        c = c.to(sweep.dtype).unsqueeze(1)  # (B, 1, k)
+        weights, n_layers = sweep.spec.weights, len(sweep.spec.weights)
+        grad_w, grad_b = [None] * n_layers, []
+        for i, (w, b, h) in enumerate(zip(weights, sweep.spec.biases, sweep.inputs)):
+            g_z = (c @ sweep.scaled[i]).squeeze(1)  # (B, n_{i+1})
+            if ctx.needs_input_grad[3 + i]:
+                grad_w[i] = (g_z.t() @ h).to(w.dtype)
+            if b is not None:
+                grad_b.append(g_z.sum(0).to(b.dtype))
+        grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_x = (c @ sweep.input_rows).squeeze(1).to(sweep.x.dtype)
+        return (None, None, grad_x, *grad_w, *grad_b)
 
 
 def _generic_norms(lin, constant):
@@ -321,10 +369,12 @@ def _plan(model, x, cond, layers, method, quantity, stacklevel=5):
 
 
 def _margin_parts(model, x, cond, layers, top_k, top_k_optional, wrt, method, max_memory, target, dist_norm, on,
-                  constant_norms, quantity):
-    """(logits, norms, m, k): norms(u, q) gives [||u_j^T J_l||_q (B, k) for each layer] for the
-    k = top_k (or m) directions u (B, k, m), on the engine (by the planner's path) or the generic
-    path."""
+                  constant_norms, quantity, reuse=False):
+    """(logits, norms, m, k, differences): norms(u, q) gives [||u_j^T J_l||_q (B, k) for each layer]
+    for the k = top_k (or m) directions u (B, k, m), on the engine (by the planner's path) or the
+    generic path. With reuse (the loss, norms held constant) on the rows path down to the input,
+    the logits carry no graph and differences(diff) gives diff = f_y - f_j its gradient from the
+    sweep's rows (_ReusedRows); else differences is None and the gradient flows through logits."""
     cond = as_cond(cond)
     lowered, layers = _plan(model, x, cond, layers, method, quantity)
     if lowered is None:
@@ -332,7 +382,7 @@ def _margin_parts(model, x, cond, layers, top_k, top_k_optional, wrt, method, ma
         logits = lin.output()
         m = logits.shape[1]
         _check(m, x, target, dist_norm, on)
-        return logits, _generic_norms(lin, constant_norms), m, _top_k(top_k, m, top_k_optional)
+        return logits, _generic_norms(lin, constant_norms), m, _top_k(top_k, m, top_k_optional), None
     if wrt is not None:
         raise ValueError("wrt applies to the generic path's margin (method='autograd'); the engine's margins are "
                          "with respect to whole layers")
@@ -344,8 +394,8 @@ def _margin_parts(model, x, cond, layers, top_k, top_k_optional, wrt, method, ma
     path = method if method in ("rows", "jacobian") else margin_path(spec.widths, flat.shape[0], layers, k, q,
                                                                         constant_norms)
     if path == "rows":
-        sweep = _RowSweep(spec, flat, layers, constant_norms)
-        return sweep.logits, sweep.norms, m, k
+        sweep = _RowSweep(spec, flat, layers, constant_norms, reuse)
+        return sweep.logits, sweep.norms, m, k, (sweep.differences if sweep.reuse else None)
     layer_matrices = _layer_matrices(q)
     if constant_norms:  # the norms are constants: no graph through the Jacobians
         logits = model(x, *cond)
@@ -356,7 +406,7 @@ def _margin_parts(model, x, cond, layers, top_k, top_k_optional, wrt, method, ma
 
     def norms(u, q):
         return [_gradient_norms(jac, u, q) for jac in jacobians]
-    return logits, norms, m, k
+    return logits, norms, m, k, None
 
 
 def _competitors(score, target, top_k):
@@ -385,7 +435,7 @@ def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Seque
     integers (the planner's cheaper path: "rows", the direction rows only, or "jacobian", all m
     rows; either can be forced by that method), else (and with method="autograd") the generic
     path, with `wrt` choosing input features and max_memory bounding its chunks."""
-    logits, norms, m, k = _margin_parts(model, x, cond, layers, top_k, True, wrt, method, max_memory, target,
+    logits, norms, m, k, _ = _margin_parts(model, x, cond, layers, top_k, True, wrt, method, max_memory, target,
                                         dist_norm, on, False, "margin_distances")
     q = DUAL_NORM[dist_norm]
     score, score_jacobian = _scores(logits, on)
@@ -428,8 +478,9 @@ def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequ
     weights = [1.0] * n_layers if layers_weights is None else [float(w) for w in layers_weights]
     if len(weights) != n_layers or any(not w > 0 for w in weights):
         raise ValueError(f"layers_weights must hold {n_layers} positive numbers, got {layers_weights!r}")
-    logits, norms, m, k = _margin_parts(model, x, cond, layers, top_k, False, wrt, method, max_memory, target,
-                                        dist_norm, on, use_approximation, "large_margin_loss")
+    logits, norms, m, k, differences = _margin_parts(model, x, cond, layers, top_k, False, wrt, method, max_memory,
+                                                     target, dist_norm, on, use_approximation, "large_margin_loss",
+                                                     reuse=True)
     q = DUAL_NORM[dist_norm]
     score, score_jacobian = _scores(logits, on)
     classes = _competitors(score, target, top_k)
@@ -438,8 +489,10 @@ def large_margin_loss(model, x: torch.Tensor, target: torch.Tensor, layers: Sequ
         score_jacobian = score_jacobian.detach()
     u = _directions(score_jacobian, target, classes, m, logits.dtype)
     floor = gamma * (1 - alpha_factor)
-    losses = []
-    for norm, weight in zip(norms(u, q), weights):
+    losses, layer_norms = [], norms(u, q)
+    if differences is not None:
+        diff = differences(diff)
+    for norm, weight in zip(layer_norms, weights):
         dist = diff / (norm / weight + epsilon)
         if worst_case_loss:
             dist = dist.amin(1, keepdim=True)

@@ -301,12 +301,29 @@ def _matmul_nodes(tensor):
     return found
 
 
-def test_rows_path_with_approximation_builds_the_logits_graph_only():
-    """Held-constant norms: the loss's graph holds the three layers' products, nothing of the sweep."""
+def _nodes_named(tensor, name):
+    seen, stack, found = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found += name in type(node).__name__
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def test_rows_path_with_approximation_reuses_the_sweep_in_the_backward():
+    """Held-constant norms down to the input: the loss's graph holds no matrix product, only the
+    differences' reused-rows node (its backward runs the weight gradients alone); above the input,
+    the logits' three products and nothing of the sweep."""
     model, x, target = mlp10_and_data()
     loss = jacext.large_margin_loss(model, x, target, layers=(0, 1, 2), top_k=3, dist_norm=math.inf,
                                     use_approximation=True, method="rows")
-    assert _matmul_nodes(loss) == 3
+    assert _matmul_nodes(loss) == 0 and _nodes_named(loss, "_ReusedRows") == 1
+    hidden = jacext.large_margin_loss(model, x, target, layers=(1, 2), top_k=3, dist_norm=math.inf,
+                                      use_approximation=True, method="rows")
+    assert _matmul_nodes(hidden) == 3 and _nodes_named(hidden, "_ReusedRows") == 0
     exact = jacext.large_margin_loss(model, x, target, layers=(0, 1, 2), top_k=3, dist_norm=math.inf,
                                      use_approximation=False, method="rows")
     assert _matmul_nodes(exact) > 3
@@ -405,3 +422,22 @@ def test_explain_shows_the_margin_plan():
     assert cnn.costs is None and "generic path" in repr(cnn) and "name submodules" in repr(cnn)
     with pytest.raises(ValueError, match="top_k"):
         jacext.explain(model, x, quantity="margin", top_k=10)
+
+
+@pytest.mark.parametrize("on", ["probs", "logits"])
+def test_reused_rows_backward_without_biases_and_through_folded_batchnorm(on):
+    """The reused-rows backward (norms held constant, margins down to the input) reaches x, the
+    weights and, through the folding, BatchNorm's affine parameters; no bias to skip over."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 4, bias=False),
+                          nn.Softplus(), nn.Linear(5 - 1, 3)).double().eval()
+    model[1].weight.data.uniform_(0.5, 1.5)
+    model[1].bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    target = torch.randint(0, 3, (7,))
+    options = dict(layers=(0, 1), gamma=0.3, alpha_factor=1.5, top_k=2, dist_norm=math.inf, epsilon=1e-8,
+                   use_approximation=True, worst_case_loss=True, layers_weights=None, on=on)
+    got = _loss_and_grads(lambda m, x: jacext.large_margin_loss(m, x, target, method="rows", **options), model, x)
+    want = _loss_and_grads(lambda m, x: large_margin_loss_ref(m, x, target, **options), model, x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
