@@ -445,7 +445,8 @@ def margin_costs(widths: Sequence[int], batch: int, layers: Sequence[int], rows:
     "rows": the forward in torch ops, then the `rows` directions u carried back from the logits to
     the lowest requested layer, giving u^T J_l at every layer on the way; with constant norms once
     without a graph, else again twice in the backward (the rows' adjoint, the weights' gradient),
-    except q = inf's last product, whose backward reads one column per row.
+    except q = inf's last product, whose backward reads one column per row. With constant norms down
+    to the input, the loss's backward reuses the rows (no reverse GEMMs of the MLP's backward).
     "jacobian": the engine's sweep of all m rows (its first carry D_L W_L is free), then J J^T
     (q = 2; at the input the Gram epilogue S (W_1 W_1^T) S^T where cheaper) or u^T J (q = 1, inf;
     q = inf at the input from the factors (u^T S) W_1); with constant norms, forward only, plus
@@ -458,6 +459,9 @@ def margin_costs(widths: Sequence[int], batch: int, layers: Sequence[int], rows:
     # rows: k rows through every layer from the top down to the lowest one requested
     gemms = [batch * rows * n[i] * n[i + 1] for i in range(low, depth)]
     rows_macs = 3 * mlp + passes * sum(gemms) - (0 if constant or q != math.inf else 2 * gemms[0])
+    if constant and low == 0:  # the loss's backward reuses the sweep's rows (margin._ReusedRows): the
+        # MLP backward's reverse GEMMs become a k-row combination per layer
+        rows_macs -= sum(batch * n[i] * n[i + 1] - batch * rows * n[i + 1] for i in range(1, depth))
     rows_elements = passes * batch * rows * sum(n[low:depth])
     # jacobian: m rows from D_L W_L down to layer max(low, 1), then the input layer's own way
     input_special = low == 0 and depth >= 2 and q != 1

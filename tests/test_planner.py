@@ -106,15 +106,23 @@ def test_plans_are_cached_by_their_key():
 
 def test_margin_costs_follow_the_rows_carried():
     """The rows path carries top_k rows through every layer from the logits down (3 passes with the
-    norms differentiated, 1 held constant); the jacobian path all m rows, so its carry does not
-    grow with top_k. With one row the rows path wins at every setting."""
+    norms differentiated, 1 held constant, when the loss's backward reuses the rows instead of the
+    MLP backward's reverse GEMMs); the jacobian path all m rows, so its carry does not grow with
+    top_k. With one row the rows path wins at every setting."""
     widths, batch, layers = [784, 512, 512, 10], 128, (0, 1, 2)
     mlp = batch * (784 * 512 + 512 * 512 + 512 * 10)
     sweep = batch * (784 * 512 + 512 * 512 + 512 * 10)  # one row through every layer
+    reverse = batch * (512 * 512 + 512 * 10)  # the MLP backward's reverse GEMMs above the input
+
+    def combined(k):  # the reused rows' combination per layer above the input
+        return batch * k * (512 + 10)
+
     for constant in (True, False):
         passes = 1 if constant else 3
         one, three = (margin_costs(widths, batch, layers, k, 2, constant)["rows"][0] for k in (1, 3))
-        assert one == 3 * mlp + passes * sweep and three - one == 2 * passes * sweep
+        saved = (reverse - combined(1), reverse - combined(3)) if constant else (0, 0)
+        assert one == 3 * mlp + passes * sweep - saved[0]
+        assert three - one == 2 * passes * sweep - saved[1] + saved[0]
     for q in (1, 2, math.inf):
         for constant in (True, False):
             assert margin_path(widths, batch, layers, 1, q, constant) == "rows"
