@@ -29,7 +29,7 @@ __all__ = ["lower", "Lowered", "NotLowerable", "MLPSpec", "parse_model"]
 
 SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAMES))
              + " (modules or functions), nn.Identity, nn.Flatten / flatten / view / reshape of the input to "
-             "(B, n), nn.Dropout and nn.BatchNorm1d in eval()")
+             "(B, n), nn.Dropout / F.dropout (in train(): after a Linear or its activation), nn.BatchNorm1d in eval()")
 
 
 class NotLowerable(TypeError):
@@ -55,12 +55,15 @@ def _not_lowerable(path, op, where, why):
 
 @dataclass
 class MLPSpec:
-    """What the ops need to know about an MLP. weights[i] is (n_{i+1}, n_i)."""
+    """What the ops need to know about an MLP. weights[i] is (n_{i+1}, n_i). masks: None, or one
+    (B, n_{i+1}) tensor or None per layer, the dropout masks of one call (a constant factor after
+    the layer's activation)."""
 
     weights: list
     biases: list
     activations: list
     act_params: list
+    masks: Optional[list] = None
 
     @property
     def widths(self) -> list:
@@ -71,8 +74,8 @@ def parse_model(model: nn.Module) -> MLPSpec:
     """The engine's MLPSpec of a model (lower's spec): nn.Linear and supported
     activations, Flatten of the input, Dropout and BatchNorm1d in eval(), the user's own modules
     made of these. Raises NotLowerable (a TypeError) naming the node that does
-    not lower."""
-    return lower(model).spec
+    not lower; a Dropout in train() too (a spec without x draws no masks: lower(model, x) does)."""
+    return lower(model, masks=False).spec
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,9 @@ class Layer:
     """One Linear of the plan: the qualified names (split at the dots) of its weight and bias
     (None: F.linear without a bias; an nn.Linear's bias is read, None or not), of the BatchNorm1d
     modules folded into its input side (in the order the model applies them) and into its output
-    side, and its activation. Per-sample factors beside the activation (masks, gates), a
-    per-sample bias (conditioning) and residual markers would be more fields of the same form."""
+    side, its activation, and the Dropouts in train() after it: (p, path, op, where) each, a mask
+    factor drawn per call. Other per-sample factors (gates), a per-sample bias (conditioning) and
+    residual markers would be more fields of the same form."""
 
     weight: tuple
     bias: Optional[tuple]
@@ -89,12 +93,18 @@ class Layer:
     after: tuple
     activation: int
     act_params: tuple
+    dropout: tuple = ()
 
 
 @dataclass(frozen=True)
 class Plan:
     layers: tuple
     flatten_input: bool
+
+    @property
+    def dropout(self) -> tuple:
+        """Every Dropout in train() of the plan, in the model's order: (p, path, op, where) each."""
+        return tuple(d for layer in self.layers for d in layer.dropout)
 
 
 @dataclass(frozen=True)
@@ -107,25 +117,49 @@ class Lowered:
     spec: MLPSpec
     flatten_input: bool
     input_shape: Optional[tuple] = None
+    dropout: tuple = ()  # per layer, its Dropouts in train() (Layer.dropout): spec.masks holds their masks
 
     def flatten(self, x: torch.Tensor) -> torch.Tensor:
         """x as the (B, n) matrix the engine takes."""
         return x.flatten(1) if self.flatten_input else x
 
 
-def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond) -> Lowered:
+def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond, masks: bool = True) -> Lowered:
     """The model lowered to the engine for a call model(x, *cond); raises NotLowerable (a
     TypeError) naming the node that does not lower. With x, also checks x's shape against the
-    model's first Linear (TypeError / ValueError)."""
+    model's first Linear (TypeError / ValueError) and draws the call's dropout masks (spec.masks)
+    as the model would. masks=False: the caller's quantity does not carry masks, so a Dropout in
+    train() does not lower (raised before any mask is drawn)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"jacext needs an nn.Module, got {type(model).__name__}")
     plan = _plan(model, 1 + len(cond))
+    if plan.dropout and not masks:
+        _, path, op, where = plan.dropout[0]
+        raise _not_lowerable(path, op, where, "Dropout in train(): this quantity does not carry dropout masks on "
+                                              "the engine (the generic path draws them)")
     spec = _build(model, plan)
     input_shape = None
     if x is not None:
         _check_input(x, spec.widths[0], plan.flatten_input)
         input_shape = tuple(x.shape[1:]) if plan.flatten_input else None
-    return Lowered(spec, plan.flatten_input, input_shape)
+        if plan.dropout:
+            spec.masks = draw_masks(plan, spec, x.shape[0], x.dtype, x.device)
+    return Lowered(spec, plan.flatten_input, input_shape, tuple(layer.dropout for layer in plan.layers))
+
+
+def draw_masks(plan, spec, batch, dtype, device) -> list:
+    """The dropout masks of one call, one per layer (None for a layer without Dropout in train()):
+    F.dropout of ones of the layer's output shape, dtype and device draws the same random numbers as
+    the model's dropout on that layer's activation, and the layers draw in the model's order, so
+    that the engine's y equals model(x) under the same seed. Several Dropouts in a row multiply."""
+    masks = []
+    for layer, width in zip(plan.layers, spec.widths[1:]):
+        mask = None
+        for p, *_ in layer.dropout:
+            draw = F.dropout(torch.ones(batch, width, dtype=dtype, device=device), p, True)
+            mask = draw if mask is None else mask * draw
+        masks.append(mask)
+    return masks
 
 
 def _check_input(x, n, flatten_input):
@@ -369,7 +403,7 @@ class _Reader:
     def linear(self, node, weight, bias):
         self.close()
         self.layer = dict(weight=weight, bias=bias, before=tuple(_parts(n.target) for n in self.pending), after=[],
-                          activation=act.IDENTITY, act_params=(0.0, 0.0))
+                          activation=act.IDENTITY, act_params=(0.0, 0.0), dropout=())
         self.pending = []
         self.started = True
 
@@ -378,6 +412,9 @@ class _Reader:
             return
         if self.layer is None:
             self.refuse(node, "an activation before the first nn.Linear")
+        if self.layer["dropout"]:
+            self.refuse(node, "an activation after a Dropout in train(); the engine takes the dropout mask after "
+                              "a layer's activation")
         if self.layer["activation"] != act.IDENTITY:
             self.refuse(node, "it follows another activation; one activation per Linear is supported")
         self.layer.update(activation=code, act_params=(float(p0), float(p1)))
@@ -389,15 +426,24 @@ class _Reader:
         if not bn.track_running_stats or bn.running_mean is None:
             self.refuse(node, "BatchNorm1d without running statistics normalizes with the batch's own, which mix "
                               "the samples, so per-sample Jacobians are not defined")
-        if self.layer is None or self.layer["activation"] != act.IDENTITY:
+        if self.layer is None or self.layer["activation"] != act.IDENTITY or self.layer["dropout"]:
             self.pending.append(node)
         else:
             self.layer["after"].append(_parts(node.target))
         self.started = True
 
     def dropout(self, node, p, training):
-        if training and p > 0:
-            self.refuse(node, "Dropout in train() (the generic path draws its masks)")
+        if not training or p == 0:
+            return  # the identity
+        if self.layer is None:
+            self.refuse(node, "Dropout in train() on the input, before the first nn.Linear: its mask is not a factor "
+                              "of a layer (the generic path draws it)")
+        if self.pending:
+            self.refuse(node, "Dropout in train() after a BatchNorm1d that folds into the next nn.Linear: its mask "
+                              "is not a factor of a layer's output (the generic path draws it)")
+        if not 0 <= p <= 1:
+            self.refuse(node, f"dropout probability {p}; expected one in [0, 1]")
+        self.layer["dropout"] += ((float(p),) + self.name(node) + (node.meta.get("jacext_where", "?"),),)
 
     def flatten(self, node):
         if self.started:
@@ -453,6 +499,9 @@ class _Reader:
         elif act.from_module(m) is not None:
             self.activation(node, *act.from_module(m))
         elif isinstance(m, nn.modules.dropout._DropoutNd):
+            if m.training and m.p > 0 and type(m) is not nn.Dropout:  # channels, or alpha dropout's affine map
+                self.refuse(node, f"{type(m).__name__} in train(): only nn.Dropout's elementwise mask is a factor "
+                                  "of a layer (the generic path draws it)")
             self.dropout(node, m.p, m.training)
         elif isinstance(m, nn.BatchNorm1d):
             self.batchnorm(node, m)

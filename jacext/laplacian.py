@@ -33,7 +33,7 @@ def laplacian(model, x: torch.Tensor, return_gradient: bool = False, *, wrt=None
     if method not in ANY_MODULE:
         raise ValueError(f"unknown method {method!r}; expected one of {ANY_MODULE}")
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "laplacian")
+    lowered = engine_or_generic(model, x, cond, method, "laplacian", masks=False)  # the forward carry has none
     if lowered is None:
         return generic.laplacian(model, x, *cond, wrt=wrt, return_gradient=return_gradient, max_memory=max_memory)
     spec, flat = lowered.spec, lowered.flatten(x)
@@ -50,6 +50,14 @@ def _square_columns(spec, wrt):
     """The chosen columns (None: all) after checking that they are as many as the outputs."""
     columns = wrt_columns(wrt, spec.widths[0])
     check_square([spec.widths[0] if columns is None else len(columns), spec.widths[-1]])
+    return columns
+
+
+def _masked_columns(spec, columns):
+    """The columns of J to form: with dropout masks every column where none were chosen (the
+    forward carry takes no masks; the Jacobian ops do)."""
+    if columns is None and spec.masks is not None:
+        return torch.arange(spec.widths[0])
     return columns
 
 
@@ -95,13 +103,15 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
     are held fixed."""
     check_estimator_options(method, ("hutchinson",), n_proj, generator, distribution, orthogonal, return_variance)
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "divergence", ANY_MODULE + ("hutchinson",))
+    # masks: through J's columns only (the forward carry and the closed forms take none)
+    lowered = engine_or_generic(model, x, cond, method, "divergence", ANY_MODULE + ("hutchinson",),
+                                masks=method in ("auto", "hutchinson"))
     if lowered is None:
         return generic.divergence(model, x, *cond, wrt=wrt, max_memory=max_memory,
                                   **_generic_estimator(method, n_proj, generator, distribution, orthogonal,
                                                        return_variance))
     spec, x = lowered.spec, lowered.flatten(x)
-    columns = _square_columns(spec, wrt)
+    columns = _masked_columns(spec, _square_columns(spec, wrt))
     if columns is not None:
         y, jac = _columns(spec, x, columns)
         if method != "hutchinson":
@@ -130,11 +140,11 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None,
     if method == "hutchinson":
         raise ValueError("method='hutchinson' estimates the divergence (jacext.divergence); the diagonal is exact")
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "jacobian_diagonal")
+    lowered = engine_or_generic(model, x, cond, method, "jacobian_diagonal", masks=method == "auto")
     if lowered is None:
         return generic.jacobian_diagonal(model, x, *cond, wrt=wrt, max_memory=max_memory)
     spec, x = lowered.spec, lowered.flatten(x)
-    columns = _square_columns(spec, wrt)
+    columns = _masked_columns(spec, _square_columns(spec, wrt))
     if columns is not None:
         y, jac = _columns(spec, x, columns)
         return y, jac.diagonal(dim1=1, dim2=2)

@@ -314,7 +314,8 @@ def _plan(model, x, cond, layers, method, quantity, stacklevel=5):
             raise ValueError(f"layers {layers} name submodules, which the generic path differentiates at; "
                              f"method={method!r} is a path of the fused engine (integer layers)")
         return None, _generic_points(layers)
-    lowered = engine_or_generic(model, x, cond, method, quantity, stacklevel=stacklevel)
+    lowered = engine_or_generic(model, x, cond, method, quantity, stacklevel=stacklevel,
+                                masks=False)  # its rows and factors carry no masks
     if lowered is None:
         return None, _generic_points(layers)
     return lowered, _engine_layers(layers, len(lowered.spec.weights))
@@ -522,7 +523,7 @@ def margin_plan(model, x: torch.Tensor, target: Optional[torch.Tensor] = None, l
         reason = "layers name submodules"
     else:
         try:
-            lowered = lower(model, x, *cond)
+            lowered = lower(model, x, *cond, masks=False)
         except NotLowerable as error:
             if method != "auto":
                 raise TypeError(f"{error}; method={method!r} runs on the fused engine only") from None

@@ -196,7 +196,8 @@ def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: st
     if method not in SPECTRAL_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {SPECTRAL_METHODS}")
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "jacobian_spectral_norm", ANY_MODULE + ("exact",))
+    lowered = engine_or_generic(model, x, cond, method, "jacobian_spectral_norm", ANY_MODULE + ("exact",),
+                                masks=False)  # its power iteration and exact paths carry no masks
     if lowered is None or wrt is not None:
         return _spectral_of_columns(model, x, cond, lowered, layer, wrt, return_vectors, max_memory)
     spec, x = lowered.spec, lowered.flatten(x)
