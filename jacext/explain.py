@@ -85,7 +85,7 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     spec = lowered.spec
     widths, batch = spec.widths, x.shape[0]
     # a mask on the last layer is a diagonal there: strategies 3 and 4 need none
-    output_linear = spec.activations[-1] == IDENTITY and not lowered.dropout[-1]
+    output_linear = spec.activations[-1] == IDENTITY and not (lowered.dropout and lowered.dropout[-1])
     choice = resolve_strategy(method, widths, batch=batch, output_linear=output_linear)
     strategies = [st for st in (REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, GRAM1)
                   if applicable(st, widths, output_linear=output_linear)]

@@ -100,11 +100,7 @@ class Layer:
 class Plan:
     layers: tuple
     flatten_input: bool
-
-    @property
-    def dropout(self) -> tuple:
-        """Every Dropout in train() of the plan, in the model's order: (p, path, op, where) each."""
-        return tuple(d for layer in self.layers for d in layer.dropout)
+    dropout: tuple = ()  # per layer, its Layer.dropout; empty when no layer has a Dropout in train()
 
 
 @dataclass(frozen=True)
@@ -117,7 +113,7 @@ class Lowered:
     spec: MLPSpec
     flatten_input: bool
     input_shape: Optional[tuple] = None
-    dropout: tuple = ()  # per layer, its Dropouts in train() (Layer.dropout): spec.masks holds their masks
+    dropout: tuple = ()  # Plan.dropout: per layer, its Dropouts in train(), whose masks spec.masks holds
 
     def flatten(self, x: torch.Tensor) -> torch.Tensor:
         """x as the (B, n) matrix the engine takes."""
@@ -134,7 +130,7 @@ def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond, masks: bool
         raise TypeError(f"jacext needs an nn.Module, got {type(model).__name__}")
     plan = _plan(model, 1 + len(cond))
     if plan.dropout and not masks:
-        _, path, op, where = plan.dropout[0]
+        _, path, op, where = next(d for layer in plan.dropout for d in layer)
         raise _not_lowerable(path, op, where, "Dropout in train(): this quantity does not carry dropout masks on "
                                               "the engine (the generic path draws them)")
     spec = _build(model, plan)
@@ -144,7 +140,7 @@ def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond, masks: bool
         input_shape = tuple(x.shape[1:]) if plan.flatten_input else None
         if plan.dropout:
             spec.masks = draw_masks(plan, spec, x.shape[0], x.dtype, x.device)
-    return Lowered(spec, plan.flatten_input, input_shape, tuple(layer.dropout for layer in plan.layers))
+    return Lowered(spec, plan.flatten_input, input_shape, plan.dropout)
 
 
 def draw_masks(plan, spec, batch, dtype, device) -> list:
@@ -153,9 +149,9 @@ def draw_masks(plan, spec, batch, dtype, device) -> list:
     the model's dropout on that layer's activation, and the layers draw in the model's order, so
     that the engine's y equals model(x) under the same seed. Several Dropouts in a row multiply."""
     masks = []
-    for layer, width in zip(plan.layers, spec.widths[1:]):
+    for dropout, width in zip(plan.dropout, spec.widths[1:]):
         mask = None
-        for p, *_ in layer.dropout:
+        for p, *_ in dropout:
             draw = F.dropout(torch.ones(batch, width, dtype=dtype, device=device), p, True)
             mask = draw if mask is None else mask * draw
         masks.append(mask)
@@ -472,7 +468,8 @@ class _Reader:
                 self.call_method(node)
             elif node.op == "output":
                 self.output(node)
-        return Plan(tuple(self.layers), self.flatten_input)
+        dropout = tuple(layer.dropout for layer in self.layers)
+        return Plan(tuple(self.layers), self.flatten_input, dropout if any(dropout) else ())
 
     def output(self, node):
         result = node.args[0]
