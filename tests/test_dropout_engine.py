@@ -360,3 +360,13 @@ def test_opcheck_with_masks():
         torch.library.opcheck(OPS.mlp_jacobian_frobenius.default, (x, weights, bs, codes, params, strategy),
                               {"masks": ms}, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(OPS.mlp_jacobian.default, (x, weights, bs, codes, params, 0, FORWARD), {"masks": ms})
+
+
+def test_masks_under_vmap_are_refused():
+    x, weights, biases, codes, params, masks = net(*DEEP, batch=3)
+    ws = [w.detach() for w in weights]
+    ms = op_masks(masks, x)
+    bs = op_biases([None] * 3, x)
+    with pytest.raises(NotImplementedError, match="masks are not supported under torch.vmap"):
+        torch.func.vmap(lambda xi: OPS.mlp_jacobian_frobenius(xi, ws, bs, codes, params, REVERSE, None, ms)[1])(
+            x.detach().unsqueeze(1))
