@@ -44,10 +44,11 @@ class Plan:
                          f"{peak / 2**20:>17.1f} MB{mark}")
         lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x carried elements; "
                      "the least cost wins, reverse on a tie)")
-        masked = [f"{i} ({', '.join(f'{path} p={p:g}' for p, path, *_ in d)})" for i, d in enumerate(self.dropout) if d]
+        masked = [f"layer {i}: " + ", ".join(f"{path} ({op}, p={p:g})" for p, path, op, _ in d)
+                  for i, d in enumerate(self.dropout) if d]
         if masked:
-            lines.append(f"  dropout masks (drawn per call as the model draws them, a diagonal factor after the "
-                         f"activation) on layer{'s' if len(masked) > 1 else ''} {', '.join(masked)}")
+            lines.append("  dropout masks, drawn per call as the model draws them (a diagonal factor after the layer's "
+                         "activation): " + "; ".join(masked))
         budget = f"memory budget {self.max_memory / 2**20:.0f} MB"
         if self.chunk < self.batch:
             lines.append(f"  {budget}: {math.ceil(self.batch / self.chunk)} chunks of <= {self.chunk} samples, "

@@ -66,7 +66,11 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     max_memory: a budget in bytes for the op's estimated peak (default: a quarter of the device's
     memory). A plan over budget runs the batch in chunks, each recomputed in the backward: same
     result, peak memory of one chunk, about a third more multiply-adds. `jacext.explain` shows the
-    chunking."""
+    chunking.
+
+    A Dropout in train() after a Linear or its activation runs on the engine: its mask is drawn as
+    the module draws it (y equals model(x) under the same seed) and J is the masked network's,
+    every method above included."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     check_estimator_options(method, ESTIMATORS, n_proj, generator, distribution, orthogonal, return_variance)
