@@ -20,11 +20,11 @@ using torch::autograd::variable_list;
 
 using FrobeniusSignature = std::tuple<Tensor, Tensor, std::vector<Tensor>>(
     const Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, at::ArrayRef<double>, int64_t,
-    const std::optional<Tensor>&, int64_t);
+    const std::optional<Tensor>&, const std::optional<at::TensorList>&, int64_t);
 using BackwardSignature = std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>>(
     const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
     at::TensorList, at::TensorList, at::IntArrayRef, at::ArrayRef<double>, int64_t, int64_t, at::TensorList,
-    at::TensorList, const std::optional<Tensor>&, int64_t, bool);
+    at::TensorList, const std::optional<Tensor>&, const std::optional<at::TensorList>&, int64_t, bool);
 
 const c10::TypedOperatorHandle<FrobeniusSignature>& frobenius_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -46,16 +46,26 @@ std::optional<Tensor> optional(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
 
+std::optional<at::TensorList> optional_list(at::TensorList list) {
+  return list.empty() ? std::nullopt : std::optional<at::TensorList>(list);
+}
+
 // Inputs, in this order (the backward returns one gradient per input, each tensor of a list
 // counting as one): x, the weights, the biases (an empty tensor for a layer without bias), the
-// projections (random draws, held constant), then the plan.
+// projections (random draws, held constant), the masks (constants: one per layer or none), then
+// the plan.
 struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, at::TensorList weights,
                                at::TensorList biases, const std::optional<Tensor>& projections,
-                               at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
+                               at::TensorList masks, at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
                                int64_t tile) {
+    for (const Tensor& m : masks) {
+      TORCH_CHECK(!m.requires_grad(), "jacext: masks are constants (dropout masks) and take no gradient; "
+                  "pass them detached");
+    }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, sq, saved] = frobenius_op().call(x, weights, biases, activations, act_params, strategy, projections, tile);
+    auto [y, sq, saved] =
+        frobenius_op().call(x, weights, biases, activations, act_params, strategy, projections, optional_list(masks), tile);
     // An unused output's gradient stays undefined: the backward op takes none for grad_y or
     // grad_sq, where zeros would cost a pass over them.
     ctx->set_materialize_grads(false);
@@ -64,10 +74,12 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     ctx->saved_data["strategy"] = strategy;
     ctx->saved_data["tile"] = tile;  // the backward runs the same tiles
     ctx->saved_data["projections"] = projections.has_value() && projections->defined();
+    ctx->saved_data["masks"] = static_cast<int64_t>(masks.size());
     variable_list to_save{x};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
     to_save.insert(to_save.end(), biases.begin(), biases.end());
     if (projections.has_value() && projections->defined()) to_save.push_back(*projections);
+    to_save.insert(to_save.end(), masks.begin(), masks.end());
     to_save.insert(to_save.end(), saved.begin(), saved.end());
     ctx->save_for_backward(to_save);
     ctx->mark_non_differentiable(saved);
@@ -85,7 +97,10 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     const std::vector<Tensor> weights(tensors.begin() + 1, tensors.begin() + 1 + L);
     const std::vector<Tensor> biases(tensors.begin() + 1 + L, tensors.begin() + 1 + 2 * L);
     const Tensor projections = has_projections ? tensors[1 + 2 * L] : Tensor();
-    const std::vector<Tensor> saved(tensors.begin() + 1 + 2 * L + has_projections, tensors.end());
+    const int64_t n_masks = ctx->saved_data["masks"].toInt();
+    const auto masks_begin = tensors.begin() + 1 + 2 * L + has_projections;
+    const std::vector<Tensor> masks(masks_begin, masks_begin + n_masks);
+    const std::vector<Tensor> saved(masks_begin + n_masks, tensors.end());
     const auto act_params = ctx->saved_data["act_params"].toDoubleVector();
     // Without create_graph (grad mode off in a backward) and outside torch.func, straight to the
     // device kernel: the backward op's autograd (a Python kernel, with its overhead) would only
@@ -97,22 +112,25 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     auto [grad_x, grad_w, grad_b] = backward_op().call(
         optional(grads[0]), optional(grads[1]), std::nullopt, x, weights, biases, activations, act_params,
         /*layer=*/0, ctx->saved_data["strategy"].toInt(), saved, /*grad_carries=*/{}, optional(projections),
-        ctx->saved_data["tile"].toInt(), /*input_grad=*/ctx->needs_input_grad(0));
+        optional_list(masks), ctx->saved_data["tile"].toInt(), /*input_grad=*/ctx->needs_input_grad(0));
     variable_list result{defined_or_none(grad_x)};
     result.insert(result.end(), grad_w.begin(), grad_w.end());
     for (const auto i : c10::irange(L)) {  // none for a layer without bias (an empty tensor; sizes may be symbolic)
       const bool present = biases[i].sym_numel() != 0;
       result.push_back(present ? grad_b[i] : Tensor());
     }
-    result.resize(result.size() + 5);  // projections and the plan: no gradient
+    result.resize(result.size() + 1 + n_masks + 4);  // projections, masks and the plan: no gradient
     return result;
   }
 };
 
 std::tuple<Tensor, Tensor, std::vector<Tensor>> frobenius_autograd(
     const Tensor& x, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
-    at::ArrayRef<double> act_params, int64_t strategy, const std::optional<Tensor>& projections, int64_t tile) {
-  auto outputs = FrobeniusFunction::apply(x, weights, biases, projections, activations, act_params, strategy, tile);
+    at::ArrayRef<double> act_params, int64_t strategy, const std::optional<Tensor>& projections,
+    const std::optional<at::TensorList>& masks, int64_t tile) {
+  // the masks as a list of inputs (none: empty), each of which the backward answers with no gradient
+  auto outputs = FrobeniusFunction::apply(x, weights, biases, projections, masks.value_or(at::TensorList()),
+                                          activations, act_params, strategy, tile);
   return {outputs[0], outputs[1], std::vector<Tensor>(outputs.begin() + 2, outputs.end())};
 }
 

@@ -24,6 +24,13 @@
 // thin (a rank-n update of each weight's gradient per tile). The CPU planner picks the tile (jacext/planner.py
 // tile_size); CUDA runs one tile (the GPU wants the whole batch in each GEMM).
 //
+// Per-sample diagonal factors (dropout masks): with a mask m_i after layer i's activation,
+// h_{i+1} = m_i * act(y_{i+1}), so D_{i+1} = diag(m_i * act'(y)) and the curvature m_i * act''(y).
+// mlp_forward scales h, d and act'' by the mask right after the activation; everything after it
+// (every strategy's carries, the backward, which never recomputes a derivative from y) reads the
+// scaled d and act'' and stays exact, D being per sample already. An identity layer with a mask
+// has d = m. The mask is held constant (no gradient).
+//
 // Dead work is skipped: identity layers have no d (saved as an empty tensor), piecewise-linear
 // ones (identity, relu, leaky_relu) no act'' and so no adjoint of d; the MLP backward stops where
 // nothing flows; grad_x only when asked for; no bias gradient for a layer without bias.
@@ -132,10 +139,15 @@ struct MLPJacobian {
   int64_t layer;
   int64_t strategy;
   Tensor projections = Tensor();  // (B, k, m) random rows v: carry v^T J instead of J (estimator)
+  std::vector<Tensor> masks = {};  // one per layer (undefined: none) or empty: see the top
 
   int64_t depth() const { return static_cast<int64_t>(weights.size()); }
   int64_t width(int64_t i) const { return i == 0 ? weights[0].size(1) : weights[i - 1].size(0); }
-  bool has_d(int64_t i) const { return has_derivative(activations[i]); }
+  const Tensor& mask(int64_t i) const {
+    static const Tensor none;
+    return masks.empty() ? none : masks[i];
+  }
+  bool has_d(int64_t i) const { return has_derivative(activations[i]) || mask(i).defined(); }
   bool has_d2(int64_t i) const { return has_curvature(activations[i]); }
   bool forward_mode() const { return strategy == kForward || strategy == kForwardGram; }
   bool gram_epilogue_mode() const { return strategy == kReverseGram || strategy == kForwardGram; }
@@ -221,8 +233,17 @@ struct MLPJacobian {
       } else {
         Kernels::mm(h, hs[i], weights[i].t());
       }
-      if (has_d(i)) {
+      if (has_derivative(activations[i])) {
         Kernels::activation_(h, ds[i], d2s[i], activations[i], act_params[2 * i], act_params[2 * i + 1]);
+      }
+      if (const Tensor& m = mask(i); m.defined()) {  // D = diag(m * act'), curvature m * act''
+        h.mul_(m);
+        if (has_derivative(activations[i])) {
+          ds[i].mul_(m);
+        } else {
+          ds[i].copy_(m);
+        }
+        if (d2s[i].defined()) d2s[i].mul_(m);
       }
     }
   }
@@ -528,6 +549,33 @@ inline Tensor checked_projections(const std::optional<Tensor>& projections, cons
   return v.contiguous();
 }
 
+// The per-sample diagonal factors: none (an empty list) or one per layer, each (B, n_{i+1}) like
+// the layer's output or an empty tensor for none; undefined in the algorithms where absent.
+// Strategies 3 and 4 need a linear output layer: a mask on it is a diagonal there.
+inline std::vector<Tensor> checked_masks(at::TensorList masks, const Tensor& x, at::TensorList weights,
+                                         int64_t strategy) {
+  if (masks.empty()) return {};
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(masks.size()) == L, "jacext: expected no masks or one per layer (", L,
+              ", an empty tensor for none), got ", masks.size());
+  std::vector<Tensor> out;
+  for (const auto i : c10::irange(L)) {
+    const Tensor& m = masks[i];
+    if (!m.defined() || (m.numel() == 0 && m.dim() == 1)) {
+      out.push_back(Tensor());
+      continue;
+    }
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == x.size(0) && m.size(1) == weights[i].size(0), "jacext: mask ", i,
+                " must have shape (batch=", x.size(0), ", ", weights[i].size(0), "), got ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == x.scalar_type() && m.device() == x.device(), "jacext: mask ", i,
+                " must match x's dtype and device, got ", m.scalar_type(), " on ", m.device());
+    out.push_back(m.contiguous());
+  }
+  TORCH_CHECK(!out[L - 1].defined() || (strategy != kGram1 && strategy != kForwardGram),
+              "jacext: strategies 3 and 4 need a linear output layer, and a mask on the last layer is a "
+              "diagonal factor there; use strategy 0, 1 or 2");
+  return out;
+}
 
 // h_0 = x, h_1..h_{L-1}, h_L = y: the MLP's layers, for mlp_forward / mlp_backward.
 inline std::vector<Tensor> whole_batch_hs(const Tensor& x, const std::vector<Tensor>& hidden, const Tensor& y) {
@@ -543,11 +591,12 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
-    const std::optional<Tensor>& projections, int64_t tile) {
+    const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks, int64_t tile) {
   check_mlp(x, weights, biases, activations, act_params, 0, strategy);
   check_tile(tile);
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, strategy,
-                           checked_projections(projections, x, weights, strategy)};
+                           checked_projections(projections, x, weights, strategy),
+                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy)};
   const int64_t B = x.size(0), L = net.depth();
   const auto options = x.options();
   Tensor y = net.empty({B, net.width(L)}, options);
@@ -586,13 +635,14 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t layer,
-    int64_t strategy, int64_t tile, bool gram) {
+    int64_t strategy, const std::optional<at::TensorList>& masks, int64_t tile, bool gram) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
   check_tile(tile);
   TORCH_CHECK(gram ? strategy == kReverseGram : (strategy == kReverse || strategy == kForward),
               "jacext: mlp_jacobian forms J with strategy 0 or 1, and J J^T at the input with strategy 2 and "
               "gram=True; otherwise strategies 2, 3 and 4 (Gram) are for the Frobenius norm only");
-  MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy};
+  MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy, Tensor(),
+                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy)};
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L);
   const auto options = x.options();  // gram: J J^T = S G S^T, J itself is never formed
   Tensor y = net.empty({B, m}, options);
@@ -636,11 +686,15 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     const std::optional<Tensor>& grad_jac, const Tensor& x, at::TensorList weights,
     at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
     int64_t layer, int64_t strategy, at::TensorList saved, at::TensorList grad_carries,
-    const std::optional<Tensor>& projections, int64_t tile, bool input_grad) {
+    const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks, int64_t tile,
+    bool input_grad) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
   check_tile(tile);
+  // The masks only decide which layers have a d (an identity layer with a mask): the saved d and
+  // act'' carry them already.
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy,
-                           checked_projections(projections, x, weights, strategy)};
+                           checked_projections(projections, x, weights, strategy),
+                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy)};
   const int64_t L = net.depth(), B = x.size(0);
   const auto options = x.options();
   const int64_t n_carries = net.n_carries();

@@ -8,18 +8,23 @@ import torch
 from .activations import activation_derivative, activation_second_derivative, activation_value
 
 
-def mlp_composite(x, weights, biases, activations, act_params, layer=0, projections=None, carries=False):
+def mlp_composite(x, weights, biases, activations, act_params, layer=0, projections=None, carries=False,
+                  masks=None):
     """(y, J) of the MLP with J = dy/dh_layer carried in reverse, in differentiable torch ops;
     with projections V (B, k, m), V J instead of J. carries=True: (y, [dy/dh_i for i = L-1 down
-    to layer]), the reverse carries (the last one is J)."""
+    to layer]), the reverse carries (the last one is J). masks: None, or one (B, n_{i+1}) or None
+    per layer, a constant factor after the activation (h = m * act(y), so d = m * act'(y) and
+    autograd differentiates the product: every derivative of act is scaled by m)."""
     h, ds = x, []
     for i, w in enumerate(weights):
         y = h @ w.t()
         if biases[i] is not None:
             y = y + biases[i]
         code, p0, p1 = activations[i], act_params[2 * i], act_params[2 * i + 1]
-        ds.append(activation_derivative(y, code, p0, p1))
-        h = activation_value(y, code, p0, p1)
+        d, h = activation_derivative(y, code, p0, p1), activation_value(y, code, p0, p1)
+        if masks is not None and masks[i] is not None:
+            d, h = masks[i] * d, masks[i] * h
+        ds.append(d)
     if projections is None:
         jac = ds[-1].unsqueeze(2) * weights[-1]
     else:
@@ -32,20 +37,22 @@ def mlp_composite(x, weights, biases, activations, act_params, layer=0, projecti
 
 
 def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biases, activations,
-                                    act_params, layer, projections=None, grad_carries=(), gram_output=False):
+                                    act_params, layer, projections=None, grad_carries=(), gram_output=False,
+                                    masks=None):
     """What the op mlp_jacobian_backward computes, as differentiable torch ops: the gradients of
     sum(grad_y*y) + sum(grad_sq*||J||^2) + sum(grad_jac*J) + sum(grad_carries*carries) w.r.t. x,
     weights and the biases that are not None (returned in that order); with projections, ||J||^2
     is per projected row; with gram_output, grad_jac is the gradient of J J^T (mlp_jacobian's
     output with strategy 2). grad_carries: [] or one per reverse carry dy/dh_i, i = L-1 down to
-    layer (None for none)."""
+    layer (None for none). masks: mlp_composite's."""
     present = [i for i, b in enumerate(biases) if b is not None]
 
     def outputs(x, weights, present_biases):
         full = [None] * len(weights)
         for i, b in zip(present, present_biases):
             full[i] = b
-        y, carries = mlp_composite(x, weights, full, activations, act_params, layer, projections, carries=True)
+        y, carries = mlp_composite(x, weights, full, activations, act_params, layer, projections, carries=True,
+                                   masks=masks)
         jac = carries[-1]
         sq = jac.pow(2).sum((1, 2)) if projections is None else jac.pow(2).sum(2)
         jac_out = jac @ jac.transpose(1, 2) if gram_output else jac

@@ -23,39 +23,59 @@ from .planner import Split, batch_chunk, default_memory_budget, op_element_size,
 __all__ = ["mlp_jacobian_frobenius", "mlp_jacobian", "mlp_jacobians", "mlp_jacobian_grams", "batched_gram"]
 
 
+def _masked(masks):
+    """Which layers the op's `masks` argument gives a mask (empty: none)."""
+    return [m.numel() > 0 or m.dim() != 1 for m in masks or ()]
+
+
+def mask_arguments(masks, x):
+    """The ops' `masks` argument from one mask or None per layer (None for no masks at all): None for
+    none, else one per layer with an empty tensor for none. Masks are constants."""
+    if masks is None or all(m is None for m in masks):
+        return None
+    for i, m in enumerate(masks):
+        if m is not None and m.requires_grad:
+            raise ValueError(f"mask {i} requires grad; masks are constants (dropout masks) and take no gradient: "
+                             "pass them detached")
+    return [x.new_empty(0) if m is None else m for m in masks]
+
+
 @torch.library.register_fake("jacext::mlp_jacobian_frobenius")
-def _frobenius_fake(x, weights, biases, activations, act_params, strategy, projections=None, *, tile=0):
+def _frobenius_fake(x, weights, biases, activations, act_params, strategy, projections=None, masks=None, *, tile=0):
     B = x.shape[0]
     rows = None if projections is None else projections.shape[1]
-    saved = [x.new_empty(s) for s in saved_shapes(widths_of(x, weights), B, 0, strategy, rows, activations)]
+    saved = [x.new_empty(s) for s in saved_shapes(widths_of(x, weights), B, 0, strategy, rows, activations,
+                                                  _masked(masks))]
     sq = x.new_empty(B) if projections is None else x.new_empty(B, rows)
     return x.new_empty(B, weights[-1].shape[0]), sq, saved
 
 
 @torch.library.register_fake("jacext::mlp_jacobian")
-def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy, *, tile=0, gram=False):
+def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy, masks=None, *, tile=0, gram=False):
     widths = widths_of(x, weights)
-    saved = [x.new_empty(s) for s in saved_shapes(widths, x.shape[0], layer, strategy, None, activations)]
+    saved = [x.new_empty(s) for s in saved_shapes(widths, x.shape[0], layer, strategy, None, activations,
+                                                  _masked(masks))]
     columns = widths[-1] if gram else widths[layer]  # gram: J J^T
     return x.new_empty(x.shape[0], widths[-1]), x.new_empty(x.shape[0], widths[-1], columns), saved
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_backward")
 def _backward_fake(grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-                   strategy, saved, grad_carries, projections=None, *, tile=0, input_grad=True):
+                   strategy, saved, grad_carries, projections=None, masks=None, *, tile=0, input_grad=True):
     # contiguous like the kernels' outputs (x may not be); an empty bias gradient for a layer without bias
     return (x.new_empty(x.shape) if input_grad else None, [w.new_empty(w.shape) for w in weights],
             [w.new_empty(w.shape[0] if b.numel() else 0) for w, b in zip(weights, biases)])
 
 
 
-def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, tile, saved,
+def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, tile, masks, saved,
                   differentiable_carries=False):
     # An unused output's gradient stays None: zero-filling the (large) saved carries would cost a
     # full memory pass each, and the backward op takes None for grad_y, grad_sq and grad_jac.
     ctx.set_materialize_grads(False)
     ctx.config = (list(activations), list(act_params), layer, strategy)
     ctx.tile = tile  # the backward runs the same tiles
+    ctx.masks = masks  # constants (checked in _jacobian_setup)
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
     ctx.save_for_backward(x, *weights, *biases, *saved)
@@ -85,28 +105,34 @@ def _backward_via_op(ctx, grad_y, grad_jac, grad_saved=None):
     with below_autograd():  # with create_graph, the backward op's own autograd records the double backward
         grad_x, grad_w, grad_b = compiled.mlp_jacobian_backward(
             grad_y, None, grad_jac, x, weights, biases, activations, act_params, layer,
-            strategy, saved, grad_carries, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
+            strategy, saved, grad_carries, tile=ctx.tile, input_grad=ctx.needs_input_grad[0], masks=ctx.masks)
     grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
     return grad_x, list(grad_w), grad_b
 
 
 def _jacobian_setup(ctx, inputs, keyword_only_inputs, output):
-    x, weights, biases, activations, act_params, layer, strategy = inputs
+    x, weights, biases, activations, act_params, layer, strategy, masks = inputs
+    if any(m.requires_grad for m in masks or ()):
+        raise ValueError("jacext: masks are constants (dropout masks) and take no gradient: pass them detached")
+    # a gradient slot for the masks (one None per mask: they are constants) only when passed
+    ctx.trailing = [] if masks is None else [[None] * len(masks)]
     _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, keyword_only_inputs.get("tile", 0),
-                  output[2], differentiable_carries=strategy in (REVERSE, REVERSE_GRAM))
+                  masks, output[2], differentiable_carries=strategy in (REVERSE, REVERSE_GRAM))
 
 
 def _jacobian_backward(ctx, grad_y, grad_jac, grad_saved):
-    return (*_backward_via_op(ctx, grad_y, grad_jac, grad_saved), None, None, None, None)
+    return (*_backward_via_op(ctx, grad_y, grad_jac, grad_saved), None, None, None, None, *ctx.trailing)
 
 
 def _backward_setup(ctx, inputs, keyword_only_inputs, output):
     (grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer, _, saved, grad_carries,
-     projections) = inputs
-    # The dispatcher drops a trailing argument left at its default (None), so the backward returns
-    # a gradient slot for `projections` only when one was passed.
-    ctx.n_trailing = 0 if projections is None else 1
+     projections, masks) = inputs
+    # The dispatcher drops trailing arguments left at their default (None), so the backward returns
+    # gradient slots for `projections` and `masks` only up to the last one passed.
+    ctx.trailing = [None, [None] * len(masks)] if masks is not None else [] if projections is None else [None]
     ctx.projections = projections  # random draws, held constant: not differentiated
+    # constants, like the projections
+    ctx.masks = [m if present else None for m, present in zip(masks, _masked(masks))] if masks else None
     # strategy 2 with a gradient for J: the op returned J J^T (mlp_jacobian's Gram output)
     ctx.config = (list(activations), list(act_params), layer, inputs[9] == REVERSE_GRAM and grad_jac is not None)
     ctx.n_saved = len(saved)
@@ -134,7 +160,7 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
         full_biases = [next(biases) if p else None for p in ctx.bias_present]
         return mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, full_biases,
                                                activations, act_params, layer, ctx.projections,
-                                               grad_carries, gram_output)
+                                               grad_carries, gram_output, ctx.masks)
 
     with torch.autocast(x.device.type, enabled=False):  # float32 like the op it differentiates
         outputs, vjp = torch.func.vjp(composite, present_grads, x, weights, present_biases)
@@ -152,7 +178,7 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
     g_biases = [next(g_b) if present else None for present in ctx.bias_present]
     # No gradient flows into `saved`: the composite differentiates through x, weights and biases.
     return (*grads_out, g_x, list(g_w), g_biases, None, None, None, None, [None] * ctx.n_saved,
-            g_carries, *[None] * ctx.n_trailing)
+            g_carries, *ctx.trailing)
 
 
 torch.library.register_autograd("jacext::mlp_jacobian", _jacobian_backward,
@@ -161,8 +187,8 @@ torch.library.register_autograd("jacext::mlp_jacobian_backward", _backward_backw
                                 setup_context=_backward_setup)
 
 
-register_vmap("mlp_jacobian_frobenius", sample_inputs=(0, 6))  # x, projections
-register_vmap("mlp_jacobian", sample_inputs=(0,))
+register_vmap("mlp_jacobian_frobenius", sample_inputs=(0, 6), masks_input=7)  # x, projections
+register_vmap("mlp_jacobian", sample_inputs=(0,), masks_input=7)
 register_float32_autocast("mlp_jacobian_frobenius")
 register_float32_autocast("mlp_jacobian")
 
@@ -172,7 +198,7 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
                            biases: Sequence[Optional[torch.Tensor]],
                            activations: Sequence[ActivationSpec], act_params=None,
                            method: str = "auto", projections: Optional[torch.Tensor] = None,
-                           max_memory: Optional[int] = None):
+                           max_memory: Optional[int] = None, masks: Optional[Sequence[Optional[torch.Tensor]]] = None):
     """(y, sq): the MLP output and sq[b] = ||dy_b/dx_b||_F^2, in one fused op.
 
     activations: one name or code per weight (e.g. ["tanh", "identity"]); act_params: two
@@ -181,50 +207,61 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     max_memory (bytes; default a quarter of the device's memory): when the plan's estimated
     peak (planner.footprint) exceeds it, the batch runs in chunks, each recomputed in the
     backward instead of keeping its carries (torch.utils.checkpoint); the result is unchanged.
-    Under torch.compile the batch runs in one call."""
+    Under torch.compile the batch runs in one call.
+    masks: None, or one (B, n_{i+1}) tensor or None per layer: a constant per-sample factor after
+    the layer's activation (a dropout mask), h_{i+1} = mask * act(y); J is the masked network's."""
     if (method == "hutchinson") != (projections is not None):
         raise ValueError("projections go with method='hutchinson', and only with it")
     warn_if_tf32(x.device, x.dtype)
     codes, params = normalize_activations(activations, act_params, len(weights))
     rows = None if projections is None else projections.shape[1]
     widths = widths_of(x, weights)
+    masks = mask_arguments(masks, x) or []
+    # a mask on the last layer is a diagonal there: the output is not linear for strategies 3 and 4
     strategy = resolve_strategy(method, widths, batch=x.shape[0], projections=rows or 0,
-                                output_linear=codes[-1] == act.IDENTITY)
+                                output_linear=codes[-1] == act.IDENTITY and not (masks and _masked(masks)[-1]))
     if max_memory is not None and (not isinstance(max_memory, int) or max_memory <= 0):
         raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
     weights, biases = list(weights), bias_tensors(biases, weights)
 
-    def run(x, projections):
+    def run(x, projections, *masks):
+        masks = list(masks)
         if isinstance(strategy, Split):
-            return _split_frobenius(x, weights, biases, codes, params, strategy)
+            return _split_frobenius(x, weights, biases, codes, params, strategy, masks)
         tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), rows, device=x.device)
-        return compiled.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections, tile=tile)[:2]
+        return compiled.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections, tile=tile,
+                                               masks=masks or None)[:2]
 
     if torch.compiler.is_compiling():  # a compiled graph runs the batch in one call
-        return run(x, projections)
+        return run(x, projections, *masks)
     if max_memory is None:
         max_memory = default_memory_budget(x.device)
     chunk = batch_chunk(widths, x.shape[0], strategy, op_element_size(x), max_memory, rows)
     if chunk == x.shape[0]:
-        return run(x, projections)
+        return run(x, projections, *masks)
     # Checkpointing keeps each chunk's carries alive only during its own forward and backward.
     recompute = torch.is_grad_enabled()
     x_parts = x.split(chunk)
     v_parts = [None] * len(x_parts) if projections is None else projections.split(chunk)
-    parts = [torch.utils.checkpoint.checkpoint(run, xc, vc, use_reentrant=False) if recompute else run(xc, vc)
-             for xc, vc in zip(x_parts, v_parts)]
+    # each chunk takes its rows of the masks (an absent one, empty, stays empty)
+    m_parts = list(zip(*[m.split(chunk) if m.dim() == 2 else [m] * len(x_parts) for m in masks])) or \
+        [()] * len(x_parts)
+    parts = [torch.utils.checkpoint.checkpoint(run, xc, vc, *mc, use_reentrant=False) if recompute
+             else run(xc, vc, *mc) for xc, vc, mc in zip(x_parts, v_parts, m_parts)]
     return torch.cat([y for y, _ in parts]), torch.cat([sq for _, sq in parts])
 
 
-def _split_frobenius(x, weights, biases, codes, params, split: Split):
+def _split_frobenius(x, weights, biases, codes, params, split: Split, masks=()):
     """(y, ||J||^2) with J = A C split at hidden layer s: C = dh_s/dx and A = dy/dh_s from two
-    jacobian ops (each differentiable twice), combined per sample."""
+    jacobian ops (each differentiable twice), combined per sample; each takes its layers' masks."""
     s = split.layer
     widths = widths_of(x, weights)
     h, c, _ = compiled.mlp_jacobian(x, weights[:s], biases[:s], codes[:s], params[:2 * s], 0, split.bottom,
-                                tile=tile_size(widths[:s + 1], x.shape[0], split.bottom, op_element_size(x), device=x.device))
+                                tile=tile_size(widths[:s + 1], x.shape[0], split.bottom, op_element_size(x), device=x.device),
+                                masks=list(masks[:s]) or None)
     y, a, _ = compiled.mlp_jacobian(h, weights[s:], biases[s:], codes[s:], params[2 * s:], 0, split.top,
-                                tile=tile_size(widths[s:], x.shape[0], split.top, op_element_size(x), device=x.device))
+                                tile=tile_size(widths[s:], x.shape[0], split.top, op_element_size(x), device=x.device),
+                                masks=list(masks[s:]) or None)
     with torch.autocast(x.device.type, enabled=False):  # the ops' float32 results stay float32
         return _combine_split(y, a, c, split)
 
@@ -238,8 +275,10 @@ def _combine_split(y, a, c, split: Split):
 @explained_functorch_errors
 def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
                  biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
-                 act_params=None, layer: int = 0, method: str = "auto"):
-    """(y, J): the MLP output and J[b] = dy_b/dh_layer,b of shape (B, m, n_layer)."""
+                 act_params=None, layer: int = 0, method: str = "auto",
+                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None):
+    """(y, J): the MLP output and J[b] = dy_b/dh_layer,b of shape (B, m, n_layer); masks as in
+    mlp_jacobian_frobenius."""
     warn_if_tf32(x.device, x.dtype)
     codes, params = normalize_activations(activations, act_params, len(weights))
     if not 0 <= layer < len(weights):
@@ -249,7 +288,7 @@ def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
     strategy = resolve_strategy(method, widths, layer, frobenius=False, batch=x.shape[0])
     tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), layer=layer, device=x.device)
     y, jac, _ = compiled.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                  layer, strategy, tile=tile)
+                                  layer, strategy, tile=tile, masks=mask_arguments(masks, x))
     return y, jac
 
 
@@ -263,16 +302,18 @@ def _checked_layers(layers, depth):
 @explained_functorch_errors
 def mlp_jacobians(x: torch.Tensor, weights: Sequence[torch.Tensor],
                   biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
-                  act_params=None, layers: Sequence[int] = (0,)):
+                  act_params=None, layers: Sequence[int] = (0,),
+                  masks: Optional[Sequence[Optional[torch.Tensor]]] = None):
     """(y, [J_l for l in layers]): the Jacobians dy/dh_l at several layers from one reverse sweep
-    (the sweep down to the lowest layer passes every layer above it), each differentiable twice."""
+    (the sweep down to the lowest layer passes every layer above it), each differentiable twice;
+    masks as in mlp_jacobian_frobenius."""
     warn_if_tf32(x.device, x.dtype)
     codes, params = normalize_activations(activations, act_params, len(weights))
     depth = len(weights)
     layers = _checked_layers(layers, depth)
     tile = tile_size(widths_of(x, weights), x.shape[0], REVERSE, op_element_size(x), layer=min(layers), device=x.device)
     y, _, saved = compiled.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                    min(layers), REVERSE, tile=tile)
+                                    min(layers), REVERSE, tile=tile, masks=mask_arguments(masks, x))
     carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to min(layers)
     return y, [carries[depth - 1 - l] for l in layers]
 
@@ -306,11 +347,13 @@ def batched_gram(jac: torch.Tensor) -> torch.Tensor:
 @explained_functorch_errors
 def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
                        biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
-                       act_params=None, layers: Sequence[int] = (0,)):
+                       act_params=None, layers: Sequence[int] = (0,),
+                       masks: Optional[Sequence[Optional[torch.Tensor]]] = None):
     """(y, [J_l J_l^T for l in layers]), each (B, m, m) and differentiable twice, from one reverse
     sweep. At the input layer J_0 J_0^T = S G S^T (S = R^(1) D_1, G = W_1 W_1^T once per batch)
     replaces J_0 = S W_1 where that needs fewer multiply-adds (the planner's choice between the
-    reverse carry and its Gram epilogue): m n_1^2 instead of m n_1 n_0 per sample."""
+    reverse carry and its Gram epilogue): m n_1^2 instead of m n_1 n_0 per sample. masks as in
+    mlp_jacobian_frobenius."""
     warn_if_tf32(x.device, x.dtype)
     codes, params = normalize_activations(activations, act_params, len(weights))
     depth = len(weights)
@@ -320,7 +363,7 @@ def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
     strategy, low = (REVERSE_GRAM, 0) if gram_at_input else (REVERSE, min(layers))
     tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), layer=low, device=x.device)
     y, out, saved = compiled.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                      low, strategy, tile=tile, gram=gram_at_input)
+                                      low, strategy, tile=tile, gram=gram_at_input, masks=mask_arguments(masks, x))
     carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to low (strategy 2: then P)
     grams = []
     with torch.autocast(x.device.type, enabled=False):  # the op's float32 results stay float32

@@ -9,7 +9,7 @@ import torch
 
 from .frontend import Lowered, NotLowerable, _not_lowerable, lower
 
-__all__ = ["as_cond", "engine_or_generic"]
+__all__ = ["as_cond", "engine_or_generic", "FACTORS"]
 
 # Methods that any module can run: "auto" picks the engine when the model lowers, "autograd" is
 # the generic path itself; every other method names something only the engine does.
@@ -34,21 +34,22 @@ def as_cond(cond) -> tuple:
 
 # What each factor of a lowered model (Lowered.factors) is, for the messages of the quantities
 # that do not run it on the engine.
-_FACTORS = {"input_concat": "conditioning inputs concatenated with x"}
+_FACTORS = {"input_concat": "conditioning inputs concatenated with x", "dropout": "Dropout in train()"}
+FACTORS = frozenset(_FACTORS)
 
 
 def engine_or_generic(model, x, cond: tuple, method: str, quantity: str,
-                      any_module=ANY_MODULE, stacklevel: int = 3,
-                      supports: frozenset = frozenset(_FACTORS)) -> Optional[Lowered]:
+                      any_module=ANY_MODULE, stacklevel: int = 3, supports: frozenset = FACTORS) -> Optional[Lowered]:
     """The lowered model for the engine, or None for the generic path. method="autograd" is the
     generic path; "auto" (and the other methods in `any_module`) take it when the model does not
-    lower, or lowers with a factor the quantity's engine path does not take (`supports`: the
-    Lowered.factors it takes), with one warning per model class and node naming the node; any other
-    method is one of the engine's own and raises a TypeError naming that node."""
+    lower, or lowers with a part the quantity's engine path (or the method) does not take
+    (`supports`: the Lowered.factors it takes; a Dropout in train() outside them is refused before
+    any mask is drawn), with one warning per model class and node naming the node; any other method
+    is one of the engine's own and raises a TypeError naming that node."""
     if method == "autograd":
         return None
     try:
-        lowered = lower(model, x, *cond)
+        lowered = lower(model, x, *cond, masks="dropout" in supports)
         missing = sorted(lowered.factors - supports)
         if missing:
             raise _not_lowerable(type(model).__name__, missing[0], "its forward",

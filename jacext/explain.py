@@ -10,6 +10,7 @@ from .activations import IDENTITY
 from .layouts import (CARRY_FORWARD, FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, carry_saved_shapes,
                       diagonal_layout, laplacian_layout)
 from ._wrt import wrt_columns
+from .frontend import lower
 from .nn import parse_model
 from .planner import (DIAGONAL_STRATEGY_NAMES, L2_CACHE_BYTES, Split, applicable, batch_chunk, best_split,
                       carry_cost, carry_macs, carry_tile_size, default_memory_budget, diagonal_applicable, footprint,
@@ -25,8 +26,9 @@ class Plan:
     """What jacobian_frobenius(model, x, method, max_memory=...) will run, and what each candidate
     would cost."""
 
-    def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory, tile):
+    def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory, tile, dropout=()):
         self.widths, self.batch, self.method = widths, batch, method
+        self.dropout = dropout  # per layer, its Dropouts in train() (frontend.Layer.dropout)
         self.candidates = candidates  # {strategy: (multiply-adds, predicted cost, estimated peak bytes)}
         self.choice = choice
         self.chunk, self.max_memory = chunk, max_memory  # samples per op call, the budget in bytes
@@ -42,6 +44,11 @@ class Plan:
                          f"{peak / 2**20:>17.1f} MB{mark}")
         lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x carried elements; "
                      "the least cost wins, reverse on a tie)")
+        masked = [f"layer {i}: " + ", ".join(f"{path} ({op}, p={p:g})" for p, path, op, _ in d)
+                  for i, d in enumerate(self.dropout) if d]
+        if masked:
+            lines.append("  dropout masks, drawn per call as the model draws them (a diagonal factor after the layer's "
+                         "activation): " + "; ".join(masked))
         budget = f"memory budget {self.max_memory / 2**20:.0f} MB"
         if self.chunk < self.batch:
             lines.append(f"  {budget}: {math.ceil(self.batch / self.chunk)} chunks of <= {self.chunk} samples, "
@@ -75,9 +82,11 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     if options:
         raise TypeError(f"explain: {sorted(options)} do not apply to quantity='frobenius'")
 
-    spec = parse_model(model)
+    lowered = lower(model)  # without x: no masks drawn, only where they go
+    spec = lowered.spec
     widths, batch = spec.widths, x.shape[0]
-    output_linear = spec.activations[-1] == IDENTITY
+    # a mask on the last layer is a diagonal there: strategies 3 and 4 need none
+    output_linear = spec.activations[-1] == IDENTITY and not (lowered.dropout and lowered.dropout[-1])
     choice = resolve_strategy(method, widths, batch=batch, output_linear=output_linear)
     strategies = [st for st in (REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, GRAM1)
                   if applicable(st, widths, output_linear=output_linear)]
@@ -88,7 +97,7 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     max_memory = default_memory_budget(x.device) if max_memory is None else max_memory
     chunk = batch_chunk(widths, batch, choice, op_element_size(x), max_memory)
     tile = 0 if isinstance(choice, Split) else tile_size(widths, chunk, choice, op_element_size(x), device=x.device)
-    return Plan(widths, batch, method, candidates, choice, chunk, max_memory, tile)
+    return Plan(widths, batch, method, candidates, choice, chunk, max_memory, tile, lowered.dropout)
 
 
 class CarryPlan:

@@ -30,7 +30,8 @@ __all__ = ["lower", "Lowered", "NotLowerable", "MLPSpec", "parse_model"]
 
 SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAMES))
              + " (modules or functions), nn.Identity, nn.Flatten / flatten / view / reshape of the input to "
-             "(B, n), torch.cat of the input with conditioning inputs, nn.Dropout and nn.BatchNorm1d in eval()")
+             "(B, n), torch.cat of the input with conditioning inputs, nn.Dropout / F.dropout (in train(): after a "
+             "Linear or its activation), nn.BatchNorm1d in eval()")
 
 
 class NotLowerable(TypeError):
@@ -56,12 +57,15 @@ def _not_lowerable(path, op, where, why):
 
 @dataclass
 class MLPSpec:
-    """What the ops need to know about an MLP. weights[i] is (n_{i+1}, n_i)."""
+    """What the ops need to know about an MLP. weights[i] is (n_{i+1}, n_i). masks: None, or one
+    (B, n_{i+1}) tensor or None per layer, the dropout masks of one call (a constant factor after
+    the layer's activation)."""
 
     weights: list
     biases: list
     activations: list
     act_params: list
+    masks: Optional[list] = None
 
     @property
     def widths(self) -> list:
@@ -72,8 +76,8 @@ def parse_model(model: nn.Module) -> MLPSpec:
     """The engine's MLPSpec of a model (lower's spec): nn.Linear and supported
     activations, Flatten of the input, Dropout and BatchNorm1d in eval(), the user's own modules
     made of these. Raises NotLowerable (a TypeError) naming the node that does
-    not lower."""
-    return lower(model).spec
+    not lower; a Dropout in train() too (a spec without x draws no masks: lower(model, x) does)."""
+    return lower(model, masks=False).spec
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,9 @@ class Layer:
     """One Linear of the plan: the qualified names (split at the dots) of its weight and bias
     (None: F.linear without a bias; an nn.Linear's bias is read, None or not), of the BatchNorm1d
     modules folded into its input side (in the order the model applies them) and into its output
-    side, and its activation. Per-sample factors beside the activation (masks, gates), a
-    per-sample bias (conditioning) and residual markers would be more fields of the same form."""
+    side, its activation, and the Dropouts in train() after it: (p, path, op, where) each, a mask
+    factor drawn per call. Other per-sample factors (gates), a per-sample bias (conditioning) and
+    residual markers would be more fields of the same form."""
 
     weight: tuple
     bias: Optional[tuple]
@@ -90,6 +95,7 @@ class Layer:
     after: tuple
     activation: int
     act_params: tuple
+    dropout: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class Plan:
     layers: tuple
     flatten_input: bool
     input_parts: Optional[tuple] = None
+    dropout: tuple = ()  # per layer, its Layer.dropout; empty when no layer has a Dropout in train()
 
 
 @dataclass(frozen=True)
@@ -117,13 +124,15 @@ class Lowered:
     input_parts: Optional[tuple] = None
     x_offset: int = 0
     x_features: Optional[int] = None
+    dropout: tuple = ()  # Plan.dropout: per layer, its Dropouts in train(), whose masks spec.masks holds
 
     @property
     def factors(self) -> frozenset:
         """The parts of the lowered model beyond a plain MLP, which a quantity must support to run
         it on the engine (jacext/_route.py): "input_concat" (conditioning inputs concatenated
-        with x)."""
-        return frozenset(("input_concat",) if self.input_parts is not None else ())
+        with x), "dropout" (Dropout in train(): masks)."""
+        return frozenset(name for name, present in (("input_concat", self.input_parts is not None),
+                                                    ("dropout", bool(self.dropout))) if present)
 
     def input(self, x: torch.Tensor, cond: tuple = ()) -> torch.Tensor:
         """The (B, n) matrix the engine takes: x flattened, concatenated with the conditioning
@@ -141,13 +150,19 @@ class Lowered:
         return wrt_columns(wrt, n, self.x_offset, self.spec.widths[0])
 
 
-def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond) -> Lowered:
+def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond, masks: bool = True) -> Lowered:
     """The model lowered to the engine for a call model(x, *cond); raises NotLowerable (a
     TypeError) naming the node that does not lower. With x, also checks x's shape against the
-    model's first Linear (TypeError / ValueError)."""
+    model's first Linear (TypeError / ValueError) and draws the call's dropout masks (spec.masks)
+    as the model would. masks=False: the caller's quantity does not carry masks, so a Dropout in
+    train() does not lower (raised before any mask is drawn)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"jacext needs an nn.Module, got {type(model).__name__}")
     plan = _plan(model, 1 + len(cond))
+    if plan.dropout and not masks:
+        _, path, op, where = next(d for layer in plan.dropout for d in layer)
+        raise _not_lowerable(path, op, where, "Dropout in train(): this quantity does not carry dropout masks on "
+                                              "the engine (the generic path draws them)")
     spec = _build(model, plan)
     input_shape, x_offset, n = None, 0, None
     if x is not None:
@@ -157,7 +172,9 @@ def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond) -> Lowered:
             n -= sum(cond[k].shape[1] for k, _ in plan.input_parts if k >= 0)
         _check_input(x, n, plan.flatten_input)
         input_shape = tuple(x.shape[1:]) if plan.flatten_input else None
-    return Lowered(spec, plan.flatten_input, input_shape, plan.input_parts, x_offset, n)
+        if plan.dropout:
+            spec.masks = draw_masks(plan, spec, x.shape[0], x.dtype, x.device)
+    return Lowered(spec, plan.flatten_input, input_shape, plan.input_parts, x_offset, n, plan.dropout)
 
 
 def _check_cond(x, cond, plan, n):
@@ -175,6 +192,21 @@ def _check_cond(x, cond, plan, n):
         if before:
             offset += c.shape[1]
     return offset
+
+
+def draw_masks(plan, spec, batch, dtype, device) -> list:
+    """The dropout masks of one call, one per layer (None for a layer without Dropout in train()):
+    F.dropout of ones of the layer's output shape, dtype and device draws the same random numbers as
+    the model's dropout on that layer's activation, and the layers draw in the model's order, so
+    that the engine's y equals model(x) under the same seed. Several Dropouts in a row multiply."""
+    masks = []
+    for dropout, width in zip(plan.dropout, spec.widths[1:]):
+        mask = None
+        for p, *_ in dropout:
+            draw = F.dropout(torch.ones(batch, width, dtype=dtype, device=device), p, True)
+            mask = draw if mask is None else mask * draw
+        masks.append(mask)
+    return masks
 
 
 def _check_input(x, n, flatten_input):
@@ -430,7 +462,7 @@ class _Reader:
     def linear(self, node, weight, bias):
         self.close()
         self.layer = dict(weight=weight, bias=bias, before=tuple(_parts(n.target) for n in self.pending), after=[],
-                          activation=act.IDENTITY, act_params=(0.0, 0.0))
+                          activation=act.IDENTITY, act_params=(0.0, 0.0), dropout=())
         self.pending = []
         self.started = True
 
@@ -439,6 +471,9 @@ class _Reader:
             return
         if self.layer is None:
             self.refuse(node, "an activation before the first nn.Linear")
+        if self.layer["dropout"]:
+            self.refuse(node, "an activation after a Dropout in train(); the engine takes the dropout mask after "
+                              "a layer's activation")
         if self.layer["activation"] != act.IDENTITY:
             self.refuse(node, "it follows another activation; one activation per Linear is supported")
         self.layer.update(activation=code, act_params=(float(p0), float(p1)))
@@ -450,15 +485,24 @@ class _Reader:
         if not bn.track_running_stats or bn.running_mean is None:
             self.refuse(node, "BatchNorm1d without running statistics normalizes with the batch's own, which mix "
                               "the samples, so per-sample Jacobians are not defined")
-        if self.layer is None or self.layer["activation"] != act.IDENTITY:
+        if self.layer is None or self.layer["activation"] != act.IDENTITY or self.layer["dropout"]:
             self.pending.append(node)
         else:
             self.layer["after"].append(_parts(node.target))
         self.started = True
 
     def dropout(self, node, p, training):
-        if training and p > 0:
-            self.refuse(node, "Dropout in train() (the generic path draws its masks)")
+        if not training or p == 0:
+            return  # the identity
+        if self.layer is None:
+            self.refuse(node, "Dropout in train() on the input, before the first nn.Linear: its mask is not a factor "
+                              "of a layer (the generic path draws it)")
+        if self.pending:
+            self.refuse(node, "Dropout in train() after a BatchNorm1d that folds into the next nn.Linear: its mask "
+                              "is not a factor of a layer's output (the generic path draws it)")
+        if not 0 <= p <= 1:
+            self.refuse(node, f"dropout probability {p}; expected one in [0, 1]")
+        self.layer["dropout"] += ((float(p),) + self.name(node) + (node.meta.get("jacext_where", "?"),),)
 
     def flatten(self, node):
         if self.started:
@@ -484,7 +528,8 @@ class _Reader:
                 self.call_method(node)
             elif node.op == "output":
                 self.output(node)
-        return Plan(tuple(self.layers), self.flatten_input, self.input_parts)
+        dropout = tuple(layer.dropout for layer in self.layers)
+        return Plan(tuple(self.layers), self.flatten_input, self.input_parts, dropout if any(dropout) else ())
 
     def output(self, node):
         result = node.args[0]
@@ -511,6 +556,9 @@ class _Reader:
         elif act.from_module(m) is not None:
             self.activation(node, *act.from_module(m))
         elif isinstance(m, nn.modules.dropout._DropoutNd):
+            if m.training and m.p > 0 and type(m) is not nn.Dropout:  # channels, or alpha dropout's affine map
+                self.refuse(node, f"{type(m).__name__} in train(): only nn.Dropout's elementwise mask is a factor "
+                                  "of a layer (the generic path draws it)")
             self.dropout(node, m.p, m.training)
         elif isinstance(m, nn.BatchNorm1d):
             self.batchnorm(node, m)

@@ -66,7 +66,11 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     max_memory: a budget in bytes for the op's estimated peak (default: a quarter of the device's
     memory). A plan over budget runs the batch in chunks, each recomputed in the backward: same
     result, peak memory of one chunk, about a third more multiply-adds. `jacext.explain` shows the
-    chunking."""
+    chunking.
+
+    A Dropout in train() after a Linear or its activation runs on the engine: its mask is drawn as
+    the module draws it (y equals model(x) under the same seed) and J is the masked network's,
+    every method above included."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     check_estimator_options(method, ESTIMATORS, n_proj, generator, distribution, orthogonal, return_variance)
@@ -92,7 +96,7 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
                                x.shape[0], n_proj, spec.widths[0], spec.widths[-1], distribution=distribution,
                                generator=generator, dtype=x.dtype, device=x.device, return_variance=return_variance)
     return _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                       method=method, max_memory=max_memory)
+                                       method=method, max_memory=max_memory, masks=spec.masks)
 
 
 def _generic_estimator(method, n_proj, generator, distribution, orthogonal, return_variance) -> dict:
@@ -121,7 +125,7 @@ def _input_layer_columns(lowered, layer, wrt):
 
 def _columns(spec, x, columns):
     """(y, J[:, :, columns]) from the engine's Jacobian (one sweep, its strategy the planner's)."""
-    y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params)
+    y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, masks=spec.masks)
     return y, jac.index_select(2, columns.to(jac.device))
 
 
@@ -146,7 +150,8 @@ def _frobenius_terms(spec, x, max_memory):
     """rows -> (y, ||rows_i^T J||^2 per row) by the fused op: the estimators' terms."""
     def terms_of(rows):
         return _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                           method="hutchinson", projections=rows, max_memory=max_memory)
+                                           method="hutchinson", projections=rows, max_memory=max_memory,
+                                           masks=spec.masks)
     return terms_of
 
 
@@ -154,7 +159,8 @@ class Linearization:
     """The MLP's Jacobian J = dy/dh_layer at x as a linear map, for products that need no
     gradient (Hutch++'s sketch, the spectral norm's power iteration): the activation derivatives
     of one forward pass, then per sample J t (forward) or u^T J (reverse) by one batched GEMM per
-    layer. Under torch.autocast it runs in float32, as the ops do."""
+    layer (the dropout masks of spec.masks in them). Under torch.autocast it runs in float32, as the
+    ops do."""
 
     def __init__(self, spec, x: torch.Tensor, layer: int = 0):
         self.device_type = x.device.type
@@ -163,13 +169,18 @@ class Linearization:
         self.maps = []  # (W_k, d_k or None for an identity layer) for the layers above `layer`
         with torch.no_grad(), torch.autocast(self.device_type, enabled=False):
             h = x.to(self.dtype)
-            for i, (w, b, code) in enumerate(zip(spec.weights, spec.biases, spec.activations)):
+            masks = spec.masks or [None] * len(spec.weights)
+            for i, (w, b, code, mask) in enumerate(zip(spec.weights, spec.biases, spec.activations, masks)):
                 w = w.to(self.dtype)
                 pre = torch.nn.functional.linear(h, w, None if b is None else b.to(self.dtype))
                 p0, p1 = spec.act_params[2 * i:2 * i + 2]
-                if i >= layer:
-                    self.maps.append((w, None if code == act.IDENTITY else act.activation_derivative(pre, code, p0, p1)))
+                d = None if code == act.IDENTITY else act.activation_derivative(pre, code, p0, p1)
                 h = act.activation_value(pre, code, p0, p1)
+                if mask is not None:
+                    mask = mask.to(self.dtype)
+                    d, h = (mask if d is None else mask * d), mask * h
+                if i >= layer:
+                    self.maps.append((w, d))
 
     def subset(self, index: torch.Tensor) -> "Linearization":
         """The same maps for the samples `index` only."""
@@ -238,8 +249,9 @@ def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, *, wr
         return _columns(spec, x, columns)[1]
     if isinstance(layer, int):
         return _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer,
-                                 method=method)[1]
-    return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layer)[1]
+                                 method=method, masks=spec.masks)[1]
+    return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layer,
+                              masks=spec.masks)[1]
 
 
 def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, *, wrt=None, cond=None,
@@ -263,7 +275,7 @@ def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, 
         return _ops.batched_gram(jac)
     layers = [layer] if isinstance(layer, int) else list(layer)
     _, grams = _ops.mlp_jacobian_grams(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                       layers=layers)
+                                       layers=layers, masks=spec.masks)
     return grams[0] if isinstance(layer, int) else grams
 
 

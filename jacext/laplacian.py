@@ -9,10 +9,10 @@ import torch
 from . import generic
 from . import ops as _ops
 from ._checks import check_square
-from ._route import ANY_MODULE, as_cond, engine_or_generic
+from ._route import ANY_MODULE, FACTORS, as_cond, engine_or_generic
 from .estimators import check_estimator_options, hutchinson
 from .frontend import MLPSpec
-from .functional import _generic_estimator
+from .functional import _columns, _generic_estimator
 
 __all__ = ["laplacian", "divergence", "jacobian_diagonal"]
 
@@ -34,7 +34,8 @@ def laplacian(model, x: torch.Tensor, return_gradient: bool = False, *, wrt=None
     if method not in ANY_MODULE:
         raise ValueError(f"unknown method {method!r}; expected one of {ANY_MODULE}")
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "laplacian")
+    # the forward carry takes no dropout masks
+    lowered = engine_or_generic(model, x, cond, method, "laplacian", supports=FACTORS - {"dropout"})
     if lowered is None:
         return generic.laplacian(model, x, *cond, wrt=wrt, return_gradient=return_gradient, max_memory=max_memory)
     spec, flat = lowered.spec, lowered.input(x, cond)
@@ -52,6 +53,12 @@ def _square_columns(lowered, wrt):
     columns, widths = lowered.columns(wrt), lowered.spec.widths
     check_square([widths[0] if columns is None else len(columns), widths[-1]])
     return columns
+
+
+def _masked_columns(spec, columns):
+    """The columns of J to form when the model has dropout masks: every column where none were
+    chosen (the fused diagonal ops take no masks; the Jacobian ops do)."""
+    return torch.arange(spec.widths[0]) if columns is None else columns
 
 
 def _laplacian_directions(lowered, wrt, gradient: bool, dtype, device):
@@ -101,13 +108,23 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
     are held fixed."""
     check_estimator_options(method, ("hutchinson",), n_proj, generator, distribution, orthogonal, return_variance)
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "divergence", ANY_MODULE + ("hutchinson",))
+    # masks: through J's columns only (the forward carry and the closed forms take none)
+    lowered = engine_or_generic(model, x, cond, method, "divergence", ANY_MODULE + ("hutchinson",),
+                                supports=FACTORS if method in ("auto", "hutchinson") else FACTORS - {"dropout"})
     if lowered is None:
         return generic.divergence(model, x, *cond, wrt=wrt, max_memory=max_memory,
                                   **_generic_estimator(method, n_proj, generator, distribution, orthogonal,
                                                        return_variance))
     spec, x = lowered.spec, lowered.input(x, cond)
     columns = _square_columns(lowered, wrt)
+    if spec.masks is not None:
+        columns = _masked_columns(spec, columns)
+        y, jac = _columns(spec, x, columns)
+        if method != "hutchinson":
+            return y, jac.diagonal(dim1=1, dim2=2).sum(1)
+        return hutchinson(lambda v: (y, ((v.to(jac.dtype) @ jac) * v.to(jac.dtype)).sum(2)), x.shape[0], n_proj,
+                          len(columns), distribution=distribution, orthogonal=orthogonal, generator=generator,
+                          dtype=x.dtype, device=x.device, return_variance=return_variance)
     spec, outputs = _squared_up(spec, columns)
     if method != "hutchinson":
         y, div = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations,
@@ -150,11 +167,15 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None,
     if method == "hutchinson":
         raise ValueError("method='hutchinson' estimates the divergence (jacext.divergence); the diagonal is exact")
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "jacobian_diagonal")
+    lowered = engine_or_generic(model, x, cond, method, "jacobian_diagonal",
+                                supports=FACTORS if method == "auto" else FACTORS - {"dropout"})
     if lowered is None:
         return generic.jacobian_diagonal(model, x, *cond, wrt=wrt, max_memory=max_memory)
     spec, x = lowered.spec, lowered.input(x, cond)
     columns = _square_columns(lowered, wrt)
+    if spec.masks is not None:
+        y, jac = _columns(spec, x, _masked_columns(spec, columns))
+        return y, jac.diagonal(dim1=1, dim2=2)
     spec, outputs = _squared_up(spec, columns)
     y, diag = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                          method=method)

@@ -22,16 +22,18 @@ def first_carry_index(n_layers: int) -> int:
 
 
 def saved_shapes(widths: Sequence[int], batch, layer: int, strategy: int, rows: Optional[int] = None,
-                 activations: Optional[Sequence[int]] = None):
+                 activations: Optional[Sequence[int]] = None, masked: Sequence[bool] = ()):
     """Shapes of the op's `saved` outputs (layout documented in csrc/mlp_jacobian.h); `rows` is
     the number of carried rows in reverse mode: m, or k with projections. With the activation
     codes, an identity layer's d and a piecewise-linear layer's act'' are empty, (0,), as the op
-    saves them; without, every layer is taken to have both (an upper bound)."""
+    saves them; without, every layer is taken to have both (an upper bound). `masked`: which layers
+    have a mask (none when empty): an identity layer with one has d = mask."""
     B, L = batch, len(widths) - 1
     rows = widths[-1] if rows is None else rows
     codes = list(activations) if activations is not None else [None] * L
     # d and act'' for every layer, h_1..h_{L-1}, then the carries
-    shapes = [(0,) if codes[i] == IDENTITY else (B, widths[i + 1]) for i in range(L)]
+    masked = list(masked) or [False] * L
+    shapes = [(0,) if codes[i] == IDENTITY and not masked[i] else (B, widths[i + 1]) for i in range(L)]
     shapes += [(0,) if codes[i] in (IDENTITY, RELU, LEAKY_RELU) else (B, widths[i + 1]) for i in range(L)]
     shapes += [(B, widths[i]) for i in range(1, L)]
     if strategy == GRAM1:  # G1, G2 (n_1, n_1) and M d (B, n_1)

@@ -575,7 +575,7 @@ def margin_plan(model, x: torch.Tensor, target: Optional[torch.Tensor] = None, l
         reason = "layers name submodules"
     else:
         try:
-            lowered = lower(model, x, *cond)
+            lowered = lower(model, x, *cond, masks=False)
             if lowered.factors:
                 reason = f"the engine's margin does not take the model's {', '.join(sorted(lowered.factors))}"
         except NotLowerable as error:

@@ -37,6 +37,13 @@ def mlp(widths, codes, bias=None, seed=0, batch=3):
     return x, weights, biases, codes, params
 
 
+def masks(widths, layers, batch=3, p=0.5):
+    """Dropout masks (0 or 1/(1-p)) on `layers`, an empty tensor for the others (the ops' form)."""
+    g = torch.Generator().manual_seed(9)
+    return [(torch.rand(batch, n, generator=g, dtype=torch.float64) > p).double() / (1 - p) if i in layers
+            else torch.empty(0, dtype=torch.float64) for i, n in enumerate(widths[1:])]
+
+
 def _grads_like(outputs):
     return [None if o is None else torch.randn_like(o).requires_grad_() for o in outputs]
 
@@ -57,6 +64,16 @@ def _forward_samples():
         for name, strategy in [("reverse", REVERSE), ("forward", FORWARD)]:
             yield "mlp_jacobian", f"{name}-layer{layer}", (*deep(), layer, strategy), {}
     yield "mlp_jacobian", "gram", (*mlp((6, 3, 4, 2), ["tanh", "tanh", "sigmoid"]), 0, REVERSE_GRAM), {"gram": True}
+    # dropout masks (a per-sample diagonal after the activation; the backward op takes them too)
+    on = masks((3, 4, 5, 2), (0, 2))
+    for name, strategy in [("reverse", REVERSE), ("forward", FORWARD), ("reverse_gram", REVERSE_GRAM)]:
+        yield "mlp_jacobian_frobenius", f"masked-{name}", (*deep(), strategy), {"masks": on}
+    identity_hidden = mlp((3, 4, 5, 2), ["identity", "softplus", "sigmoid"])  # d = the mask
+    yield "mlp_jacobian_frobenius", "masked-identity", (*identity_hidden, REVERSE), {"masks": masks((3, 4, 5, 2), (0,))}
+    for name, strategy in [("gram1", GRAM1), ("forward_gram", FORWARD_GRAM)]:
+        yield "mlp_jacobian_frobenius", f"masked-{name}", (*linear_out(), strategy), {"masks": masks((3, 6, 4), (0,))}
+    for name, strategy in [("reverse", REVERSE), ("forward", FORWARD)]:
+        yield "mlp_jacobian", f"masked-{name}", (*deep(), 0, strategy), {"masks": on}
     yield "mlp_laplacian", "gradient", (*deep(out="identity"), True), {}
     yield "mlp_laplacian", "thin-top", (*deep(out="identity"), False), {}
     directions = torch.eye(3, dtype=torch.float64)[[2, 0, 1]].unsqueeze(0)

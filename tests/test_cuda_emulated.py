@@ -88,19 +88,27 @@ def both(name, *args, **kwargs):
 
 # --- the Jacobian ops -----------------------------------------------------------------------------
 
-def check_frobenius(x, net, strategy, projections=None):
-    (y, sq, saved), cpu = both("mlp_jacobian_frobenius", x, *net, strategy, projections)
+def check_frobenius(x, net, strategy, projections=None, masks=()):
+    kw = {"masks": list(masks)}
+    (y, sq, saved), cpu = both("mlp_jacobian_frobenius", x, *net, strategy, projections, **kw)
     assert_same((y, sq, saved), cpu, f"frobenius strategy {strategy}")
     grad_y, grad_sq = grads_like([y, sq])
     for input_grad in (True, False):
         args = (grad_y, grad_sq, None, x, *net, 0, strategy, saved, [], projections)
-        emulated, cpu_grads = both("mlp_jacobian_backward", *args, input_grad=input_grad)
+        emulated, cpu_grads = both("mlp_jacobian_backward", *args, input_grad=input_grad, **kw)
         assert_same(emulated, cpu_grads, f"frobenius backward strategy {strategy} input_grad={input_grad}")
     # the backward of the value alone, and of the penalty alone
-    assert_same(*both("mlp_jacobian_backward", grad_y, None, None, x, *net, 0, strategy, saved, [], projections),
+    assert_same(*both("mlp_jacobian_backward", grad_y, None, None, x, *net, 0, strategy, saved, [], projections, **kw),
                 "backward of y only")
-    assert_same(*both("mlp_jacobian_backward", None, grad_sq, None, x, *net, 0, strategy, saved, [], projections),
-                "backward of sq only")
+    assert_same(*both("mlp_jacobian_backward", None, grad_sq, None, x, *net, 0, strategy, saved, [], projections,
+                      **kw), "backward of sq only")
+
+
+def dropout_masks(batch, widths, dtype, layers, p=0.3, seed=5):
+    """One dropout mask (0 or 1/(1-p)) per layer in `layers`, an empty tensor for the others."""
+    g = torch.Generator().manual_seed(seed)
+    return [((torch.rand(batch, n, generator=g) > p).to(dtype) / (1 - p)) if i in layers
+            else torch.empty(0, dtype=dtype) for i, n in enumerate(widths[1:])]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
@@ -160,6 +168,28 @@ def test_jacobian_every_layer_and_strategy(activation, dtype):
         grad_y, grad_jac = grads_like([y, jac])
         args = (grad_y, None, grad_jac, x, *net, layer, strategy, saved, [])
         assert_same(*both("mlp_jacobian_backward", *args), what + " backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("activation", ["identity", "tanh", "relu", "softplus"])
+def test_dropout_masks(activation, dtype):
+    widths = [6, 9, 7, 4]
+    net = mlp(widths, activation, dtype)
+    x = inputs(11, 6, dtype)
+    hidden = dropout_masks(11, widths, dtype, (0, 1))
+    for strategy in (0, 1, 2, 4):
+        check_frobenius(x, net, strategy, masks=hidden)
+    for strategy in (0, 2):  # a mask on the (linear) output layer too
+        check_frobenius(x, net, strategy, masks=dropout_masks(11, widths, dtype, (0, 2)))
+    g = torch.Generator().manual_seed(3)
+    check_frobenius(x, net, 0, torch.randn(11, 3, 4, generator=g, dtype=torch.float64).to(dtype), masks=hidden)
+    check_frobenius(x, mlp([6, 9, 4], activation, dtype), 3, masks=dropout_masks(11, [6, 9, 4], dtype, (0,)))
+    for layer, strategy in ((0, 0), (1, 1)):
+        (y, jac, saved), cpu = both("mlp_jacobian", x, *net, layer, strategy, masks=hidden)
+        assert_same((y, jac, saved), cpu, f"masked jacobian layer {layer} strategy {strategy}")
+        grad_y, grad_jac = grads_like([y, jac])
+        args = (grad_y, None, grad_jac, x, *net, layer, strategy, saved, [])
+        assert_same(*both("mlp_jacobian_backward", *args, masks=hidden), "masked jacobian backward")
 
 
 # --- the flow ops ---------------------------------------------------------------------------------
