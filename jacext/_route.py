@@ -34,15 +34,16 @@ def as_cond(cond) -> tuple:
 
 
 def engine_or_generic(model, x, cond: tuple, method: str, quantity: str,
-                      any_module=ANY_MODULE, stacklevel: int = 3) -> Optional[Lowered]:
+                      any_module=ANY_MODULE, stacklevel: int = 3, skips: bool = False) -> Optional[Lowered]:
     """The lowered model for the engine, or None for the generic path. method="autograd" is the
     generic path; "auto" (and the other methods in `any_module`) take it when the model does not
     lower, with one warning per model class and node naming the node; any other method is one of the
-    engine's own and raises a TypeError naming that node."""
+    engine's own and raises a TypeError naming that node. skips: whether this call runs residual
+    skips on the engine (the forward-carry ops); without, a model with a skip does not lower."""
     if method == "autograd":
         return None
     try:
-        return lower(model, x, *cond)
+        return lower(model, x, *cond, skips=skips)
     except NotLowerable as reason:
         if method not in any_module:
             raise TypeError(f"{reason}; method={method!r} runs on the fused engine only: method='auto' or "

@@ -29,7 +29,11 @@ __all__ = ["lower", "Lowered", "NotLowerable", "MLPSpec", "parse_model"]
 
 SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAMES))
              + " (modules or functions), nn.Identity, nn.Flatten / flatten / view / reshape of the input to "
-             "(B, n), nn.Dropout and nn.BatchNorm1d in eval()")
+             "(B, n), nn.Dropout and nn.BatchNorm1d in eval(), residual skips h + g(h) (for the Laplacian, "
+             "the divergence and the Jacobian diagonal)")
+
+# The quantities that take residual skips: those on the forward-carry ops (csrc/mlp_laplacian.h).
+SKIP_QUANTITIES = "the Laplacian, the divergence and the Jacobian diagonal (without wrt)"
 
 
 class NotLowerable(TypeError):
@@ -55,24 +59,27 @@ def _not_lowerable(path, op, where, why):
 
 @dataclass
 class MLPSpec:
-    """What the ops need to know about an MLP. weights[i] is (n_{i+1}, n_i)."""
+    """What the ops need to know about an MLP. weights[i] is (n_{i+1}, n_i). residual: None without
+    a skip, else per layer i -1 or the j <= i whose input is added to layer i's output (h + g(h);
+    the forward-carry ops' `residual`)."""
 
     weights: list
     biases: list
     activations: list
     act_params: list
+    residual: Optional[list] = None
 
     @property
     def widths(self) -> list:
         return [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
 
 
-def parse_model(model: nn.Module) -> MLPSpec:
+def parse_model(model: nn.Module, *, skips: bool = False) -> MLPSpec:
     """The engine's MLPSpec of a model (lower's spec): nn.Linear and supported
     activations, Flatten of the input, Dropout and BatchNorm1d in eval(), the user's own modules
-    made of these. Raises NotLowerable (a TypeError) naming the node that does
-    not lower."""
-    return lower(model).spec
+    made of these; residual skips with skips=True. Raises NotLowerable (a TypeError) naming the
+    node that does not lower."""
+    return lower(model, skips=skips).spec
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,10 @@ class Layer:
     """One Linear of the plan: the qualified names (split at the dots) of its weight and bias
     (None: F.linear without a bias; an nn.Linear's bias is read, None or not), of the BatchNorm1d
     modules folded into its input side (in the order the model applies them) and into its output
-    side, and its activation. Per-sample factors beside the activation (masks, gates), a
-    per-sample bias (conditioning) and residual markers would be more fields of the same form."""
+    side, its activation, and residual: None, or the index j of the Linear whose input is added
+    to this layer's output (a skip h + g(h), j <= this layer's index). Per-sample factors beside
+    the activation (masks, gates) and a per-sample bias (conditioning) would be more fields of
+    the same form."""
 
     weight: tuple
     bias: Optional[tuple]
@@ -89,12 +98,16 @@ class Layer:
     after: tuple
     activation: int
     act_params: tuple
+    residual: Optional[int] = None
 
 
 @dataclass(frozen=True)
 class Plan:
+    """skip: (path, op, where) of the first residual sum, None without one."""
+
     layers: tuple
     flatten_input: bool
+    skip: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -112,14 +125,22 @@ class Lowered:
         """x as the (B, n) matrix the engine takes."""
         return x.flatten(1) if self.flatten_input else x
 
+    @property
+    def residual(self) -> Optional[list]:
+        return self.spec.residual
 
-def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond) -> Lowered:
+
+def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond, skips: bool = False) -> Lowered:
     """The model lowered to the engine for a call model(x, *cond); raises NotLowerable (a
     TypeError) naming the node that does not lower. With x, also checks x's shape against the
-    model's first Linear (TypeError / ValueError)."""
+    model's first Linear (TypeError / ValueError). skips: whether the caller runs residual skips
+    (the forward-carry quantities); without, a model with a skip does not lower (the skip node
+    named), so that no quantity drops one silently."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"jacext needs an nn.Module, got {type(model).__name__}")
     plan = _plan(model, 1 + len(cond))
+    if plan.skip is not None and not skips:
+        raise _not_lowerable(*plan.skip, f"a residual skip (h + g(h)) runs on the engine for {SKIP_QUANTITIES} only")
     spec = _build(model, plan)
     input_shape = None
     if x is not None:
@@ -179,6 +200,8 @@ def _bn_affine(bn):
 
 def _build(model, plan):
     weights, biases, codes, params = [], [], [], []
+    residual = None if plan.skip is None else [-1 if layer.residual is None else layer.residual
+                                               for layer in plan.layers]
     for layer in plan.layers:
         w = _attribute(model, layer.weight)
         b = None if layer.bias is None else _attribute(model, layer.bias)
@@ -194,7 +217,7 @@ def _build(model, plan):
         biases.append(b)
         codes.append(layer.activation)
         params += layer.act_params
-    return MLPSpec(weights, biases, codes, params)
+    return MLPSpec(weights, biases, codes, params, residual)
 
 
 # ---- the plan, cached per module instance and structure -------------------------------------
@@ -340,6 +363,10 @@ class _Reader:
         self.started = False      # a step other than Identity / eval Dropout / Flatten has run
         self.batch = set()        # nodes holding x.shape, and the batch size x.shape[0]
         self.current = None       # the chain's value
+        self.inputs = {}          # chain node -> the value it took
+        self.kept = set()         # chain nodes whose value is their input's (Identity, Dropout in eval())
+        self.carries = {}         # value -> k: it entered the k-th Linear (the engine's carry C_k)
+        self.skip = None          # the first residual sum's (path, op, where)
 
     # naming
     def refuse(self, node, why):
@@ -362,22 +389,58 @@ class _Reader:
     # steps
     def chain(self, node, value):
         if value is not self.current:
-            self.refuse(node, "it takes a value other than the previous step's output (branches, skips "
-                              "and several inputs do not run on the engine)")
+            self.refuse(node, "it takes a value other than the previous step's output (branches, a skip "
+                              "other than h + g(h), and several inputs do not run on the engine)")
+        self.inputs[node] = value
         self.current = node
 
     def linear(self, node, weight, bias):
         self.close()
+        if not self.pending:  # its input (and what that kept) is the carry C_k; after a BatchNorm it is not
+            value = self.inputs[node]
+            self.carries[value] = len(self.layers)
+            while value in self.kept:
+                value = self.inputs[value]
+                self.carries[value] = len(self.layers)
         self.layer = dict(weight=weight, bias=bias, before=tuple(_parts(n.target) for n in self.pending), after=[],
-                          activation=act.IDENTITY, act_params=(0.0, 0.0))
+                          activation=act.IDENTITY, act_params=(0.0, 0.0), residual=None)
         self.pending = []
         self.started = True
 
+    def residual(self, node, a, b):
+        """h + g(h) or g(h) + h: the chain's value plus a value that entered an earlier (or this
+        block's own) Linear ends a residual block: the engine adds carry C_j to this layer's output."""
+        if self.current not in (a, b) or a is b:
+            self.refuse(node, "a sum that is not h + g(h) (the chain's value plus a block's input)")
+        other = b if a is self.current else a
+        j = self.carries.get(other) if isinstance(other, fx.Node) else None
+        if j is None:
+            self.refuse(node, "it adds a value other than the input of an earlier nn.Linear (a residual skip "
+                              "h + g(h) adds a block's input to its output)")
+        if self.pending:
+            self.refuse(self.pending[-1], "a BatchNorm1d between a residual block's last activation and its sum")
+        if self.layer["residual"] is not None:
+            self.refuse(node, "a second residual sum at the same layer")
+        n_in = _attribute(self.model, self.layers[j].weight if j < len(self.layers) else self.layer["weight"]).shape[1]
+        n_out = _attribute(self.model, self.layer["weight"]).shape[0]
+        if n_in != n_out:
+            self.refuse(node, f"a residual sum of widths {n_in} and {n_out} (it broadcasts); the engine's skip adds "
+                              "two carries of one width")
+        self.layer["residual"] = j
+        self.inputs[node] = self.current
+        self.current = node
+        if self.skip is None:
+            self.skip = (*self.name(node), node.meta.get("jacext_where", "?"))
+
     def activation(self, node, code, p0=0.0, p1=0.0):
         if code == act.IDENTITY:
+            self.kept.add(node)
             return
         if self.layer is None:
             self.refuse(node, "an activation before the first nn.Linear")
+        if self.layer["residual"] is not None:
+            self.refuse(node, "an activation after a residual sum (sigma(h + g(h))); the engine's skip adds the "
+                              "block's input after the block's last activation")
         if self.layer["activation"] != act.IDENTITY:
             self.refuse(node, "it follows another activation; one activation per Linear is supported")
         self.layer.update(activation=code, act_params=(float(p0), float(p1)))
@@ -389,7 +452,7 @@ class _Reader:
         if not bn.track_running_stats or bn.running_mean is None:
             self.refuse(node, "BatchNorm1d without running statistics normalizes with the batch's own, which mix "
                               "the samples, so per-sample Jacobians are not defined")
-        if self.layer is None or self.layer["activation"] != act.IDENTITY:
+        if self.layer is None or self.layer["activation"] != act.IDENTITY or self.layer["residual"] is not None:
             self.pending.append(node)
         else:
             self.layer["after"].append(_parts(node.target))
@@ -398,6 +461,7 @@ class _Reader:
     def dropout(self, node, p, training):
         if training and p > 0:
             self.refuse(node, "Dropout in train() (the generic path draws its masks)")
+        self.kept.add(node)
 
     def flatten(self, node):
         if self.started:
@@ -413,6 +477,7 @@ class _Reader:
     def read(self):
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         self.current = placeholders[0]
+        self.inputs[self.current] = None
         for extra in placeholders[1:]:
             users = [u for u in extra.users if u.target is not fx._symbolic_trace._assert_is_none]
             if users:
@@ -426,7 +491,7 @@ class _Reader:
                 self.call_method(node)
             elif node.op == "output":
                 self.output(node)
-        return Plan(tuple(self.layers), self.flatten_input)
+        return Plan(tuple(self.layers), self.flatten_input, self.skip)
 
     def output(self, node):
         result = node.args[0]
@@ -516,8 +581,17 @@ class _Reader:
             self.dropout(node, a.get("p", 0.5), a.get("training", True))
         elif target is torch.flatten:
             self.flatten_to_matrix(node, self.step(node))
+        elif target in (operator.add, operator.iadd, torch.add):
+            self.residual(node, *self.summands(node))
         else:
             self.refuse(node, f"unsupported function; the engine runs {SUPPORTED}")
+
+    def summands(self, node):
+        """The two tensors of a sum a + b (operator.add, +=, torch.add, Tensor.add); alpha must be 1."""
+        kwargs = dict(node.kwargs)
+        if len(node.args) != 2 or kwargs.pop("alpha", 1) != 1 or kwargs:
+            self.refuse(node, "a sum other than a + b (alpha, out= or a third argument)")
+        return node.args
 
     def call_method(self, node):
         target = node.target
@@ -539,6 +613,8 @@ class _Reader:
             self.flatten(node)
         elif target == "flatten":
             self.flatten_to_matrix(node, self.step(node))
+        elif target in ("add", "add_"):
+            self.residual(node, *self.summands(node))
         else:
             self.refuse(node, f"unsupported method; the engine runs {SUPPORTED}")
 

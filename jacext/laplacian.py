@@ -33,13 +33,14 @@ def laplacian(model, x: torch.Tensor, return_gradient: bool = False, *, wrt=None
     if method not in ANY_MODULE:
         raise ValueError(f"unknown method {method!r}; expected one of {ANY_MODULE}")
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "laplacian")
+    lowered = engine_or_generic(model, x, cond, method, "laplacian", skips=True)
     if lowered is None:
         return generic.laplacian(model, x, *cond, wrt=wrt, return_gradient=return_gradient, max_memory=max_memory)
     spec, flat = lowered.spec, lowered.flatten(x)
     directions, rows, order = _laplacian_directions(spec.widths[0], wrt, return_gradient, flat.dtype, flat.device)
     out = _ops.mlp_laplacian(flat, spec.weights, spec.biases, spec.activations, spec.act_params,
-                             return_gradient=return_gradient, directions=directions, laplacian_rows=rows)
+                             return_gradient=return_gradient, directions=directions, laplacian_rows=rows,
+                             residual=spec.residual)
     if order is None:
         return out
     y, grad, lap = out
@@ -95,7 +96,8 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
     are held fixed."""
     check_estimator_options(method, ("hutchinson",), n_proj, generator, distribution, orthogonal, return_variance)
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "divergence", ANY_MODULE + ("hutchinson",))
+    # with wrt, the engine's divergence comes from J's columns (the reverse family), which takes no skip
+    lowered = engine_or_generic(model, x, cond, method, "divergence", ANY_MODULE + ("hutchinson",), skips=wrt is None)
     if lowered is None:
         return generic.divergence(model, x, *cond, wrt=wrt, max_memory=max_memory,
                                   **_generic_estimator(method, n_proj, generator, distribution, orthogonal,
@@ -111,11 +113,11 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
                           dtype=x.dtype, device=x.device, return_variance=return_variance)
     if method != "hutchinson":
         return _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations,
-                                          spec.act_params, method=method, trace=True)
+                                          spec.act_params, method=method, trace=True, residual=spec.residual)
 
     def terms_of(v):  # each term v^T J v is unbiased for tr J
         return _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                          method="hutchinson", projections=v)
+                                          method="hutchinson", projections=v, residual=spec.residual)
 
     return hutchinson(terms_of, x.shape[0], n_proj, spec.widths[0], distribution=distribution, orthogonal=orthogonal,
                       generator=generator, dtype=x.dtype, device=x.device, return_variance=return_variance)
@@ -130,7 +132,7 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None,
     if method == "hutchinson":
         raise ValueError("method='hutchinson' estimates the divergence (jacext.divergence); the diagonal is exact")
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "jacobian_diagonal")
+    lowered = engine_or_generic(model, x, cond, method, "jacobian_diagonal", skips=wrt is None)
     if lowered is None:
         return generic.jacobian_diagonal(model, x, *cond, wrt=wrt, max_memory=max_memory)
     spec, x = lowered.spec, lowered.flatten(x)
@@ -139,4 +141,4 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None,
         y, jac = _columns(spec, x, columns)
         return y, jac.diagonal(dim1=1, dim2=2)
     return _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                      method=method)
+                                      method=method, residual=spec.residual)
