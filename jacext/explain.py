@@ -114,11 +114,14 @@ class CarryPlan:
             lines.append(f"  {name:38}{macs / 1e9:>17.4g} G{cost / 1e9:>14.4g} G{saved / 2**20:>12.1f} MB{mark}")
         lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x saved elements)")
         if self.residual is not None:
-            skips = ", ".join(f"layer {j}'s input into layer {i}'s output" for i, j in enumerate(self.residual) if j >= 0)
-            rule = ("the thin linear last layer (h and Delta alone) does not apply under a skip into it"
-                    if self.quantity == "laplacian" else "the closed forms (which carry h alone) do not apply "
-                    "across a skip: the forward columns run")
-            lines.append(f"  residual skips ({skips}): each block's end adds its input carry, every row; {rule}")
+            skips = ", ".join(f"({i}, {j})" for i, j in enumerate(self.residual) if j >= 0)
+            lines.append(f"  residual skips (i, j), layer i's output adds layer j's input: {skips}")
+            lines.append("  each block's end adds the carry that entered it (every row)")
+            if self.quantity != "laplacian":
+                lines.append("  the closed forms (which carry h alone) do not apply across a skip: the forward "
+                             "columns run")
+            elif self.residual[-1] >= 0:
+                lines.append("  the thin linear last layer (h and Delta alone) does not apply under a skip into it")
         lines.append(f"  tiles of {self.tile} samples" if self.tile else "  no tiles: each step runs over the whole batch")
         return "\n".join(lines)
 
