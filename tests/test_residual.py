@@ -284,6 +284,24 @@ def test_tiles_give_the_same_values(widths, codes, residual):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_compile_and_vmap_take_the_skip():
+    """The fakes build the outputs from the layout with the skip; vmap over the samples folds into
+    the op's batch with the keyword passed through."""
+    model, x = model_and_x("output-block", batch=6)
+    spec = lower(model, x, skips=True).spec
+    args = (spec.weights, spec.biases, spec.activations, spec.act_params)
+    with torch.no_grad():
+        want = ops.mlp_jacobian_diagonal(x, *args, residual=spec.residual)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x: ops.mlp_laplacian(x, *args, return_gradient=True, residual=spec.residual),
+                                 fullgraph=True, backend="aot_eager")
+        for got, eager in zip(compiled(x), ops.mlp_laplacian(x, *args, return_gradient=True, residual=spec.residual)):
+            torch.testing.assert_close(got, eager, **TOL)
+        mapped = vmap(lambda s: ops.mlp_jacobian_diagonal(s.unsqueeze(0), *args, residual=spec.residual))(x)
+    for got, eager in zip(mapped, want):
+        torch.testing.assert_close(got.squeeze(1), eager, **TOL)
+
+
 def test_bad_residual_raises():
     x, weights, biases, codes = random_net((3, 4, 4, 3), ["tanh", "tanh", "identity"])
     for residual, match in [([-1, 2, -1], r"residual\[1\] must be -1 \(no skip\) or the index j <= 1"),
