@@ -252,7 +252,7 @@ struct ForwardCarry {
     for (int64_t i = top; i >= 0; --i) {
       if (!pending.empty() && pending[i + 1].defined()) g.add_(pending[i + 1]);
       if (const int64_t j = skip(i); j >= 0) {
-        if (zero_tangents && i == top) g.narrow(1, 1, columns).zero_();  // unwritten rows: zero, as they read
+        if (zero_tangents && i == top) g.narrow(1, 1, columns).zero_();  // unwritten T rows, copied below
         if (pending[j].defined()) {
           pending[j].add_(g);
         } else {

@@ -10,7 +10,7 @@ one fused op per step, exact, with its backward. Before training the script chec
 against the autograd loop PINN codes use; per epoch it prints the relative L2 error against the
 exact solution on a grid, and at the end writes a PNG (solution, error, loss curve).
 
-    python examples/residual_pinn.py              # under a minute on 2 cores
+    python examples/residual_pinn.py              # about a minute on 2 cores; ends below 1e-2
     python examples/residual_pinn.py --quick      # tiny sizes, seconds (the tests run it)
 """
 from __future__ import annotations
