@@ -477,7 +477,6 @@ class _Reader:
     def read(self):
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         self.current = placeholders[0]
-        self.inputs[self.current] = None
         for extra in placeholders[1:]:
             users = [u for u in extra.users if u.target is not fx._symbolic_trace._assert_is_none]
             if users:

@@ -305,7 +305,8 @@ def test_compile_and_vmap_take_the_skip():
 def test_bad_residual_raises():
     x, weights, biases, codes = random_net((3, 4, 4, 3), ["tanh", "tanh", "identity"])
     for residual, match in [([-1, 2, -1], r"residual\[1\] must be -1 \(no skip\) or the index j <= 1"),
-                            ([-1, 0, -1], r"adds the input of layer 0 \(width 3\) to the output of layer 1 \(width 4\)"),
+                            ([-1, 0, -1], r"adds the input of layer 0 \(width 3\) to the output of layer 1 "
+                                          r"\(width 4\)"),
                             ([-1, 1], "one entry per layer"),
                             ([-1, -2, -1], r"residual\[1\] must be -1")]:
         with pytest.raises(ValueError, match=match):
@@ -358,14 +359,16 @@ def test_other_quantities_run_the_generic_path():
         "jacobian_gram": (lambda: jacext.jacobian_gram(model, x), jac @ jac.transpose(1, 2)),
         "jacobian_spectral_norm": (lambda: jacext.jacobian_spectral_norm(model, x, method="exact")[1],
                                    torch.linalg.matrix_norm(jac, ord=2)),
-        "divergence": (lambda: jacext.divergence(model, x, wrt=[0, 1, 2])[1], jac[:, :, :3].diagonal(dim1=1, dim2=2).sum(1)),
+        "divergence": (lambda: jacext.divergence(model, x, wrt=[0, 1, 2])[1],
+                       jac[:, :, :3].diagonal(dim1=1, dim2=2).sum(1)),
         "jacobian_diagonal": (lambda: jacext.jacobian_diagonal(model, x, wrt=[2, 0, 1])[1],
                               jac[:, :, [2, 0, 1]].diagonal(dim1=1, dim2=2)),
     }
     for quantity, (call, want) in checks.items():
         _warned.clear()
-        with pytest.warns(RuntimeWarning, match=rf"2 \(operator.add\) at .+test_residual.py:\d+ does not run on the "
-                                                rf"fused engine: a residual skip .+ jacext.{quantity} runs the generic"):
+        match = (rf"2 \(operator.add\) at .+test_residual.py:\d+ does not run on the fused engine: a residual "
+                 rf"skip .+ jacext.{quantity} runs the generic")
+        with pytest.warns(RuntimeWarning, match=match):
             got = call()
         torch.testing.assert_close(got, want, **TOL)
         with warnings.catch_warnings():
