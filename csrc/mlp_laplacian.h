@@ -20,6 +20,13 @@
 // (dbar: an epilogue's own adjoint of act'), then Wbar += Abar^T C and Cbar = Abar W[i], two
 // GEMMs over the stacked rows, and bbar += the zbar rows.
 //
+// Residual skips (h + g(h)): `residual` names, per layer i, -1 or a j <= i of the same width, and
+// the carry after layer i becomes C_{i+1} = f_i(C_i) + C_j, every row added (h, T and Delta are all
+// linear in the skip). The backward keeps the adjoint of C_{i+1} pending until the sweep reaches C_j,
+// and adds it to C_j's adjoint there. The closed forms and the Laplacian's thin last layer map h
+// alone or skip the T rows, so they do not apply across a skip (a skip into the last layer keeps
+// every row through it; the diagonal then reads T_ii off the top carry).
+//
 // The first `carried` layers carry every row; what happens above them is the op's epilogue:
 //   Laplacian: every layer (y, J and Delta from C_L); with a linear output layer and no gradient
 //     asked for, the last layer maps only h and Delta (y = h W^T + b, Delta_out = Delta W^T): two
@@ -84,6 +91,9 @@ struct ForwardCarry {
   int64_t carried;       // layers that carry every row
   Tensor projections;    // (B, c, n_0) tangents v_j, or undefined (unit vectors, or c = 0)
   int64_t squared = 0;   // Laplacian: Delta sums over the first `squared` tangent rows
+  std::vector<int64_t> residual;  // per layer: the skip's j, or -1; empty without skips
+
+  int64_t skip(int64_t i) const { return residual.empty() ? -1 : residual[i]; }
 
   int64_t depth() const { return static_cast<int64_t>(weights.size()); }
   int64_t width(int64_t i) const { return i == 0 ? weights[0].size(1) : weights[i - 1].size(0); }
@@ -204,10 +214,12 @@ struct ForwardCarry {
   // The carried layers of a tile; returns C_carried (for carried = 0, C_0). `top` receives the
   // output of layer L-1 when every layer is carried (a tile temporary otherwise).
   Tensor carry_forward(const Tile& t, const Tensor& x, const Tensor& top) const {
-    Tensor c = first_carry(x, t.v);
+    const Tensor c0 = first_carry(x, t.v);
+    Tensor c = c0;
     for (const auto i : c10::irange(carried)) {
       Tensor out = i + 1 < depth() ? t.hidden[i] : top;
       layer_forward(i, flat(c), out, t);
+      if (const int64_t j = skip(i); j >= 0) out.add_(j == 0 ? c0 : t.hidden[j - 1]);
       c = out;
     }
     return c;
@@ -232,9 +244,21 @@ struct ForwardCarry {
 
   // The sweep down from layer `top` (g: the adjoint of its output) to the input; adj_d: per layer,
   // an epilogue's adjoint of act' (or undefined). zero_tangents: g's T rows are zero (unwritten).
+  // A skip C_{i+1} = f_i(C_i) + C_j passes the adjoint of C_{i+1} to C_j too: pending[j] holds it
+  // until the sweep has C_j's adjoint from layer j's backward (j = 0: x's row of C_0).
   void sweep_backward(Tensor g, int64_t top, const Tile& t, const Tensor& x, const std::vector<Tensor>& adj_d,
                       bool zero_tangents, const Tensor& grad_x, CarrySums& sums) const {
+    std::vector<Tensor> pending(residual.empty() ? 0 : top + 2);
     for (int64_t i = top; i >= 0; --i) {
+      if (!pending.empty() && pending[i + 1].defined()) g.add_(pending[i + 1]);
+      if (const int64_t j = skip(i); j >= 0) {
+        if (zero_tangents && i == top) g.narrow(1, 1, columns).zero_();  // unwritten T rows, copied below
+        if (pending[j].defined()) {
+          pending[j].add_(g);
+        } else {
+          pending[j] = empty(g.sizes(), g.options()).copy_(g);
+        }
+      }
       Tensor g_in = layer_backward(i, g, flat(carry_into(i, t, x)), t, adj_d[i], zero_tangents && i == top,
                                    i > 0, sums);
       // of C_0 = [x; I or V; 0] only x's row has a gradient (V is held constant)
@@ -242,6 +266,7 @@ struct ForwardCarry {
       g = g_in;
     }
     if (top < 0 && grad_x.defined()) grad_x.copy_(g.select(1, 0));  // no carried layer: g is C_0's adjoint
+    if (!pending.empty() && pending[0].defined() && grad_x.defined()) grad_x.add_(pending[0].select(1, 0));
   }
 
   // Adds the weight gradients of the slots' sums (empty layers: zeros).
@@ -287,6 +312,29 @@ inline void copy_or_zero(const Tensor& out, const Tensor& src) {
 
 inline Tensor value_or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
+// The residual skips checked against the net: one entry per layer, -1 or a j <= i whose carry C_j
+// (the input of layer j) is as wide as layer i's output; empty for none (also when every entry is -1).
+inline std::vector<int64_t> checked_residual(at::OptionalIntArrayRef residual, at::TensorList weights) {
+  if (!residual.has_value()) return {};
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(residual->size()) == L, "jacext: residual must have one entry per layer (",
+              L, "; -1 for a layer without a skip), got ", residual->size());
+  std::vector<int64_t> skips(residual->begin(), residual->end());
+  bool any = false;
+  for (const auto i : c10::irange(L)) {
+    const int64_t j = skips[i];
+    TORCH_CHECK(j >= -1 && j <= i, "jacext: residual[", i, "] must be -1 (no skip) or the index j <= ", i,
+                " of the layer whose input is added to layer ", i, "'s output, got ", j);
+    if (j < 0) continue;
+    any = true;
+    const int64_t width_in = weights[j].size(1), width_out = weights[i].size(0);
+    TORCH_CHECK(width_in == width_out, "jacext: residual[", i, "] = ", j, " adds the input of layer ", j,
+                " (width ", width_in, ") to the output of layer ", i, " (width ", width_out,
+                "): the widths must match");
+  }
+  return any ? skips : std::vector<int64_t>{};
+}
+
 // ---------------------------------------------------------------------------------------------
 // The Laplacian: y, J V^T (when `gradient`) and Delta y = sum_{j<k} v_j^T (d^2 y / dx^2) v_j, all
 // (B, m, ...), for c tangent rows v_j: the unit vectors (c = n_0; J and the Laplacian
@@ -313,28 +361,29 @@ template <class Kernels>
 ForwardCarry<Kernels> laplacian_carry(const Tensor& x, at::TensorList weights, at::TensorList biases,
                                       at::IntArrayRef activations, at::ArrayRef<double> act_params,
                                       bool gradient, const std::optional<Tensor>& directions,
-                                      int64_t laplacian_rows, int64_t tile) {
+                                      int64_t laplacian_rows, int64_t tile, at::OptionalIntArrayRef residual) {
   check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
   check_tile(tile);
+  std::vector<int64_t> skips = checked_residual(residual, weights);
   Tensor v = checked_directions(directions, x);
   const int64_t L = static_cast<int64_t>(weights.size()), c = v.defined() ? v.size(1) : x.size(1);
   TORCH_CHECK(laplacian_rows == -1 || (laplacian_rows >= 1 && laplacian_rows <= c), "jacext: laplacian_rows must "
               "be -1 (every tangent row) or in [1, ", c, "], got ", laplacian_rows);
   const int64_t k = laplacian_rows == -1 ? c : laplacian_rows, columns = gradient ? c : k;
   if (v.defined() && columns < c) v = v.narrow(1, 0, columns);
-  // A linear output layer maps h and Delta alone when J is not returned.
-  const bool thin_top = !gradient && activations[L - 1] == kIdentity;
-  return {weights, biases, activations, act_params, columns, true, thin_top ? L - 1 : L, v, k};
+  // A linear output layer maps h and Delta alone when J is not returned (and no skip ends there).
+  const bool thin_top = !gradient && activations[L - 1] == kIdentity && (skips.empty() || skips[L - 1] < 0);
+  return {weights, biases, activations, act_params, columns, true, thin_top ? L - 1 : L, v, k, std::move(skips)};
 }
 
 template <class Kernels>
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_laplacian(
     const Tensor& x_in, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
     at::ArrayRef<double> act_params, bool gradient, const std::optional<Tensor>& directions,
-    int64_t laplacian_rows, int64_t tile) {
+    int64_t laplacian_rows, int64_t tile, at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
   const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, directions,
-                                            laplacian_rows, tile);
+                                            laplacian_rows, tile, residual);
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L), c = net.columns;
   const auto options = x.options();
   Tensor y = net.empty({B, m}, options), lap = net.empty({B, m}, options);
@@ -371,10 +420,11 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     const std::optional<Tensor>& grad_y_in, const std::optional<Tensor>& grad_grad_in,
     const std::optional<Tensor>& grad_lap_in, const Tensor& x_in, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, bool gradient, at::TensorList saved_list,
-    const std::optional<Tensor>& directions, int64_t laplacian_rows, int64_t tile, bool input_grad) {
+    const std::optional<Tensor>& directions, int64_t laplacian_rows, int64_t tile, bool input_grad,
+    at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
   const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, directions,
-                                            laplacian_rows, tile);
+                                            laplacian_rows, tile, residual);
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L), c = net.columns;
   const auto options = x.options();
   const CarrySaved saved = net.unpack_saved(saved_list);
@@ -428,7 +478,7 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
 // V (B, k, n) the k terms v_j^T J v_j (B, k).
 
 inline void check_diagonal(const Tensor& x, at::TensorList weights, at::IntArrayRef activations,
-                           int64_t strategy) {
+                           int64_t strategy, bool skips) {
   const int64_t L = static_cast<int64_t>(weights.size()), n0 = x.size(1), m = weights[L - 1].size(0);
   TORCH_CHECK(m == n0, "jacext: the Jacobian diagonal and the divergence need a square net (as many outputs "
               "as inputs), got ", n0, " inputs and ", m, " outputs");
@@ -438,6 +488,8 @@ inline void check_diagonal(const Tensor& x, at::TensorList weights, at::IntArray
               "two layers, got ", L);
   TORCH_CHECK(strategy != kTraceGram2 || (L == 3 && activations[2] == kIdentity), "jacext: strategy 2 "
               "(two-hidden-layer trace) needs exactly three layers and a linear output layer");
+  TORCH_CHECK(strategy == kForward || !skips, "jacext: the closed forms (strategy ", strategy, ") do not apply "
+              "across a residual skip; strategy must be 0 (forward columns)");
 }
 
 inline Tensor checked_tangents(const std::optional<Tensor>& projections, const Tensor& x, int64_t strategy) {
@@ -453,19 +505,23 @@ inline Tensor checked_tangents(const std::optional<Tensor>& projections, const T
 }
 
 // The plan of a diagonal op and of its backward (both start here, after the input checks); the
-// checked projections are net.projections.
+// checked projections are net.projections. kForward carries every layer (reads its output off the
+// top carry) with projections or a skip into the last layer, else stops one layer early.
 template <class Kernels>
 ForwardCarry<Kernels> diagonal_carry(const Tensor& x, at::TensorList weights, at::TensorList biases,
                                      at::IntArrayRef activations, at::ArrayRef<double> act_params,
-                                     int64_t strategy, const std::optional<Tensor>& projections, int64_t tile) {
+                                     int64_t strategy, const std::optional<Tensor>& projections, int64_t tile,
+                                     at::OptionalIntArrayRef residual) {
   check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
   check_tile(tile);
-  check_diagonal(x, weights, activations, strategy);
+  std::vector<int64_t> skips = checked_residual(residual, weights);
+  check_diagonal(x, weights, activations, strategy, !skips.empty());
   const Tensor v = checked_tangents(projections, x, strategy);
   const int64_t L = static_cast<int64_t>(weights.size());
   if (strategy != kForward) return {weights, biases, activations, act_params, 0, false, L, Tensor()};
-  if (v.defined()) return {weights, biases, activations, act_params, v.size(1), false, L, v};
-  return {weights, biases, activations, act_params, x.size(1), false, L - 1, Tensor()};
+  const bool full_top = v.defined() || (!skips.empty() && skips[L - 1] >= 0);
+  const int64_t columns = v.defined() ? v.size(1) : x.size(1);
+  return {weights, biases, activations, act_params, columns, false, full_top ? L : L - 1, v, 0, std::move(skips)};
 }
 
 // The closed forms' sample-independent matrices: kGram1 M = W_1 .* W_2^T (n_1 x n_0); kTraceGram2
@@ -491,27 +547,35 @@ inline Tensor row_dots(const Tensor& c, const Tensor& w) {
 template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_diagonal(
     const Tensor& x_in, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
-    at::ArrayRef<double> act_params, int64_t strategy, const std::optional<Tensor>& projections, int64_t tile) {
+    at::ArrayRef<double> act_params, int64_t strategy, const std::optional<Tensor>& projections, int64_t tile,
+    at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
-  const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, projections, tile);
+  const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, projections, tile,
+                                           residual);
   const Tensor& v = net.projections;
   const int64_t B = x.size(0), L = net.depth(), n0 = x.size(1);
+  const bool full_top = strategy == kForward && net.carried == L;
   const auto options = x.options();
   Tensor y = net.empty({B, n0}, options);
   Tensor out = strategy == kTraceGram2 ? net.empty({B}, options)
                                        : net.empty({B, v.defined() ? v.size(1) : n0}, options);
-  const int64_t extra = strategy == kTraceGram2 ? net.width(2) : v.defined() ? 0 : n0;
+  const int64_t extra = strategy == kTraceGram2 ? net.width(2) : full_top ? 0 : n0;
   const CarrySaved saved = net.allocate_saved(B, extra, options);
   const ClosedForm closed = closed_form(weights, strategy);
   Kernels::for_tiles(B, tile, [&](int64_t /*slot*/, int64_t b0, int64_t n) {
     const auto t = net.tile_of(saved, b0, n);
     const Tensor x_t = x.narrow(0, b0, n), y_t = y.narrow(0, b0, n);
     Tensor out_t = out.narrow(0, b0, n);
-    if (v.defined()) {  // v_j^T J v_j = v_j . T_j at the output
+    if (full_top) {  // v_j^T J v_j = v_j . T_j at the output; without projections, T_jj
       Tensor top = net.empty({n, net.rows(), n0}, options);
       net.carry_forward(t, x_t, top);
       y_t.copy_(top.select(1, 0));
-      at::sum_out(out_t, top.narrow(1, 1, net.columns) * t.v, 2);
+      const Tensor tangents = top.narrow(1, 1, net.columns);
+      if (v.defined()) {
+        at::sum_out(out_t, tangents * t.v, 2);
+      } else {
+        out_t.copy_(tangents.diagonal(0, 1, 2));
+      }
     } else if (strategy == kForward) {  // C_{L-1}, the last layer on the h row, the row-dots
       Tensor c = net.carry_forward(t, x_t, Tensor());
       net.layer_forward(L - 1, c.select(1, 0), y_t.view({n, 1, n0}), t);
@@ -538,11 +602,13 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     const std::optional<Tensor>& grad_y_in, const std::optional<Tensor>& grad_out_in, const Tensor& x_in,
     at::TensorList weights, at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
     int64_t strategy, at::TensorList saved_list, const std::optional<Tensor>& projections, int64_t tile,
-    bool input_grad) {
+    bool input_grad, at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
-  const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, projections, tile);
+  const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, projections, tile,
+                                           residual);
   const Tensor& v = net.projections;
   const int64_t B = x.size(0), L = net.depth(), n0 = x.size(1);
+  const bool full_top = strategy == kForward && net.carried == L;
   const auto options = x.options();
   const CarrySaved saved = net.unpack_saved(saved_list);
   const Tensor grad_y = value_or_undefined(grad_y_in), grad_out = value_or_undefined(grad_out_in);
@@ -562,10 +628,11 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     const Tensor go = grad_out.defined() ? grad_out.narrow(0, b0, n) : Tensor();
     CarrySums& s = sums[slot];
     std::vector<Tensor> adj_d(L);
-    if (v.defined()) {  // T_j's adjoint: grad_out_j v_j
+    if (full_top) {  // T_j's adjoint: grad_out_j v_j, or grad_out_j e_j without projections
       Tensor g = net.empty({n, net.rows(), n0}, options);
       copy_or_zero(g.select(1, 0), gy);
-      copy_or_zero(g.narrow(1, 1, net.columns), go.defined() ? go.unsqueeze(2) * t.v : Tensor());
+      const Tensor tangents_bar = !go.defined() ? Tensor() : v.defined() ? go.unsqueeze(2) * t.v : at::diag_embed(go);
+      copy_or_zero(g.narrow(1, 1, net.columns), tangents_bar);
       net.sweep_backward(g, L - 1, t, x_t, adj_d, false, gx, s);
       return;
     }

@@ -1,10 +1,11 @@
-"""Input checks shared by the quantities: what x must be for the model the engine read, and the
-square-net requirement of the divergence and the Jacobian diagonal."""
+"""Input checks shared by the quantities: what x must be for the model the engine read, the
+square-net requirement of the divergence and the Jacobian diagonal, and the residual skips of
+the forward-carry ops."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_input", "check_square", "check_weights"]
+__all__ = ["check_input", "check_residual", "check_square", "check_weights"]
 
 
 def check_input(spec, x):
@@ -31,3 +32,24 @@ def check_weights(spec, x):
         if w.device != x.device or (w.dtype != x.dtype and not autocast):
             raise RuntimeError(f"jacext: weight {i} has dtype {w.dtype} on {w.device} but x has {x.dtype} "
                                f"on {x.device}")
+
+
+def check_residual(residual, widths):
+    """The forward-carry ops' `residual` (per layer i: -1, or the j <= i whose input carry is added
+    to layer i's output) checked against widths [n_0, ..., n_L]; None when there is no skip (None,
+    or every entry -1), else a list of ints."""
+    if residual is None:
+        return None
+    residual = [int(j) for j in residual]
+    depth = len(widths) - 1
+    if len(residual) != depth:
+        raise ValueError(f"residual must have one entry per layer ({depth}; -1 for a layer without a skip), "
+                         f"got {len(residual)}")
+    for i, j in enumerate(residual):
+        if not -1 <= j <= i:
+            raise ValueError(f"residual[{i}] must be -1 (no skip) or the index j <= {i} of the layer whose input is "
+                             f"added to layer {i}'s output, got {j}")
+        if j >= 0 and widths[j] != widths[i + 1]:
+            raise ValueError(f"residual[{i}] = {j} adds the input of layer {j} (width {widths[j]}) to the output of "
+                             f"layer {i} (width {widths[i + 1]}): the widths must match")
+    return residual if any(j >= 0 for j in residual) else None

@@ -66,15 +66,18 @@ def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biase
 
 
 def forward_carry_composite(x, weights, biases, activations, act_params, tangents=None, laplacian=False,
-                            laplacian_rows=-1):
+                            laplacian_rows=-1, residual=None):
     """(y, T, delta): the MLP output, the tangent rows T[b, j] = (dy_b/dx_b) t_j (B, c, m) for the unit
     vectors (tangents None) or the rows of tangents (B or 1, c, n_0), and with laplacian the Laplacian
     sum_j t_j^T (d^2 y / dx^2) t_j over the first laplacian_rows rows (-1: all) (B, m), else None:
-    the carry of csrc/mlp_laplacian.h in torch ops."""
+    the carry of csrc/mlp_laplacian.h in torch ops. residual (None or per layer i, -1 or j <= i):
+    layer i's output adds the carry (h, T, delta) that entered layer j."""
     h = x
     t = tangents if tangents is not None else torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
     delta = torch.zeros_like(x) if laplacian else None
+    carries = []  # the input carry of each layer, for the skips
     for i, w in enumerate(weights):
+        carries.append((h, t, delta))
         z = h @ w.t()
         if biases[i] is not None:
             z = z + biases[i]
@@ -86,6 +89,11 @@ def forward_carry_composite(x, weights, biases, activations, act_params, tangent
             squared = p if laplacian_rows == -1 else p[:, :laplacian_rows]
             delta = d1 * (delta @ w.t()) + d2 * squared.pow(2).sum(1)
         h, t = activation_value(z, code, p0, p1), d1.unsqueeze(1) * p
+        if residual is not None and residual[i] >= 0:
+            h_j, t_j, delta_j = carries[residual[i]]
+            h, t = h + h_j, t + t_j
+            if laplacian:
+                delta = delta + delta_j
     return h, t, delta
 
 
@@ -105,24 +113,25 @@ def _vjp_of(outputs_fn, x, weights, biases, cotangents):
 
 
 def mlp_laplacian_backward_composite(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params,
-                                     directions=None, laplacian_rows=-1):
+                                     directions=None, laplacian_rows=-1, residual=None):
     """What the op mlp_laplacian_backward computes, in differentiable torch ops: the gradients of
     sum(grad_y*y) + sum(grad_grad*grad) + sum(grad_lap*lap) w.r.t. x, the weights and the biases
     that are not None; the directions (tangent rows) held constant."""
     def outputs(x, weights, biases):
         y, t, lap = forward_carry_composite(x, weights, biases, activations, act_params, directions, laplacian=True,
-                                            laplacian_rows=laplacian_rows)
+                                            laplacian_rows=laplacian_rows, residual=residual)
         return y, t.transpose(1, 2), lap
 
     return _vjp_of(outputs, x, weights, biases, (grad_y, grad_grad, grad_lap))
 
 
 def mlp_jacobian_diagonal_backward_composite(grad_y, grad_out, x, weights, biases, activations, act_params,
-                                             trace=False, projections=None):
+                                             trace=False, projections=None, residual=None):
     """What the op mlp_jacobian_diagonal_backward computes, in differentiable torch ops, for the
     diagonal (B, n), its sum (trace), or with projections the terms v_j^T J v_j (B, k)."""
     def outputs(x, weights, biases):
-        y, t, _ = forward_carry_composite(x, weights, biases, activations, act_params, projections)
+        y, t, _ = forward_carry_composite(x, weights, biases, activations, act_params, projections,
+                                          residual=residual)
         if projections is not None:
             return y, (t * projections).sum(2)
         diag = t.diagonal(dim1=1, dim2=2)  # T[b, j] = J e_j: the diagonal is T[b, j, j]

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._checks import check_square
+from ._checks import check_residual, check_square
 from ._composites import mlp_jacobian_diagonal_backward_composite, mlp_laplacian_backward_composite
 from ._library import (ActivationSpec, bias_tensors, compiled, explained_functorch_errors, normalize_activations,
                        register_float32_autocast, register_vmap, widths_of)
@@ -22,10 +22,10 @@ __all__ = ["mlp_laplacian", "mlp_jacobian_diagonal"]
 
 @torch.library.register_fake("jacext::mlp_laplacian")
 def _laplacian_fake(x, weights, biases, activations, act_params, gradient, directions=None, laplacian_rows=-1, *,
-                    tile=0):
+                    tile=0, residual=None):
     widths, B = widths_of(x, weights), x.shape[0]
     layout = laplacian_layout(widths, activations, gradient, None if directions is None else directions.shape[1],
-                              laplacian_rows)
+                              laplacian_rows, check_residual(residual, widths))
     saved = [x.new_empty(s) for s in carry_saved_shapes(widths, B, activations, layout)]
     m = widths[-1]
     return (x.new_empty(B, m), x.new_empty(B, m, layout.columns) if gradient else x.new_empty(0), x.new_empty(B, m),
@@ -33,10 +33,13 @@ def _laplacian_fake(x, weights, biases, activations, act_params, gradient, direc
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_diagonal")
-def _diagonal_fake(x, weights, biases, activations, act_params, strategy, projections=None, *, tile=0):
+def _diagonal_fake(x, weights, biases, activations, act_params, strategy, projections=None, *, tile=0,
+                   residual=None):
     B, n = x.shape
-    layout = diagonal_layout(widths_of(x, weights), strategy, 0 if projections is None else projections.shape[1])
-    saved = [x.new_empty(s) for s in carry_saved_shapes(widths_of(x, weights), B, activations, layout)]
+    widths = widths_of(x, weights)
+    layout = diagonal_layout(widths, strategy, 0 if projections is None else projections.shape[1],
+                             check_residual(residual, widths))
+    saved = [x.new_empty(s) for s in carry_saved_shapes(widths, B, activations, layout)]
     out = x.new_empty(B) if strategy == TRACE_GRAM2 else x.new_empty(B, n if projections is None else projections.shape[1])
     return x.new_empty(B, n), out, saved
 
@@ -48,13 +51,13 @@ def _grads_fake(x, weights, biases, input_grad):
 
 @torch.library.register_fake("jacext::mlp_laplacian_backward")
 def _laplacian_backward_fake(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params, gradient,
-                             saved, directions=None, laplacian_rows=-1, *, tile=0, input_grad=True):
+                             saved, directions=None, laplacian_rows=-1, *, tile=0, input_grad=True, residual=None):
     return _grads_fake(x, weights, biases, input_grad)
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_diagonal_backward")
 def _diagonal_backward_fake(grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved,
-                            projections=None, *, tile=0, input_grad=True):
+                            projections=None, *, tile=0, input_grad=True, residual=None):
     return _grads_fake(x, weights, biases, input_grad)
 
 
@@ -69,6 +72,7 @@ def _save_forward(ctx, inputs, keyword_only_inputs, saved, config, projections=N
     ctx.set_materialize_grads(False)
     ctx.config = config
     ctx.tile = keyword_only_inputs.get("tile", 0)  # the backward runs the same tiles
+    ctx.residual = _residual_of(keyword_only_inputs)
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
     ctx.has_projections = projections is not None
@@ -81,6 +85,11 @@ def _load_forward(ctx):
     x, weights, biases, rest = tensors[0], tensors[1:1 + L], tensors[1 + L:1 + 2 * L], tensors[1 + 2 * L:]
     projections = rest.pop(0) if ctx.has_projections else None
     return x, weights, biases, rest, projections
+
+
+def _residual_of(keyword_only_inputs):
+    residual = keyword_only_inputs.get("residual")
+    return None if residual is None else list(residual)
 
 
 def _present(grad_b, bias_present):
@@ -107,7 +116,7 @@ def _laplacian_backward(ctx, grad_y, grad_grad, grad_lap, grad_saved):
     activations, act_params, gradient, laplacian_rows = ctx.config
     grad_x, grad_w, grad_b = compiled.mlp_laplacian_backward(
         grad_y, grad_grad if gradient else None, grad_lap, x, weights, biases, activations, act_params, gradient,
-        saved, directions, laplacian_rows, tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
+        saved, directions, laplacian_rows, tile=ctx.tile, input_grad=ctx.needs_input_grad[0], residual=ctx.residual)
     # the directions are held constant: no gradient
     return (grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None,
             *[None] * ctx.n_trailing)
@@ -126,16 +135,17 @@ def _diagonal_backward(ctx, grad_y, grad_out, grad_saved):
     activations, act_params, strategy = ctx.config
     grad_x, grad_w, grad_b = compiled.mlp_jacobian_diagonal_backward(
         grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved, projections,
-        tile=ctx.tile, input_grad=ctx.needs_input_grad[0])
+        tile=ctx.tile, input_grad=ctx.needs_input_grad[0], residual=ctx.residual)
     # the projections are random draws, held constant: no gradient
     return (grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None, *[None] * ctx.n_trailing)
 
 
-def _backward_setup(ctx, grads, x, weights, biases, saved, config, projections=None):
+def _backward_setup(ctx, keyword_only_inputs, grads, x, weights, biases, saved, config, projections=None):
     """What the double backward needs: the backward op's incoming gradients, x, the weights and the
     biases that are present."""
     ctx.config = config
     ctx.projections = projections  # held constant
+    ctx.residual = _residual_of(keyword_only_inputs)
     ctx.n_saved = len(saved)
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
@@ -173,7 +183,7 @@ def _double_backward(ctx, composite, gg_x, gg_w, gg_b):
 def _laplacian_backward_setup(ctx, inputs, keyword_only_inputs, output):
     grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params, gradient, saved = inputs[:10]
     directions, laplacian_rows, ctx.n_trailing = _laplacian_trailing(inputs, 10)
-    _backward_setup(ctx, (grad_y, grad_grad, grad_lap), x, weights, biases, saved,
+    _backward_setup(ctx, keyword_only_inputs, (grad_y, grad_grad, grad_lap), x, weights, biases, saved,
                     (list(activations), list(act_params), laplacian_rows), directions)
 
 
@@ -182,7 +192,7 @@ def _laplacian_backward_backward(ctx, gg_x, gg_w, gg_b):
 
     def composite(grads, x, weights, biases):
         return mlp_laplacian_backward_composite(*grads, x, weights, biases, activations, act_params,
-                                                ctx.projections, laplacian_rows)
+                                                ctx.projections, laplacian_rows, ctx.residual)
 
     g_grads, g_x, g_w, g_b = _double_backward(ctx, composite, gg_x, gg_w, gg_b)
     # no gradient flows into `saved`: the composite differentiates through x, weights and biases
@@ -192,7 +202,7 @@ def _laplacian_backward_backward(ctx, gg_x, gg_w, gg_b):
 def _diagonal_backward_setup(ctx, inputs, keyword_only_inputs, output):
     grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved, projections = inputs
     ctx.n_trailing = 0 if projections is None else 1
-    _backward_setup(ctx, (grad_y, grad_out), x, weights, biases, saved,
+    _backward_setup(ctx, keyword_only_inputs, (grad_y, grad_out), x, weights, biases, saved,
                     (list(activations), list(act_params), strategy), projections)
 
 
@@ -201,7 +211,8 @@ def _diagonal_backward_backward(ctx, gg_x, gg_w, gg_b):
 
     def composite(grads, x, weights, biases):
         return mlp_jacobian_diagonal_backward_composite(*grads, x, weights, biases, activations, act_params,
-                                                        trace=strategy == TRACE_GRAM2, projections=ctx.projections)
+                                                        trace=strategy == TRACE_GRAM2, projections=ctx.projections,
+                                                        residual=ctx.residual)
 
     g_grads, g_x, g_w, g_b = _double_backward(ctx, composite, gg_x, gg_w, gg_b)
     return (*g_grads, g_x, g_w, g_b, None, None, None, [None] * ctx.n_saved, *[None] * ctx.n_trailing)
@@ -226,16 +237,19 @@ register_vmap("mlp_jacobian_diagonal", sample_inputs=(0, 6))  # x, projections
 @explained_functorch_errors
 def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
                   activations: Sequence[ActivationSpec], act_params=None, return_gradient: bool = False,
-                  directions: Optional[torch.Tensor] = None, laplacian_rows: Optional[int] = None):
+                  directions: Optional[torch.Tensor] = None, laplacian_rows: Optional[int] = None,
+                  residual: Optional[Sequence[int]] = None):
     """(y, lap), or (y, grad, lap) with return_gradient: lap[b, i] = sum_j d^2 y_i / dx_j^2 (B, m)
     and grad = dy/dx (B, m, n_0), from one fused forward-Laplacian op (csrc/mlp_laplacian.h).
 
     directions V (B or 1, c, n_0): the tangent rows carried instead of the n_0 unit vectors (held
     constant: no gradient reaches them); grad[b] = (dy_b/dx_b) V_b^T (B, m, c). laplacian_rows k:
     lap sums v_j^T (d^2 y_i / dx^2) v_j over the first k rows only (None: all); without the gradient
-    only those k rows are carried."""
+    only those k rows are carried. residual (None, or per layer i: -1 or j <= i): layer i's
+    output adds the input of layer j (a skip h + g(h), same width)."""
     codes, params = normalize_activations(activations, act_params, len(weights))
     widths = widths_of(x, weights)
+    residual = check_residual(residual, widths)
     if directions is not None:
         if directions.dim() != 3 or directions.shape[0] not in (1, x.shape[0]) or directions.shape[2] != widths[0]:
             raise ValueError(f"directions must have shape (batch={x.shape[0]} or 1, c, features={widths[0]}), "
@@ -246,30 +260,36 @@ def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
     if laplacian_rows is not None and not 1 <= laplacian_rows <= rows:
         raise ValueError(f"laplacian_rows must be in [1, {rows}] (the carried rows), got {laplacian_rows}")
     laplacian_rows = -1 if laplacian_rows is None else int(laplacian_rows)
-    layout = laplacian_layout(widths, codes, return_gradient, None if directions is None else rows, laplacian_rows)
+    layout = laplacian_layout(widths, codes, return_gradient, None if directions is None else rows, laplacian_rows,
+                              residual)
     tile = carry_tile_size(widths, x.shape[0], layout, op_element_size(x), x.device)
     y, grad, lap, _ = compiled.mlp_laplacian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                         bool(return_gradient), directions, laplacian_rows, tile=tile)
+                                             bool(return_gradient), directions, laplacian_rows, tile=tile,
+                                             residual=residual)
     return (y, grad, lap) if return_gradient else (y, lap)
 
 
 @explained_functorch_errors
 def mlp_jacobian_diagonal(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
                           activations: Sequence[ActivationSpec], act_params=None, method: str = "auto",
-                          trace: bool = False, projections: Optional[torch.Tensor] = None):
+                          trace: bool = False, projections: Optional[torch.Tensor] = None,
+                          residual: Optional[Sequence[int]] = None):
     """(y, out) for a square MLP: out = diag(dy/dx) (B, n), or with trace its sum, the divergence
     (B,); method "auto", "forward" or "gram" (planner.resolve_diagonal_strategy). With
-    method="hutchinson", projections V (B, k, n) and out[b, j] = v_bj^T (dy_b/dx_b) v_bj (B, k)."""
+    method="hutchinson", projections V (B, k, n) and out[b, j] = v_bj^T (dy_b/dx_b) v_bj (B, k).
+    residual as in mlp_laplacian (the closed forms do not apply across a skip)."""
     if (method == "hutchinson") != (projections is not None):
         raise ValueError("projections go with method='hutchinson', and only with it")
     codes, params = normalize_activations(activations, act_params, len(weights))
     widths = widths_of(x, weights)
     check_square(widths)
-    strategy = resolve_diagonal_strategy(method, widths, codes, trace, x.shape[0])
+    residual = check_residual(residual, widths)
+    strategy = resolve_diagonal_strategy(method, widths, codes, trace, x.shape[0], residual)
     rows = 0 if projections is None else projections.shape[1]
-    tile = carry_tile_size(widths, x.shape[0], diagonal_layout(widths, strategy, rows), op_element_size(x), x.device)
+    layout = diagonal_layout(widths, strategy, rows, residual)
+    tile = carry_tile_size(widths, x.shape[0], layout, op_element_size(x), x.device)
     y, out, _ = compiled.mlp_jacobian_diagonal(x, list(weights), bias_tensors(biases, weights), codes, params, strategy,
-                                           projections, tile=tile)
+                                               projections, tile=tile, residual=residual)
     if trace and projections is None and strategy != TRACE_GRAM2:
         with torch.autocast(x.device.type, enabled=False):  # the op's float32 result stays float32
             out = out.sum(1)

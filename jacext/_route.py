@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .frontend import Lowered, NotLowerable, _not_lowerable, lower
+from .frontend import FACTORS, Lowered, NotLowerable, lower
 
 __all__ = ["as_cond", "engine_or_generic", "FACTORS"]
 
@@ -32,29 +32,18 @@ def as_cond(cond) -> tuple:
     return cond
 
 
-# What each factor of a lowered model (Lowered.factors) is, for the messages of the quantities
-# that do not run it on the engine.
-_FACTORS = {"input_concat": "conditioning inputs concatenated with x", "dropout": "Dropout in train()"}
-FACTORS = frozenset(_FACTORS)
-
-
-def engine_or_generic(model, x, cond: tuple, method: str, quantity: str,
-                      any_module=ANY_MODULE, stacklevel: int = 3, supports: frozenset = FACTORS) -> Optional[Lowered]:
+def engine_or_generic(model, x, cond: tuple, method: str, quantity: str, any_module=ANY_MODULE,
+                      stacklevel: int = 3, *, supports: frozenset) -> Optional[Lowered]:
     """The lowered model for the engine, or None for the generic path. method="autograd" is the
     generic path; "auto" (and the other methods in `any_module`) take it when the model does not
-    lower, or lowers with a part the quantity's engine path (or the method) does not take
-    (`supports`: the Lowered.factors it takes; a Dropout in train() outside them is refused before
-    any mask is drawn), with one warning per model class and node naming the node; any other method
-    is one of the engine's own and raises a TypeError naming that node."""
+    lower, or has a part beyond a plain MLP that the quantity's engine path (or the method) does not
+    take (`supports`: the frontend.FACTORS it takes, said at every call; refused before any dropout
+    mask is drawn), with one warning per model class and node naming the node; any other method is
+    one of the engine's own and raises a TypeError naming that node."""
     if method == "autograd":
         return None
     try:
-        lowered = lower(model, x, *cond, masks="dropout" in supports)
-        missing = sorted(lowered.factors - supports)
-        if missing:
-            raise _not_lowerable(type(model).__name__, missing[0], "its forward",
-                                 f"jacext.{quantity}'s engine path does not take {_FACTORS[missing[0]]}")
-        return lowered
+        return lower(model, x, *cond, supports=supports)
     except NotLowerable as reason:
         if method not in any_module:
             raise TypeError(f"{reason}; method={method!r} runs on the fused engine only: method='auto' or "

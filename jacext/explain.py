@@ -82,7 +82,7 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     if options:
         raise TypeError(f"explain: {sorted(options)} do not apply to quantity='frobenius'")
 
-    lowered = lower(model)  # without x: no masks drawn, only where they go
+    lowered = lower(model, supports=frozenset(("dropout",)))  # without x: no masks drawn, only where they go
     spec = lowered.spec
     widths, batch = spec.widths, x.shape[0]
     # a mask on the last layer is a diagonal there: strategies 3 and 4 need none
@@ -104,10 +104,11 @@ class CarryPlan:
     """What jacext.laplacian / divergence / jacobian_diagonal will run, with each exact
     candidate's cost."""
 
-    def __init__(self, quantity, widths, batch, method, candidates, choice, layout, tile):
+    def __init__(self, quantity, widths, batch, method, candidates, choice, layout, tile, residual=None):
         self.quantity, self.widths, self.batch, self.method = quantity, widths, batch, method
         self.candidates = candidates  # {name: (multiply-adds, predicted cost, saved bytes)}
         self.choice, self.layout, self.tile = choice, layout, tile
+        self.residual = residual  # the model's skips (MLPSpec.residual), None without
 
     def __repr__(self):
         rows, layout = self.layout.rows, self.layout
@@ -121,6 +122,15 @@ class CarryPlan:
             mark = "  <- chosen" if name == self.choice else ""
             lines.append(f"  {name:38}{macs / 1e9:>17.4g} G{cost / 1e9:>14.4g} G{saved / 2**20:>12.1f} MB{mark}")
         lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x saved elements)")
+        if self.residual is not None:
+            skips = ", ".join(f"({i}, {j})" for i, j in enumerate(self.residual) if j >= 0)
+            lines.append(f"  residual skips (i, j), layer i's output adds layer j's input: {skips}")
+            lines.append("  each block's end adds the carry that entered it (every row)")
+            if self.quantity != "laplacian":
+                lines.append("  the closed forms (which carry h alone) do not apply across a skip: the forward "
+                             "columns run")
+            elif self.residual[-1] >= 0:
+                lines.append("  the thin linear last layer (h and Delta alone) does not apply under a skip into it")
         lines.append(f"  tiles of {self.tile} samples" if self.tile else "  no tiles: each step runs over the whole batch")
         return "\n".join(lines)
 
@@ -129,8 +139,8 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
                   n_proj: int = 1, wrt=None) -> CarryPlan:
     """The plan of jacext.laplacian (quantity "laplacian", over the features `wrt` names),
     divergence or jacobian_diagonal."""
-    spec = parse_model(model)
-    widths, batch, codes = spec.widths, x.shape[0], spec.activations
+    spec = parse_model(model, supports=frozenset(("residual",)))
+    widths, batch, codes, residual = spec.widths, x.shape[0], spec.activations, spec.residual
 
     def entry(layout, strategy=CARRY_FORWARD):
         shapes = carry_saved_shapes(widths, batch, codes, layout)
@@ -143,7 +153,7 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
         columns = wrt_columns(wrt, widths[0])
         features = list(range(widths[0])) if columns is None else columns.tolist()
         rows = len(features) if wrt is not None else -1
-        layout = laplacian_layout(widths, codes, return_gradient, None if rows == -1 else widths[0], rows)
+        layout = laplacian_layout(widths, codes, return_gradient, None if rows == -1 else widths[0], rows, residual)
         name = "forward Laplacian" + (f" over features {features}" if wrt is not None else "")
         name += " (thin last layer)" if layout.carried < len(widths) - 1 else ""
         candidates, choice = {name: entry(layout)}, name
@@ -152,19 +162,20 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
             raise ValueError(f"explain: wrt applies to the Laplacian's plan, not to {quantity!r}")
         check_square(spec.widths)
         trace = quantity == "divergence"
-        strategy = resolve_diagonal_strategy(method, widths, codes, trace, batch)
+        strategy = resolve_diagonal_strategy(method, widths, codes, trace, batch, residual)
         if method == "hutchinson":
-            layout = diagonal_layout(widths, strategy, n_proj)
+            layout = diagonal_layout(widths, strategy, n_proj, residual)
             choice = f"hutchinson, {n_proj} projection{'s' if n_proj > 1 else ''}"
             candidates = {choice: entry(layout)}
         else:
-            layout = diagonal_layout(widths, strategy)
+            layout = diagonal_layout(widths, strategy, residual=residual)
             able = [st for st in DIAGONAL_STRATEGY_NAMES
-                    if diagonal_applicable(st, widths, trace, codes[-1] == IDENTITY)]
-            candidates = {DIAGONAL_STRATEGY_NAMES[st]: entry(diagonal_layout(widths, st), st) for st in able}
+                    if diagonal_applicable(st, widths, trace, codes[-1] == IDENTITY, residual=residual)]
+            candidates = {DIAGONAL_STRATEGY_NAMES[st]: entry(diagonal_layout(widths, st, residual=residual), st)
+                          for st in able}
             choice = DIAGONAL_STRATEGY_NAMES[strategy]
     else:
         raise ValueError(f"unknown quantity {quantity!r}; expected 'frobenius', 'spectral_norm', 'margin', "
                          "'laplacian', 'divergence' or 'jacobian_diagonal'")
     tile = carry_tile_size(widths, batch, layout, op_element_size(x), x.device)
-    return CarryPlan(quantity, widths, batch, method, candidates, choice, layout, tile)
+    return CarryPlan(quantity, widths, batch, method, candidates, choice, layout, tile, residual)

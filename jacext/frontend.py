@@ -26,12 +26,21 @@ from torch import fx, nn
 from . import activations as act
 from ._wrt import wrt_columns
 
-__all__ = ["lower", "Lowered", "NotLowerable", "MLPSpec", "parse_model"]
+__all__ = ["lower", "Lowered", "NotLowerable", "MLPSpec", "parse_model", "FACTORS"]
 
 SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAMES))
              + " (modules or functions), nn.Identity, nn.Flatten / flatten / view / reshape of the input to "
              "(B, n), torch.cat of the input with conditioning inputs, nn.Dropout / F.dropout (in train(): after a "
-             "Linear or its activation), nn.BatchNorm1d in eval()")
+             "Linear or its activation), nn.BatchNorm1d in eval(), residual skips h + g(h)")
+
+# The parts of a lowered model beyond a plain MLP (Plan.factors), what each is for the messages; a
+# quantity runs on the engine only the parts its ops take (lower's `supports`), the rest on the
+# generic path. Dropout with a residual skip: the masks are the Jacobian ops', the skips the
+# forward-carry ops', so no quantity takes both.
+FACTOR_NAMES = {"input_concat": "conditioning inputs concatenated with x", "dropout": "Dropout in train()",
+                "residual": "a residual skip (h + g(h))",
+                "dropout_with_residual": "Dropout in train() in a model with residual skips"}
+FACTORS = frozenset(("input_concat", "dropout", "residual"))
 
 
 class NotLowerable(TypeError):
@@ -59,25 +68,28 @@ def _not_lowerable(path, op, where, why):
 class MLPSpec:
     """What the ops need to know about an MLP. weights[i] is (n_{i+1}, n_i). masks: None, or one
     (B, n_{i+1}) tensor or None per layer, the dropout masks of one call (a constant factor after
-    the layer's activation)."""
+    the layer's activation). residual: None without a skip, else per layer i -1 or the j <= i whose
+    input is added to layer i's output (h + g(h); the forward-carry ops' `residual`)."""
 
     weights: list
     biases: list
     activations: list
     act_params: list
     masks: Optional[list] = None
+    residual: Optional[list] = None
 
     @property
     def widths(self) -> list:
         return [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
 
 
-def parse_model(model: nn.Module) -> MLPSpec:
+def parse_model(model: nn.Module, *, supports: frozenset = frozenset()) -> MLPSpec:
     """The engine's MLPSpec of a model (lower's spec): nn.Linear and supported
     activations, Flatten of the input, Dropout and BatchNorm1d in eval(), the user's own modules
-    made of these. Raises NotLowerable (a TypeError) naming the node that does
-    not lower; a Dropout in train() too (a spec without x draws no masks: lower(model, x) does)."""
-    return lower(model, masks=False).spec
+    made of these. Raises NotLowerable (a TypeError) naming the node that does not lower, or a
+    part of it beyond a plain MLP (FACTORS) that `supports` does not name (a spec without x draws
+    no dropout masks: lower(model, x) does)."""
+    return lower(model, supports=supports).spec
 
 
 @dataclass(frozen=True)
@@ -85,9 +97,11 @@ class Layer:
     """One Linear of the plan: the qualified names (split at the dots) of its weight and bias
     (None: F.linear without a bias; an nn.Linear's bias is read, None or not), of the BatchNorm1d
     modules folded into its input side (in the order the model applies them) and into its output
-    side, its activation, and the Dropouts in train() after it: (p, path, op, where) each, a mask
-    factor drawn per call. Other per-sample factors (gates), a per-sample bias (conditioning) and
-    residual markers would be more fields of the same form."""
+    side, its activation, the Dropouts in train() after it: (p, path, op, where) each, a mask
+    factor drawn per call, and residual: None, or the index j of the Linear whose input is added
+    to this layer's output (a skip h + g(h), j <= this layer's index). Other per-sample factors
+    (gates) and a per-sample bias (conditioning inside the net) would be more fields of the same
+    form."""
 
     weight: tuple
     bias: Optional[tuple]
@@ -96,17 +110,36 @@ class Layer:
     activation: int
     act_params: tuple
     dropout: tuple = ()
+    residual: Optional[int] = None
 
 
 @dataclass(frozen=True)
 class Plan:
     """layers; flatten_input: x is flattened to (B, n) first; input_parts: None, or the order in
     which the model concatenates x (-1) with its conditioning inputs (k: cond[k]) into the first
-    Linear's input, each as (index, expanded to the batch)."""
+    Linear's input, each as (index, expanded to the batch); concat, skip: (path, op, where) of that
+    concatenation and of the first residual sum, None without."""
     layers: tuple
     flatten_input: bool
     input_parts: Optional[tuple] = None
     dropout: tuple = ()  # per layer, its Layer.dropout; empty when no layer has a Dropout in train()
+    concat: Optional[tuple] = None
+    skip: Optional[tuple] = None
+    factors: tuple = ()  # ((factor name, (path, op, where) of a node that has it), ...): FACTOR_NAMES
+
+
+def _factors(input_parts, concat, dropout, skip) -> tuple:
+    """Plan.factors: the parts of the plan beyond a plain MLP, each with a node to name."""
+    found = []
+    if input_parts is not None:
+        found.append(("input_concat", concat))
+    if dropout:
+        found.append(("dropout", next(d for layer in dropout for d in layer)[1:]))
+    if skip is not None:
+        found.append(("residual", skip))
+    if dropout and skip is not None:
+        found.append(("dropout_with_residual", found[1][1]))
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -126,14 +159,6 @@ class Lowered:
     x_features: Optional[int] = None
     dropout: tuple = ()  # Plan.dropout: per layer, its Dropouts in train(), whose masks spec.masks holds
 
-    @property
-    def factors(self) -> frozenset:
-        """The parts of the lowered model beyond a plain MLP, which a quantity must support to run
-        it on the engine (jacext/_route.py): "input_concat" (conditioning inputs concatenated
-        with x), "dropout" (Dropout in train(): masks)."""
-        return frozenset(name for name, present in (("input_concat", self.input_parts is not None),
-                                                    ("dropout", bool(self.dropout))) if present)
-
     def input(self, x: torch.Tensor, cond: tuple = ()) -> torch.Tensor:
         """The (B, n) matrix the engine takes: x flattened, concatenated with the conditioning
         inputs as the model concatenates them (so that their gradients flow as in the model)."""
@@ -149,20 +174,23 @@ class Lowered:
         n = self.spec.widths[0] if self.x_features is None else self.x_features
         return wrt_columns(wrt, n, self.x_offset, self.spec.widths[0])
 
+    @property
+    def residual(self) -> Optional[list]:
+        return self.spec.residual
 
-def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond, masks: bool = True) -> Lowered:
+def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond, supports: frozenset = frozenset()) -> Lowered:
     """The model lowered to the engine for a call model(x, *cond); raises NotLowerable (a
-    TypeError) naming the node that does not lower. With x, also checks x's shape against the
-    model's first Linear (TypeError / ValueError) and draws the call's dropout masks (spec.masks)
-    as the model would. masks=False: the caller's quantity does not carry masks, so a Dropout in
-    train() does not lower (raised before any mask is drawn)."""
+    TypeError) naming the node that does not lower, or a part beyond a plain MLP (FACTORS) that the
+    caller's quantity does not take (`supports`; checked before any dropout mask is drawn). With x,
+    also checks x's shape against the model's first Linear (TypeError / ValueError) and draws the
+    call's dropout masks (spec.masks) as the model would."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"jacext needs an nn.Module, got {type(model).__name__}")
     plan = _plan(model, 1 + len(cond))
-    if plan.dropout and not masks:
-        _, path, op, where = next(d for layer in plan.dropout for d in layer)
-        raise _not_lowerable(path, op, where, "Dropout in train(): this quantity does not carry dropout masks on "
-                                              "the engine (the generic path draws them)")
+    for factor, node in plan.factors:
+        if factor not in supports:
+            raise _not_lowerable(*node, f"{FACTOR_NAMES[factor]}: this quantity does not run it on the engine "
+                                        "(the generic path does)")
     spec = _build(model, plan)
     input_shape, x_offset, n = None, 0, None
     if x is not None:
@@ -260,6 +288,8 @@ def _bn_affine(bn):
 
 def _build(model, plan):
     weights, biases, codes, params = [], [], [], []
+    residual = None if plan.skip is None else [-1 if layer.residual is None else layer.residual
+                                               for layer in plan.layers]
     for layer in plan.layers:
         w = _attribute(model, layer.weight)
         b = None if layer.bias is None else _attribute(model, layer.bias)
@@ -275,7 +305,7 @@ def _build(model, plan):
         biases.append(b)
         codes.append(layer.activation)
         params += layer.act_params
-    return MLPSpec(weights, biases, codes, params)
+    return MLPSpec(weights, biases, codes, params, residual=residual)
 
 
 # ---- the plan, cached per module instance and structure -------------------------------------
@@ -422,7 +452,12 @@ class _Reader:
         self.batch = set()        # nodes holding x.shape, and the batch size x.shape[0]
         self.cond = {}            # conditioning-input nodes -> (cond index, expanded to the batch)
         self.input_parts = None   # Plan.input_parts
+        self.concat = None        # that concatenation's (path, op, where)
         self.current = None       # the chain's value
+        self.inputs = {}          # chain node -> the value it took
+        self.kept = set()         # chain nodes whose value is their input's (Identity, Dropout in eval())
+        self.carries = {}         # value -> k: it entered the k-th Linear (the engine's carry C_k)
+        self.skip = None          # the first residual sum's (path, op, where)
 
     # naming
     def refuse(self, node, why):
@@ -455,25 +490,63 @@ class _Reader:
         if value in self.cond:
             self.refuse(node, self.COND_WHY)
         if value is not self.current:
-            self.refuse(node, "it takes a value other than the previous step's output (branches, skips "
-                              "and several inputs do not run on the engine)")
+            self.refuse(node, "it takes a value other than the previous step's output (branches, a skip "
+                              "other than h + g(h), and several inputs do not run on the engine)")
+        self.inputs[node] = value
         self.current = node
 
     def linear(self, node, weight, bias):
         self.close()
+        if not self.pending:  # its input (and what that kept) is the carry C_k; after a BatchNorm it is not
+            value = self.inputs[node]
+            self.carries[value] = len(self.layers)
+            while value in self.kept:
+                value = self.inputs[value]
+                self.carries[value] = len(self.layers)
         self.layer = dict(weight=weight, bias=bias, before=tuple(_parts(n.target) for n in self.pending), after=[],
-                          activation=act.IDENTITY, act_params=(0.0, 0.0), dropout=())
+                          activation=act.IDENTITY, act_params=(0.0, 0.0), dropout=(), residual=None)
         self.pending = []
         self.started = True
 
+    def residual(self, node, a, b):
+        """h + g(h) or g(h) + h: the chain's value plus a value that entered an earlier (or this
+        block's own) Linear ends a residual block: the engine adds carry C_j to this layer's output."""
+        if self.current not in (a, b) or a is b:
+            self.refuse(node, "a sum that is not h + g(h) (the chain's value plus a block's input)")
+        other = b if a is self.current else a
+        if other in self.cond:
+            self.refuse(node, self.COND_WHY)
+        j = self.carries.get(other) if isinstance(other, fx.Node) else None
+        if j is None:
+            self.refuse(node, "it adds a value other than the input of an earlier nn.Linear (a residual skip "
+                              "h + g(h) adds a block's input to its output)")
+        if self.pending:
+            self.refuse(self.pending[-1], "a BatchNorm1d between a residual block's last activation and its sum")
+        if self.layer["residual"] is not None:
+            self.refuse(node, "a second residual sum at the same layer")
+        n_in = _attribute(self.model, self.layers[j].weight if j < len(self.layers) else self.layer["weight"]).shape[1]
+        n_out = _attribute(self.model, self.layer["weight"]).shape[0]
+        if n_in != n_out:
+            self.refuse(node, f"a residual sum of widths {n_in} and {n_out} (it broadcasts); the engine's skip adds "
+                              "two carries of one width")
+        self.layer["residual"] = j
+        self.inputs[node] = self.current
+        self.current = node
+        if self.skip is None:
+            self.skip = (*self.name(node), node.meta.get("jacext_where", "?"))
+
     def activation(self, node, code, p0=0.0, p1=0.0):
         if code == act.IDENTITY:
+            self.kept.add(node)
             return
         if self.layer is None:
             self.refuse(node, "an activation before the first nn.Linear")
         if self.layer["dropout"]:
             self.refuse(node, "an activation after a Dropout in train(); the engine takes the dropout mask after "
                               "a layer's activation")
+        if self.layer["residual"] is not None:
+            self.refuse(node, "an activation after a residual sum (sigma(h + g(h))); the engine's skip adds the "
+                              "block's input after the block's last activation")
         if self.layer["activation"] != act.IDENTITY:
             self.refuse(node, "it follows another activation; one activation per Linear is supported")
         self.layer.update(activation=code, act_params=(float(p0), float(p1)))
@@ -485,7 +558,8 @@ class _Reader:
         if not bn.track_running_stats or bn.running_mean is None:
             self.refuse(node, "BatchNorm1d without running statistics normalizes with the batch's own, which mix "
                               "the samples, so per-sample Jacobians are not defined")
-        if self.layer is None or self.layer["activation"] != act.IDENTITY or self.layer["dropout"]:
+        if (self.layer is None or self.layer["activation"] != act.IDENTITY or self.layer["dropout"]
+                or self.layer["residual"] is not None):
             self.pending.append(node)
         else:
             self.layer["after"].append(_parts(node.target))
@@ -493,6 +567,7 @@ class _Reader:
 
     def dropout(self, node, p, training):
         if not training or p == 0:
+            self.kept.add(node)
             return  # the identity
         if self.layer is None:
             self.refuse(node, "Dropout in train() on the input, before the first nn.Linear: its mask is not a factor "
@@ -500,6 +575,8 @@ class _Reader:
         if self.pending:
             self.refuse(node, "Dropout in train() after a BatchNorm1d that folds into the next nn.Linear: its mask "
                               "is not a factor of a layer's output (the generic path draws it)")
+        if self.layer["residual"] is not None:
+            self.refuse(node, "Dropout in train() after a residual sum")
         if not 0 <= p <= 1:
             self.refuse(node, f"dropout probability {p}; expected one in [0, 1]")
         self.layer["dropout"] += ((float(p),) + self.name(node) + (node.meta.get("jacext_where", "?"),),)
@@ -529,7 +606,9 @@ class _Reader:
             elif node.op == "output":
                 self.output(node)
         dropout = tuple(layer.dropout for layer in self.layers)
-        return Plan(tuple(self.layers), self.flatten_input, self.input_parts, dropout if any(dropout) else ())
+        dropout = dropout if any(dropout) else ()
+        return Plan(tuple(self.layers), self.flatten_input, self.input_parts, dropout, self.concat, self.skip,
+                    _factors(self.input_parts, self.concat, dropout, self.skip))
 
     def output(self, node):
         result = node.args[0]
@@ -624,6 +703,8 @@ class _Reader:
             self.flatten_to_matrix(node, self.step(node))
         elif target in (torch.cat, torch.concat, torch.concatenate):
             self.concatenate(node)
+        elif target in (operator.add, operator.iadd, torch.add):
+            self.residual(node, *self.summands(node))
         else:
             self.unsupported(node, "function")
 
@@ -642,7 +723,16 @@ class _Reader:
             self.refuse(node, "the engine concatenates x once with conditioning inputs (the model's extra "
                               "arguments, or their .expand(B, k)) only")
         self.input_parts = tuple((-1, False) if t is self.current else self.cond[t] for t in tensors)
+        self.concat = (*self.name(node), node.meta.get("jacext_where", "?"))
+        self.inputs[node] = self.current
         self.current = node
+
+    def summands(self, node):
+        """The two tensors of a sum a + b (operator.add, +=, torch.add, Tensor.add); alpha must be 1."""
+        kwargs = dict(node.kwargs)
+        if len(node.args) != 2 or kwargs.pop("alpha", 1) != 1 or kwargs:
+            self.refuse(node, "a sum other than a + b (alpha, out= or a third argument)")
+        return node.args
 
     def call_method(self, node):
         target = node.target
@@ -671,6 +761,8 @@ class _Reader:
             if node.kwargs or len(sizes) != 2 or sizes[0] not in self.batch or not isinstance(sizes[1], int):
                 self.refuse(node, "a conditioning input's expand other than c.expand(x.shape[0], k)")
             self.cond[node] = (self.cond[node.args[0]][0], True)
+        elif target in ("add", "add_"):
+            self.residual(node, *self.summands(node))
         else:
             self.unsupported(node, "method")
 

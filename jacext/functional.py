@@ -22,6 +22,7 @@ __all__ = ["jacobian_frobenius", "JacobianFrobenius", "jacobian", "Jacobian", "j
 
 METHODS = ("auto", "reverse", "forward", "gram", "hutchinson", "hutch++", "autograd")
 ESTIMATORS = ("hutchinson", "hutch++")
+JACOBIAN_FAMILY = frozenset(("input_concat", "dropout"))  # what the Jacobian ops take: masks, no skips
 
 
 def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, generator=None, *,
@@ -77,7 +78,8 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     if orthogonal and method == "hutch++":
         raise ValueError("orthogonal applies to method='hutchinson'; 'hutch++' orthonormalizes its sketch itself")
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "jacobian_frobenius", ANY_MODULE + ("hutchinson",))
+    lowered = engine_or_generic(model, x, cond, method, "jacobian_frobenius", ANY_MODULE + ("hutchinson",),
+                                supports=JACOBIAN_FAMILY)
     if lowered is None:
         return generic.jacobian_frobenius(model, x, *cond, wrt=wrt, max_memory=max_memory,
                                           **_generic_estimator(method, n_proj, generator, distribution, orthogonal,
@@ -238,7 +240,7 @@ def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, *, wr
     if method not in JACOBIAN_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {JACOBIAN_METHODS}")
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "jacobian")
+    lowered = engine_or_generic(model, x, cond, method, "jacobian", supports=JACOBIAN_FAMILY)
     _check_layer_and_wrt(layer, wrt, lowered is None)
     if lowered is None:
         jac = generic.jacobian(model, x, *cond, wrt=wrt, max_memory=max_memory)[1]
@@ -263,7 +265,7 @@ def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, 
     if method not in ANY_MODULE:
         raise ValueError(f"unknown method {method!r}; expected one of {ANY_MODULE}")
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "jacobian_gram")
+    lowered = engine_or_generic(model, x, cond, method, "jacobian_gram", supports=JACOBIAN_FAMILY)
     _check_layer_and_wrt(layer, wrt, lowered is None)
     if lowered is None:
         gram = generic.jacobian_gram(model, x, *cond, wrt=wrt, max_memory=max_memory)[1]

@@ -10,6 +10,8 @@ from . import generic
 from . import ops as _ops
 from ._checks import check_square
 from ._route import ANY_MODULE, FACTORS, as_cond, engine_or_generic
+
+FORWARD_CARRY = frozenset(("input_concat", "residual"))  # what the forward-carry ops take: no dropout masks
 from .estimators import check_estimator_options, hutchinson
 from .frontend import MLPSpec
 from .functional import _columns, _generic_estimator
@@ -34,14 +36,15 @@ def laplacian(model, x: torch.Tensor, return_gradient: bool = False, *, wrt=None
     if method not in ANY_MODULE:
         raise ValueError(f"unknown method {method!r}; expected one of {ANY_MODULE}")
     cond = as_cond(cond)
-    # the forward carry takes no dropout masks
-    lowered = engine_or_generic(model, x, cond, method, "laplacian", supports=FACTORS - {"dropout"})
+    # the forward carry takes skips and no dropout masks
+    lowered = engine_or_generic(model, x, cond, method, "laplacian", supports=FORWARD_CARRY)
     if lowered is None:
         return generic.laplacian(model, x, *cond, wrt=wrt, return_gradient=return_gradient, max_memory=max_memory)
     spec, flat = lowered.spec, lowered.input(x, cond)
     directions, rows, order = _laplacian_directions(lowered, wrt, return_gradient, flat.dtype, flat.device)
     out = _ops.mlp_laplacian(flat, spec.weights, spec.biases, spec.activations, spec.act_params,
-                             return_gradient=return_gradient, directions=directions, laplacian_rows=rows)
+                             return_gradient=return_gradient, directions=directions, laplacian_rows=rows,
+                             residual=spec.residual)
     if order is None:
         return out
     y, grad, lap = out
@@ -110,7 +113,7 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
     cond = as_cond(cond)
     # masks: through J's columns only (the forward carry and the closed forms take none)
     lowered = engine_or_generic(model, x, cond, method, "divergence", ANY_MODULE + ("hutchinson",),
-                                supports=FACTORS if method in ("auto", "hutchinson") else FACTORS - {"dropout"})
+                                supports=FACTORS if method in ("auto", "hutchinson") else FORWARD_CARRY)
     if lowered is None:
         return generic.divergence(model, x, *cond, wrt=wrt, max_memory=max_memory,
                                   **_generic_estimator(method, n_proj, generator, distribution, orthogonal,
@@ -128,14 +131,14 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
     spec, outputs = _squared_up(spec, columns)
     if method != "hutchinson":
         y, div = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations,
-                                            spec.act_params, method=method, trace=True)
+                                            spec.act_params, method=method, trace=True, residual=spec.residual)
         return outputs(y), div
 
     def terms_of(v):  # each term v^T J v is unbiased for tr J
         if columns is not None:  # v over the chosen features, zero on the others
             v = v.new_zeros(*v.shape[:2], spec.widths[0]).index_copy(2, columns.to(v.device), v)
         y, terms = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                              method="hutchinson", projections=v)
+                                              method="hutchinson", projections=v, residual=spec.residual)
         return outputs(y), terms
 
     n = spec.widths[0] if columns is None else len(columns)
@@ -151,11 +154,16 @@ def _squared_up(spec, columns):
     y back from y'. Differentiable in the last layer's weight and bias."""
     if columns is None:
         return spec, lambda y: y
+    if spec.residual is not None and spec.residual[-1] != -1:
+        raise ValueError("the divergence and the Jacobian diagonal over chosen features (wrt, or x beside "
+                         "conditioning inputs) take no residual skip into the output layer on the engine; "
+                         "method='autograd' runs them on the generic path")
     n0, w, b = spec.widths[0], spec.weights[-1], spec.biases[-1]
     index = columns.to(w.device)
     weights = spec.weights[:-1] + [w.new_zeros(n0, w.shape[1]).index_copy(0, index, w)]
     biases = spec.biases[:-1] + [None if b is None else b.new_zeros(n0).index_copy(0, index, b)]
-    return MLPSpec(weights, biases, spec.activations, spec.act_params), lambda y: y.index_select(1, index)
+    return (MLPSpec(weights, biases, spec.activations, spec.act_params, residual=spec.residual),
+            lambda y: y.index_select(1, index))
 
 
 def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None, cond=None, max_memory=None):
@@ -168,7 +176,7 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None,
         raise ValueError("method='hutchinson' estimates the divergence (jacext.divergence); the diagonal is exact")
     cond = as_cond(cond)
     lowered = engine_or_generic(model, x, cond, method, "jacobian_diagonal",
-                                supports=FACTORS if method == "auto" else FACTORS - {"dropout"})
+                                supports=FACTORS if method == "auto" else FORWARD_CARRY)
     if lowered is None:
         return generic.jacobian_diagonal(model, x, *cond, wrt=wrt, max_memory=max_memory)
     spec, x = lowered.spec, lowered.input(x, cond)
@@ -178,5 +186,5 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None,
         return y, jac.diagonal(dim1=1, dim2=2)
     spec, outputs = _squared_up(spec, columns)
     y, diag = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                         method=method)
+                                         method=method, residual=spec.residual)
     return outputs(y), outputs(diag)

@@ -63,23 +63,33 @@ class CarryLayout:
         return 1 + self.columns + int(self.laplacian)
 
 
+def skip_into_output(residual: Optional[Sequence[int]]) -> bool:
+    """Whether a residual skip (the ops' `residual`: per layer, -1 or the j whose input carry is
+    added to the layer's output) ends at the last layer: the epilogues that map h alone, or skip
+    the tangent rows, above the last carry do not apply then."""
+    return residual is not None and residual[-1] >= 0
+
+
 def laplacian_layout(widths: Sequence[int], activations: Sequence[int], gradient: bool,
-                     directions: Optional[int] = None, laplacian_rows: int = -1) -> CarryLayout:
+                     directions: Optional[int] = None, laplacian_rows: int = -1,
+                     residual: Optional[Sequence[int]] = None) -> CarryLayout:
     """The c tangent rows (the n_0 unit vectors, or `directions` rows) and Delta through every
-    layer, or, with a linear output layer and no gradient returned, through all but the last, which
-    maps h and Delta alone. Without the gradient only the first laplacian_rows rows (-1: all) are
-    carried: the others reach no output."""
+    layer, or, with a linear output layer, no gradient returned and no skip into it, through all but
+    the last, which maps h and Delta alone. Without the gradient only the first laplacian_rows rows
+    (-1: all) are carried: the others reach no output."""
     depth = len(widths) - 1
     columns = widths[0] if directions is None else directions
     if not gradient and laplacian_rows != -1:
         columns = laplacian_rows
-    thin_top = not gradient and activations[-1] == IDENTITY
+    thin_top = not gradient and activations[-1] == IDENTITY and not skip_into_output(residual)
     return CarryLayout(columns, True, depth - 1 if thin_top else depth)
 
 
-def diagonal_layout(widths: Sequence[int], strategy: int, projections: int = 0) -> CarryLayout:
+def diagonal_layout(widths: Sequence[int], strategy: int, projections: int = 0,
+                    residual: Optional[Sequence[int]] = None) -> CarryLayout:
     """kForward: the n_0 columns up to the last layer and the row-dot epilogue (k projected columns
-    through every layer with projections); the closed forms carry h alone."""
+    through every layer with projections, the n_0 columns with a skip into the last layer); the
+    closed forms carry h alone."""
     depth = len(widths) - 1
     if strategy == TRACE_GRAM2:
         return CarryLayout(0, False, depth, widths[2])
@@ -87,6 +97,8 @@ def diagonal_layout(widths: Sequence[int], strategy: int, projections: int = 0) 
         return CarryLayout(0, False, depth, widths[0])
     if projections:
         return CarryLayout(projections, False, depth)
+    if skip_into_output(residual):
+        return CarryLayout(widths[0], False, depth)
     return CarryLayout(widths[0], False, depth - 1, widths[0])
 
 

@@ -575,9 +575,7 @@ def margin_plan(model, x: torch.Tensor, target: Optional[torch.Tensor] = None, l
         reason = "layers name submodules"
     else:
         try:
-            lowered = lower(model, x, *cond, masks=False)
-            if lowered.factors:
-                reason = f"the engine's margin does not take the model's {', '.join(sorted(lowered.factors))}"
+            lowered = lower(model, x, *cond)  # the margin's engine paths take no part beyond a plain MLP
         except NotLowerable as error:
             if method != "auto":
                 raise TypeError(f"{error}; method={method!r} runs on the fused engine only") from None

@@ -369,12 +369,13 @@ def carry_cost(widths: Sequence[int], batch: int, activations: Sequence[int], la
 
 
 def diagonal_applicable(strategy: int, widths: Sequence[int], trace: bool, output_linear: bool,
-                        projections: int = 0) -> bool:
-    """Whether mlp_jacobian_diagonal can run `strategy` (the checks of csrc/mlp_laplacian.h)."""
+                        projections: int = 0, residual: Optional[Sequence[int]] = None) -> bool:
+    """Whether mlp_jacobian_diagonal can run `strategy` (the checks of csrc/mlp_laplacian.h): the
+    closed forms carry h alone, so they take neither projections nor a residual skip."""
     depth = len(widths) - 1
     if strategy == CARRY_FORWARD:
         return True
-    if projections:
+    if projections or residual is not None:
         return False
     if strategy == DIAGONAL_GRAM1:
         return depth == 2
@@ -387,26 +388,30 @@ DIAGONAL_METHODS = ("auto", "forward", "gram", "hutchinson")
 
 
 def resolve_diagonal_strategy(method: str, widths: Sequence[int], activations: Sequence[int], trace: bool,
-                              batch: int = 64) -> int:
+                              batch: int = 64, residual: Optional[Sequence[int]] = None) -> int:
     """The strategy for jacobian_diagonal (trace=False) or divergence (trace=True): "forward"
     carries the input columns; "gram" takes the closed form with a sample-independent matrix
-    (one hidden layer; for the trace, two hidden layers and a linear output too); "hutchinson"
-    carries projected columns; "auto" the exact strategy of least carry_cost."""
+    (one hidden layer; for the trace, two hidden layers and a linear output too; never across a
+    residual skip); "hutchinson" carries projected columns; "auto" the exact strategy of least
+    carry_cost."""
     if method not in DIAGONAL_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {DIAGONAL_METHODS}")
     if not isinstance(batch, int):  # a symbolic size under torch.compile
         batch = 64
     output_linear = activations[-1] == IDENTITY
-    closed = [st for st in (DIAGONAL_GRAM1, TRACE_GRAM2) if diagonal_applicable(st, widths, trace, output_linear)]
+    closed = [st for st in (DIAGONAL_GRAM1, TRACE_GRAM2)
+              if diagonal_applicable(st, widths, trace, output_linear, residual=residual)]
     if method in ("forward", "hutchinson"):
         return CARRY_FORWARD
     if method == "gram":
         if not closed:
             what = "a net with one hidden layer, or for the divergence two and a linear output layer"
-            raise ValueError(f"method='gram' needs {what}; got widths {list(widths)}")
+            skip = f" and no residual skip (the model's skips: {list(residual)})" if residual is not None else ""
+            raise ValueError(f"method='gram' needs {what}{skip}; got widths {list(widths)}")
         return closed[0]
     return _cheapest([CARRY_FORWARD] + closed,
-                     lambda st: carry_cost(widths, batch, activations, diagonal_layout(widths, st), st))
+                     lambda st: carry_cost(widths, batch, activations, diagonal_layout(widths, st, residual=residual),
+                                           st))
 
 
 # A carry tile's GEMMs have at least this many rows: below it they run slower and the ~20 ATen calls

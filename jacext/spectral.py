@@ -26,7 +26,7 @@ from . import ops as _ops
 from . import activations as act
 from . import generic
 from ._checks import check_input
-from ._route import ANY_MODULE, FACTORS, as_cond, engine_or_generic
+from ._route import ANY_MODULE, as_cond, engine_or_generic
 from .functional import Linearization, _columns
 from .nn import parse_model
 from .planner import REVERSE, predicted_cost, resolve_strategy
@@ -198,7 +198,7 @@ def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: st
     cond = as_cond(cond)
     # its power iteration and exact paths carry no dropout masks
     lowered = engine_or_generic(model, x, cond, method, "jacobian_spectral_norm", ANY_MODULE + ("exact",),
-                                supports=FACTORS - {"dropout"})
+                                supports=frozenset(("input_concat",)))
     if lowered is None or lowered.columns(wrt) is not None:
         return _spectral_of_columns(model, x, cond, lowered, layer, wrt, return_vectors, max_memory)
     spec, x = lowered.spec, lowered.input(x, cond)

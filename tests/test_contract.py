@@ -84,6 +84,16 @@ def _forward_samples():
     yield "mlp_jacobian_diagonal", "trace2", (*square(), TRACE_GRAM2), {}
     p = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     yield "mlp_jacobian_diagonal", "projections", (*square(), CARRY_FORWARD, p), {}
+    # residual skips (csrc/mlp_laplacian.h): blocks of one and two layers, two skips from one carry, a skip
+    # above the thin last layer, a skip into the output, with tiles
+    blocks = lambda out="identity": mlp((3, 4, 4, 4, 3), ["tanh", "softplus", "sigmoid", out])  # noqa: E731
+    for gradient in (True, False):
+        yield "mlp_laplacian", f"residual-gradient={gradient}", (*blocks(), gradient), {"residual": [-1, 1, 1, -1]}
+    yield "mlp_laplacian", "residual-output", (*blocks(), False, None, 2), {"residual": [-1, 1, -1, 0], "tile": 2}
+    yield "mlp_jacobian_diagonal", "residual-forward", (*blocks("tanh"), CARRY_FORWARD), {"residual": [-1, 1, 1, -1]}
+    yield "mlp_jacobian_diagonal", "residual-output", (*blocks(), CARRY_FORWARD), {"residual": [-1, -1, 2, 0],
+                                                                                  "tile": 2}
+    yield "mlp_jacobian_diagonal", "residual-projections", (*blocks(), CARRY_FORWARD, p), {"residual": [-1, 1, 1, 0]}
     x, weights, biases, _, _ = mlp((4, 4, 4), ["smooth_leaky_relu", "identity"], bias=[True, False])
     with torch.no_grad():
         for w in weights:

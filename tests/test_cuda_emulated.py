@@ -214,30 +214,31 @@ def test_flow(activation, dtype):
 
 # --- the forward-carry ops ------------------------------------------------------------------------
 
-def check_laplacian(x, net):
+def check_laplacian(x, net, **kwargs):
     """The whole Laplacian, then over chosen directions: a permutation's rows with the sum over the
-    first of them (wrt with the gradient), and the first rows alone (wrt without it)."""
+    first of them (wrt with the gradient), and the first rows alone (wrt without it); kwargs: the
+    ops' keyword arguments (residual)."""
     n0 = x.shape[1]
     rows = torch.eye(n0, dtype=x.dtype)[list(range(n0))[::-1]].unsqueeze(0)
     cases = [(gradient, ()) for gradient in (True, False)]
     cases += [(True, (rows, 1)), (False, (rows[:, :max(1, n0 - 1)], max(1, n0 - 1))), (False, (None, 1))]
     for gradient, chosen in cases:
         what = f"laplacian gradient={gradient}" + (f" directions, {chosen[1]} summed" if chosen else "")
-        (y, grad, lap, saved), cpu = both("mlp_laplacian", x, *net, gradient, *chosen)
+        (y, grad, lap, saved), cpu = both("mlp_laplacian", x, *net, gradient, *chosen, **kwargs)
         assert_same((y, grad, lap, saved), cpu, what)
         grad_y, grad_grad, grad_lap = grads_like([y, grad, lap])
         args = (grad_y, grad_grad if gradient else None, grad_lap, x, *net, gradient, saved, *chosen)
-        assert_same(*both("mlp_laplacian_backward", *args), what + " backward")
+        assert_same(*both("mlp_laplacian_backward", *args, **kwargs), what + " backward")
         args = (None, None, grad_lap, x, *net, gradient, saved, *chosen)
-        assert_same(*both("mlp_laplacian_backward", *args, input_grad=False), what + " backward of lap only")
+        assert_same(*both("mlp_laplacian_backward", *args, input_grad=False, **kwargs), what + " backward of lap only")
 
 
-def check_diagonal(x, net, strategy, projections=None):
-    (y, out, saved), cpu = both("mlp_jacobian_diagonal", x, *net, strategy, projections)
+def check_diagonal(x, net, strategy, projections=None, **kwargs):
+    (y, out, saved), cpu = both("mlp_jacobian_diagonal", x, *net, strategy, projections, **kwargs)
     assert_same((y, out, saved), cpu, f"diagonal strategy {strategy}")
     grad_y, grad_out = grads_like([y, out])
     args = (grad_y, grad_out, x, *net, strategy, saved, projections)
-    assert_same(*both("mlp_jacobian_diagonal_backward", *args), f"diagonal backward strategy {strategy}")
+    assert_same(*both("mlp_jacobian_diagonal_backward", *args, **kwargs), f"diagonal backward strategy {strategy}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
@@ -252,6 +253,23 @@ def test_forward_carry_every_activation(activation, dtype):
     check_diagonal(x, mlp([4, 7, 4], activation, dtype), 1)  # one hidden layer
     g = torch.Generator().manual_seed(5)
     check_diagonal(x, square, 0, torch.randn(6, 3, 4, generator=g, dtype=torch.float64).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("activation", ["tanh", "softplus", "relu"])
+@pytest.mark.parametrize("batch", [1, 37])
+@pytest.mark.parametrize("residual", [[0, 1, 1, 0], [-1, 1, 2, -1], [-1, -1, 0, 2]],
+                         ids=["input-and-output", "above-the-thin-top", "two-layer-blocks"])
+def test_forward_carry_residual(residual, batch, activation, dtype):
+    """Residual skips: blocks at the input and into the output, two skips from one carry, a skip below
+    the Laplacian's thin last layer, blocks of several layers."""
+    net = mlp([4, 4, 4, 4, 4], activation, dtype)
+    x = inputs(batch, 4, dtype)
+    check_laplacian(x, net, residual=residual)
+    check_diagonal(x, net, 0, residual=residual)
+    g = torch.Generator().manual_seed(5)
+    projections = torch.randn(batch, 3, 4, generator=g, dtype=torch.float64).to(dtype)
+    check_diagonal(x, net, 0, projections, residual=residual)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])

@@ -15,7 +15,7 @@ from torch.func import jacrev, vmap
 import jacext
 from jacext import activations as act
 from jacext._route import _warned
-from jacext.frontend import NotLowerable, lower
+from jacext.frontend import FACTORS, NotLowerable, lower
 from jacext.layouts import FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM
 
 OPS = torch.ops.jacext
@@ -214,7 +214,7 @@ def test_y_equals_model_under_the_same_seed(name, model):
         got = quantity(model, x)[0]
         if got is not None:
             torch.testing.assert_close(got, want)
-    assert not all(m is None for m in lower(model, x).spec.masks)
+    assert not all(m is None for m in lower(model, x, supports=FACTORS).spec.masks)
 
 
 def _masked_reference(model, x, seed):
@@ -222,7 +222,7 @@ def _masked_reference(model, x, seed):
     under `seed` (that they are the model's own draw: test_y_equals_model_under_the_same_seed; the
     generic path, independent of them: test_penalty_equals_the_generic_path_under_the_same_seed)."""
     torch.manual_seed(seed)
-    spec = lower(model, x).spec
+    spec = lower(model, x, supports=FACTORS).spec
     return reference(x, spec.weights, spec.biases, spec.activations, spec.act_params, spec.masks)
 
 

@@ -261,6 +261,30 @@ class Residual(nn.Module):
         return self.out(h)
 
 
+class PostActivationResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.relu(x + self.block(x))  # relu
+        return self.out(h)
+
+
+class SumOfBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = self.b(torch.tanh(h)) + h  # sum
+        return self.out(h)
+
+
 class Concat(nn.Module):
     def __init__(self):
         super().__init__()
@@ -293,7 +317,12 @@ class Branchy(nn.Module):
 
 @pytest.mark.parametrize("model, path, op, where, why", [
     (WithLayerNorm(), "norm", "LayerNorm", line_of(WithLayerNorm, "# norm"), "unsupported module"),
-    (Residual(), "Residual", "operator.add", line_of(Residual, "# residual"), "unsupported function"),
+    (Residual(), "Residual", "operator.add", line_of(Residual, "# residual"),
+     "a residual skip (h + g(h)): this quantity does not run it on the engine"),
+    (PostActivationResidual(), "PostActivationResidual", "torch.relu", line_of(PostActivationResidual, "# relu"),
+     "an activation after a residual sum"),
+    (SumOfBranches(), "SumOfBranches", "operator.add", line_of(SumOfBranches, "# sum"),
+     "it adds a value other than the input of an earlier nn.Linear"),
     (Concat(), "Concat", "torch.cat", line_of(Concat, "# cat"), "concatenates x once with conditioning inputs"),
     (Branchy(), "Branchy", "torch.fx trace", line_of(Branchy, "# data-dependent"), "torch.fx cannot trace it"),
     (Conv(), "features.0", "Conv2d", line_of(Conv, "# features"), "unsupported module"),
