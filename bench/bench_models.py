@@ -7,6 +7,12 @@
          autograd-loop  u = model(xt); one autograd.grad(create_graph=True) for the gradient, one
                         more for u_xx (the usual PINN code)
          torch-func     vmap(jacrev(model)) for u_t and vmap(hessian(model)) for u_xx
+  R1   a residual PINN (2 -> 64 tanh, three blocks h + tanh(W h + b) of width 64, -> 1; the user's own
+       modules), B = 4096: loss = mean (Delta u)^2, backward to every parameter
+         jacext         jacext.laplacian(model, x): the skips on the fused forward Laplacian
+         autograd-loop  u = model(x); one autograd.grad(create_graph=True) for the gradient, one
+                        more per input dimension for the second derivatives
+         torch-func     vmap(hessian(model)) and its trace
   C1   the official PyTorch MNIST CNN (conv 32, conv 64, max-pool, dropout, fc 128, fc 10; eval()),
        B = 32, 28 x 28 inputs: the Jacobian penalty's step, loss = mean ||dy/dx||_F^2
          jacext         jacext.jacobian_frobenius(model, x, method="autograd"): the generic path
@@ -45,19 +51,21 @@ from common import (TIME_KEY, machine_description, report, run_worker, summarise
                     torch_gemm_macs, write_results)
 
 CASES = [dict(name="H1", kind="heat", widths=[2, 64, 64, 64, 1], batch=4096),
+         dict(name="R1", kind="residual", width=64, blocks=3, batch=4096),
          dict(name="C1", kind="cnn", side=28, batch=32),
          dict(name="N1", kind="cnf", widths=[16, 64, 64, 16], batch=512),
          dict(name="N2", kind="cnf-estimate", widths=[16, 64, 64, 16], batch=512)]
 SMOKE_CASES = [dict(name="H1", kind="heat", widths=[2, 8, 8, 1], batch=16),
+               dict(name="R1", kind="residual", width=8, blocks=2, batch=16),
                dict(name="C1", kind="cnn", side=12, batch=2),
                dict(name="N1", kind="cnf", widths=[3, 8, 3], batch=8),
                dict(name="N2", kind="cnf-estimate", widths=[3, 8, 3], batch=8)]
-METHODS = {"heat": ["jacext", "autograd-loop", "torch-func"], "cnn": ["jacext", "vmap-jacrev", "grad-loop"],
+METHODS = {"heat": ["jacext", "autograd-loop", "torch-func"], "residual": ["jacext", "autograd-loop", "torch-func"], "cnn": ["jacext", "vmap-jacrev", "grad-loop"],
            "cnf": ["jacext", "autograd-trace"], "cnf-estimate": ["jacext", "ffjord-vjp"]}
-PEERS = {"heat": ["autograd-loop", "torch-func"], "cnn": ["vmap-jacrev", "grad-loop"], "cnf": ["autograd-trace"],
+PEERS = {"heat": ["autograd-loop", "torch-func"], "residual": ["autograd-loop", "torch-func"], "cnn": ["vmap-jacrev", "grad-loop"], "cnf": ["autograd-trace"],
          "cnf-estimate": ["ffjord-vjp"]}
 # issues 29 and 31's targets: jacext's speed-up over each peer (the CNN: not slower than the faster one)
-TARGETS = {"H1": {"autograd-loop": 2.5, "torch-func": 1.5}, "C1": {"best": 1.0}, "N1": {"autograd-trace": 4.0},
+TARGETS = {"H1": {"autograd-loop": 2.5, "torch-func": 1.5}, "R1": {"autograd-loop": 2.0, "torch-func": 1.5}, "C1": {"best": 1.0}, "N1": {"autograd-trace": 4.0},
            "N2": {"ffjord-vjp": 1.0}}
 
 
@@ -118,6 +126,30 @@ def penalty(model, x, method):
     return sum(r.flatten(1).square().sum(1) for r in rows)
 
 
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, h):
+        return h + torch.tanh(self.linear(h))
+
+
+def residual_pinn(width, blocks):
+    return nn.Sequential(nn.Linear(2, width), nn.Tanh(), *[Block(width) for _ in range(blocks)], nn.Linear(width, 1))
+
+
+def laplacian_of(model, x, method):
+    if method == "jacext":
+        return jacext.laplacian(model, x)[1][:, 0]
+    if method == "autograd-loop":
+        x = x.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        return sum(torch.autograd.grad(grad[:, i].sum(), x, create_graph=True)[0][:, i] for i in range(x.shape[1]))
+    one = lambda p: model(p.unsqueeze(0))[0, 0]  # noqa: E731
+    return vmap(hessian(one))(x).diagonal(dim1=1, dim2=2).sum(1)
+
+
 class Field(nn.Module):
     """FFJORD's field f(x, t): an MLP on cat([x, t]) (t: one time per sample, (B, 1))."""
 
@@ -158,6 +190,13 @@ def time_case(case, method, min_run_time, device="cpu"):
             field.zero_grad(set_to_none=True)
             f, div = cnf_divergence(field, x, t, method)
             (f.square().sum(1) + div).mean().backward()
+    elif case["kind"] == "residual":
+        model = residual_pinn(case["width"], case["blocks"]).to(device)
+        xy = torch.rand(case["batch"], 2, device=device)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            laplacian_of(model, xy, method).square().mean().backward()
     elif case["kind"] == "heat":
         model = heat_model(case["widths"]).to(device)
         xt = torch.rand(case["batch"], 2, device=device)
@@ -176,9 +215,15 @@ def time_case(case, method, min_run_time, device="cpu"):
     for _ in range(2):  # warm-up: the front-end's trace, the workspace, lazy initialization
         step()
     macs = None
-    if case["kind"] == "heat":  # the GEMM work of a step: jacext's by its planner, the others counted
-        macs = jacext.explain(model, xt, quantity="laplacian", return_gradient=True, wrt=[0]).candidates
-        macs = next(iter(macs.values()))[0] if method == "jacext" else torch_gemm_macs(step)
+    if case["kind"] in ("heat", "residual"):  # the GEMM work of a step: jacext's by its planner, the others
+        # counted
+        if method != "jacext":
+            macs = torch_gemm_macs(step)
+        elif case["kind"] == "heat":
+            macs = next(iter(jacext.explain(model, xt, quantity="laplacian", return_gradient=True,
+                                            wrt=[0]).candidates.values()))[0]
+        else:
+            macs = next(iter(jacext.explain(model, xy, quantity="laplacian").candidates.values()))[0]
     return {TIME_KEY: time_step(step, min_run_time)[TIME_KEY], "gemm_macs": macs}
 
 
