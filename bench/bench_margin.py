@@ -40,7 +40,8 @@ from torch import nn
 import jacext
 from jacext.reference import hidden_states, large_margin_loss_ref, margin_classes_ref, representations
 
-from common import TIME_KEY, machine_description, report, run_worker, summarise, time_step, write_results  # bench/common.py
+from common import (TIME_KEY, machine_description, report, run_worker, summarise, time_step,  # bench/common.py
+                    torch_gemm_macs, write_results)
 
 MLP = dict(widths=[784, 512, 512, 10], batch=128, layers=(0, 1, 2))
 CNN = dict(image=28, channels=(32, 64), dense=512, batch=128, layers=(0, "0", "1"))
@@ -161,11 +162,19 @@ def worker(args, name, method):
     step, scale = make_step(method, model, x, target, shape["layers"], top_k, dist_norm, use_approximation,
                             args.loop_samples)
     value = step().detach().item()  # warm-up, and the value the methods must agree on
+    # the GEMM work of a step: the plain port's counted, jacext's MLP paths by its planner
+    macs = None
+    if method == "plain-port":
+        macs = torch_gemm_macs(step)
+    elif method == "jacext" and kind == "mlp":
+        plan = jacext.explain(model, x, quantity="margin", target=target, layers=shape["layers"], top_k=top_k,
+                              dist_norm=dist_norm, use_approximation=use_approximation)
+        macs = plan.costs[plan.choice][0]
     timing = time_step(step, args.min_run_time)
     report({"case": name, "model": kind, "top_k": top_k, "dist_norm": str(dist_norm), "q": str(DUAL[dist_norm]),
             "use_approximation": use_approximation, "method": method, "repeat": args.repeat,
             TIME_KEY: timing[TIME_KEY] * scale, "runs": timing["runs"], "loss": value,
-            "scaled_from_samples": args.loop_samples if method == "seed-loop" else None})
+            "scaled_from_samples": args.loop_samples if method == "seed-loop" else None, "gemm_macs": macs})
 
 
 def main():
@@ -238,6 +247,8 @@ def main():
         if args.repeats > 1 and r["method"] != "jacext" and "time_vs_jacext_range" in r:
             low, high = r["time_vs_jacext_range"]
             note = ", ".join(filter(None, [note, f"ratio over {args.repeats} runs {low:.3g}-{high:.3g}"]))
+        if r.get("gemm_macs"):
+            note = ", ".join(filter(None, [note, f"{r['gemm_macs'] / 1e9:.3f} G GEMM mult-adds"]))
         ratio = f"{r['time_vs_jacext']:9.3g}" if "time_vs_jacext" in r else " " * 9
         print(f"{r['case']:22} {r['top_k']:>2} {r['q']:>4} {str(r['use_approximation']):>6} {r['method']:16} "
               f"{r[TIME_KEY] * 1e3:10.1f} {ratio}  {note}")
