@@ -82,7 +82,7 @@ def plot(field, data, args, path, title):
     except ImportError:
         print("(matplotlib is not installed: no PNG written)")
         return
-    n, lim = args.grid, 2.2
+    n, lim = args.grid, 2.8
     axis = torch.linspace(-lim, lim, n)
     grid = torch.cartesian_prod(axis, axis)
     with torch.no_grad():
@@ -146,9 +146,9 @@ def main(argv=None):
     centered = held_out - held_out.mean(0)
     cov = centered.t() @ centered / len(held_out)
     gaussian = -torch.distributions.MultivariateNormal(held_out.mean(0), cov).log_prob(held_out).mean().item()
-    summary = (f"held-out negative log-likelihood {nll:.3f} nats (a Gaussian fitted to the data: {gaussian:.3f}); "
+    summary = (f"held-out negative log-likelihood {nll:.3f} nats (a Gaussian fitted to the data: {gaussian:.3f});\n"
                f"{args.steps} steps in {seconds:.1f} s ({args.estimator} divergence)")
-    print(summary)
+    print(summary.replace("\n", " "))
     if args.out:
         plot(field, held_out, args, args.out, summary)
     return nll, gaussian
