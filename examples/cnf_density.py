@@ -12,7 +12,9 @@ is its double backward). `--estimator hutchinson` uses one Rademacher projection
 (FFJORD's estimator, unbiased). At the end: the mean log-likelihood of held-out points, and a PNG
 of the data beside the learned density.
 
-    python examples/cnf_density.py              # about a minute on 2 cores
+    python examples/cnf_density.py --out bench/results/cnf_density.png
+                                                # 600 steps, two minutes or less on 2 cores: held-out
+                                                # NLL 1.45 nats (a fitted Gaussian: 2.80)
     python examples/cnf_density.py --quick      # tiny sizes, seconds (the tests run it)
 """
 from __future__ import annotations
