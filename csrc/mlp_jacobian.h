@@ -31,6 +31,17 @@
 // scaled d and act'' and stays exact, D being per sample already. An identity layer with a mask
 // has d = m. The mask is held constant (no gradient).
 //
+// Residual skips (h + g(h)): `residual` names, per layer i, -1 or a j <= i of the same width, and
+// h_{i+1} = m_i * act(y_{i+1}) + h_j. mlp_forward adds h_j after the activation (and the mask); the
+// MLP backward passes the adjoint of h_{i+1} on to h_j as well (pending until the sweep reaches
+// h_j). The reverse carry R^(i) = dy/dh_i gains, for every skip (k, i), the carry R^(k+1) above it
+// (R^(L) = I, or V with projections): R^(i) = (R^(i+1) D_{i+1}) W_{i+1} + sum_{k: skip(k) = i} R^(k+1),
+// added before R^(i) is saved, so the saved carries are the Jacobians dy/dh_i of the network with
+// its skips; its adjoint sweep passes the adjoint of R^(i) on to each such R^(k+1). Only the reverse
+// strategy takes skips (checked_skips): forward mode's saved U^(i) would no longer give T^(i) by a
+// diagonal scaling, and the Gram forms (2-4, the split) factor J through W_1 or W_L, which a skip
+// past that layer bypasses.
+//
 // Dead work is skipped: identity layers have no d (saved as an empty tensor), piecewise-linear
 // ones (identity, relu, leaky_relu) no act'' and so no adjoint of d; the MLP backward stops where
 // nothing flows; grad_x only when asked for; no bias gradient for a layer without bias.
@@ -140,6 +151,7 @@ struct MLPJacobian {
   int64_t strategy;
   Tensor projections = Tensor();  // (B, k, m) random rows v: carry v^T J instead of J (estimator)
   std::vector<Tensor> masks = {};  // one per layer (undefined: none) or empty: see the top
+  std::vector<int64_t> residual = {};  // per layer: the skip's j, or -1; empty without skips
 
   int64_t depth() const { return static_cast<int64_t>(weights.size()); }
   int64_t width(int64_t i) const { return i == 0 ? weights[0].size(1) : weights[i - 1].size(0); }
@@ -147,6 +159,7 @@ struct MLPJacobian {
     static const Tensor none;
     return masks.empty() ? none : masks[i];
   }
+  int64_t skip(int64_t i) const { return residual.empty() ? -1 : residual[i]; }
   bool has_d(int64_t i) const { return has_derivative(activations[i]) || mask(i).defined(); }
   bool has_d2(int64_t i) const { return has_curvature(activations[i]); }
   bool forward_mode() const { return strategy == kForward || strategy == kForwardGram; }
@@ -245,11 +258,13 @@ struct MLPJacobian {
         }
         if (d2s[i].defined()) d2s[i].mul_(m);
       }
+      if (const int64_t j = skip(i); j >= 0) h.add_(hs[j]);
     }
   }
 
   // One tile's reverse carries into cs: R^(L-1) = d[L-1] (rows) * W[L-1], or (V * d[L-1]) W[L-1]
   // with projections v; then R^(i) = (R^(i+1) * d[i]) W[i] down to R^(last_carried).
+  // With skips, R^(i) += R^(k+1) for every skip (k, i) (see the top).
   void reverse_carries(const std::vector<Tensor>& ds, const std::vector<Tensor>& cs, const Tensor& v,
                        const Tensor& w_last) const {
     const int64_t L = depth();
@@ -258,8 +273,27 @@ struct MLPJacobian {
     } else {
       Kernels::scale(w_last.unsqueeze(0), Tensor(), ds[L - 1], Tensor(), 1.0, cs[0]);
     }
+    add_skipped_carries(L - 1, cs, v);
     for (int64_t i = L - 2, j = 1; i >= last_carried(); --i, ++j) {
       Kernels::mm(flat(cs[j]), flat(scaled_columns(cs[j - 1], ds[i])), weights[i]);
+      add_skipped_carries(i, cs, v);
+    }
+  }
+
+  // R^(i) (cs[L-1-i]) += R^(k+1) for each skip (k, i): cs[L-2-k], or for k = L-1 the top's
+  // R^(L) = dy/dy = I (V with projections).
+  void add_skipped_carries(int64_t i, const std::vector<Tensor>& cs, const Tensor& v) const {
+    const int64_t L = depth();
+    const Tensor& r = cs[L - 1 - i];
+    for (int64_t k = i; k < L; ++k) {
+      if (skip(k) != i) continue;
+      if (k + 1 < L) {
+        r.add_(cs[L - 2 - k]);
+      } else if (v.defined()) {
+        r.add_(v);
+      } else {
+        r.diagonal(0, 1, 2).add_(1);
+      }
     }
   }
 
@@ -458,19 +492,30 @@ struct MLPJacobian {
     };
     Tensor adj;  // written out, the sweep's own
     if (!forward_mode()) {
-      // cs[j] = R^(L-1-j); R^(i) = S^(i+1) W[i] with S^(i+1) = R^(i+1) * d[i].
+      // cs[j] = R^(L-1-j); R^(i) = S^(i+1) W[i] with S^(i+1) = R^(i+1) * d[i] (+ the skipped
+      // carries R^(k+1), whose adjoints gain R^(i)'s: pending[k+1] until the sweep reaches them).
+      std::vector<Tensor> pending(residual.empty() ? 0 : L);
       for (int64_t i = layer; i <= L - 2; ++i) {
         const Tensor& r_next = cs[L - 2 - i];
         if (strategy == kReverseGram && i == layer) {  // the sweep starts with the adjoint of S^(layer+1)
           adj = through_diagonal(start, r_next, ds[i], new_adj_d(i));
         } else {
           if (i == layer) adj = written(start);
+          for (int64_t k = i; k + 1 < L && !pending.empty(); ++k) {
+            if (skip(k) != i) continue;
+            if (pending[k + 1].defined()) {
+              pending[k + 1].add_(adj);
+            } else {
+              pending[k + 1] = adj.clone();
+            }
+          }
           add_mm(sums.w[i], flat(scaled_columns(r_next, ds[i])).t(), flat(adj));
           Tensor adj_s = empty({n, adj.size(1), width(i + 1)}, options);
           Kernels::mm(flat(adj_s), flat(adj), weights[i].t());
           adj = through_diagonal({adj_s}, r_next, ds[i], new_adj_d(i));  // R^(i+1)'s adjoint
         }
         if (!t.grad_carries.empty() && t.grad_carries[L - 2 - i].defined()) adj.add_(t.grad_carries[L - 2 - i]);
+        if (!pending.empty() && pending[i + 1].defined()) adj.add_(pending[i + 1]);
       }
       if (!adj.defined()) adj = written(start);  // no layer below L-1
       if (t.projections.defined()) {  // R^(L-1) = (V * d[L-1]) W[L-1]
@@ -514,7 +559,16 @@ struct MLPJacobian {
     const auto options = t.hs[0].options();
     Tensor grad_h = t.grad_y;
     bool wrote_grad_x = false;
+    // A skip h_{i+1} += h_j passes the adjoint of h_{i+1} to h_j too: pending[j] until the sweep
+    // reaches h_j (out of place: grad_h may be the caller's grad_y).
+    std::vector<Tensor> pending(residual.empty() ? 0 : depth() + 1);
     for (int64_t i = depth() - 1; i >= 0; --i) {
+      if (!pending.empty() && pending[i + 1].defined()) {
+        grad_h = grad_h.defined() ? grad_h + pending[i + 1] : pending[i + 1];
+      }
+      if (const int64_t j = skip(i); j >= 0 && grad_h.defined()) {
+        pending[j] = pending[j].defined() ? pending[j] + grad_h : grad_h;
+      }
       if (!grad_h.defined() && !adj_d[i].defined()) continue;  // zero: nothing reaches the layers below
       Tensor g = empty({n, width(i + 1)}, options);
       Tensor grad_b = bias_at(biases, i) ? zeroed(sums.b[i], {width(i + 1)}, options) : Tensor();
@@ -529,6 +583,7 @@ struct MLPJacobian {
       }
     }
     if (t.grad_x.defined() && !wrote_grad_x) t.grad_x.zero_();
+    if (t.grad_x.defined() && !pending.empty() && pending[0].defined()) t.grad_x.add_(pending[0]);
   }
 };
 
@@ -577,6 +632,16 @@ inline std::vector<Tensor> checked_masks(at::TensorList masks, const Tensor& x, 
   return out;
 }
 
+// The residual skips (checked_residual); only the reverse strategy takes them (see the top).
+inline std::vector<int64_t> checked_skips(at::OptionalIntArrayRef residual, at::TensorList weights,
+                                          int64_t strategy) {
+  std::vector<int64_t> skips = checked_residual(residual, weights);
+  TORCH_CHECK(skips.empty() || strategy == kReverse, "jacext: with residual skips the Jacobian ops carry in "
+              "reverse (strategy 0): forward mode and the Gram forms (2-4) do not apply across a skip, got "
+              "strategy ", strategy);
+  return skips;
+}
+
 // h_0 = x, h_1..h_{L-1}, h_L = y: the MLP's layers, for mlp_forward / mlp_backward.
 inline std::vector<Tensor> whole_batch_hs(const Tensor& x, const std::vector<Tensor>& hidden, const Tensor& y) {
   std::vector<Tensor> hs = {x};
@@ -591,12 +656,14 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
-    const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks, int64_t tile) {
+    const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks, int64_t tile,
+    at::OptionalIntArrayRef residual) {
   check_mlp(x, weights, biases, activations, act_params, 0, strategy);
   check_tile(tile);
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, strategy,
                            checked_projections(projections, x, weights, strategy),
-                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy)};
+                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy),
+                           checked_skips(residual, weights, strategy)};
   const int64_t B = x.size(0), L = net.depth();
   const auto options = x.options();
   Tensor y = net.empty({B, net.width(L)}, options);
@@ -635,14 +702,16 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t layer,
-    int64_t strategy, const std::optional<at::TensorList>& masks, int64_t tile, bool gram) {
+    int64_t strategy, const std::optional<at::TensorList>& masks, int64_t tile, bool gram,
+    at::OptionalIntArrayRef residual) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
   check_tile(tile);
   TORCH_CHECK(gram ? strategy == kReverseGram : (strategy == kReverse || strategy == kForward),
               "jacext: mlp_jacobian forms J with strategy 0 or 1, and J J^T at the input with strategy 2 and "
               "gram=True; otherwise strategies 2, 3 and 4 (Gram) are for the Frobenius norm only");
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy, Tensor(),
-                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy)};
+                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy),
+                           checked_skips(residual, weights, strategy)};
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L);
   const auto options = x.options();  // gram: J J^T = S G S^T, J itself is never formed
   Tensor y = net.empty({B, m}, options);
@@ -687,14 +756,15 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
     int64_t layer, int64_t strategy, at::TensorList saved, at::TensorList grad_carries,
     const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks, int64_t tile,
-    bool input_grad) {
+    bool input_grad, at::OptionalIntArrayRef residual) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
   check_tile(tile);
   // The masks only decide which layers have a d (an identity layer with a mask): the saved d and
   // act'' carry them already.
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy,
                            checked_projections(projections, x, weights, strategy),
-                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy)};
+                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy),
+                           checked_skips(residual, weights, strategy)};
   const int64_t L = net.depth(), B = x.size(0);
   const auto options = x.options();
   const int64_t n_carries = net.n_carries();
