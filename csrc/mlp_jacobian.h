@@ -37,10 +37,12 @@
 // h_j). The reverse carry R^(i) = dy/dh_i gains, for every skip (k, i), the carry R^(k+1) above it
 // (R^(L) = I, or V with projections): R^(i) = (R^(i+1) D_{i+1}) W_{i+1} + sum_{k: skip(k) = i} R^(k+1),
 // added before R^(i) is saved, so the saved carries are the Jacobians dy/dh_i of the network with
-// its skips; its adjoint sweep passes the adjoint of R^(i) on to each such R^(k+1). Only the reverse
-// strategy takes skips (checked_skips): forward mode's saved U^(i) would no longer give T^(i) by a
-// diagonal scaling, and the Gram forms (2-4, the split) factor J through W_1 or W_L, which a skip
-// past that layer bypasses.
+// its skips; its adjoint sweep passes the adjoint of R^(i) on to each such R^(k+1). Forward mode
+// mirrors it: T^(i+1) = U^(i+1) D_{i+1} + T^(j) (T^(layer) = I), so the saved U^(i) no longer give
+// T^(i) by a diagonal scaling alone: the T's are kept through the tile's sweep (forward_ts) and
+// rebuilt from the U's in the backward, whose sweep passes the adjoint of T^(i+1) on to T^(j). The
+// Gram forms (2-4, the split) factor J through W_1, W_L or one hidden layer, which a skip bypasses:
+// only strategies 0 and 1 take skips (checked_skips).
 //
 // Dead work is skipped: identity layers have no d (saved as an empty tensor), piecewise-linear
 // ones (identity, relu, leaky_relu) no act'' and so no adjoint of d; the MLP backward stops where
@@ -139,6 +141,7 @@ struct BackwardTile {
   std::vector<Tensor> adj_d;
   Tensor projections, grad_y, grad_sq, grad_jac, grad_x;
   std::vector<Tensor> grad_carries;  // undefined for none
+  std::vector<Tensor> ts;  // forward mode with skips: T^(layer+1), ..., T^(L) (MLPJacobian::forward_ts)
 };
 
 template <class Kernels>
@@ -305,11 +308,35 @@ struct MLPJacobian {
   // One tile's forward carries into cs: U^(i+1) = T^(i) W[i]^T up to U^(last_forward).
   void forward_carries(const Tensor& wt, const std::vector<Tensor>& ds, const std::vector<Tensor>& cs,
                        int64_t n) const {
-    Tensor t = first_forward_carry(wt, ds, n);
+    std::vector<Tensor> ts;  // T^(layer+1), ..., kept for the skips only
+    Tensor t = with_skip(layer, first_forward_carry(wt, ds, n), ts);
     for (int64_t i = layer + 1, j = 0; i < last_forward(); ++i, ++j) {
+      if (!residual.empty()) ts.push_back(t);
       Kernels::mm(flat(cs[j]), flat(t), weights[i].t());
-      if (i + 1 < last_forward()) t = scaled_columns(cs[j], ds[i]);
+      if (i + 1 < last_forward()) t = with_skip(i, scaled_columns(cs[j], ds[i]), ts);
     }
+  }
+
+  // Forward mode with skips: t (T^(k+1) before the skip) plus T^(j) for a skip (k, j) with j >= layer:
+  // ts[j - layer - 1], or I for j = layer (h_j below `layer` does not depend on h_layer). Out of
+  // place: t may be a saved carry.
+  Tensor with_skip(int64_t k, const Tensor& t, const std::vector<Tensor>& ts) const {
+    const int64_t j = skip(k);
+    if (j < layer) return t;
+    if (j == layer) return t + at::eye(width(layer), t.options());
+    return t + ts[j - layer - 1];
+  }
+
+  // Forward mode with skips: T^(layer+1), ..., T^(L) of a tile rebuilt from its saved U's
+  // (T^(i) = U^(i) * d[i-1] plus the skip's T^(j); T^(layer+1) = W[layer]^T * d[layer]).
+  std::vector<Tensor> forward_ts(const Tensor& wt, const std::vector<Tensor>& ds, const std::vector<Tensor>& cs,
+                                 int64_t n) const {
+    std::vector<Tensor> ts;
+    for (int64_t i = layer + 1; i <= depth(); ++i) {
+      Tensor t = i == layer + 1 ? first_forward_carry(wt, ds, n) : scaled_columns(cs[i - layer - 2], ds[i - 1]);
+      ts.push_back(with_skip(i - 1, t, ts));
+    }
+    return ts;
   }
 
   // Forward mode: U^(L), the last carry before its scaling by d[L-1]. With a single layer after
@@ -373,6 +400,8 @@ struct MLPJacobian {
       Tensor s = gram_input(wt, ds, cs, n);
       Kernels::mm(flat(cs.back()), flat(s), gram);
       Kernels::pair_sum(cs.back(), s, sq);
+    } else if (forward_mode() && !residual.empty()) {
+      Kernels::square_sum(forward_ts(wt, ds, cs, n).back(), Tensor(), sq);
     } else if (forward_mode()) {  // the last diagonal scaling happens inside the reduction
       Kernels::square_sum(last_unscaled(cs, wt), ds[L - 1], sq);
     } else {
@@ -425,7 +454,10 @@ struct MLPJacobian {
       // The adjoint of the final carry: J (reverse) or J^T = U^(L) D_L (forward; U^(L) is W^T, the
       // same for every sample, where no GEMM formed it).
       SweepAdjoint adj;
-      if (g.defined()) {
+      if (forward_mode() && !residual.empty()) t.ts = forward_ts(wt, t.ds, t.cs, n);
+      if (g.defined() && !t.ts.empty()) {  // J^T = T^(L), the skips in it
+        adj = loss_adjoint(t.ts.back(), Tensor());
+      } else if (g.defined()) {
         const Tensor last = forward_mode() ? last_unscaled(t.cs, wt) : t.cs.back();
         adj = last.size(0) != n ? SweepAdjoint{scaled(last, t.ds[L - 1], Tensor(), g, 2.0, n)}
                                 : loss_adjoint(last, forward_mode() ? t.ds[L - 1] : Tensor());
@@ -533,14 +565,23 @@ struct MLPJacobian {
       }
     } else {
       // cs[j] = U^(layer+2+j); T^(i) = U^(i) * d[i-1], U^(i+1) = T^(i) W[i]^T; start: T^(last_forward)'s.
+      // A skip T^(i) += T^(j) (j > layer; T^(layer) = I is constant) passes T^(i)'s adjoint on to
+      // T^(j): pending[j] until the sweep reaches it.
+      std::vector<Tensor> pending(residual.empty() ? 0 : L + 1);
       SweepAdjoint next = start;
       for (int64_t i = last_forward(); i >= layer + 2; --i) {
+        if (const int64_t j = skip(i - 1); j > layer) {
+          next = {written(next)};
+          pending[j] = pending[j].defined() ? pending[j].add_(next.x) : next.x.clone();
+        }
         adj = through_diagonal(next, cs[i - layer - 2], ds[i - 1], new_adj_d(i - 1));  // U^(i)'s adjoint
-        Tensor t_prev = i - 1 == layer + 1 ? first_forward_carry(wt, ds, n)
-                                           : scaled_columns(cs[i - layer - 3], ds[i - 2]);
+        Tensor t_prev = !t.ts.empty()          ? t.ts[i - layer - 2]
+                        : i - 1 == layer + 1 ? first_forward_carry(wt, ds, n)
+                                             : scaled_columns(cs[i - layer - 3], ds[i - 2]);
         add_mm(sums.w[i - 1], flat(adj).t(), flat(t_prev));
         Tensor adj_t = empty({n, adj.size(1), width(i - 1)}, options);
         Kernels::mm(flat(adj_t), flat(adj), weights[i - 1]);
+        if (!pending.empty() && pending[i - 1].defined()) adj_t.add_(pending[i - 1]);
         next = {adj_t};
       }
       adj = written(next);
@@ -632,13 +673,13 @@ inline std::vector<Tensor> checked_masks(at::TensorList masks, const Tensor& x, 
   return out;
 }
 
-// The residual skips (checked_residual); only the reverse strategy takes them (see the top).
+// The residual skips (checked_residual); only strategies 0 and 1 take them (see the top).
 inline std::vector<int64_t> checked_skips(at::OptionalIntArrayRef residual, at::TensorList weights,
                                           int64_t strategy) {
   std::vector<int64_t> skips = checked_residual(residual, weights);
-  TORCH_CHECK(skips.empty() || strategy == kReverse, "jacext: with residual skips the Jacobian ops carry in "
-              "reverse (strategy 0): forward mode and the Gram forms (2-4) do not apply across a skip, got "
-              "strategy ", strategy);
+  TORCH_CHECK(skips.empty() || strategy == kReverse || strategy == kForward, "jacext: with residual skips the "
+              "Jacobian ops carry in reverse or forward (strategy 0 or 1): the Gram forms (2-4) do not apply "
+              "across a skip, got strategy ", strategy);
   return skips;
 }
 
@@ -730,7 +771,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     Tensor jac_tile = jac.narrow(0, b0, n);
     if (net.forward_mode()) {
       net.forward_carries(wt, ds, cs, n);
-      Tensor jt = net.scaled(net.last_unscaled(cs, wt), ds[L - 1], Tensor(), Tensor(), 1.0, n);
+      Tensor jt = net.residual.empty() ? net.scaled(net.last_unscaled(cs, wt), ds[L - 1], Tensor(), Tensor(), 1.0, n)
+                                       : net.forward_ts(wt, ds, cs, n).back();
       jac_tile.copy_(jt.transpose(1, 2));
     } else if (gram) {
       net.reverse_carries(ds, cs, Tensor(), w_last);

@@ -220,8 +220,7 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     masks: None, or one (B, n_{i+1}) tensor or None per layer: a constant per-sample factor after
     the layer's activation (a dropout mask), h_{i+1} = mask * act(y); J is the masked network's.
     residual: None, or per layer i -1 or the j <= i whose input h_j is added to layer i's output
-    (h + g(h), after the mask); with skips J is carried in reverse (methods "auto", "reverse",
-    "hutchinson")."""
+    (h + g(h), after the mask); with skips J is carried in reverse or forward (not "gram")."""
     if (method == "hutchinson") != (projections is not None):
         raise ValueError("projections go with method='hutchinson', and only with it")
     warn_if_tf32(x.device, x.dtype)
@@ -371,7 +370,7 @@ def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
     sweep. At the input layer J_0 J_0^T = S G S^T (S = R^(1) D_1, G = W_1 W_1^T once per batch)
     replaces J_0 = S W_1 where that needs fewer multiply-adds (the planner's choice between the
     reverse carry and its Gram epilogue): m n_1^2 instead of m n_1 n_0 per sample (not across a
-    skip past the first layer: with residual skips every Gram is formed from its J). masks and
+    skip: with residual skips every Gram is formed from its J). masks and
     residual as in mlp_jacobian."""
     warn_if_tf32(x.device, x.dtype)
     codes, params = normalize_activations(activations, act_params, len(weights))

@@ -53,8 +53,8 @@ class Plan:
         if self.residual is not None:
             skips = ", ".join(f"({i}, {j})" for i, j in enumerate(self.residual) if j >= 0)
             lines.append(f"  residual skips (i, j), layer i's output adds layer j's input: {skips}; the reverse carry "
-                         "dy/dh_j adds the one above each block, and forward mode and the Gram forms (which factor J "
-                         "through single layers) do not apply across a skip")
+                         "dy/dh_j adds the one above each block, the forward carry T the one that entered it; the Gram "
+                         "forms (which factor J through single layers) do not apply across a skip")
         budget = f"memory budget {self.max_memory / 2**20:.0f} MB"
         if self.chunk < self.batch:
             lines.append(f"  {budget}: {math.ceil(self.batch / self.chunk)} chunks of <= {self.chunk} samples, "
@@ -96,7 +96,7 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     output_linear = spec.activations[-1] == IDENTITY and not (lowered.dropout and lowered.dropout[-1])
     choice = resolve_strategy(method, widths, batch=batch, output_linear=output_linear, skips=skips)
     strategies = [st for st in (REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, GRAM1)
-                  if applicable(st, widths, output_linear=output_linear) and (st == REVERSE or not skips)]
+                  if applicable(st, widths, output_linear=output_linear) and (st in (REVERSE, FORWARD) or not skips)]
     split = None if skips else best_split(widths, batch)
     candidates = {strategy: (penalty_macs(widths, batch, strategy), predicted_cost(widths, batch, strategy),
                              footprint(widths, batch, strategy, op_element_size(x)))

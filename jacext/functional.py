@@ -73,8 +73,8 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     A Dropout in train() after a Linear or its activation runs on the engine: its mask is drawn as
     the module draws it (y equals model(x) under the same seed) and J is the masked network's,
     every method above included. A residual block h + g(h) runs on the engine too (with Dropout
-    as well), carried in reverse: "auto", "reverse", "hutchinson" and "hutch++" ("forward" and
-    "gram" do not apply across a skip and raise a ValueError)."""
+    as well), by every method but "gram" (which factors J through single layers and raises a
+    ValueError for such a model)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     check_estimator_options(method, ESTIMATORS, n_proj, generator, distribution, orthogonal, return_variance)

@@ -303,17 +303,20 @@ def _choose_strategy(method: str, widths: Sequence[int], layer: int = 0, frobeni
     (predicted_cost: multiply-adds plus the carries' elementwise traffic); "auto" takes whichever
     exact strategy, split included, costs least (reverse on a tie).
 
-    With residual skips (`skips`) only the reverse carry applies (csrc/mlp_jacobian.h): forward
-    mode's saved carries and the Gram forms (epilogues, one-hidden-layer, split) factor J through
-    single layers, which a skip bypasses."""
+    With residual skips (`skips`) only the plain reverse and forward carries apply (csrc/mlp_jacobian.h):
+    the Gram forms (epilogues, one-hidden-layer, split) factor J through single layers, which a skip
+    bypasses."""
     if method not in ("auto", "reverse", "forward", "gram", "hutchinson"):
         raise ValueError(f"unknown method {method!r} for the op; expected 'auto', 'reverse', 'forward', "
                          f"'gram' or 'hutchinson'")
     if skips:
-        if method in ("forward", "gram"):
-            raise ValueError(f"method={method!r} does not apply across a residual skip: the Jacobian ops carry a "
-                             "model with skips in reverse (method 'auto', 'reverse' or 'hutchinson')")
-        return REVERSE
+        if method == "gram":
+            raise ValueError("method='gram' does not apply across a residual skip: the Jacobian ops carry a model "
+                             "with skips in reverse or forward (method 'auto', 'reverse', 'forward' or 'hutchinson')")
+        if method == "auto":
+            return _cheapest([REVERSE, FORWARD], lambda strategy: predicted_cost(widths, batch, strategy, layer,
+                                                                             projections, frobenius))
+        return FORWARD if method == "forward" else REVERSE
     def able(strategy):
         return applicable(strategy, widths, layer, frobenius, projections, output_linear)
 

@@ -197,21 +197,23 @@ def test_dropout_masks(activation, dtype):
 @pytest.mark.parametrize("residual", [[0, 1, 1, 0], [-1, 1, 2, -1], [-1, -1, 0, 2]],
                          ids=["input-and-output", "hidden", "two-layer-blocks"])
 def test_jacobian_residual(residual, activation, dtype):
-    """Residual skips in the Jacobian ops (reverse): the penalty, with projections and masks, and the
-    Jacobians with their carries' gradients (which the skips pass back)."""
+    """Residual skips in the Jacobian ops (reverse and forward): the penalty, with projections and masks,
+    and the Jacobians with the reverse carries' gradients (which the skips pass back)."""
     widths = [4, 4, 4, 4, 4]
     net = mlp(widths, activation, dtype)
     x = inputs(11, 4, dtype)
-    check_frobenius(x, net, 0, residual=residual)
+    for strategy in (0, 1):
+        check_frobenius(x, net, strategy, residual=residual)
+        check_frobenius(x, net, strategy, masks=dropout_masks(11, widths, dtype, (0, 3)), residual=residual)
     g = torch.Generator().manual_seed(5)
     projections = torch.randn(11, 3, 4, generator=g, dtype=torch.float64).to(dtype)
     check_frobenius(x, net, 0, projections, masks=dropout_masks(11, widths, dtype, (1, 2)), residual=residual)
-    for layer in (0, 2):
-        (y, jac, saved), cpu = both("mlp_jacobian", x, *net, layer, 0, residual=residual)
-        assert_same((y, jac, saved), cpu, f"residual jacobian layer {layer}")
+    for layer, strategy in ((0, 0), (2, 0), (0, 1), (1, 1)):
+        (y, jac, saved), cpu = both("mlp_jacobian", x, *net, layer, strategy, residual=residual)
+        assert_same((y, jac, saved), cpu, f"residual jacobian layer {layer} strategy {strategy}")
         grad_y, grad_jac = grads_like([y, jac])
-        carries = grads_like(saved[3 * len(widths) - 4:], seed=3)
-        args = (grad_y, None, grad_jac, x, *net, layer, 0, saved, carries)
+        carries = grads_like(saved[3 * len(widths) - 4:], seed=3) if strategy == 0 else []
+        args = (grad_y, None, grad_jac, x, *net, layer, strategy, saved, carries)
         assert_same(*both("mlp_jacobian_backward", *args, residual=residual), "residual jacobian backward")
 
 

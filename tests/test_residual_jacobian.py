@@ -1,6 +1,6 @@
 """Residual skips h + g(h) in the fused Jacobian family (csrc/mlp_jacobian.h: the reverse carry dy/dh_j
 gains dy/dh_{i+1} for a skip from h_j into layer i's output; the MLP's value path adds the skip, its
-backward passes the block's outgoing adjoint to its input): the penalty (exact, Hutchinson with fixed
+backward passes the block's outgoing adjoint to its input; the forward carry T^(i+1) adds T^(j)): the penalty (exact, Hutchinson with fixed
 projections, Hutch++ where it is exact), the Jacobians at one and several layers, the Gram and the
 chosen columns, in float64 against torch.func on the users' residual modules of test_residual.py and on
 the network written as a plain function; the ops' gradcheck and gradgradcheck, tiles, Dropout in train()
@@ -18,7 +18,7 @@ from jacext import ops
 from jacext._library import normalize_activations
 from jacext.frontend import lower
 from jacext.functional import JACOBIAN_FAMILY
-from jacext.layouts import REVERSE, first_carry_index
+from jacext.layouts import FORWARD, REVERSE, first_carry_index
 from test_residual import MODELS, NETS, Block, TwoLayerBlock, assert_all_close, model_and_x, per_sample, random_net
 
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -71,7 +71,7 @@ def node_jacobian(spec, x, layer, masks=None):
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("method", ["auto", "reverse"])
+@pytest.mark.parametrize("method", ["auto", "reverse", "forward"])
 def test_penalty_values_and_gradients(name, method):
     model, x = model_and_x(name)
     x.requires_grad_()
@@ -133,8 +133,12 @@ def test_jacobians_at_several_layers(name):
         torch.testing.assert_close(g, w, **TOL)
     inputs = [x, *params_of(model)]
     assert_all_close(grads(got, inputs), grads(wants, inputs))
-    single = on_engine(lambda: jacext.jacobian(model, x, layer=layers[-1]))
-    torch.testing.assert_close(single, wants[-1], **TOL)
+    for layer in layers:
+        for method in ("reverse", "forward"):
+            single = on_engine(lambda: jacext.jacobian(model, x, layer=layer, method=method))
+            torch.testing.assert_close(single, wants[layer], **TOL)
+    forward = on_engine(lambda: jacext.jacobian(model, x, method="forward"))
+    assert_all_close(grads([forward], inputs), grads([want], inputs))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -156,16 +160,13 @@ def test_gram_and_chosen_columns(name):
 
 def test_methods_that_do_not_apply_across_a_skip_raise():
     model, x = model_and_x("square-mixed")
-    for call in (lambda: jacext.jacobian_frobenius(model, x, method="forward"),
-                 lambda: jacext.jacobian_frobenius(model, x, method="gram"),
-                 lambda: jacext.jacobian(model, x, method="forward")):
-        with pytest.raises(ValueError, match="residual skip"):
-            call()
+    with pytest.raises(ValueError, match="residual skip"):
+        jacext.jacobian_frobenius(model, x, method="gram")
     spec = lower(model, x, supports=JACOBIAN_FAMILY).spec
     codes, params = normalize_activations(spec.activations, spec.act_params, len(spec.weights))
     biases = [x.new_empty(0) if b is None else b for b in spec.biases]
-    for strategy in (1, 2, 4):
-        with pytest.raises(RuntimeError, match="reverse"):
+    for strategy in (2, 4):
+        with pytest.raises(RuntimeError, match="strategy 0 or 1"):
             torch.ops.jacext.mlp_jacobian_frobenius(x, spec.weights, biases, codes, params, strategy,
                                                     residual=spec.residual)
     with pytest.raises(RuntimeError, match="the widths must match"):
@@ -179,6 +180,9 @@ def test_ops_gradcheck_and_gradgradcheck(widths, codes, residual):
     L = len(weights)
     v = torch.randn(4, 2, widths[-1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     calls = [lambda x, *p: ops.mlp_jacobian_frobenius(x, p[:L], p[L:], codes, residual=residual),
+             lambda x, *p: ops.mlp_jacobian_frobenius(x, p[:L], p[L:], codes, method="forward", residual=residual),
+             lambda x, *p: ops.mlp_jacobian(x, p[:L], p[L:], codes, method="forward", residual=residual),
+             lambda x, *p: ops.mlp_jacobian(x, p[:L], p[L:], codes, layer=1, method="forward", residual=residual),
              lambda x, *p: ops.mlp_jacobian_frobenius(x, p[:L], p[L:], codes, method="hutchinson", projections=v,
                                                       residual=residual),
              lambda x, *p: ops.mlp_jacobian(x, p[:L], p[L:], codes, residual=residual),
@@ -203,8 +207,12 @@ def test_ops_against_the_plain_function(widths, codes, residual):
         y_ref, want = node_jacobian(spec, x, l)
         torch.testing.assert_close(y, y_ref, **TOL)
         torch.testing.assert_close(jac, want, **TOL)
-    _, sq = ops.mlp_jacobian_frobenius(x, weights, biases, codes, residual=residual)
-    torch.testing.assert_close(sq, jacs[0].square().sum((1, 2)), **TOL)
+    for method in ("reverse", "forward"):
+        _, sq = ops.mlp_jacobian_frobenius(x, weights, biases, codes, method=method, residual=residual)
+        torch.testing.assert_close(sq, jacs[0].square().sum((1, 2)), **TOL)
+        for l, want in zip(layers, jacs):
+            torch.testing.assert_close(ops.mlp_jacobian(x, weights, biases, codes, layer=l, method=method,
+                                                        residual=residual)[1], want, **TOL)
 
 
 @pytest.mark.parametrize("widths, codes, residual", NETS, ids=[str(r) for *_, r in NETS])
@@ -212,17 +220,20 @@ def test_tiles_give_the_same_values(widths, codes, residual):
     _, weights, biases, codes = random_net(widths, codes)
     x = torch.randn(11, widths[0], dtype=torch.float64)
     codes, params = normalize_activations(codes, None, len(codes))
-    for op, args in (("mlp_jacobian_frobenius", (x, weights, biases, codes, params, REVERSE)),
-                     ("mlp_jacobian", (x, weights, biases, codes, params, 0, REVERSE))):
+    cases = [(op, strategy) for op in ("mlp_jacobian_frobenius", "mlp_jacobian") for strategy in (REVERSE, FORWARD)]
+    for op, strategy in cases:
+        args = (x, weights, biases, codes, params, strategy) if op == "mlp_jacobian_frobenius" else \
+            (x, weights, biases, codes, params, 0, strategy)
         whole = getattr(torch.ops.jacext, op)(*args, residual=residual)
         tiled = getattr(torch.ops.jacext, op)(*args, residual=residual, tile=3)
         for a, b in zip(whole[:2], tiled[:2]):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
         grad_y, grad_out = [torch.randn_like(t) for t in whole[:2]]
         frob = op == "mlp_jacobian_frobenius"
-        carries = [] if frob else [torch.randn_like(c) for c in whole[2][first_carry_index(len(weights)):]]
+        carries = [] if frob or strategy == FORWARD else \
+            [torch.randn_like(c) for c in whole[2][first_carry_index(len(weights)):]]
         back = [torch.ops.jacext.mlp_jacobian_backward(grad_y, grad_out if frob else None, None if frob else grad_out,
-                                                       x, weights, biases, codes, params, 0, REVERSE, saved[2],
+                                                       x, weights, biases, codes, params, 0, strategy, saved[2],
                                                        carries, tile=tile, residual=residual)
                 for saved, tile in ((whole, 0), (tiled, 3))]
         for a, b in zip([back[0][0]] + back[0][1] + back[0][2], [back[1][0]] + back[1][1] + back[1][2]):
@@ -283,10 +294,10 @@ def test_dropout_with_residual_skips():
     assert torch.autograd.gradgradcheck(call, (x0, *params))
 
 
-def test_explain_says_only_reverse_applies():
+def test_explain_says_only_reverse_and_forward_apply():
     model, x = model_and_x("pinn-depth3", batch=64)
     plan = jacext.explain(model, x)
-    assert plan.choice == REVERSE and list(plan.candidates) == [REVERSE]
+    assert plan.choice in (REVERSE, FORWARD) and sorted(plan.candidates) == [REVERSE, FORWARD]
     text = repr(plan)
     assert "residual skips (i, j), layer i's output adds layer j's input: (1, 1), (2, 2), (3, 3)" in text
     assert "do not apply across a skip" in text
