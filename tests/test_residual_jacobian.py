@@ -294,6 +294,28 @@ def test_dropout_with_residual_skips():
     assert torch.autograd.gradgradcheck(call, (x0, *params))
 
 
+def test_compile_and_vmap_take_the_skip():
+    """The fakes with the skip (torch.compile, fullgraph, with the backward traced); vmap over the
+    samples folds into the op's batch with the keyword passed through."""
+    model, x = model_and_x("output-block", batch=6)
+    spec = lower(model, x, supports=JACOBIAN_FAMILY).spec
+    args = (spec.weights, spec.biases, spec.activations, spec.act_params)
+    x.requires_grad_()
+
+    def penalty(x):
+        y, sq = ops.mlp_jacobian_frobenius(x, *args, residual=spec.residual)
+        return y, sq, torch.autograd.grad(sq.sum(), x, create_graph=True)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(penalty, backend="aot_eager")
+    for got, eager in zip(compiled(x), penalty(x)):
+        torch.testing.assert_close(got, eager, **TOL)
+    with torch.no_grad():
+        want = ops.mlp_jacobian(x, *args, residual=spec.residual)[1]
+        mapped = vmap(lambda s: ops.mlp_jacobian(s.unsqueeze(0), *args, residual=spec.residual)[1])(x)
+    torch.testing.assert_close(mapped.squeeze(1), want, **TOL)
+
+
 def test_explain_says_only_reverse_and_forward_apply():
     model, x = model_and_x("pinn-depth3", batch=64)
     plan = jacext.explain(model, x)
