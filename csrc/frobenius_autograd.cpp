@@ -20,11 +20,12 @@ using torch::autograd::variable_list;
 
 using FrobeniusSignature = std::tuple<Tensor, Tensor, std::vector<Tensor>>(
     const Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, at::ArrayRef<double>, int64_t,
-    const std::optional<Tensor>&, const std::optional<at::TensorList>&, int64_t);
+    const std::optional<Tensor>&, const std::optional<at::TensorList>&, int64_t, at::OptionalIntArrayRef);
 using BackwardSignature = std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>>(
     const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
     at::TensorList, at::TensorList, at::IntArrayRef, at::ArrayRef<double>, int64_t, int64_t, at::TensorList,
-    at::TensorList, const std::optional<Tensor>&, const std::optional<at::TensorList>&, int64_t, bool);
+    at::TensorList, const std::optional<Tensor>&, const std::optional<at::TensorList>&, int64_t, bool,
+    at::OptionalIntArrayRef);
 
 const c10::TypedOperatorHandle<FrobeniusSignature>& frobenius_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -53,19 +54,20 @@ std::optional<at::TensorList> optional_list(at::TensorList list) {
 // Inputs, in this order (the backward returns one gradient per input, each tensor of a list
 // counting as one): x, the weights, the biases (an empty tensor for a layer without bias), the
 // projections (random draws, held constant), the masks (constants: one per layer or none), then
-// the plan.
+// the plan (with the residual skips).
 struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, at::TensorList weights,
                                at::TensorList biases, const std::optional<Tensor>& projections,
                                at::TensorList masks, at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
-                               int64_t tile) {
+                               int64_t tile, at::OptionalIntArrayRef residual) {
     for (const Tensor& m : masks) {
       TORCH_CHECK(!m.requires_grad(), "jacext: masks are constants (dropout masks) and take no gradient; "
                   "pass them detached");
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, sq, saved] =
-        frobenius_op().call(x, weights, biases, activations, act_params, strategy, projections, optional_list(masks), tile);
+        frobenius_op().call(x, weights, biases, activations, act_params, strategy, projections, optional_list(masks),
+                            tile, residual);
     // An unused output's gradient stays undefined: the backward op takes none for grad_y or
     // grad_sq, where zeros would cost a pass over them.
     ctx->set_materialize_grads(false);
@@ -73,6 +75,7 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     ctx->saved_data["act_params"] = act_params.vec();
     ctx->saved_data["strategy"] = strategy;
     ctx->saved_data["tile"] = tile;  // the backward runs the same tiles
+    ctx->saved_data["residual"] = residual.has_value() ? c10::IValue(residual->vec()) : c10::IValue();
     ctx->saved_data["projections"] = projections.has_value() && projections->defined();
     ctx->saved_data["masks"] = static_cast<int64_t>(masks.size());
     variable_list to_save{x};
@@ -105,6 +108,9 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     // Without create_graph (grad mode off in a backward) and outside torch.func, straight to the
     // device kernel: the backward op's autograd (a Python kernel, with its overhead) would only
     // pass the call on. With create_graph, that autograd records the double backward.
+    const c10::IValue& skips = ctx->saved_data["residual"];
+    const std::optional<std::vector<int64_t>> residual =
+        skips.isNone() ? std::nullopt : std::optional<std::vector<int64_t>>(skips.toIntVector());
     std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
     // (functorch includes its front-mode key while any transform is on.)
     const bool transforms = c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
@@ -112,14 +118,15 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     auto [grad_x, grad_w, grad_b] = backward_op().call(
         optional(grads[0]), optional(grads[1]), std::nullopt, x, weights, biases, activations, act_params,
         /*layer=*/0, ctx->saved_data["strategy"].toInt(), saved, /*grad_carries=*/{}, optional(projections),
-        optional_list(masks), ctx->saved_data["tile"].toInt(), /*input_grad=*/ctx->needs_input_grad(0));
+        optional_list(masks), ctx->saved_data["tile"].toInt(), /*input_grad=*/ctx->needs_input_grad(0),
+        residual.has_value() ? at::OptionalIntArrayRef(*residual) : at::OptionalIntArrayRef());
     variable_list result{defined_or_none(grad_x)};
     result.insert(result.end(), grad_w.begin(), grad_w.end());
     for (const auto i : c10::irange(L)) {  // none for a layer without bias (an empty tensor; sizes may be symbolic)
       const bool present = biases[i].sym_numel() != 0;
       result.push_back(present ? grad_b[i] : Tensor());
     }
-    result.resize(result.size() + 1 + n_masks + 4);  // projections, masks and the plan: no gradient
+    result.resize(result.size() + 1 + n_masks + 5);  // projections, masks and the plan: no gradient
     return result;
   }
 };
@@ -127,10 +134,10 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
 std::tuple<Tensor, Tensor, std::vector<Tensor>> frobenius_autograd(
     const Tensor& x, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
     at::ArrayRef<double> act_params, int64_t strategy, const std::optional<Tensor>& projections,
-    const std::optional<at::TensorList>& masks, int64_t tile) {
+    const std::optional<at::TensorList>& masks, int64_t tile, at::OptionalIntArrayRef residual) {
   // the masks as a list of inputs (none: empty), each of which the backward answers with no gradient
   auto outputs = FrobeniusFunction::apply(x, weights, biases, projections, masks.value_or(at::TensorList()),
-                                          activations, act_params, strategy, tile);
+                                          activations, act_params, strategy, tile, residual);
   return {outputs[0], outputs[1], std::vector<Tensor>(outputs.begin() + 2, outputs.end())};
 }
 

@@ -118,4 +118,28 @@ inline void check_tile(int64_t tile) {
   TORCH_CHECK(tile >= 0, "jacext: tile must be >= 0 samples (0: the whole batch at once), got ", tile);
 }
 
+// The residual skips checked against the net: one entry per layer, -1 or a j <= i whose input h_j
+// (the forward carries' C_j) is as wide as layer i's output; empty for none (also when every entry
+// is -1). Both op families take them (mlp_laplacian.h, mlp_jacobian.h).
+inline std::vector<int64_t> checked_residual(at::OptionalIntArrayRef residual, at::TensorList weights) {
+  if (!residual.has_value()) return {};
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(residual->size()) == L, "jacext: residual must have one entry per layer (",
+              L, "; -1 for a layer without a skip), got ", residual->size());
+  std::vector<int64_t> skips(residual->begin(), residual->end());
+  bool any = false;
+  for (const auto i : c10::irange(L)) {
+    const int64_t j = skips[i];
+    TORCH_CHECK(j >= -1 && j <= i, "jacext: residual[", i, "] must be -1 (no skip) or the index j <= ", i,
+                " of the layer whose input is added to layer ", i, "'s output, got ", j);
+    if (j < 0) continue;
+    any = true;
+    const int64_t width_in = weights[j].size(1), width_out = weights[i].size(0);
+    TORCH_CHECK(width_in == width_out, "jacext: residual[", i, "] = ", j, " adds the input of layer ", j,
+                " (width ", width_in, ") to the output of layer ", i, " (width ", width_out,
+                "): the widths must match");
+  }
+  return any ? skips : std::vector<int64_t>{};
+}
+
 }  // namespace jacext

@@ -31,6 +31,19 @@
 // scaled d and act'' and stays exact, D being per sample already. An identity layer with a mask
 // has d = m. The mask is held constant (no gradient).
 //
+// Residual skips (h + g(h)): `residual` names, per layer i, -1 or a j <= i of the same width, and
+// h_{i+1} = m_i * act(y_{i+1}) + h_j. mlp_forward adds h_j after the activation (and the mask); the
+// MLP backward passes the adjoint of h_{i+1} on to h_j as well (pending until the sweep reaches
+// h_j). The reverse carry R^(i) = dy/dh_i gains, for every skip (k, i), the carry R^(k+1) above it
+// (R^(L) = I, or V with projections): R^(i) = (R^(i+1) D_{i+1}) W_{i+1} + sum_{k: skip(k) = i} R^(k+1),
+// added before R^(i) is saved, so the saved carries are the Jacobians dy/dh_i of the network with
+// its skips; its adjoint sweep passes the adjoint of R^(i) on to each such R^(k+1). Forward mode
+// mirrors it: T^(i+1) = U^(i+1) D_{i+1} + T^(j) (T^(layer) = I), so the saved U^(i) no longer give
+// T^(i) by a diagonal scaling alone: the T's are kept through the tile's sweep (forward_ts) and
+// rebuilt from the U's in the backward, whose sweep passes the adjoint of T^(i+1) on to T^(j). The
+// Gram forms (2-4, the split) factor J through W_1, W_L or one hidden layer, which a skip bypasses:
+// only strategies 0 and 1 take skips (checked_skips).
+//
 // Dead work is skipped: identity layers have no d (saved as an empty tensor), piecewise-linear
 // ones (identity, relu, leaky_relu) no act'' and so no adjoint of d; the MLP backward stops where
 // nothing flows; grad_x only when asked for; no bias gradient for a layer without bias.
@@ -128,6 +141,7 @@ struct BackwardTile {
   std::vector<Tensor> adj_d;
   Tensor projections, grad_y, grad_sq, grad_jac, grad_x;
   std::vector<Tensor> grad_carries;  // undefined for none
+  std::vector<Tensor> ts;  // forward mode with skips: T^(layer+1), ..., T^(L) (MLPJacobian::forward_ts)
 };
 
 template <class Kernels>
@@ -140,6 +154,7 @@ struct MLPJacobian {
   int64_t strategy;
   Tensor projections = Tensor();  // (B, k, m) random rows v: carry v^T J instead of J (estimator)
   std::vector<Tensor> masks = {};  // one per layer (undefined: none) or empty: see the top
+  std::vector<int64_t> residual = {};  // per layer: the skip's j, or -1; empty without skips
 
   int64_t depth() const { return static_cast<int64_t>(weights.size()); }
   int64_t width(int64_t i) const { return i == 0 ? weights[0].size(1) : weights[i - 1].size(0); }
@@ -147,6 +162,7 @@ struct MLPJacobian {
     static const Tensor none;
     return masks.empty() ? none : masks[i];
   }
+  int64_t skip(int64_t i) const { return residual.empty() ? -1 : residual[i]; }
   bool has_d(int64_t i) const { return has_derivative(activations[i]) || mask(i).defined(); }
   bool has_d2(int64_t i) const { return has_curvature(activations[i]); }
   bool forward_mode() const { return strategy == kForward || strategy == kForwardGram; }
@@ -245,11 +261,13 @@ struct MLPJacobian {
         }
         if (d2s[i].defined()) d2s[i].mul_(m);
       }
+      if (const int64_t j = skip(i); j >= 0) h.add_(hs[j]);
     }
   }
 
   // One tile's reverse carries into cs: R^(L-1) = d[L-1] (rows) * W[L-1], or (V * d[L-1]) W[L-1]
   // with projections v; then R^(i) = (R^(i+1) * d[i]) W[i] down to R^(last_carried).
+  // With skips, R^(i) += R^(k+1) for every skip (k, i) (see the top).
   void reverse_carries(const std::vector<Tensor>& ds, const std::vector<Tensor>& cs, const Tensor& v,
                        const Tensor& w_last) const {
     const int64_t L = depth();
@@ -258,8 +276,27 @@ struct MLPJacobian {
     } else {
       Kernels::scale(w_last.unsqueeze(0), Tensor(), ds[L - 1], Tensor(), 1.0, cs[0]);
     }
+    add_skipped_carries(L - 1, cs, v);
     for (int64_t i = L - 2, j = 1; i >= last_carried(); --i, ++j) {
       Kernels::mm(flat(cs[j]), flat(scaled_columns(cs[j - 1], ds[i])), weights[i]);
+      add_skipped_carries(i, cs, v);
+    }
+  }
+
+  // R^(i) (cs[L-1-i]) += R^(k+1) for each skip (k, i): cs[L-2-k], or for k = L-1 the top's
+  // R^(L) = dy/dy = I (V with projections).
+  void add_skipped_carries(int64_t i, const std::vector<Tensor>& cs, const Tensor& v) const {
+    const int64_t L = depth();
+    const Tensor& r = cs[L - 1 - i];
+    for (int64_t k = i; k < L; ++k) {
+      if (skip(k) != i) continue;
+      if (k + 1 < L) {
+        r.add_(cs[L - 2 - k]);
+      } else if (v.defined()) {
+        r.add_(v);
+      } else {
+        r.diagonal(0, 1, 2).add_(1);
+      }
     }
   }
 
@@ -271,11 +308,35 @@ struct MLPJacobian {
   // One tile's forward carries into cs: U^(i+1) = T^(i) W[i]^T up to U^(last_forward).
   void forward_carries(const Tensor& wt, const std::vector<Tensor>& ds, const std::vector<Tensor>& cs,
                        int64_t n) const {
-    Tensor t = first_forward_carry(wt, ds, n);
+    std::vector<Tensor> ts;  // T^(layer+1), ..., kept for the skips only
+    Tensor t = with_skip(layer, first_forward_carry(wt, ds, n), ts);
     for (int64_t i = layer + 1, j = 0; i < last_forward(); ++i, ++j) {
+      if (!residual.empty()) ts.push_back(t);
       Kernels::mm(flat(cs[j]), flat(t), weights[i].t());
-      if (i + 1 < last_forward()) t = scaled_columns(cs[j], ds[i]);
+      if (i + 1 < last_forward()) t = with_skip(i, scaled_columns(cs[j], ds[i]), ts);
     }
+  }
+
+  // Forward mode with skips: t (T^(k+1) before the skip) plus T^(j) for a skip (k, j) with j >= layer:
+  // ts[j - layer - 1], or I for j = layer (h_j below `layer` does not depend on h_layer). Out of
+  // place: t may be a saved carry.
+  Tensor with_skip(int64_t k, const Tensor& t, const std::vector<Tensor>& ts) const {
+    const int64_t j = skip(k);
+    if (j < layer) return t;
+    if (j == layer) return t + at::eye(width(layer), t.options());
+    return t + ts[j - layer - 1];
+  }
+
+  // Forward mode with skips: T^(layer+1), ..., T^(L) of a tile rebuilt from its saved U's
+  // (T^(i) = U^(i) * d[i-1] plus the skip's T^(j); T^(layer+1) = W[layer]^T * d[layer]).
+  std::vector<Tensor> forward_ts(const Tensor& wt, const std::vector<Tensor>& ds, const std::vector<Tensor>& cs,
+                                 int64_t n) const {
+    std::vector<Tensor> ts;
+    for (int64_t i = layer + 1; i <= depth(); ++i) {
+      Tensor t = i == layer + 1 ? first_forward_carry(wt, ds, n) : scaled_columns(cs[i - layer - 2], ds[i - 1]);
+      ts.push_back(with_skip(i - 1, t, ts));
+    }
+    return ts;
   }
 
   // Forward mode: U^(L), the last carry before its scaling by d[L-1]. With a single layer after
@@ -339,6 +400,8 @@ struct MLPJacobian {
       Tensor s = gram_input(wt, ds, cs, n);
       Kernels::mm(flat(cs.back()), flat(s), gram);
       Kernels::pair_sum(cs.back(), s, sq);
+    } else if (forward_mode() && !residual.empty()) {
+      Kernels::square_sum(forward_ts(wt, ds, cs, n).back(), Tensor(), sq);
     } else if (forward_mode()) {  // the last diagonal scaling happens inside the reduction
       Kernels::square_sum(last_unscaled(cs, wt), ds[L - 1], sq);
     } else {
@@ -391,7 +454,10 @@ struct MLPJacobian {
       // The adjoint of the final carry: J (reverse) or J^T = U^(L) D_L (forward; U^(L) is W^T, the
       // same for every sample, where no GEMM formed it).
       SweepAdjoint adj;
-      if (g.defined()) {
+      if (forward_mode() && !residual.empty()) t.ts = forward_ts(wt, t.ds, t.cs, n);
+      if (g.defined() && !t.ts.empty()) {  // J^T = T^(L), the skips in it
+        adj = loss_adjoint(t.ts.back(), Tensor());
+      } else if (g.defined()) {
         const Tensor last = forward_mode() ? last_unscaled(t.cs, wt) : t.cs.back();
         adj = last.size(0) != n ? SweepAdjoint{scaled(last, t.ds[L - 1], Tensor(), g, 2.0, n)}
                                 : loss_adjoint(last, forward_mode() ? t.ds[L - 1] : Tensor());
@@ -458,19 +524,30 @@ struct MLPJacobian {
     };
     Tensor adj;  // written out, the sweep's own
     if (!forward_mode()) {
-      // cs[j] = R^(L-1-j); R^(i) = S^(i+1) W[i] with S^(i+1) = R^(i+1) * d[i].
+      // cs[j] = R^(L-1-j); R^(i) = S^(i+1) W[i] with S^(i+1) = R^(i+1) * d[i] (+ the skipped
+      // carries R^(k+1), whose adjoints gain R^(i)'s: pending[k+1] until the sweep reaches them).
+      std::vector<Tensor> pending(residual.empty() ? 0 : L);
       for (int64_t i = layer; i <= L - 2; ++i) {
         const Tensor& r_next = cs[L - 2 - i];
         if (strategy == kReverseGram && i == layer) {  // the sweep starts with the adjoint of S^(layer+1)
           adj = through_diagonal(start, r_next, ds[i], new_adj_d(i));
         } else {
           if (i == layer) adj = written(start);
+          for (int64_t k = i; k + 1 < L && !pending.empty(); ++k) {
+            if (skip(k) != i) continue;
+            if (pending[k + 1].defined()) {
+              pending[k + 1].add_(adj);
+            } else {
+              pending[k + 1] = adj.clone();
+            }
+          }
           add_mm(sums.w[i], flat(scaled_columns(r_next, ds[i])).t(), flat(adj));
           Tensor adj_s = empty({n, adj.size(1), width(i + 1)}, options);
           Kernels::mm(flat(adj_s), flat(adj), weights[i].t());
           adj = through_diagonal({adj_s}, r_next, ds[i], new_adj_d(i));  // R^(i+1)'s adjoint
         }
         if (!t.grad_carries.empty() && t.grad_carries[L - 2 - i].defined()) adj.add_(t.grad_carries[L - 2 - i]);
+        if (!pending.empty() && pending[i + 1].defined()) adj.add_(pending[i + 1]);
       }
       if (!adj.defined()) adj = written(start);  // no layer below L-1
       if (t.projections.defined()) {  // R^(L-1) = (V * d[L-1]) W[L-1]
@@ -488,14 +565,23 @@ struct MLPJacobian {
       }
     } else {
       // cs[j] = U^(layer+2+j); T^(i) = U^(i) * d[i-1], U^(i+1) = T^(i) W[i]^T; start: T^(last_forward)'s.
+      // A skip T^(i) += T^(j) (j > layer; T^(layer) = I is constant) passes T^(i)'s adjoint on to
+      // T^(j): pending[j] until the sweep reaches it.
+      std::vector<Tensor> pending(residual.empty() ? 0 : L + 1);
       SweepAdjoint next = start;
       for (int64_t i = last_forward(); i >= layer + 2; --i) {
+        if (const int64_t j = skip(i - 1); j > layer) {
+          next = {written(next)};
+          pending[j] = pending[j].defined() ? pending[j].add_(next.x) : next.x.clone();
+        }
         adj = through_diagonal(next, cs[i - layer - 2], ds[i - 1], new_adj_d(i - 1));  // U^(i)'s adjoint
-        Tensor t_prev = i - 1 == layer + 1 ? first_forward_carry(wt, ds, n)
-                                           : scaled_columns(cs[i - layer - 3], ds[i - 2]);
+        Tensor t_prev = !t.ts.empty()          ? t.ts[i - layer - 2]
+                        : i - 1 == layer + 1 ? first_forward_carry(wt, ds, n)
+                                             : scaled_columns(cs[i - layer - 3], ds[i - 2]);
         add_mm(sums.w[i - 1], flat(adj).t(), flat(t_prev));
         Tensor adj_t = empty({n, adj.size(1), width(i - 1)}, options);
         Kernels::mm(flat(adj_t), flat(adj), weights[i - 1]);
+        if (!pending.empty() && pending[i - 1].defined()) adj_t.add_(pending[i - 1]);
         next = {adj_t};
       }
       adj = written(next);
@@ -514,7 +600,16 @@ struct MLPJacobian {
     const auto options = t.hs[0].options();
     Tensor grad_h = t.grad_y;
     bool wrote_grad_x = false;
+    // A skip h_{i+1} += h_j passes the adjoint of h_{i+1} to h_j too: pending[j] until the sweep
+    // reaches h_j (out of place: grad_h may be the caller's grad_y).
+    std::vector<Tensor> pending(residual.empty() ? 0 : depth() + 1);
     for (int64_t i = depth() - 1; i >= 0; --i) {
+      if (!pending.empty() && pending[i + 1].defined()) {
+        grad_h = grad_h.defined() ? grad_h + pending[i + 1] : pending[i + 1];
+      }
+      if (const int64_t j = skip(i); j >= 0 && grad_h.defined()) {
+        pending[j] = pending[j].defined() ? pending[j] + grad_h : grad_h;
+      }
       if (!grad_h.defined() && !adj_d[i].defined()) continue;  // zero: nothing reaches the layers below
       Tensor g = empty({n, width(i + 1)}, options);
       Tensor grad_b = bias_at(biases, i) ? zeroed(sums.b[i], {width(i + 1)}, options) : Tensor();
@@ -529,6 +624,7 @@ struct MLPJacobian {
       }
     }
     if (t.grad_x.defined() && !wrote_grad_x) t.grad_x.zero_();
+    if (t.grad_x.defined() && !pending.empty() && pending[0].defined()) t.grad_x.add_(pending[0]);
   }
 };
 
@@ -577,6 +673,16 @@ inline std::vector<Tensor> checked_masks(at::TensorList masks, const Tensor& x, 
   return out;
 }
 
+// The residual skips (checked_residual); only strategies 0 and 1 take them (see the top).
+inline std::vector<int64_t> checked_skips(at::OptionalIntArrayRef residual, at::TensorList weights,
+                                          int64_t strategy) {
+  std::vector<int64_t> skips = checked_residual(residual, weights);
+  TORCH_CHECK(skips.empty() || strategy == kReverse || strategy == kForward, "jacext: with residual skips the "
+              "Jacobian ops carry in reverse or forward (strategy 0 or 1): the Gram forms (2-4) do not apply "
+              "across a skip, got strategy ", strategy);
+  return skips;
+}
+
 // h_0 = x, h_1..h_{L-1}, h_L = y: the MLP's layers, for mlp_forward / mlp_backward.
 inline std::vector<Tensor> whole_batch_hs(const Tensor& x, const std::vector<Tensor>& hidden, const Tensor& y) {
   std::vector<Tensor> hs = {x};
@@ -591,12 +697,14 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
-    const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks, int64_t tile) {
+    const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks, int64_t tile,
+    at::OptionalIntArrayRef residual) {
   check_mlp(x, weights, biases, activations, act_params, 0, strategy);
   check_tile(tile);
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, strategy,
                            checked_projections(projections, x, weights, strategy),
-                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy)};
+                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy),
+                           checked_skips(residual, weights, strategy)};
   const int64_t B = x.size(0), L = net.depth();
   const auto options = x.options();
   Tensor y = net.empty({B, net.width(L)}, options);
@@ -635,14 +743,16 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t layer,
-    int64_t strategy, const std::optional<at::TensorList>& masks, int64_t tile, bool gram) {
+    int64_t strategy, const std::optional<at::TensorList>& masks, int64_t tile, bool gram,
+    at::OptionalIntArrayRef residual) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
   check_tile(tile);
   TORCH_CHECK(gram ? strategy == kReverseGram : (strategy == kReverse || strategy == kForward),
               "jacext: mlp_jacobian forms J with strategy 0 or 1, and J J^T at the input with strategy 2 and "
               "gram=True; otherwise strategies 2, 3 and 4 (Gram) are for the Frobenius norm only");
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy, Tensor(),
-                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy)};
+                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy),
+                           checked_skips(residual, weights, strategy)};
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L);
   const auto options = x.options();  // gram: J J^T = S G S^T, J itself is never formed
   Tensor y = net.empty({B, m}, options);
@@ -661,7 +771,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     Tensor jac_tile = jac.narrow(0, b0, n);
     if (net.forward_mode()) {
       net.forward_carries(wt, ds, cs, n);
-      Tensor jt = net.scaled(net.last_unscaled(cs, wt), ds[L - 1], Tensor(), Tensor(), 1.0, n);
+      Tensor jt = net.residual.empty() ? net.scaled(net.last_unscaled(cs, wt), ds[L - 1], Tensor(), Tensor(), 1.0, n)
+                                       : net.forward_ts(wt, ds, cs, n).back();
       jac_tile.copy_(jt.transpose(1, 2));
     } else if (gram) {
       net.reverse_carries(ds, cs, Tensor(), w_last);
@@ -687,14 +798,15 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
     int64_t layer, int64_t strategy, at::TensorList saved, at::TensorList grad_carries,
     const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks, int64_t tile,
-    bool input_grad) {
+    bool input_grad, at::OptionalIntArrayRef residual) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
   check_tile(tile);
   // The masks only decide which layers have a d (an identity layer with a mask): the saved d and
   // act'' carry them already.
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy,
                            checked_projections(projections, x, weights, strategy),
-                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy)};
+                           checked_masks(masks.value_or(at::TensorList()), x, weights, strategy),
+                           checked_skips(residual, weights, strategy)};
   const int64_t L = net.depth(), B = x.size(0);
   const auto options = x.options();
   const int64_t n_carries = net.n_carries();

@@ -312,29 +312,6 @@ inline void copy_or_zero(const Tensor& out, const Tensor& src) {
 
 inline Tensor value_or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
-// The residual skips checked against the net: one entry per layer, -1 or a j <= i whose carry C_j
-// (the input of layer j) is as wide as layer i's output; empty for none (also when every entry is -1).
-inline std::vector<int64_t> checked_residual(at::OptionalIntArrayRef residual, at::TensorList weights) {
-  if (!residual.has_value()) return {};
-  const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(static_cast<int64_t>(residual->size()) == L, "jacext: residual must have one entry per layer (",
-              L, "; -1 for a layer without a skip), got ", residual->size());
-  std::vector<int64_t> skips(residual->begin(), residual->end());
-  bool any = false;
-  for (const auto i : c10::irange(L)) {
-    const int64_t j = skips[i];
-    TORCH_CHECK(j >= -1 && j <= i, "jacext: residual[", i, "] must be -1 (no skip) or the index j <= ", i,
-                " of the layer whose input is added to layer ", i, "'s output, got ", j);
-    if (j < 0) continue;
-    any = true;
-    const int64_t width_in = weights[j].size(1), width_out = weights[i].size(0);
-    TORCH_CHECK(width_in == width_out, "jacext: residual[", i, "] = ", j, " adds the input of layer ", j,
-                " (width ", width_in, ") to the output of layer ", i, " (width ", width_out,
-                "): the widths must match");
-  }
-  return any ? skips : std::vector<int64_t>{};
-}
-
 // ---------------------------------------------------------------------------------------------
 // The Laplacian: y, J V^T (when `gradient`) and Delta y = sum_{j<k} v_j^T (d^2 y / dx^2) v_j, all
 // (B, m, ...), for c tangent rows v_j: the unit vectors (c = n_0; J and the Laplacian

@@ -9,14 +9,17 @@ from .activations import activation_derivative, activation_second_derivative, ac
 
 
 def mlp_composite(x, weights, biases, activations, act_params, layer=0, projections=None, carries=False,
-                  masks=None):
+                  masks=None, residual=None):
     """(y, J) of the MLP with J = dy/dh_layer carried in reverse, in differentiable torch ops;
     with projections V (B, k, m), V J instead of J. carries=True: (y, [dy/dh_i for i = L-1 down
     to layer]), the reverse carries (the last one is J). masks: None, or one (B, n_{i+1}) or None
     per layer, a constant factor after the activation (h = m * act(y), so d = m * act'(y) and
-    autograd differentiates the product: every derivative of act is scaled by m)."""
-    h, ds = x, []
+    autograd differentiates the product: every derivative of act is scaled by m). residual: None, or
+    per layer i -1 or the j <= i whose input h_j is added to layer i's output (after the mask); the
+    reverse carry dy/dh_j then gains dy/dh_{i+1} (dy/dy = I, or V, for the output)."""
+    h, ds, inputs = x, [], []
     for i, w in enumerate(weights):
+        inputs.append(h)
         y = h @ w.t()
         if biases[i] is not None:
             y = y + biases[i]
@@ -24,27 +27,36 @@ def mlp_composite(x, weights, biases, activations, act_params, layer=0, projecti
         d, h = activation_derivative(y, code, p0, p1), activation_value(y, code, p0, p1)
         if masks is not None and masks[i] is not None:
             d, h = masks[i] * d, masks[i] * h
+        if residual is not None and residual[i] >= 0:
+            h = h + inputs[residual[i]]
         ds.append(d)
+    L = len(weights)
     if projections is None:
         jac = ds[-1].unsqueeze(2) * weights[-1]
     else:
         jac = (projections * ds[-1].unsqueeze(1)) @ weights[-1]
-    all_carries = [jac]
-    for i in range(len(weights) - 2, layer - 1, -1):
-        jac = (jac * ds[i].unsqueeze(1)) @ weights[i]
-        all_carries.append(jac)
+    # dy/dh_i by layer, from dy/dy (I or V) down
+    above = {L: projections if projections is not None else torch.eye(h.shape[1], dtype=h.dtype, device=h.device)}
+    for i in range(L - 1, layer - 1, -1):
+        if i < L - 1:
+            jac = (jac * ds[i].unsqueeze(1)) @ weights[i]
+        for k in range(i, L):
+            if residual is not None and residual[k] == i:
+                jac = jac + above[k + 1]
+        above[i] = jac
+    all_carries = [above[i] for i in range(L - 1, layer - 1, -1)]
     return (h, all_carries) if carries else (h, jac)
 
 
 def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biases, activations,
                                     act_params, layer, projections=None, grad_carries=(), gram_output=False,
-                                    masks=None):
+                                    masks=None, residual=None):
     """What the op mlp_jacobian_backward computes, as differentiable torch ops: the gradients of
     sum(grad_y*y) + sum(grad_sq*||J||^2) + sum(grad_jac*J) + sum(grad_carries*carries) w.r.t. x,
     weights and the biases that are not None (returned in that order); with projections, ||J||^2
     is per projected row; with gram_output, grad_jac is the gradient of J J^T (mlp_jacobian's
     output with strategy 2). grad_carries: [] or one per reverse carry dy/dh_i, i = L-1 down to
-    layer (None for none). masks: mlp_composite's."""
+    layer (None for none). masks and residual: mlp_composite's."""
     present = [i for i, b in enumerate(biases) if b is not None]
 
     def outputs(x, weights, present_biases):
@@ -52,7 +64,7 @@ def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biase
         for i, b in zip(present, present_biases):
             full[i] = b
         y, carries = mlp_composite(x, weights, full, activations, act_params, layer, projections, carries=True,
-                                   masks=masks)
+                                   masks=masks, residual=residual)
         jac = carries[-1]
         sq = jac.pow(2).sum((1, 2)) if projections is None else jac.pow(2).sum(2)
         jac_out = jac @ jac.transpose(1, 2) if gram_output else jac

@@ -14,6 +14,7 @@ import torch
 import torch.utils.checkpoint
 
 from . import activations as act
+from ._checks import check_residual
 from ._composites import mlp_jacobian_backward_composite
 from ._library import (ActivationSpec, below_autograd, bias_tensors, compiled, explained_functorch_errors,
                        normalize_activations, register_float32_autocast, register_vmap, warn_if_tf32, widths_of)
@@ -41,7 +42,8 @@ def mask_arguments(masks, x):
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_frobenius")
-def _frobenius_fake(x, weights, biases, activations, act_params, strategy, projections=None, masks=None, *, tile=0):
+def _frobenius_fake(x, weights, biases, activations, act_params, strategy, projections=None, masks=None, *, tile=0,
+                    residual=None):
     B = x.shape[0]
     rows = None if projections is None else projections.shape[1]
     saved = [x.new_empty(s) for s in saved_shapes(widths_of(x, weights), B, 0, strategy, rows, activations,
@@ -51,7 +53,8 @@ def _frobenius_fake(x, weights, biases, activations, act_params, strategy, proje
 
 
 @torch.library.register_fake("jacext::mlp_jacobian")
-def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy, masks=None, *, tile=0, gram=False):
+def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy, masks=None, *, tile=0, gram=False,
+                   residual=None):
     widths = widths_of(x, weights)
     saved = [x.new_empty(s) for s in saved_shapes(widths, x.shape[0], layer, strategy, None, activations,
                                                   _masked(masks))]
@@ -61,7 +64,8 @@ def _jacobian_fake(x, weights, biases, activations, act_params, layer, strategy,
 
 @torch.library.register_fake("jacext::mlp_jacobian_backward")
 def _backward_fake(grad_y, grad_sq, grad_jac, x, weights, biases, activations, act_params, layer,
-                   strategy, saved, grad_carries, projections=None, masks=None, *, tile=0, input_grad=True):
+                   strategy, saved, grad_carries, projections=None, masks=None, *, tile=0, input_grad=True,
+                   residual=None):
     # contiguous like the kernels' outputs (x may not be); an empty bias gradient for a layer without bias
     return (x.new_empty(x.shape) if input_grad else None, [w.new_empty(w.shape) for w in weights],
             [w.new_empty(w.shape[0] if b.numel() else 0) for w, b in zip(weights, biases)])
@@ -69,13 +73,14 @@ def _backward_fake(grad_y, grad_sq, grad_jac, x, weights, biases, activations, a
 
 
 def _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, tile, masks, saved,
-                  differentiable_carries=False):
+                  differentiable_carries=False, residual=None):
     # An unused output's gradient stays None: zero-filling the (large) saved carries would cost a
     # full memory pass each, and the backward op takes None for grad_y, grad_sq and grad_jac.
     ctx.set_materialize_grads(False)
     ctx.config = (list(activations), list(act_params), layer, strategy)
     ctx.tile = tile  # the backward runs the same tiles
     ctx.masks = masks  # constants (checked in _jacobian_setup)
+    ctx.residual = residual
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
     ctx.save_for_backward(x, *weights, *biases, *saved)
@@ -105,7 +110,8 @@ def _backward_via_op(ctx, grad_y, grad_jac, grad_saved=None):
     with below_autograd():  # with create_graph, the backward op's own autograd records the double backward
         grad_x, grad_w, grad_b = compiled.mlp_jacobian_backward(
             grad_y, None, grad_jac, x, weights, biases, activations, act_params, layer,
-            strategy, saved, grad_carries, tile=ctx.tile, input_grad=ctx.needs_input_grad[0], masks=ctx.masks)
+            strategy, saved, grad_carries, tile=ctx.tile, input_grad=ctx.needs_input_grad[0], masks=ctx.masks,
+            residual=ctx.residual)
     grad_b = [g if present else None for g, present in zip(grad_b, ctx.bias_present)]
     return grad_x, list(grad_w), grad_b
 
@@ -117,7 +123,8 @@ def _jacobian_setup(ctx, inputs, keyword_only_inputs, output):
     # a gradient slot for the masks (one None per mask: they are constants) only when passed
     ctx.trailing = [] if masks is None else [[None] * len(masks)]
     _save_forward(ctx, x, weights, biases, activations, act_params, layer, strategy, keyword_only_inputs.get("tile", 0),
-                  masks, output[2], differentiable_carries=strategy in (REVERSE, REVERSE_GRAM))
+                  masks, output[2], differentiable_carries=strategy in (REVERSE, REVERSE_GRAM),
+                  residual=keyword_only_inputs.get("residual"))
 
 
 def _jacobian_backward(ctx, grad_y, grad_jac, grad_saved):
@@ -131,6 +138,7 @@ def _backward_setup(ctx, inputs, keyword_only_inputs, output):
     # gradient slots for `projections` and `masks` only up to the last one passed.
     ctx.trailing = [None, [None] * len(masks)] if masks is not None else [] if projections is None else [None]
     ctx.projections = projections  # random draws, held constant: not differentiated
+    ctx.residual = keyword_only_inputs.get("residual")
     # constants, like the projections
     ctx.masks = [m if present else None for m, present in zip(masks, _masked(masks))] if masks else None
     # strategy 2 with a gradient for J: the op returned J J^T (mlp_jacobian's Gram output)
@@ -160,7 +168,7 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
         full_biases = [next(biases) if p else None for p in ctx.bias_present]
         return mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, full_biases,
                                                activations, act_params, layer, ctx.projections,
-                                               grad_carries, gram_output, ctx.masks)
+                                               grad_carries, gram_output, ctx.masks, ctx.residual)
 
     with torch.autocast(x.device.type, enabled=False):  # float32 like the op it differentiates
         outputs, vjp = torch.func.vjp(composite, present_grads, x, weights, present_biases)
@@ -198,7 +206,8 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
                            biases: Sequence[Optional[torch.Tensor]],
                            activations: Sequence[ActivationSpec], act_params=None,
                            method: str = "auto", projections: Optional[torch.Tensor] = None,
-                           max_memory: Optional[int] = None, masks: Optional[Sequence[Optional[torch.Tensor]]] = None):
+                           max_memory: Optional[int] = None, masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                           residual: Optional[Sequence[int]] = None):
     """(y, sq): the MLP output and sq[b] = ||dy_b/dx_b||_F^2, in one fused op.
 
     activations: one name or code per weight (e.g. ["tanh", "identity"]); act_params: two
@@ -209,7 +218,9 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     backward instead of keeping its carries (torch.utils.checkpoint); the result is unchanged.
     Under torch.compile the batch runs in one call.
     masks: None, or one (B, n_{i+1}) tensor or None per layer: a constant per-sample factor after
-    the layer's activation (a dropout mask), h_{i+1} = mask * act(y); J is the masked network's."""
+    the layer's activation (a dropout mask), h_{i+1} = mask * act(y); J is the masked network's.
+    residual: None, or per layer i -1 or the j <= i whose input h_j is added to layer i's output
+    (h + g(h), after the mask); with skips J is carried in reverse or forward (not "gram")."""
     if (method == "hutchinson") != (projections is not None):
         raise ValueError("projections go with method='hutchinson', and only with it")
     warn_if_tf32(x.device, x.dtype)
@@ -217,9 +228,11 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     rows = None if projections is None else projections.shape[1]
     widths = widths_of(x, weights)
     masks = mask_arguments(masks, x) or []
+    residual = check_residual(residual, widths)
     # a mask on the last layer is a diagonal there: the output is not linear for strategies 3 and 4
     strategy = resolve_strategy(method, widths, batch=x.shape[0], projections=rows or 0,
-                                output_linear=codes[-1] == act.IDENTITY and not (masks and _masked(masks)[-1]))
+                                output_linear=codes[-1] == act.IDENTITY and not (masks and _masked(masks)[-1]),
+                                skips=residual is not None)
     if max_memory is not None and (not isinstance(max_memory, int) or max_memory <= 0):
         raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
     weights, biases = list(weights), bias_tensors(biases, weights)
@@ -230,7 +243,7 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
             return _split_frobenius(x, weights, biases, codes, params, strategy, masks)
         tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), rows, device=x.device)
         return compiled.mlp_jacobian_frobenius(x, weights, biases, codes, params, strategy, projections, tile=tile,
-                                               masks=masks or None)[:2]
+                                               masks=masks or None, residual=residual)[:2]
 
     if torch.compiler.is_compiling():  # a compiled graph runs the batch in one call
         return run(x, projections, *masks)
@@ -276,19 +289,21 @@ def _combine_split(y, a, c, split: Split):
 def mlp_jacobian(x: torch.Tensor, weights: Sequence[torch.Tensor],
                  biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
                  act_params=None, layer: int = 0, method: str = "auto",
-                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None):
-    """(y, J): the MLP output and J[b] = dy_b/dh_layer,b of shape (B, m, n_layer); masks as in
-    mlp_jacobian_frobenius."""
+                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None, residual: Optional[Sequence[int]] = None):
+    """(y, J): the MLP output and J[b] = dy_b/dh_layer,b of shape (B, m, n_layer); masks and residual as
+    in mlp_jacobian_frobenius (with skips, J is the derivative at the node h_layer: a skip that
+    starts below it and ends above it is held fixed)."""
     warn_if_tf32(x.device, x.dtype)
     codes, params = normalize_activations(activations, act_params, len(weights))
     if not 0 <= layer < len(weights):
         raise ValueError(f"layer must be in [0, {len(weights) - 1}] for a model with {len(weights)} "
                          f"Linear layers, got {layer}")
     widths = widths_of(x, weights)
-    strategy = resolve_strategy(method, widths, layer, frobenius=False, batch=x.shape[0])
+    residual = check_residual(residual, widths)
+    strategy = resolve_strategy(method, widths, layer, frobenius=False, batch=x.shape[0], skips=residual is not None)
     tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), layer=layer, device=x.device)
     y, jac, _ = compiled.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                  layer, strategy, tile=tile, masks=mask_arguments(masks, x))
+                                  layer, strategy, tile=tile, masks=mask_arguments(masks, x), residual=residual)
     return y, jac
 
 
@@ -303,17 +318,18 @@ def _checked_layers(layers, depth):
 def mlp_jacobians(x: torch.Tensor, weights: Sequence[torch.Tensor],
                   biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
                   act_params=None, layers: Sequence[int] = (0,),
-                  masks: Optional[Sequence[Optional[torch.Tensor]]] = None):
+                  masks: Optional[Sequence[Optional[torch.Tensor]]] = None, residual: Optional[Sequence[int]] = None):
     """(y, [J_l for l in layers]): the Jacobians dy/dh_l at several layers from one reverse sweep
     (the sweep down to the lowest layer passes every layer above it), each differentiable twice;
-    masks as in mlp_jacobian_frobenius."""
+    masks and residual as in mlp_jacobian."""
     warn_if_tf32(x.device, x.dtype)
     codes, params = normalize_activations(activations, act_params, len(weights))
     depth = len(weights)
     layers = _checked_layers(layers, depth)
+    residual = check_residual(residual, widths_of(x, weights))
     tile = tile_size(widths_of(x, weights), x.shape[0], REVERSE, op_element_size(x), layer=min(layers), device=x.device)
     y, _, saved = compiled.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                    min(layers), REVERSE, tile=tile, masks=mask_arguments(masks, x))
+                                    min(layers), REVERSE, tile=tile, masks=mask_arguments(masks, x), residual=residual)
     carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to min(layers)
     return y, [carries[depth - 1 - l] for l in layers]
 
@@ -348,22 +364,27 @@ def batched_gram(jac: torch.Tensor) -> torch.Tensor:
 def mlp_jacobian_grams(x: torch.Tensor, weights: Sequence[torch.Tensor],
                        biases: Sequence[Optional[torch.Tensor]], activations: Sequence[ActivationSpec],
                        act_params=None, layers: Sequence[int] = (0,),
-                       masks: Optional[Sequence[Optional[torch.Tensor]]] = None):
+                       masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                       residual: Optional[Sequence[int]] = None):
     """(y, [J_l J_l^T for l in layers]), each (B, m, m) and differentiable twice, from one reverse
     sweep. At the input layer J_0 J_0^T = S G S^T (S = R^(1) D_1, G = W_1 W_1^T once per batch)
     replaces J_0 = S W_1 where that needs fewer multiply-adds (the planner's choice between the
-    reverse carry and its Gram epilogue): m n_1^2 instead of m n_1 n_0 per sample. masks as in
-    mlp_jacobian_frobenius."""
+    reverse carry and its Gram epilogue): m n_1^2 instead of m n_1 n_0 per sample (not across a
+    skip: with residual skips every Gram is formed from its J). masks and
+    residual as in mlp_jacobian."""
     warn_if_tf32(x.device, x.dtype)
     codes, params = normalize_activations(activations, act_params, len(weights))
     depth = len(weights)
     layers = _checked_layers(layers, depth)
     widths = widths_of(x, weights)
-    gram_at_input = 0 in layers and resolve_strategy("reverse", widths, batch=x.shape[0]) == REVERSE_GRAM
+    residual = check_residual(residual, widths)
+    gram_at_input = 0 in layers and resolve_strategy("reverse", widths, batch=x.shape[0],
+                                                     skips=residual is not None) == REVERSE_GRAM
     strategy, low = (REVERSE_GRAM, 0) if gram_at_input else (REVERSE, min(layers))
     tile = tile_size(widths, x.shape[0], strategy, op_element_size(x), layer=low, device=x.device)
     y, out, saved = compiled.mlp_jacobian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                      low, strategy, tile=tile, gram=gram_at_input, masks=mask_arguments(masks, x))
+                                      low, strategy, tile=tile, gram=gram_at_input, masks=mask_arguments(masks, x),
+                                      residual=residual)
     carries = saved[first_carry_index(depth):]  # dy/dh_i for i = L-1 down to low (strategy 2: then P)
     grams = []
     with torch.autocast(x.device.type, enabled=False):  # the op's float32 results stay float32

@@ -26,8 +26,9 @@ class Plan:
     """What jacobian_frobenius(model, x, method, max_memory=...) will run, and what each candidate
     would cost."""
 
-    def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory, tile, dropout=()):
+    def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory, tile, dropout=(), residual=None):
         self.widths, self.batch, self.method = widths, batch, method
+        self.residual = residual  # the model's skips (MLPSpec.residual), None without
         self.dropout = dropout  # per layer, its Dropouts in train() (frontend.Layer.dropout)
         self.candidates = candidates  # {strategy: (multiply-adds, predicted cost, estimated peak bytes)}
         self.choice = choice
@@ -49,6 +50,11 @@ class Plan:
         if masked:
             lines.append("  dropout masks, drawn per call as the model draws them (a diagonal factor after the layer's "
                          "activation): " + "; ".join(masked))
+        if self.residual is not None:
+            skips = ", ".join(f"({i}, {j})" for i, j in enumerate(self.residual) if j >= 0)
+            lines.append(f"  residual skips (i, j), layer i's output adds layer j's input: {skips}; the reverse carry "
+                         "dy/dh_j adds the one above each block, the forward carry T the one that entered it; the Gram "
+                         "forms (which factor J through single layers) do not apply across a skip")
         budget = f"memory budget {self.max_memory / 2**20:.0f} MB"
         if self.chunk < self.batch:
             lines.append(f"  {budget}: {math.ceil(self.batch / self.chunk)} chunks of <= {self.chunk} samples, "
@@ -82,22 +88,23 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     if options:
         raise TypeError(f"explain: {sorted(options)} do not apply to quantity='frobenius'")
 
-    lowered = lower(model, supports=frozenset(("dropout",)))  # without x: no masks drawn, only where they go
+    # without x: no masks drawn, only where they go
+    lowered = lower(model, supports=frozenset(("dropout", "residual", "dropout_with_residual")))
     spec = lowered.spec
-    widths, batch = spec.widths, x.shape[0]
+    widths, batch, skips = spec.widths, x.shape[0], spec.residual is not None
     # a mask on the last layer is a diagonal there: strategies 3 and 4 need none
     output_linear = spec.activations[-1] == IDENTITY and not (lowered.dropout and lowered.dropout[-1])
-    choice = resolve_strategy(method, widths, batch=batch, output_linear=output_linear)
+    choice = resolve_strategy(method, widths, batch=batch, output_linear=output_linear, skips=skips)
     strategies = [st for st in (REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, GRAM1)
-                  if applicable(st, widths, output_linear=output_linear)]
-    split = best_split(widths, batch)
+                  if applicable(st, widths, output_linear=output_linear) and (st in (REVERSE, FORWARD) or not skips)]
+    split = None if skips else best_split(widths, batch)
     candidates = {strategy: (penalty_macs(widths, batch, strategy), predicted_cost(widths, batch, strategy),
                              footprint(widths, batch, strategy, op_element_size(x)))
                   for strategy in strategies + ([split] if split else [])}
     max_memory = default_memory_budget(x.device) if max_memory is None else max_memory
     chunk = batch_chunk(widths, batch, choice, op_element_size(x), max_memory)
     tile = 0 if isinstance(choice, Split) else tile_size(widths, chunk, choice, op_element_size(x), device=x.device)
-    return Plan(widths, batch, method, candidates, choice, chunk, max_memory, tile, lowered.dropout)
+    return Plan(widths, batch, method, candidates, choice, chunk, max_memory, tile, lowered.dropout, spec.residual)
 
 
 class CarryPlan:

@@ -35,8 +35,8 @@ SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAM
 
 # The parts of a lowered model beyond a plain MLP (Plan.factors), what each is for the messages; a
 # quantity runs on the engine only the parts its ops take (lower's `supports`), the rest on the
-# generic path. Dropout with a residual skip: the masks are the Jacobian ops', the skips the
-# forward-carry ops', so no quantity takes both.
+# generic path. Dropout with a residual skip: the masks are the Jacobian ops' (which take skips too),
+# so only the Jacobian family takes both.
 FACTOR_NAMES = {"input_concat": "conditioning inputs concatenated with x", "dropout": "Dropout in train()",
                 "residual": "a residual skip (h + g(h))",
                 "dropout_with_residual": "Dropout in train() in a model with residual skips"}

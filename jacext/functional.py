@@ -22,7 +22,8 @@ __all__ = ["jacobian_frobenius", "JacobianFrobenius", "jacobian", "Jacobian", "j
 
 METHODS = ("auto", "reverse", "forward", "gram", "hutchinson", "hutch++", "autograd")
 ESTIMATORS = ("hutchinson", "hutch++")
-JACOBIAN_FAMILY = frozenset(("input_concat", "dropout"))  # what the Jacobian ops take: masks, no skips
+# what the Jacobian ops take: masks and residual skips, together too (frontend.FACTOR_NAMES)
+JACOBIAN_FAMILY = frozenset(("input_concat", "dropout", "residual", "dropout_with_residual"))
 
 
 def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, generator=None, *,
@@ -71,7 +72,9 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
 
     A Dropout in train() after a Linear or its activation runs on the engine: its mask is drawn as
     the module draws it (y equals model(x) under the same seed) and J is the masked network's,
-    every method above included."""
+    every method above included. A residual block h + g(h) runs on the engine too (with Dropout
+    as well), by every method but "gram" (which factors J through single layers and raises a
+    ValueError for such a model)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     check_estimator_options(method, ESTIMATORS, n_proj, generator, distribution, orthogonal, return_variance)
@@ -98,7 +101,8 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
                                x.shape[0], n_proj, spec.widths[0], spec.widths[-1], distribution=distribution,
                                generator=generator, dtype=x.dtype, device=x.device, return_variance=return_variance)
     return _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                       method=method, max_memory=max_memory, masks=spec.masks)
+                                       method=method, max_memory=max_memory, masks=spec.masks,
+                                       residual=spec.residual)
 
 
 def _generic_estimator(method, n_proj, generator, distribution, orthogonal, return_variance) -> dict:
@@ -127,7 +131,8 @@ def _input_layer_columns(lowered, layer, wrt):
 
 def _columns(spec, x, columns):
     """(y, J[:, :, columns]) from the engine's Jacobian (one sweep, its strategy the planner's)."""
-    y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, masks=spec.masks)
+    y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, masks=spec.masks,
+                               residual=spec.residual)
     return y, jac.index_select(2, columns.to(jac.device))
 
 
@@ -153,7 +158,7 @@ def _frobenius_terms(spec, x, max_memory):
     def terms_of(rows):
         return _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                            method="hutchinson", projections=rows, max_memory=max_memory,
-                                           masks=spec.masks)
+                                           masks=spec.masks, residual=spec.residual)
     return terms_of
 
 
@@ -161,14 +166,18 @@ class Linearization:
     """The MLP's Jacobian J = dy/dh_layer at x as a linear map, for products that need no
     gradient (Hutch++'s sketch, the spectral norm's power iteration): the activation derivatives
     of one forward pass, then per sample J t (forward) or u^T J (reverse) by one batched GEMM per
-    layer (the dropout masks of spec.masks in them). Under torch.autocast it runs in float32, as the
-    ops do."""
+    layer (the dropout masks of spec.masks in them; a residual skip h_{i+1} += h_j adds the product at
+    h_j, or in reverse passes the one at h_{i+1} on to h_j, for j >= layer: below it h_j does not
+    depend on h_layer). Under torch.autocast it runs in float32, as the ops do."""
 
     def __init__(self, spec, x: torch.Tensor, layer: int = 0):
         self.device_type = x.device.type
         check_weights(spec, x)
         self.dtype = torch.float32 if torch.is_autocast_enabled(self.device_type) else x.dtype
         self.maps = []  # (W_k, d_k or None for an identity layer) for the layers above `layer`
+        # per map, the index into the maps' inputs (0: h_layer) of its skip, or -1
+        self.skips = [-1 if spec.residual is None or spec.residual[i] < layer else spec.residual[i] - layer
+                      for i in range(layer, len(spec.weights))]
         with torch.no_grad(), torch.autocast(self.device_type, enabled=False):
             h = x.to(self.dtype)
             masks = spec.masks or [None] * len(spec.weights)
@@ -187,7 +196,7 @@ class Linearization:
     def subset(self, index: torch.Tensor) -> "Linearization":
         """The same maps for the samples `index` only."""
         part = object.__new__(Linearization)
-        part.device_type, part.dtype = self.device_type, self.dtype
+        part.device_type, part.dtype, part.skips = self.device_type, self.dtype, self.skips
         part.maps = [(w, None if d is None else d[index]) for w, d in self.maps]
         return part
 
@@ -195,21 +204,31 @@ class Linearization:
         """(B, k, n_layer) rows t_i -> (B, k, m) rows J t_i."""
         with torch.no_grad(), torch.autocast(self.device_type, enabled=False):
             t = t.to(self.dtype)
-            for w, d in self.maps:
+            inputs = []
+            for (w, d), j in zip(self.maps, self.skips):
+                inputs.append(t)
                 t = t @ w.t()
                 if d is not None:
                     t = t * d.unsqueeze(1)
+                if j >= 0:
+                    t = t + inputs[j]
             return t
 
     def reverse_product(self, u: torch.Tensor) -> torch.Tensor:
         """(B, k, m) rows u_i -> (B, k, n_layer) rows u_i^T J."""
         with torch.no_grad(), torch.autocast(self.device_type, enabled=False):
             u = u.to(self.dtype)
-            for w, d in reversed(self.maps):
+            pending = {}  # the adjoints that skips pass to the maps' inputs
+            for k in range(len(self.maps) - 1, -1, -1):
+                (w, d), j = self.maps[k], self.skips[k]
+                if k + 1 in pending:
+                    u = u + pending.pop(k + 1)
+                if j >= 0:
+                    pending[j] = pending[j] + u if j in pending else u
                 if d is not None:
                     u = u * d.unsqueeze(1)
                 u = u @ w
-            return u
+            return u + pending[0] if 0 in pending else u
 
 
 JACOBIAN_METHODS = ("auto", "reverse", "forward", "autograd")
@@ -251,9 +270,9 @@ def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, *, wr
         return _columns(spec, x, columns)[1]
     if isinstance(layer, int):
         return _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer,
-                                 method=method, masks=spec.masks)[1]
+                                 method=method, masks=spec.masks, residual=spec.residual)[1]
     return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layer,
-                              masks=spec.masks)[1]
+                              masks=spec.masks, residual=spec.residual)[1]
 
 
 def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, *, wrt=None, cond=None,
@@ -277,7 +296,7 @@ def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, 
         return _ops.batched_gram(jac)
     layers = [layer] if isinstance(layer, int) else list(layer)
     _, grams = _ops.mlp_jacobian_grams(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                       layers=layers, masks=spec.masks)
+                                       layers=layers, masks=spec.masks, residual=spec.residual)
     return grams[0] if isinstance(layer, int) else grams
 
 

@@ -281,28 +281,42 @@ def applicable(strategy: int, widths: Sequence[int], layer: int = 0, frobenius: 
 
 
 def resolve_strategy(method: str, widths: Sequence[int], layer: int = 0, frobenius: bool = True,
-                     batch: int = 64, projections: int = 0, output_linear: bool = False) -> Strategy:
+                     batch: int = 64, projections: int = 0, output_linear: bool = False,
+                     skips: bool = False) -> Strategy:
     """The strategy for a method name (_choose_strategy), cached by its arguments: planning a step
     costs a few hundred microseconds, more than a small step's GPU work."""
     if not isinstance(batch, int):  # a symbolic size under torch.compile: plan for a typical batch
         batch = 64
     if torch.compiler.is_compiling():  # traced, not cached
-        return _choose_strategy(method, tuple(widths), layer, frobenius, batch, projections, output_linear)
-    return _cached_strategy(method, tuple(widths), layer, frobenius, batch, projections, output_linear)
+        return _choose_strategy(method, tuple(widths), layer, frobenius, batch, projections, output_linear, skips)
+    return _cached_strategy(method, tuple(widths), layer, frobenius, batch, projections, output_linear, skips)
 
 
 def _choose_strategy(method: str, widths: Sequence[int], layer: int = 0, frobenius: bool = True,
-                     batch: int = 64, projections: int = 0, output_linear: bool = False) -> Strategy:
+                     batch: int = 64, projections: int = 0, output_linear: bool = False,
+                     skips: bool = False) -> Strategy:
     """The strategy for a method name ("hutchinson": the reverse carry of k = `projections`
     random rows; "gram": the one-hidden-layer Gram formula where it applies, else the cheapest of
     the Gram epilogues and the splits).
 
     "reverse" and "forward" end the Frobenius norm with their Gram epilogue when that costs less
     (predicted_cost: multiply-adds plus the carries' elementwise traffic); "auto" takes whichever
-    exact strategy, split included, costs least (reverse on a tie)."""
+    exact strategy, split included, costs least (reverse on a tie).
+
+    With residual skips (`skips`) only the plain reverse and forward carries apply (csrc/mlp_jacobian.h):
+    the Gram forms (epilogues, one-hidden-layer, split) factor J through single layers, which a skip
+    bypasses."""
     if method not in ("auto", "reverse", "forward", "gram", "hutchinson"):
         raise ValueError(f"unknown method {method!r} for the op; expected 'auto', 'reverse', 'forward', "
                          f"'gram' or 'hutchinson'")
+    if skips:
+        if method == "gram":
+            raise ValueError("method='gram' does not apply across a residual skip: the Jacobian ops carry a model "
+                             "with skips in reverse or forward (method 'auto', 'reverse', 'forward' or 'hutchinson')")
+        if method == "auto":
+            return _cheapest([REVERSE, FORWARD], lambda strategy: predicted_cost(widths, batch, strategy, layer,
+                                                                             projections, frobenius))
+        return FORWARD if method == "forward" else REVERSE
     def able(strategy):
         return applicable(strategy, widths, layer, frobenius, projections, output_linear)
 

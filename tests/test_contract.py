@@ -94,6 +94,18 @@ def _forward_samples():
     yield "mlp_jacobian_diagonal", "residual-output", (*blocks(), CARRY_FORWARD), {"residual": [-1, -1, 2, 0],
                                                                                   "tile": 2}
     yield "mlp_jacobian_diagonal", "residual-projections", (*blocks(), CARRY_FORWARD, p), {"residual": [-1, 1, 1, 0]}
+    # residual skips in the Jacobian family (csrc/mlp_jacobian.h; reverse and forward): with projections, masks,
+    # tiles, and the carries at a hidden layer (their gradients pass the skips back)
+    skips = [-1, 1, 1, 0]
+    v3 = torch.randint(0, 2, (3, 2, 3), generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    yield "mlp_jacobian_frobenius", "residual", (*blocks("tanh"), REVERSE), {"residual": skips}
+    yield "mlp_jacobian_frobenius", "residual-projections", (*blocks(), REVERSE, v3), {"residual": skips, "tile": 2}
+    yield "mlp_jacobian_frobenius", "residual-masked", (*blocks(), REVERSE), {
+        "residual": skips, "masks": masks((3, 4, 4, 4, 3), (1, 2))}
+    yield "mlp_jacobian_frobenius", "residual-forward", (*blocks(), FORWARD), {"residual": skips, "tile": 2}
+    for layer in (0, 2):
+        for name, strategy in [("reverse", REVERSE), ("forward", FORWARD)]:
+            yield "mlp_jacobian", f"residual-{name}-layer{layer}", (*blocks("tanh"), layer, strategy), {"residual": skips}
     x, weights, biases, _, _ = mlp((4, 4, 4), ["smooth_leaky_relu", "identity"], bias=[True, False])
     with torch.no_grad():
         for w in weights:

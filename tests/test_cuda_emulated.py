@@ -88,8 +88,8 @@ def both(name, *args, **kwargs):
 
 # --- the Jacobian ops -----------------------------------------------------------------------------
 
-def check_frobenius(x, net, strategy, projections=None, masks=()):
-    kw = {"masks": list(masks)}
+def check_frobenius(x, net, strategy, projections=None, masks=(), residual=None):
+    kw = {"masks": list(masks), "residual": residual}
     (y, sq, saved), cpu = both("mlp_jacobian_frobenius", x, *net, strategy, projections, **kw)
     assert_same((y, sq, saved), cpu, f"frobenius strategy {strategy}")
     grad_y, grad_sq = grads_like([y, sq])
@@ -190,6 +190,31 @@ def test_dropout_masks(activation, dtype):
         grad_y, grad_jac = grads_like([y, jac])
         args = (grad_y, None, grad_jac, x, *net, layer, strategy, saved, [])
         assert_same(*both("mlp_jacobian_backward", *args, masks=hidden), "masked jacobian backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("activation", ["tanh", "softplus", "relu"])
+@pytest.mark.parametrize("residual", [[0, 1, 1, 0], [-1, 1, 2, -1], [-1, -1, 0, 2]],
+                         ids=["input-and-output", "hidden", "two-layer-blocks"])
+def test_jacobian_residual(residual, activation, dtype):
+    """Residual skips in the Jacobian ops (reverse and forward): the penalty, with projections and masks,
+    and the Jacobians with the reverse carries' gradients (which the skips pass back)."""
+    widths = [4, 4, 4, 4, 4]
+    net = mlp(widths, activation, dtype)
+    x = inputs(11, 4, dtype)
+    for strategy in (0, 1):
+        check_frobenius(x, net, strategy, residual=residual)
+        check_frobenius(x, net, strategy, masks=dropout_masks(11, widths, dtype, (0, 3)), residual=residual)
+    g = torch.Generator().manual_seed(5)
+    projections = torch.randn(11, 3, 4, generator=g, dtype=torch.float64).to(dtype)
+    check_frobenius(x, net, 0, projections, masks=dropout_masks(11, widths, dtype, (1, 2)), residual=residual)
+    for layer, strategy in ((0, 0), (2, 0), (0, 1), (1, 1)):
+        (y, jac, saved), cpu = both("mlp_jacobian", x, *net, layer, strategy, residual=residual)
+        assert_same((y, jac, saved), cpu, f"residual jacobian layer {layer} strategy {strategy}")
+        grad_y, grad_jac = grads_like([y, jac])
+        carries = grads_like(saved[3 * len(widths) - 4:], seed=3) if strategy == 0 else []
+        args = (grad_y, None, grad_jac, x, *net, layer, strategy, saved, carries)
+        assert_same(*both("mlp_jacobian_backward", *args, residual=residual), "residual jacobian backward")
 
 
 # --- the flow ops ---------------------------------------------------------------------------------
