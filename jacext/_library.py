@@ -94,6 +94,17 @@ def bias_tensors(biases, weights):
     return [w.new_empty(0) if b is None else b for b, w in zip(biases, weights)]
 
 
+def conditioning_tensors(given, weights):
+    """The forward-carry ops' per-sample biases or gates: None when no layer has one, else one per
+    layer, an empty tensor standing for none (as for the biases)."""
+    if given is None or all(t is None for t in given):
+        return None
+    if len(given) != len(weights):
+        raise ValueError(f"expected one per-sample bias / gate per layer ({len(weights)}; None for none), "
+                         f"got {len(given)}")
+    return [w.new_empty(0) if t is None else t for t, w in zip(given, weights)]
+
+
 def below_autograd():
     """Where an op's registered autograd (a Python kernel, with a Python call's overhead) would only
     pass the call on, because grad mode is off in eager mode (a backward without create_graph), a
