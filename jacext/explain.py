@@ -163,7 +163,9 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
 
     def entry(layout, strategy=CARRY_FORWARD):
         shapes = carry_saved_shapes(widths, batch, codes, layout)
-        return (carry_macs(widths, batch, layout, strategy), carry_cost(widths, batch, codes, layout, strategy),
+        gated = conditioning[1]
+        return (carry_macs(widths, batch, layout, strategy, gated),
+                carry_cost(widths, batch, codes, layout, strategy, gated),
                 op_element_size(x) * sum(math.prod(s) for s in shapes))
 
     if quantity == "laplacian":

@@ -145,11 +145,7 @@ class Plan:
     concat: Optional[tuple] = None
     skip: Optional[tuple] = None
     factors: tuple = ()  # ((factor name, (path, op, where) of a node that has it), ...): FACTOR_NAMES
-
-    @property
-    def conditioned(self) -> bool:
-        """Whether a layer takes a per-sample bias or gate from the conditioning inputs."""
-        return any(layer.concat is not None or layer.post for layer in self.layers)
+    conditioned: bool = False  # a layer takes a per-sample bias or gate from the conditioning inputs
 
 
 def _factors(input_parts, concat, dropout, skip, conditioning=()) -> tuple:
@@ -257,8 +253,9 @@ def _evaluate(model, recipe, cond, batch):
 
 
 def _per_sample(value, batch, width, what):
-    """A conditioning value as a (batch, width) per-sample vector (one row broadcasts)."""
-    if value.dim() != 2 or value.shape[0] not in (1, batch) or value.shape[1] != width:
+    """A conditioning value as a (batch, width) per-sample vector (one row or one column broadcasts,
+    as in the model's product or sum)."""
+    if value.dim() != 2 or value.shape[0] not in (1, batch) or value.shape[1] not in (1, width):
         raise ValueError(f"{what} must be a ({batch}, {width}) tensor (or one row), got {tuple(value.shape)}")
     return value.expand(batch, width)
 
@@ -582,12 +579,15 @@ class _Reader:
         return path, op
 
     # steps
-    COND_WHY = ("a conditioning input joins the engine by torch.cat with x at the input (torch.cat([x, c], 1)) or "
+    COND_WHY = ("a conditioning input joins the engine only by torch.cat with x at the input (torch.cat([x, c], 1)) or "
                 "with a hidden layer's input before its Linear (torch.cat([h, c], 1)), or through nn.Linear, "
                 "sigmoid and view(-1, 1) into a Linear's output as a gate (times) or a per-sample bias (plus); "
                 "elsewhere the model runs on the generic path")
 
     def unsupported(self, node, kind):
+        if any(a in self.hidden_concat for a in node.all_input_nodes):
+            self.refuse(node, "a torch.cat([h, c], 1) inside the network runs on the engine only when it feeds an "
+                              "nn.Linear")
         if any(a in self.cond for a in node.all_input_nodes):
             self.refuse(node, self.COND_WHY)
         self.refuse(node, f"unsupported {kind}; the engine runs {SUPPORTED}")
@@ -746,7 +746,8 @@ class _Reader:
         if self.hidden_concat:
             self.refuse(next(iter(self.hidden_concat)), "a torch.cat([h, c], 1) that does not feed an nn.Linear")
         return Plan(tuple(self.layers), self.flatten_input, self.input_parts, dropout, self.concat, self.skip,
-                    _factors(self.input_parts, self.concat, dropout, self.skip, tuple(self.conditioning.items())))
+                    _factors(self.input_parts, self.concat, dropout, self.skip, tuple(self.conditioning.items())),
+                    bool(self.conditioning))
 
     def output(self, node):
         result = node.args[0]

@@ -340,15 +340,18 @@ DIAGONAL_STRATEGY_NAMES = {CARRY_FORWARD: "forward columns + diagonal epilogue",
                            DIAGONAL_GRAM1: "one-hidden-layer closed form", TRACE_GRAM2: "two-hidden-layer trace"}
 
 
-def carry_macs(widths: Sequence[int], batch: int, layout: CarryLayout, strategy: int = CARRY_FORWARD) -> int:
+def carry_macs(widths: Sequence[int], batch: int, layout: CarryLayout, strategy: int = CARRY_FORWARD,
+               gated: Sequence[int] = ()) -> int:
     """GEMM multiply-adds of one forward + backward of a forward-carry op (elementwise work not
     counted): a carried layer's GEMM over `rows` rows runs three times (forward, the weight
-    gradient, the adjoint; the first layer's adjoint on the h row alone), the layers above once per
-    mapped row, and the epilogues' own products."""
+    gradient, the adjoint; the first layer's adjoint on the h row alone), four with a per-sample
+    gate (`gated`: those layers; the backward recomputes the unscaled rows for the gate's
+    gradient), the layers above once per mapped row, and the epilogues' own products."""
     n, depth, rows = list(widths), len(widths) - 1, layout.rows
     macs = 0
     for i in range(layout.carried):
-        macs += batch * n[i] * n[i + 1] * rows * 2 + batch * n[i] * n[i + 1] * (rows if i > 0 else 1)
+        passes = 3 if i in gated else 2  # forward and weight gradient (and the gate's recomputation)
+        macs += batch * n[i] * n[i + 1] * (rows * passes + (rows if i > 0 else 1))
     if layout.carried < depth:  # the thin top: h and Delta (Laplacian) or h and the row-dots (diagonal)
         macs += 3 * batch * n[-2] * n[-1] * (2 if layout.laplacian else 1)
         if not layout.laplacian:
@@ -361,11 +364,11 @@ def carry_macs(widths: Sequence[int], batch: int, layout: CarryLayout, strategy:
 
 
 def carry_cost(widths: Sequence[int], batch: int, activations: Sequence[int], layout: CarryLayout,
-               strategy: int = CARRY_FORWARD) -> int:
+               strategy: int = CARRY_FORWARD, gated: Sequence[int] = ()) -> int:
     """What the planner minimizes, as predicted_cost: multiply-adds plus CARRY_ELEMENT_COST per
-    element of the saved carries."""
+    element of the saved carries; gated as in carry_macs."""
     carried = sum(math.prod(shape) for shape in carry_saved_shapes(widths, batch, activations, layout)[3 * (len(widths) - 1):])
-    return carry_macs(widths, batch, layout, strategy) + CARRY_ELEMENT_COST * carried
+    return carry_macs(widths, batch, layout, strategy, gated) + CARRY_ELEMENT_COST * carried
 
 
 def diagonal_applicable(strategy: int, widths: Sequence[int], trace: bool, output_linear: bool,

@@ -10,8 +10,8 @@ from torch.func import hessian, jacrev, vmap
 
 from jacext import ops
 from jacext._library import normalize_activations
-from jacext.layouts import CARRY_FORWARD, DIAGONAL_GRAM1, TRACE_GRAM2
-from jacext.planner import resolve_diagonal_strategy
+from jacext.layouts import CARRY_FORWARD, DIAGONAL_GRAM1, TRACE_GRAM2, diagonal_layout
+from jacext.planner import carry_macs, resolve_diagonal_strategy
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 
@@ -341,6 +341,10 @@ def test_explain_names_the_gates_and_biases():
     text = repr(jacext.explain(model, x, quantity="divergence", cond=t))
     assert "per-sample biases at layers [0, 1, 2], gates at layers [0, 1, 2]" in text
     assert "closed forms" in text
+    # the cost model counts the gate's backward GEMM (the unscaled rows, recomputed) once per gated layer
+    widths = [2, 8, 8, 2]
+    layout = diagonal_layout(widths, CARRY_FORWARD, conditioned_top=True)
+    assert carry_macs(widths, 5, layout, gated=(0, 2)) - carry_macs(widths, 5, layout) == 5 * layout.rows * (16 + 16)
 
 
 def test_patterns_that_stay_off_the_engine():
