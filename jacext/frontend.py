@@ -216,12 +216,9 @@ def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond, supports: f
             raise _not_lowerable(*node, f"{FACTOR_NAMES[factor]}: this quantity does not run it on the engine "
                                         "(the generic path does)")
     spec = _build(model, plan)
-    if plan.conditioned:
-        if x is None:
-            raise ValueError("the model is conditioned inside the network (a per-sample bias or gate from its "
-                             "conditioning inputs): lower it with x and the conditioning inputs, "
-                             "lower(model, x, *cond)")
-        _condition(model, plan, spec, cond, x.shape[0])
+    if plan.conditioned and x is None:
+        raise ValueError("the model is conditioned inside the network (a per-sample bias or gate from its "
+                         "conditioning inputs): lower it with x and the conditioning inputs, lower(model, x, *cond)")
     input_shape, x_offset, n = None, 0, None
     if x is not None:
         n = spec.widths[0]
@@ -230,6 +227,8 @@ def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond, supports: f
             n -= sum(cond[k].shape[1] for k, _ in plan.input_parts if k >= 0)
         _check_input(x, n, plan.flatten_input)
         input_shape = tuple(x.shape[1:]) if plan.flatten_input else None
+        if plan.conditioned:
+            _condition(model, plan, spec, cond, x.shape[0])
         if plan.dropout:
             spec.masks = draw_masks(plan, spec, x.shape[0], x.dtype, x.device)
     return Lowered(spec, plan.flatten_input, input_shape, plan.input_parts, x_offset, n, plan.dropout)
@@ -256,7 +255,8 @@ def _per_sample(value, batch, width, what):
     """A conditioning value as a (batch, width) per-sample vector (one row or one column broadcasts,
     as in the model's product or sum)."""
     if value.dim() != 2 or value.shape[0] not in (1, batch) or value.shape[1] not in (1, width):
-        raise ValueError(f"{what} must be a ({batch}, {width}) tensor (or one row), got {tuple(value.shape)}")
+        raise ValueError(f"{what} must be a ({batch}, {width}) tensor (or one row or column to broadcast), got "
+                         f"{tuple(value.shape)}")
     return value.expand(batch, width)
 
 
@@ -268,7 +268,7 @@ def _condition(model, plan, spec, cond, batch):
     for i, layer in enumerate(plan.layers):
         n_out, shift, gate = spec.weights[i].shape[0], None, None
         if layer.concat is not None:
-            w, widths = spec.weights[i], []
+            w = spec.weights[i]
             values = [None if part is None else _evaluate(model, part, cond, batch) for part in layer.concat]
             n_h = spec.widths[i] if i == 0 else spec.weights[i - 1].shape[0]
             widths = [n_h if v is None else v.shape[-1] for v in values]
