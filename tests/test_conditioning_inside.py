@@ -336,6 +336,28 @@ def test_other_quantities_take_the_generic_path():
     torch.testing.assert_close(sq, field_reference(model, x, t, jacrev).pow(2).sum((1, 2)), **TOL)
 
 
+def test_dropout_with_conditioning_inside_takes_the_generic_path():
+    """The forward-carry ops take no dropout masks and the Jacobian ops no per-sample biases or gates."""
+
+    class Dropped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.squash, self.drop, self.out = ConcatSquashLinear(3, 6), nn.Dropout(0.3), nn.Linear(6, 3)
+
+        def forward(self, x, t):
+            return self.out(self.drop(torch.tanh(self.squash(t, x))))
+
+    torch.manual_seed(2)
+    model, x, t = Dropped().double(), torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64)
+    with pytest.raises(NotLowerable, match="Dropout in train\\(\\) in a model conditioned inside"):
+        lower(model, x, t, supports=FACTORS)
+    with pytest.warns(RuntimeWarning, match="generic autograd path"):
+        torch.manual_seed(0)
+        _, div = jacext.divergence(model, x, cond=t)
+    torch.manual_seed(0)  # the same masks
+    torch.testing.assert_close(div, jacext.divergence(model, x, cond=t, method="autograd")[1], **TOL)
+
+
 def test_explain_names_the_gates_and_biases():
     model, x, t = model_and_inputs("squash-3", 2)
     text = repr(jacext.explain(model, x, quantity="divergence", cond=t))
