@@ -287,8 +287,9 @@ torch.library.register_autograd("jacext::mlp_jacobian_diagonal_backward", _diago
 # folds into the op's batch, over anything else loops (_library.register_vmap).
 for _op in ("mlp_laplacian", "mlp_jacobian_diagonal"):
     register_float32_autocast(_op)
-register_vmap("mlp_laplacian", sample_inputs=(0, 6))  # x, directions (mlp_laplacian expands them to the batch)
-register_vmap("mlp_jacobian_diagonal", sample_inputs=(0, 6))  # x, projections
+# x, directions (mlp_laplacian expands them to the batch); sample_biases, gates
+register_vmap("mlp_laplacian", sample_inputs=(0, 6), conditioning_inputs=(8, 9))
+register_vmap("mlp_jacobian_diagonal", sample_inputs=(0, 6), conditioning_inputs=(7, 8))  # x, projections
 
 
 @explained_functorch_errors

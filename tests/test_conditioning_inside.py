@@ -195,6 +195,12 @@ def test_closed_forms_refuse_and_the_planner_never_picks_them():
             torch.ops.jacext.mlp_jacobian_diagonal(x, ws, [empty] * n, codes, params, strategy, None, s)
 
 
+def test_vmap_refuses_them():
+    x, weights, biases, shifts, gates, codes, params = random_net([3, 5, 3], ["tanh", "identity"], [0], [1])
+    with pytest.raises(NotImplementedError, match="per-sample biases and gates"):
+        vmap(lambda s: ops.mlp_laplacian(s[None], weights, biases, codes, params, gates=gates))(x)
+
+
 def test_bad_input():
     x, weights, biases, shifts, gates, codes, params = random_net([3, 5, 3], ["tanh", "identity"], [0], [1])
     with pytest.raises(RuntimeError, match=r"sample_biases\[0\] must have shape"):
