@@ -20,10 +20,16 @@ from .planner import carry_tile_size, op_element_size, resolve_diagonal_strategy
 
 __all__ = ["mlp_laplacian", "mlp_jacobian_diagonal"]
 
+def _given(t):
+    """Whether an entry of the ops' per-sample bias or gate lists is one: an empty 1-d tensor stands
+    for none (csrc/mlp_laplacian.h's checked_conditioning; a (0, n) one of an empty batch is one)."""
+    return not (t.numel() == 0 and t.dim() == 1)
+
+
 def _conditioned_top(sample_biases, gates):
     """Whether the last layer has a per-sample bias or gate (the ops' lists: None, or one tensor per
-    layer, empty for none)."""
-    return any(lst is not None and len(lst) > 0 and lst[-1].numel() > 0 for lst in (sample_biases, gates))
+    layer, an empty one for none)."""
+    return any(lst is not None and len(lst) > 0 and _given(lst[-1]) for lst in (sample_biases, gates))
 
 
 @torch.library.register_fake("jacext::mlp_laplacian")
@@ -52,7 +58,7 @@ def _diagonal_fake(x, weights, biases, activations, act_params, strategy, projec
 
 def _grads_fake(x, weights, biases, input_grad, sample_biases, gates):
     def per_sample(given):
-        present = [t.numel() > 0 for t in given] if given else [False] * len(weights)
+        present = [_given(t) for t in given] if given else [False] * len(weights)
         return [x.new_empty(x.shape[0], w.shape[0]) if p else x.new_empty(0) for w, p in zip(weights, present)]
 
     return (x.new_empty(x.shape) if input_grad else None, [w.new_empty(w.shape) for w in weights],
@@ -109,7 +115,7 @@ def _present(grads, present):
 
 
 def _presence(given):
-    return None if given is None else [t.numel() > 0 for t in given]
+    return None if given is None else [_given(t) for t in given]
 
 
 def _save_forward(ctx, inputs, keyword_only_inputs, saved, config, trailing, defaults):
@@ -137,9 +143,10 @@ def _load_forward(ctx):
     x, weights, biases, rest = tensors[0], tensors[1:1 + L], tensors[1 + L:1 + 2 * L], tensors[1 + 2 * L:]
     held = rest.pop(0) if ctx.has_held else None
     conditioning = []
-    for present in ctx.conditioning_present:
-        conditioning.append(None if present is None else rest[:L])
-        rest = rest if present is None else rest[L:]
+    for present in ctx.conditioning_present:  # None, or one saved tensor per entry given
+        n = 0 if present is None else len(present)
+        conditioning.append(None if present is None else rest[:n])
+        rest = rest[n:]
     return x, weights, biases, rest, held, conditioning
 
 
@@ -198,7 +205,7 @@ def _backward_setup(ctx, keyword_only_inputs, grads, x, weights, biases, saved, 
     ctx.conditioning_present = [_presence(sample_biases), _presence(gates)]
     # per layer, which entries of the three optional lists are present
     ctx.optional_present = [[b.numel() > 0 for b in biases]] + [
-        p if p is not None else [False] * len(weights) for p in ctx.conditioning_present]
+        p if p else [False] * len(weights) for p in ctx.conditioning_present]  # None or []: none
     ctx.grad_present = [g is not None for g in grads]
     optional = [biases, sample_biases or [], gates or []]
     ctx.save_for_backward(*[g for g in grads if g is not None], x, *weights,

@@ -195,6 +195,28 @@ def test_closed_forms_refuse_and_the_planner_never_picks_them():
             torch.ops.jacext.mlp_jacobian_diagonal(x, ws, [empty] * n, codes, params, strategy, None, s)
 
 
+def test_an_empty_list_and_an_empty_batch():
+    """[] stands for none (the op's double backward too); a (0, n) bias of an empty batch is one."""
+    x, weights, biases, shifts, gates, codes, params = random_net([3, 5, 3], ["tanh", "identity"], [], [0])
+    x, *weights = leaves(x, *weights)
+    gate = leaves(gates[0])[0]
+    empty = torch.empty(0, dtype=x.dtype)
+    _, grad, lap, _ = torch.ops.jacext.mlp_laplacian(x, weights, [empty] * 2, codes, params, True, None, -1, [],
+                                                     [gate, empty])
+    _, grad_ref, lap_ref = ops.mlp_laplacian(x, weights, [None] * 2, codes, params, return_gradient=True,
+                                             gates=[gate, None])
+    inputs = [x, *weights, gate]
+    for a, b in zip(torch.autograd.grad(lap.sum() + grad.pow(2).sum(), inputs, create_graph=True),
+                    torch.autograd.grad(lap_ref.sum() + grad_ref.pow(2).sum(), inputs, create_graph=True)):
+        torch.testing.assert_close(a, b, **TOL)
+        torch.testing.assert_close(torch.autograd.grad(a.sum(), x, retain_graph=True)[0],
+                                   torch.autograd.grad(b.sum(), x, retain_graph=True)[0], **TOL)
+    x0, s0 = leaves(torch.randn(0, 3, dtype=x.dtype), torch.randn(0, 5, dtype=x.dtype))
+    _, lap0 = ops.mlp_laplacian(x0, weights, [None] * 2, codes, params, sample_biases=[s0, None])
+    lap0.sum().backward()
+    assert lap0.shape == (0, 3) and s0.grad.shape == (0, 5)
+
+
 def test_vmap_refuses_them():
     x, weights, biases, shifts, gates, codes, params = random_net([3, 5, 3], ["tanh", "identity"], [0], [1])
     with pytest.raises(NotImplementedError, match="per-sample biases and gates"):
