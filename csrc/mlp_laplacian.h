@@ -27,6 +27,17 @@
 // alone or skip the T rows, so they do not apply across a skip (a skip into the last layer keeps
 // every row through it; the diagonal then reads T_ii off the top carry).
 //
+// Conditioning inside the net (`sample_biases`, `gates`): per layer i, a per-sample bias s_i and a
+// per-sample pre-activation gate g_i (B, n_{i+1}), z = g .* (h W[i]^T) + b + s (a conditioning input
+// concatenated into a hidden Linear gives s = c W_c^T; FFJORD's ConcatSquash (W h + b) .* sigmoid(A t)
+// + C t gives g and s). The gate scales every row of A (T and Delta are linear in A's rows, and the
+// fused pass then gives T = act' g P, Delta = act' g q + act'' g^2 sum P^2); the bias shifts the h
+// row alone. Backward, with Abar the pass's adjoint of the scaled rows: sbar = Abar's h row (the bias
+// gradient before the batch sum), gbar = sum over rows of Abar .* (C W[i]^T) (the unscaled rows,
+// recomputed: one GEMM), and the weights and the carry see Abar .* g. The closed forms do not apply;
+// a conditioned last layer keeps every row through it (the epilogues that map h alone or read
+// T off the row-dot with the last weight assume z = h W^T + b there).
+//
 // The first `carried` layers carry every row; what happens above them is the op's epilogue:
 //   Laplacian: every layer (y, J and Delta from C_L); with a linear output layer and no gradient
 //     asked for, the last layer maps only h and Delta (y = h W^T + b, Delta_out = Delta W^T): two
@@ -92,6 +103,8 @@ struct ForwardCarry {
   Tensor projections;    // (B, c, n_0) tangents v_j, or undefined (unit vectors, or c = 0)
   int64_t squared = 0;   // Laplacian: Delta sums over the first `squared` tangent rows
   std::vector<int64_t> residual;  // per layer: the skip's j, or -1; empty without skips
+  // per layer: the per-sample bias and gate (B, n_{i+1}), undefined for none (always L entries)
+  std::vector<Tensor> sample_biases, gates;
 
   int64_t skip(int64_t i) const { return residual.empty() ? -1 : residual[i]; }
 
@@ -167,12 +180,17 @@ struct ForwardCarry {
     int64_t n;
     std::vector<Tensor> d1, d2, d3, hidden, pre;
     Tensor extra, v;
+    std::vector<Tensor> shift, gate;
+    // the backward's outputs for the tile's samples: sbar and gbar per layer (undefined: none)
+    std::vector<Tensor> shift_bar, gate_bar;
   };
   Tile tile_of(const CarrySaved& s, int64_t b0, int64_t n) const {
     Tile t{n, batch_rows(s.d1, b0, n), batch_rows(s.d2, b0, n), batch_rows(s.d3, b0, n),
            batch_rows(s.hidden, b0, n), batch_rows(s.pre, b0, n)};
     if (s.extra.defined()) t.extra = s.extra.narrow(0, b0, n);
     if (projections.defined()) t.v = projections.narrow(0, b0, n);
+    t.shift = batch_rows(sample_biases, b0, n);
+    t.gate = batch_rows(gates, b0, n);
     return t;
   }
 
@@ -206,6 +224,8 @@ struct ForwardCarry {
     const bool full = out.size(1) == rows();
     Tensor a = full && t.pre[i].defined() ? t.pre[i] : out;
     Kernels::mm(flat(a), in, weights[i].t());
+    if (t.gate[i].defined()) a.mul_(t.gate[i].unsqueeze(1));
+    if (t.shift[i].defined()) a.select(1, 0).add_(t.shift[i]);
     Kernels::carry_forward(a, bias_at(biases, i).value_or(Tensor()), out, t.d1[i], t.d2[i],
                            full ? t.d3[i] : Tensor(), activations[i], act_params[2 * i], act_params[2 * i + 1],
                            full ? columns : 0, full && laplacian, squared);
@@ -235,6 +255,14 @@ struct ForwardCarry {
                             full ? columns : 0, full && laplacian, squared, zero_tangents);
     const auto options = g.options();
     if (bias_at(biases, i)) zeroed(sums.b[i], {width(i + 1)}, options).add_(g.select(1, 0).sum(0));
+    if (t.shift_bar[i].defined()) t.shift_bar[i].copy_(g.select(1, 0));
+    if (t.gate[i].defined()) {  // g holds the adjoint of the scaled rows g_i .* A
+      Tensor a = empty(g.sizes(), options);
+      Kernels::mm(flat(a), in, weights[i].t());
+      Tensor gate_bar = t.gate_bar[i];
+      at::sum_out(gate_bar, a.mul_(g), 1);
+      g.mul_(t.gate[i].unsqueeze(1));
+    }
     add_mm(sums.w[i], flat(g).t(), in);
     if (!input) return Tensor();
     Tensor g_in = empty({g.size(0), g.size(1), width(i)}, options);
@@ -312,6 +340,69 @@ inline void copy_or_zero(const Tensor& out, const Tensor& src) {
 
 inline Tensor value_or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
+// The per-sample biases and gates checked against the net: L entries, each (B, n_{i+1}) or
+// undefined (an empty tensor or no list: none).
+inline std::vector<Tensor> checked_conditioning(const std::optional<at::TensorList>& given, const Tensor& x,
+                                                at::TensorList weights, const char* name) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  std::vector<Tensor> out(L);
+  if (!given.has_value() || given->empty()) return out;
+  TORCH_CHECK(static_cast<int64_t>(given->size()) == L, "jacext: expected no ", name, " or one per layer (", L,
+              ", an empty tensor for none), got ", given->size());
+  for (const auto i : c10::irange(L)) {
+    const Tensor& s = (*given)[i];
+    if (!s.defined() || (s.numel() == 0 && s.dim() == 1)) continue;
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == x.size(0) && s.size(1) == weights[i].size(0), "jacext: ", name, "[",
+                i, "] must have shape (batch=", x.size(0), ", ", weights[i].size(0), "), got ", s.sizes());
+    TORCH_CHECK(s.scalar_type() == x.scalar_type() && s.device() == x.device(), "jacext: ", name, "[", i,
+                "] must match x's dtype and device, got ", s.scalar_type(), " on ", s.device());
+    out[i] = s.contiguous();
+  }
+  return out;
+}
+
+// Sets the net's per-sample biases and gates; whether any layer has one.
+template <class Net>
+bool condition(Net& net, const std::optional<at::TensorList>& sample_biases,
+               const std::optional<at::TensorList>& gates, const Tensor& x, at::TensorList weights) {
+  net.sample_biases = checked_conditioning(sample_biases, x, weights, "sample_biases");
+  net.gates = checked_conditioning(gates, x, weights, "gates");
+  for (const auto i : c10::irange(net.depth())) {
+    if (net.sample_biases[i].defined() || net.gates[i].defined()) return true;
+  }
+  return false;
+}
+
+// Whether the last layer has a per-sample bias or gate (it keeps every row through it then).
+inline bool conditioned_top(const std::optional<at::TensorList>& sample_biases,
+                            const std::optional<at::TensorList>& gates) {
+  for (const auto* list : {&sample_biases, &gates}) {
+    if (list->has_value() && !(*list)->empty()) {
+      const Tensor& top = (*list)->back();
+      if (top.defined() && !(top.numel() == 0 && top.dim() == 1)) return true;
+    }
+  }
+  return false;
+}
+
+// The backward's per-sample outputs, sbar or gbar per layer: (B, n_{i+1}) where the net has a bias
+// or gate there (every tile writes its rows), undefined elsewhere.
+inline std::vector<Tensor> conditioning_grads(const std::vector<Tensor>& given, const at::TensorOptions& options) {
+  std::vector<Tensor> out;
+  for (const Tensor& s : given) out.push_back(s.defined() ? at::empty(s.sizes(), options) : Tensor());
+  return out;
+}
+
+// The backward ops' results: grad_x, the weight and bias gradients, then sbar and gbar per layer
+// (an empty tensor for a layer without).
+using CarryGrads = std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+                              std::vector<Tensor>>;
+inline std::vector<Tensor> absent_where_undefined(const std::vector<Tensor>& all, const at::TensorOptions& options) {
+  std::vector<Tensor> out;
+  for (const Tensor& t : all) out.push_back(undefined_to_absent(t, options));
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The Laplacian: y, J V^T (when `gradient`) and Delta y = sum_{j<k} v_j^T (d^2 y / dx^2) v_j, all
 // (B, m, ...), for c tangent rows v_j: the unit vectors (c = n_0; J and the Laplacian
@@ -338,7 +429,9 @@ template <class Kernels>
 ForwardCarry<Kernels> laplacian_carry(const Tensor& x, at::TensorList weights, at::TensorList biases,
                                       at::IntArrayRef activations, at::ArrayRef<double> act_params,
                                       bool gradient, const std::optional<Tensor>& directions,
-                                      int64_t laplacian_rows, int64_t tile, at::OptionalIntArrayRef residual) {
+                                      int64_t laplacian_rows, int64_t tile, at::OptionalIntArrayRef residual,
+                                      const std::optional<at::TensorList>& sample_biases,
+                                      const std::optional<at::TensorList>& gates) {
   check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
   check_tile(tile);
   std::vector<int64_t> skips = checked_residual(residual, weights);
@@ -348,19 +441,25 @@ ForwardCarry<Kernels> laplacian_carry(const Tensor& x, at::TensorList weights, a
               "be -1 (every tangent row) or in [1, ", c, "], got ", laplacian_rows);
   const int64_t k = laplacian_rows == -1 ? c : laplacian_rows, columns = gradient ? c : k;
   if (v.defined() && columns < c) v = v.narrow(1, 0, columns);
-  // A linear output layer maps h and Delta alone when J is not returned (and no skip ends there).
-  const bool thin_top = !gradient && activations[L - 1] == kIdentity && (skips.empty() || skips[L - 1] < 0);
-  return {weights, biases, activations, act_params, columns, true, thin_top ? L - 1 : L, v, k, std::move(skips)};
+  // A linear output layer maps h and Delta alone when J is not returned (and no skip ends there, no
+  // per-sample bias or gate is on it).
+  const bool thin_top = !gradient && activations[L - 1] == kIdentity && (skips.empty() || skips[L - 1] < 0) &&
+                        !conditioned_top(sample_biases, gates);
+  ForwardCarry<Kernels> net{weights, biases, activations, act_params, columns, true, thin_top ? L - 1 : L, v, k,
+                            std::move(skips)};
+  condition(net, sample_biases, gates, x, weights);
+  return net;
 }
 
 template <class Kernels>
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_laplacian(
     const Tensor& x_in, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
     at::ArrayRef<double> act_params, bool gradient, const std::optional<Tensor>& directions,
-    int64_t laplacian_rows, int64_t tile, at::OptionalIntArrayRef residual) {
+    int64_t laplacian_rows, const std::optional<at::TensorList>& sample_biases,
+    const std::optional<at::TensorList>& gates, int64_t tile, at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
   const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, directions,
-                                            laplacian_rows, tile, residual);
+                                            laplacian_rows, tile, residual, sample_biases, gates);
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L), c = net.columns;
   const auto options = x.options();
   Tensor y = net.empty({B, m}, options), lap = net.empty({B, m}, options);
@@ -393,15 +492,16 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_laplacian(
 // input_grad), the weights and the biases (an empty tensor for a layer without bias); the
 // directions are held constant.
 template <class Kernels>
-std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_laplacian_backward(
+CarryGrads mlp_laplacian_backward(
     const std::optional<Tensor>& grad_y_in, const std::optional<Tensor>& grad_grad_in,
     const std::optional<Tensor>& grad_lap_in, const Tensor& x_in, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, bool gradient, at::TensorList saved_list,
-    const std::optional<Tensor>& directions, int64_t laplacian_rows, int64_t tile, bool input_grad,
-    at::OptionalIntArrayRef residual) {
+    const std::optional<Tensor>& directions, int64_t laplacian_rows,
+    const std::optional<at::TensorList>& sample_biases, const std::optional<at::TensorList>& gates, int64_t tile,
+    bool input_grad, at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
   const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, directions,
-                                            laplacian_rows, tile, residual);
+                                            laplacian_rows, tile, residual, sample_biases, gates);
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L), c = net.columns;
   const auto options = x.options();
   const CarrySaved saved = net.unpack_saved(saved_list);
@@ -415,10 +515,14 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
                 at::IntArrayRef(sizes), ", got ", g.sizes());
   }
   Tensor grad_x = input_grad ? net.empty(x.sizes(), options) : Tensor();
+  const std::vector<Tensor> shift_bar = conditioning_grads(net.sample_biases, options),
+                            gate_bar = conditioning_grads(net.gates, options);
   std::vector<CarrySums> sums(Kernels::sum_slots(B, tile), CarrySums(L));
   const std::vector<Tensor> no_adj_d(L);
   Kernels::for_tiles(B, tile, [&](int64_t slot, int64_t b0, int64_t n) {
-    const auto t = net.tile_of(saved, b0, n);
+    auto t = net.tile_of(saved, b0, n);
+    t.shift_bar = batch_rows(shift_bar, b0, n);
+    t.gate_bar = batch_rows(gate_bar, b0, n);
     const Tensor x_t = x.narrow(0, b0, n), gx = input_grad ? grad_x.narrow(0, b0, n) : Tensor();
     const Tensor gy = grad_y.defined() ? grad_y.narrow(0, b0, n) : Tensor();
     const Tensor gl = grad_lap.defined() ? grad_lap.narrow(0, b0, n) : Tensor();
@@ -447,7 +551,8 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     net.sweep_backward(g, L - 2, t, x_t, no_adj_d, true, gx, s);
   });
   auto [grad_w, grad_b] = net.totals(sums, options);
-  return {input_grad ? std::optional<Tensor>(grad_x) : std::nullopt, grad_w, grad_b};
+  return {input_grad ? std::optional<Tensor>(grad_x) : std::nullopt, grad_w, grad_b,
+          absent_where_undefined(shift_bar, options), absent_where_undefined(gate_bar, options)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -455,7 +560,7 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
 // V (B, k, n) the k terms v_j^T J v_j (B, k).
 
 inline void check_diagonal(const Tensor& x, at::TensorList weights, at::IntArrayRef activations,
-                           int64_t strategy, bool skips) {
+                           int64_t strategy, bool skips, bool conditioned) {
   const int64_t L = static_cast<int64_t>(weights.size()), n0 = x.size(1), m = weights[L - 1].size(0);
   TORCH_CHECK(m == n0, "jacext: the Jacobian diagonal and the divergence need a square net (as many outputs "
               "as inputs), got ", n0, " inputs and ", m, " outputs");
@@ -467,6 +572,8 @@ inline void check_diagonal(const Tensor& x, at::TensorList weights, at::IntArray
               "(two-hidden-layer trace) needs exactly three layers and a linear output layer");
   TORCH_CHECK(strategy == kForward || !skips, "jacext: the closed forms (strategy ", strategy, ") do not apply "
               "across a residual skip; strategy must be 0 (forward columns)");
+  TORCH_CHECK(strategy == kForward || !conditioned, "jacext: the closed forms (strategy ", strategy, ") do not "
+              "apply with per-sample biases or gates; strategy must be 0 (forward columns)");
 }
 
 inline Tensor checked_tangents(const std::optional<Tensor>& projections, const Tensor& x, int64_t strategy) {
@@ -488,17 +595,24 @@ template <class Kernels>
 ForwardCarry<Kernels> diagonal_carry(const Tensor& x, at::TensorList weights, at::TensorList biases,
                                      at::IntArrayRef activations, at::ArrayRef<double> act_params,
                                      int64_t strategy, const std::optional<Tensor>& projections, int64_t tile,
-                                     at::OptionalIntArrayRef residual) {
+                                     at::OptionalIntArrayRef residual,
+                                     const std::optional<at::TensorList>& sample_biases,
+                                     const std::optional<at::TensorList>& gates) {
   check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
   check_tile(tile);
   std::vector<int64_t> skips = checked_residual(residual, weights);
-  check_diagonal(x, weights, activations, strategy, !skips.empty());
-  const Tensor v = checked_tangents(projections, x, strategy);
   const int64_t L = static_cast<int64_t>(weights.size());
-  if (strategy != kForward) return {weights, biases, activations, act_params, 0, false, L, Tensor()};
-  const bool full_top = v.defined() || (!skips.empty() && skips[L - 1] >= 0);
-  const int64_t columns = v.defined() ? v.size(1) : x.size(1);
-  return {weights, biases, activations, act_params, columns, false, full_top ? L : L - 1, v, 0, std::move(skips)};
+  ForwardCarry<Kernels> net{weights, biases, activations, act_params, 0, false, L, Tensor()};
+  const bool conditioned = condition(net, sample_biases, gates, x, weights);
+  check_diagonal(x, weights, activations, strategy, !skips.empty(), conditioned);
+  const Tensor v = checked_tangents(projections, x, strategy);
+  if (strategy != kForward) return net;
+  const bool full_top = v.defined() || (!skips.empty() && skips[L - 1] >= 0) || conditioned_top(sample_biases, gates);
+  net.columns = v.defined() ? v.size(1) : x.size(1);
+  net.carried = full_top ? L : L - 1;
+  net.projections = v;
+  net.residual = std::move(skips);
+  return net;
 }
 
 // The closed forms' sample-independent matrices: kGram1 M = W_1 .* W_2^T (n_1 x n_0); kTraceGram2
@@ -524,11 +638,12 @@ inline Tensor row_dots(const Tensor& c, const Tensor& w) {
 template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_diagonal(
     const Tensor& x_in, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
-    at::ArrayRef<double> act_params, int64_t strategy, const std::optional<Tensor>& projections, int64_t tile,
+    at::ArrayRef<double> act_params, int64_t strategy, const std::optional<Tensor>& projections,
+    const std::optional<at::TensorList>& sample_biases, const std::optional<at::TensorList>& gates, int64_t tile,
     at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
   const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, projections, tile,
-                                           residual);
+                                           residual, sample_biases, gates);
   const Tensor& v = net.projections;
   const int64_t B = x.size(0), L = net.depth(), n0 = x.size(1);
   const bool full_top = strategy == kForward && net.carried == L;
@@ -575,14 +690,15 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_diagonal(
 // Gradients of sum(grad_y * y) + sum(grad_out * out) w.r.t. x (when input_grad), the weights and
 // the biases; the projections are held constant.
 template <class Kernels>
-std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_diagonal_backward(
+CarryGrads mlp_jacobian_diagonal_backward(
     const std::optional<Tensor>& grad_y_in, const std::optional<Tensor>& grad_out_in, const Tensor& x_in,
     at::TensorList weights, at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
-    int64_t strategy, at::TensorList saved_list, const std::optional<Tensor>& projections, int64_t tile,
+    int64_t strategy, at::TensorList saved_list, const std::optional<Tensor>& projections,
+    const std::optional<at::TensorList>& sample_biases, const std::optional<at::TensorList>& gates, int64_t tile,
     bool input_grad, at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
   const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, projections, tile,
-                                           residual);
+                                           residual, sample_biases, gates);
   const Tensor& v = net.projections;
   const int64_t B = x.size(0), L = net.depth(), n0 = x.size(1);
   const bool full_top = strategy == kForward && net.carried == L;
@@ -597,9 +713,13 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
               "shape ", at::IntArrayRef(out_sizes), ", got ", grad_out.sizes());
   const ClosedForm closed = closed_form(weights, strategy);
   Tensor grad_x = input_grad ? net.empty(x.sizes(), options) : Tensor();
+  const std::vector<Tensor> shift_bar = conditioning_grads(net.sample_biases, options),
+                            gate_bar = conditioning_grads(net.gates, options);
   std::vector<CarrySums> sums(Kernels::sum_slots(B, tile), CarrySums(L));
   Kernels::for_tiles(B, tile, [&](int64_t slot, int64_t b0, int64_t n) {
-    const auto t = net.tile_of(saved, b0, n);
+    auto t = net.tile_of(saved, b0, n);
+    t.shift_bar = batch_rows(shift_bar, b0, n);
+    t.gate_bar = batch_rows(gate_bar, b0, n);
     const Tensor x_t = x.narrow(0, b0, n), gx = input_grad ? grad_x.narrow(0, b0, n) : Tensor();
     const Tensor gy = grad_y.defined() ? grad_y.narrow(0, b0, n) : Tensor();
     const Tensor go = grad_out.defined() ? grad_out.narrow(0, b0, n) : Tensor();
@@ -669,7 +789,8 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     grad_w[0].addmm_(cbar, weights[2].t());
     grad_w[2].addmm_(weights[0].t(), cbar);
   }
-  return {input_grad ? std::optional<Tensor>(grad_x) : std::nullopt, grad_w, grad_b};
+  return {input_grad ? std::optional<Tensor>(grad_x) : std::nullopt, grad_w, grad_b,
+          absent_where_undefined(shift_bar, options), absent_where_undefined(gate_bar, options)};
 }
 
 // The activation table as both devices' kernels evaluate it: (4, *y.shape) = act, act', act'',

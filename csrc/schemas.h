@@ -64,30 +64,37 @@ inline void define_mlp_ops(torch::Library& m) {
   // With directions V (B or 1, c, n_0): the c rows v_j replace the unit vectors, grad = J V^T
   // (B, m, c); lap sums v_j^T (d^2 y_i / dx^2) v_j over the first laplacian_rows rows (-1: all).
   // residual (these four ops): per layer i, -1 or the j <= i whose input carry C_j is added to layer
-  // i's output (a skip h + g(h)); None: no skip.
+  // i's output (a skip h + g(h)); None: no skip. sample_biases, gates (positional: they take
+  // gradients): None (or []) for none, or one per layer, (B, n_{i+1}) or an empty tensor for none:
+  // z = gate * (h W^T) + b + sample_bias (conditioning inside the net). The backward ops return
+  // their gradients per sample (an empty tensor for a layer without).
   m.def(
       "mlp_laplacian(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, float[] act_params, "
-      "bool gradient, Tensor? directions=None, int laplacian_rows=-1, *, int tile=0, int[]? residual=None) -> "
+      "bool gradient, Tensor? directions=None, int laplacian_rows=-1, Tensor[]? sample_biases=None, "
+      "Tensor[]? gates=None, *, int tile=0, int[]? residual=None) -> "
       "(Tensor y, Tensor grad, Tensor lap, Tensor[] saved)");
   // Gradients of sum(grad_y*y) + sum(grad_grad*grad) + sum(grad_lap*lap) w.r.t. x (with input_grad),
   // weights, biases (an empty tensor for a layer without bias).
   m.def(
       "mlp_laplacian_backward(Tensor? grad_y, Tensor? grad_grad, Tensor? grad_lap, Tensor x, Tensor[] weights, "
       "Tensor[] biases, int[] activations, float[] act_params, bool gradient, Tensor[] saved, "
-      "Tensor? directions=None, int laplacian_rows=-1, *, int tile=0, bool input_grad=True, int[]? residual=None) "
-      "-> (Tensor? grad_x, Tensor[] grad_weights, Tensor[] grad_biases)");
+      "Tensor? directions=None, int laplacian_rows=-1, Tensor[]? sample_biases=None, Tensor[]? gates=None, *, "
+      "int tile=0, bool input_grad=True, int[]? residual=None) -> (Tensor? grad_x, Tensor[] grad_weights, "
+      "Tensor[] grad_biases, Tensor[] grad_sample_biases, Tensor[] grad_gates)");
   // Square nets: y = mlp(x) and out = diag(dy/dx) (B, n) (strategy 0: forward columns, 1: one
   // hidden layer closed form), tr(dy/dx) (B) (strategy 2: two hidden layers, linear output), or
   // with projections V (B, k, n) (strategy 0) out[b, j] = v_bj^T (dy_b/dx_b) v_bj (B, k).
   m.def(
       "mlp_jacobian_diagonal(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
-      "float[] act_params, int strategy, Tensor? projections=None, *, int tile=0, int[]? residual=None) -> "
+      "float[] act_params, int strategy, Tensor? projections=None, Tensor[]? sample_biases=None, "
+      "Tensor[]? gates=None, *, int tile=0, int[]? residual=None) -> "
       "(Tensor y, Tensor out, Tensor[] saved)");
   m.def(
       "mlp_jacobian_diagonal_backward(Tensor? grad_y, Tensor? grad_out, Tensor x, Tensor[] weights, "
       "Tensor[] biases, int[] activations, float[] act_params, int strategy, Tensor[] saved, "
-      "Tensor? projections=None, *, int tile=0, bool input_grad=True, int[]? residual=None) -> (Tensor? grad_x, "
-      "Tensor[] grad_weights, Tensor[] grad_biases)");
+      "Tensor? projections=None, Tensor[]? sample_biases=None, Tensor[]? gates=None, *, int tile=0, "
+      "bool input_grad=True, int[]? residual=None) -> (Tensor? grad_x, Tensor[] grad_weights, "
+      "Tensor[] grad_biases, Tensor[] grad_sample_biases, Tensor[] grad_gates)");
   // The activation table as the kernels evaluate it: (4, *y.shape) = act, act', act'', act''' at y.
   m.def("activation_derivatives(Tensor y, int activation, float p0, float p1) -> Tensor");
 }

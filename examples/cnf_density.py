@@ -9,13 +9,16 @@ with the divergence over z only (t held fixed): `jacext.divergence(field, z, con
 the fused engine (the concatenation with t is lowered; the divergence runs the fused diagonal op),
 along a fixed-step RK4 solve that training differentiates through (the divergence's own gradient
 is its double backward). `--estimator hutchinson` uses one Rademacher projection per step instead
-(FFJORD's estimator, unbiased). At the end: the mean log-likelihood of held-out points, and a PNG
-of the data beside the learned density.
+(FFJORD's estimator, unbiased). `--field concatsquash` uses FFJORD's ConcatSquash layers instead,
+`(W h + b) * sigmoid(A t + a) + C t`: t enters every layer as a per-sample gate and bias, which the
+engine carries too. At the end: the mean log-likelihood of held-out points, and a PNG of the data
+beside the learned density.
 
     python examples/cnf_density.py --out bench/results/cnf_density.png
                                                 # 600 steps, two minutes or less on 2 cores: held-out
                                                 # NLL 1.45 nats (a fitted Gaussian: 2.80)
     python examples/cnf_density.py --quick      # tiny sizes, seconds (the tests run it)
+    python examples/cnf_density.py --field concatsquash
 """
 from __future__ import annotations
 
@@ -43,6 +46,38 @@ class Field(nn.Module):
 
     def forward(self, x, t):
         return self.net(torch.cat([x, t], 1))
+
+
+class ConcatSquashLinear(nn.Module):
+    """FFJORD's layers.diffeq_layers.ConcatSquashLinear (t a (B, 1) tensor here)."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self._layer = nn.Linear(dim_in, dim_out)
+        self._hyper_bias = nn.Linear(1, dim_out, bias=False)
+        self._hyper_gate = nn.Linear(1, dim_out)
+
+    def forward(self, t, x):
+        return self._layer(x) * torch.sigmoid(self._hyper_gate(t.view(-1, 1))) + self._hyper_bias(t.view(-1, 1))
+
+
+class SquashField(nn.Module):
+    """f(x, t) of ConcatSquash layers, tanh between them (FFJORD's "concatsquash" ODEnet)."""
+
+    def __init__(self, dim=2, width=64, depth=2):
+        super().__init__()
+        widths = [dim] + [width] * depth + [dim]
+        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+    def forward(self, x, t):
+        for i, layer in enumerate(self.layers):
+            x = layer(t, x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+FIELDS = {"concat": Field, "concatsquash": SquashField}
 
 
 def two_moons(n, generator, noise=0.08):
@@ -108,6 +143,8 @@ def main(argv=None):
     parser.add_argument("--ode-steps", type=int, default=4, help="RK4 steps on [0, 1]")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--estimator", choices=("exact", "hutchinson"), default="exact")
+    parser.add_argument("--field", choices=tuple(FIELDS), default="concat",
+                        help="cat([x, t]) at the input, or ConcatSquash layers")
     parser.add_argument("--grid", type=int, default=120, help="density plot resolution")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="cnf_density.png", help="PNG path ('' for none)")
@@ -118,7 +155,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     points = torch.Generator().manual_seed(args.seed + 1)
-    field = Field(width=args.width)
+    field = FIELDS[args.field](width=args.width)
     optimizer = torch.optim.Adam(field.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps, eta_min=args.lr / 20)
     held_out = two_moons(2048 if not args.quick else 64, torch.Generator().manual_seed(args.seed + 2))

@@ -78,28 +78,34 @@ def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biase
 
 
 def forward_carry_composite(x, weights, biases, activations, act_params, tangents=None, laplacian=False,
-                            laplacian_rows=-1, residual=None):
+                            laplacian_rows=-1, residual=None, sample_biases=None, gates=None):
     """(y, T, delta): the MLP output, the tangent rows T[b, j] = (dy_b/dx_b) t_j (B, c, m) for the unit
     vectors (tangents None) or the rows of tangents (B or 1, c, n_0), and with laplacian the Laplacian
     sum_j t_j^T (d^2 y / dx^2) t_j over the first laplacian_rows rows (-1: all) (B, m), else None:
     the carry of csrc/mlp_laplacian.h in torch ops. residual (None or per layer i, -1 or j <= i):
-    layer i's output adds the carry (h, T, delta) that entered layer j."""
+    layer i's output adds the carry (h, T, delta) that entered layer j. sample_biases, gates (None, or
+    per layer None or (B, n_{i+1})): z = gate * (h W^T) + b + sample_bias, the gate scaling every row
+    of the layer's product (h, T and delta alike)."""
     h = x
     t = tangents if tangents is not None else torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
     delta = torch.zeros_like(x) if laplacian else None
     carries = []  # the input carry of each layer, for the skips
     for i, w in enumerate(weights):
         carries.append((h, t, delta))
-        z = h @ w.t()
+        z, p, q = h @ w.t(), t @ w.t(), delta @ w.t() if laplacian else None
+        gate = gates[i] if gates is not None else None
+        if gate is not None:
+            z, p, q = gate * z, gate.unsqueeze(1) * p, gate * q if laplacian else None
         if biases[i] is not None:
             z = z + biases[i]
+        if sample_biases is not None and sample_biases[i] is not None:
+            z = z + sample_biases[i]
         code, p0, p1 = activations[i], act_params[2 * i], act_params[2 * i + 1]
-        p = t @ w.t()
         d1 = activation_derivative(z, code, p0, p1)
         if laplacian:
             d2 = activation_second_derivative(z, code, p0, p1)
             squared = p if laplacian_rows == -1 else p[:, :laplacian_rows]
-            delta = d1 * (delta @ w.t()) + d2 * squared.pow(2).sum(1)
+            delta = d1 * q + d2 * squared.pow(2).sum(1)
         h, t = activation_value(z, code, p0, p1), d1.unsqueeze(1) * p
         if residual is not None and residual[i] >= 0:
             h_j, t_j, delta_j = carries[residual[i]]
@@ -109,44 +115,55 @@ def forward_carry_composite(x, weights, biases, activations, act_params, tangent
     return h, t, delta
 
 
-def _vjp_of(outputs_fn, x, weights, biases, cotangents):
-    """The gradients of sum(cotangent * output) over outputs_fn(x, weights, full biases) w.r.t. x,
-    the weights and the biases that are not None, in differentiable torch ops."""
-    present = [i for i, b in enumerate(biases) if b is not None]
+def _vjp_of(outputs_fn, x, weights, optional, cotangents):
+    """The gradients of sum(cotangent * output) over outputs_fn(x, weights, *full lists) w.r.t. x,
+    the weights and the entries that are not None of each per-layer list in `optional` (the
+    biases, per-sample biases, gates; a list may be None: no entries), in differentiable torch ops."""
+    optional = [[None] * len(weights) if lst is None else list(lst) for lst in optional]
+    present = [[i for i, t in enumerate(lst) if t is not None] for lst in optional]
 
-    def outputs(x, weights, present_biases):
-        full = [None] * len(weights)
-        for i, b in zip(present, present_biases):
-            full[i] = b
-        return outputs_fn(x, weights, full)
+    def outputs(x, weights, *present_values):
+        full = []
+        for indices, values in zip(present, present_values):
+            entries = [None] * len(weights)
+            for i, v in zip(indices, values):
+                entries[i] = v
+            full.append(entries)
+        return outputs_fn(x, weights, *full)
 
-    values, vjp = torch.func.vjp(outputs, x, list(weights), [biases[i] for i in present])
+    values, vjp = torch.func.vjp(outputs, x, list(weights), *[[lst[i] for i in indices]
+                                                              for lst, indices in zip(optional, present)])
     return vjp(tuple(torch.zeros_like(v) if g is None else g for g, v in zip(cotangents, values)))
 
 
 def mlp_laplacian_backward_composite(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params,
-                                     directions=None, laplacian_rows=-1, residual=None):
+                                     directions=None, laplacian_rows=-1, residual=None, sample_biases=None,
+                                     gates=None):
     """What the op mlp_laplacian_backward computes, in differentiable torch ops: the gradients of
-    sum(grad_y*y) + sum(grad_grad*grad) + sum(grad_lap*lap) w.r.t. x, the weights and the biases
-    that are not None; the directions (tangent rows) held constant."""
-    def outputs(x, weights, biases):
+    sum(grad_y*y) + sum(grad_grad*grad) + sum(grad_lap*lap) w.r.t. x, the weights, and the biases,
+    per-sample biases and gates that are not None (a list each); the directions (tangent rows) held
+    constant."""
+    def outputs(x, weights, biases, sample_biases, gates):
         y, t, lap = forward_carry_composite(x, weights, biases, activations, act_params, directions, laplacian=True,
-                                            laplacian_rows=laplacian_rows, residual=residual)
+                                            laplacian_rows=laplacian_rows, residual=residual,
+                                            sample_biases=sample_biases, gates=gates)
         return y, t.transpose(1, 2), lap
 
-    return _vjp_of(outputs, x, weights, biases, (grad_y, grad_grad, grad_lap))
+    return _vjp_of(outputs, x, weights, (biases, sample_biases, gates), (grad_y, grad_grad, grad_lap))
 
 
 def mlp_jacobian_diagonal_backward_composite(grad_y, grad_out, x, weights, biases, activations, act_params,
-                                             trace=False, projections=None, residual=None):
+                                             trace=False, projections=None, residual=None, sample_biases=None,
+                                             gates=None):
     """What the op mlp_jacobian_diagonal_backward computes, in differentiable torch ops, for the
-    diagonal (B, n), its sum (trace), or with projections the terms v_j^T J v_j (B, k)."""
-    def outputs(x, weights, biases):
+    diagonal (B, n), its sum (trace), or with projections the terms v_j^T J v_j (B, k); the
+    gradients as mlp_laplacian_backward_composite's."""
+    def outputs(x, weights, biases, sample_biases, gates):
         y, t, _ = forward_carry_composite(x, weights, biases, activations, act_params, projections,
-                                          residual=residual)
+                                          residual=residual, sample_biases=sample_biases, gates=gates)
         if projections is not None:
             return y, (t * projections).sum(2)
         diag = t.diagonal(dim1=1, dim2=2)  # T[b, j] = J e_j: the diagonal is T[b, j, j]
         return y, diag.sum(1) if trace else diag
 
-    return _vjp_of(outputs, x, weights, biases, (grad_y, grad_out))
+    return _vjp_of(outputs, x, weights, (biases, sample_biases, gates), (grad_y, grad_out))

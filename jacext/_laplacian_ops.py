@@ -13,19 +13,31 @@ import torch
 
 from ._checks import check_residual, check_square
 from ._composites import mlp_jacobian_diagonal_backward_composite, mlp_laplacian_backward_composite
-from ._library import (ActivationSpec, bias_tensors, compiled, explained_functorch_errors, normalize_activations,
+from ._library import (ActivationSpec, bias_tensors, compiled, conditioning_tensors, explained_functorch_errors, normalize_activations,
                        register_float32_autocast, register_vmap, widths_of)
 from .layouts import TRACE_GRAM2, carry_saved_shapes, diagonal_layout, laplacian_layout
 from .planner import carry_tile_size, op_element_size, resolve_diagonal_strategy
 
 __all__ = ["mlp_laplacian", "mlp_jacobian_diagonal"]
 
+def _given(t):
+    """Whether an entry of the ops' per-sample bias or gate lists is one: an empty 1-d tensor stands
+    for none (csrc/mlp_laplacian.h's checked_conditioning; a (0, n) one of an empty batch is one)."""
+    return not (t.numel() == 0 and t.dim() == 1)
+
+
+def _conditioned_top(sample_biases, gates):
+    """Whether the last layer has a per-sample bias or gate (the ops' lists: None, or one tensor per
+    layer, an empty one for none)."""
+    return any(lst is not None and len(lst) > 0 and _given(lst[-1]) for lst in (sample_biases, gates))
+
+
 @torch.library.register_fake("jacext::mlp_laplacian")
-def _laplacian_fake(x, weights, biases, activations, act_params, gradient, directions=None, laplacian_rows=-1, *,
-                    tile=0, residual=None):
+def _laplacian_fake(x, weights, biases, activations, act_params, gradient, directions=None, laplacian_rows=-1,
+                    sample_biases=None, gates=None, *, tile=0, residual=None):
     widths, B = widths_of(x, weights), x.shape[0]
     layout = laplacian_layout(widths, activations, gradient, None if directions is None else directions.shape[1],
-                              laplacian_rows, check_residual(residual, widths))
+                              laplacian_rows, check_residual(residual, widths), _conditioned_top(sample_biases, gates))
     saved = [x.new_empty(s) for s in carry_saved_shapes(widths, B, activations, layout)]
     m = widths[-1]
     return (x.new_empty(B, m), x.new_empty(B, m, layout.columns) if gradient else x.new_empty(0), x.new_empty(B, m),
@@ -33,32 +45,39 @@ def _laplacian_fake(x, weights, biases, activations, act_params, gradient, direc
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_diagonal")
-def _diagonal_fake(x, weights, biases, activations, act_params, strategy, projections=None, *, tile=0,
-                   residual=None):
+def _diagonal_fake(x, weights, biases, activations, act_params, strategy, projections=None, sample_biases=None,
+                   gates=None, *, tile=0, residual=None):
     B, n = x.shape
     widths = widths_of(x, weights)
     layout = diagonal_layout(widths, strategy, 0 if projections is None else projections.shape[1],
-                             check_residual(residual, widths))
+                             check_residual(residual, widths), _conditioned_top(sample_biases, gates))
     saved = [x.new_empty(s) for s in carry_saved_shapes(widths, B, activations, layout)]
     out = x.new_empty(B) if strategy == TRACE_GRAM2 else x.new_empty(B, n if projections is None else projections.shape[1])
     return x.new_empty(B, n), out, saved
 
 
-def _grads_fake(x, weights, biases, input_grad):
+def _grads_fake(x, weights, biases, input_grad, sample_biases, gates):
+    def per_sample(given):
+        present = [_given(t) for t in given] if given else [False] * len(weights)
+        return [x.new_empty(x.shape[0], w.shape[0]) if p else x.new_empty(0) for w, p in zip(weights, present)]
+
     return (x.new_empty(x.shape) if input_grad else None, [w.new_empty(w.shape) for w in weights],
-            [w.new_empty(w.shape[0] if b.numel() else 0) for w, b in zip(weights, biases)])
+            [w.new_empty(w.shape[0] if b.numel() else 0) for w, b in zip(weights, biases)],
+            per_sample(sample_biases), per_sample(gates))
 
 
 @torch.library.register_fake("jacext::mlp_laplacian_backward")
 def _laplacian_backward_fake(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params, gradient,
-                             saved, directions=None, laplacian_rows=-1, *, tile=0, input_grad=True, residual=None):
-    return _grads_fake(x, weights, biases, input_grad)
+                             saved, directions=None, laplacian_rows=-1, sample_biases=None, gates=None, *, tile=0,
+                             input_grad=True, residual=None):
+    return _grads_fake(x, weights, biases, input_grad, sample_biases, gates)
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_diagonal_backward")
 def _diagonal_backward_fake(grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved,
-                            projections=None, *, tile=0, input_grad=True, residual=None):
-    return _grads_fake(x, weights, biases, input_grad)
+                            projections=None, sample_biases=None, gates=None, *, tile=0, input_grad=True,
+                            residual=None):
+    return _grads_fake(x, weights, biases, input_grad, sample_biases, gates)
 
 
 @torch.library.register_fake("jacext::activation_derivatives")
@@ -66,8 +85,42 @@ def _activation_derivatives_fake(y, activation, p0, p1):
     return y.new_empty(4, *y.shape)
 
 
-def _save_forward(ctx, inputs, keyword_only_inputs, saved, config, projections=None):
+def _trailing(inputs, first, defaults):
+    """The trailing arguments from inputs[first] on, and how many of them get a gradient slot: the
+    dispatcher drops trailing arguments left at their defaults, and they get none then."""
+    values = list(inputs[first:])
+    values += defaults[len(values):]
+    passed = [i for i, (v, d) in enumerate(zip(values, defaults)) if (v is not None if d is None else v != d)]
+    return values, passed[-1] + 1 if passed else 0
+
+
+# The trailing arguments of each op, from the first after its fixed ones: (held constant, ...,
+# sample_biases, gates); the last two take gradients.
+_LAPLACIAN_TRAILING = (None, -1, None, None)  # directions, laplacian_rows, sample_biases, gates
+_DIAGONAL_TRAILING = (None, None, None)  # projections, sample_biases, gates
+
+
+def _trailing_grads(ctx, grad_s, grad_g):
+    """The gradient slots of the trailing arguments (ctx.conditioning: the sample_biases and gates
+    given, each None or a list)."""
+    grads = [None] * (len(ctx.trailing_defaults) - 2)
+    for given, grad in zip(ctx.conditioning_present, (grad_s, grad_g)):
+        grads.append(None if given is None else _present(grad, given))
+    return grads[:ctx.n_trailing]
+
+
+def _present(grads, present):
+    """The gradients of a per-layer list with absent entries (an empty tensor stands for none)."""
+    return [g if p else None for g, p in zip(grads, present)]
+
+
+def _presence(given):
+    return None if given is None else [_given(t) for t in given]
+
+
+def _save_forward(ctx, inputs, keyword_only_inputs, saved, config, trailing, defaults):
     x, weights, biases = inputs[:3]
+    held, sample_biases, gates = trailing[0], trailing[-2], trailing[-1]
     # An unused output's gradient stays None (the backward op takes None for it).
     ctx.set_materialize_grads(False)
     ctx.config = config
@@ -75,16 +128,26 @@ def _save_forward(ctx, inputs, keyword_only_inputs, saved, config, projections=N
     ctx.residual = _residual_of(keyword_only_inputs)
     ctx.n_layers = len(weights)
     ctx.bias_present = [b.numel() > 0 for b in biases]
-    ctx.has_projections = projections is not None
-    ctx.save_for_backward(x, *weights, *biases, *([projections] if ctx.has_projections else []), *saved)
+    ctx.has_held = held is not None
+    ctx.trailing_defaults = defaults
+    ctx.conditioning_present = [_presence(sample_biases), _presence(gates)]
+    ctx.save_for_backward(x, *weights, *biases, *([held] if ctx.has_held else []), *(sample_biases or []),
+                          *(gates or []), *saved)
     ctx.mark_non_differentiable(*saved)
 
 
 def _load_forward(ctx):
+    """x, weights, biases, saved, the held-constant tangents (directions or projections) and the
+    (sample_biases, gates) as given."""
     tensors, L = list(ctx.saved_tensors), ctx.n_layers
     x, weights, biases, rest = tensors[0], tensors[1:1 + L], tensors[1 + L:1 + 2 * L], tensors[1 + 2 * L:]
-    projections = rest.pop(0) if ctx.has_projections else None
-    return x, weights, biases, rest, projections
+    held = rest.pop(0) if ctx.has_held else None
+    conditioning = []
+    for present in ctx.conditioning_present:  # None, or one saved tensor per entry given
+        n = 0 if present is None else len(present)
+        conditioning.append(None if present is None else rest[:n])
+        rest = rest[n:]
+    return x, weights, biases, rest, held, conditioning
 
 
 def _residual_of(keyword_only_inputs):
@@ -92,130 +155,131 @@ def _residual_of(keyword_only_inputs):
     return None if residual is None else list(residual)
 
 
-def _present(grad_b, bias_present):
-    return [g if present else None for g, present in zip(grad_b, bias_present)]
-
-
-def _laplacian_trailing(inputs, first):
-    """(directions, laplacian_rows, how many of them the call passed): the dispatcher drops trailing
-    arguments left at their defaults (None, -1), and they get no gradient slot then."""
-    trailing = list(inputs[first:])
-    directions, laplacian_rows = trailing + [None, -1][len(trailing):]
-    return directions, laplacian_rows, 2 if laplacian_rows != -1 else int(directions is not None)
-
-
 def _laplacian_setup(ctx, inputs, keyword_only_inputs, output):
     _, _, _, activations, act_params, gradient = inputs[:6]
-    directions, laplacian_rows, ctx.n_trailing = _laplacian_trailing(inputs, 6)
+    trailing, ctx.n_trailing = _trailing(inputs, 6, _LAPLACIAN_TRAILING)
     _save_forward(ctx, inputs, keyword_only_inputs, output[3],
-                  (list(activations), list(act_params), gradient, laplacian_rows), directions)
+                  (list(activations), list(act_params), gradient, trailing[1]), trailing, _LAPLACIAN_TRAILING)
 
 
 def _laplacian_backward(ctx, grad_y, grad_grad, grad_lap, grad_saved):
-    x, weights, biases, saved, directions = _load_forward(ctx)
+    x, weights, biases, saved, directions, (sample_biases, gates) = _load_forward(ctx)
     activations, act_params, gradient, laplacian_rows = ctx.config
-    grad_x, grad_w, grad_b = compiled.mlp_laplacian_backward(
+    grad_x, grad_w, grad_b, grad_s, grad_g = compiled.mlp_laplacian_backward(
         grad_y, grad_grad if gradient else None, grad_lap, x, weights, biases, activations, act_params, gradient,
-        saved, directions, laplacian_rows, tile=ctx.tile, input_grad=ctx.needs_input_grad[0], residual=ctx.residual)
+        saved, directions, laplacian_rows, sample_biases, gates, tile=ctx.tile, input_grad=ctx.needs_input_grad[0],
+        residual=ctx.residual)
     # the directions are held constant: no gradient
     return (grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None,
-            *[None] * ctx.n_trailing)
+            *_trailing_grads(ctx, grad_s, grad_g))
 
 
 def _diagonal_setup(ctx, inputs, keyword_only_inputs, output):
-    _, _, _, activations, act_params, strategy, projections = inputs
-    # the dispatcher drops a trailing argument left at its default (None): no gradient slot for it then
-    ctx.n_trailing = 0 if projections is None else 1
+    _, _, _, activations, act_params, strategy = inputs[:6]
+    trailing, ctx.n_trailing = _trailing(inputs, 6, _DIAGONAL_TRAILING)
     _save_forward(ctx, inputs, keyword_only_inputs, output[2], (list(activations), list(act_params), strategy),
-                  projections)
+                  trailing, _DIAGONAL_TRAILING)
 
 
 def _diagonal_backward(ctx, grad_y, grad_out, grad_saved):
-    x, weights, biases, saved, projections = _load_forward(ctx)
+    x, weights, biases, saved, projections, (sample_biases, gates) = _load_forward(ctx)
     activations, act_params, strategy = ctx.config
-    grad_x, grad_w, grad_b = compiled.mlp_jacobian_diagonal_backward(
-        grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved, projections,
-        tile=ctx.tile, input_grad=ctx.needs_input_grad[0], residual=ctx.residual)
+    grad_x, grad_w, grad_b, grad_s, grad_g = compiled.mlp_jacobian_diagonal_backward(
+        grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved, projections, sample_biases,
+        gates, tile=ctx.tile, input_grad=ctx.needs_input_grad[0], residual=ctx.residual)
     # the projections are random draws, held constant: no gradient
-    return (grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None, *[None] * ctx.n_trailing)
+    return (grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None,
+            *_trailing_grads(ctx, grad_s, grad_g))
 
 
-def _backward_setup(ctx, keyword_only_inputs, grads, x, weights, biases, saved, config, projections=None):
-    """What the double backward needs: the backward op's incoming gradients, x, the weights and the
-    biases that are present."""
+def _backward_setup(ctx, keyword_only_inputs, grads, x, weights, biases, saved, config, trailing, defaults):
+    """What the double backward needs: the backward op's incoming gradients, x, the weights, and the
+    biases, per-sample biases and gates that are present."""
+    held, sample_biases, gates = trailing[0], trailing[-2], trailing[-1]
     ctx.config = config
-    ctx.projections = projections  # held constant
+    ctx.projections = held  # held constant
     ctx.residual = _residual_of(keyword_only_inputs)
     ctx.n_saved = len(saved)
     ctx.n_layers = len(weights)
-    ctx.bias_present = [b.numel() > 0 for b in biases]
+    ctx.trailing_defaults = defaults
+    ctx.conditioning_present = [_presence(sample_biases), _presence(gates)]
+    # per layer, which entries of the three optional lists are present
+    ctx.optional_present = [[b.numel() > 0 for b in biases]] + [
+        p if p else [False] * len(weights) for p in ctx.conditioning_present]  # None or []: none
     ctx.grad_present = [g is not None for g in grads]
+    optional = [biases, sample_biases or [], gates or []]
     ctx.save_for_backward(*[g for g in grads if g is not None], x, *weights,
-                          *[b for b, present in zip(biases, ctx.bias_present) if present])
+                          *[t for lst, present in zip(optional, ctx.optional_present)
+                            for t, p in zip(lst, present) if p])
 
 
-def _double_backward(ctx, composite, gg_x, gg_w, gg_b):
-    """(gradients of the incoming gradients, of x, the weights, the biases) of the backward op's
-    outputs, through composite(grads, x, weights, full biases) (reference.py)."""
+def _double_backward(ctx, composite, gg_x, gg_w, gg_optional):
+    """(gradients of the incoming gradients, of x, the weights, and of the biases, per-sample biases
+    and gates) of the backward op's outputs, through composite(grads, x, weights, biases,
+    sample_biases, gates) (full lists, None for an absent entry; it returns the gradients of the
+    present ones)."""
     tensors = iter(ctx.saved_tensors)
     present_grads = [next(tensors) for present in ctx.grad_present if present]
     x = next(tensors)
     weights = [next(tensors) for _ in range(ctx.n_layers)]
-    present_biases = list(tensors)
+    present_optional = [[next(tensors) for p in present if p] for present in ctx.optional_present]
 
-    def outputs(present_grads, x, weights, present_biases):
-        grads, biases = iter(present_grads), iter(present_biases)
-        full_grads = [next(grads) if p else None for p in ctx.grad_present]
-        full_biases = [next(biases) if p else None for p in ctx.bias_present]
-        return composite(full_grads, x, weights, full_biases)
+    def full(values, present):
+        values = iter(values)
+        return [next(values) if p else None for p in present]
 
-    values, vjp = torch.func.vjp(outputs, present_grads, x, weights, present_biases)
-    gg_b_present = [g for g, present in zip(gg_b, ctx.bias_present) if present]
-    cotangents = (torch.zeros_like(values[0]) if gg_x is None else gg_x,
-                  [torch.zeros_like(v) if g is None else g for g, v in zip(gg_w, values[1])],
-                  [torch.zeros_like(v) if g is None else g for g, v in zip(gg_b_present, values[2])])
-    g_grads, g_x, g_w, g_b = vjp(cotangents)
-    g_grads, g_b = iter(g_grads), iter(g_b)
-    return ([next(g_grads) if present else None for present in ctx.grad_present], g_x, list(g_w),
-            [next(g_b) if present else None for present in ctx.bias_present])
+    def outputs(present_grads, x, weights, present_optional):
+        return composite(full(present_grads, ctx.grad_present), x, weights,
+                         *[full(v, p) for v, p in zip(present_optional, ctx.optional_present)])
+
+    values, vjp = torch.func.vjp(outputs, present_grads, x, weights, present_optional)
+    cotangents = [torch.zeros_like(values[0]) if gg_x is None else gg_x,
+                  [torch.zeros_like(v) if g is None else g for g, v in zip(gg_w, values[1])]]
+    for gg, present, vals in zip(gg_optional, ctx.optional_present, values[2:]):
+        gg = [g for g, p in zip(gg, present) if p] if gg is not None else [None] * len(vals)
+        cotangents.append([torch.zeros_like(v) if g is None else g for g, v in zip(gg, vals)])
+    g_grads, g_x, g_w, g_optional = vjp(tuple(cotangents))
+    g_b, g_s, g_g = [full(g, p) for g, p in zip(g_optional, ctx.optional_present)]
+    return full(g_grads, ctx.grad_present), g_x, list(g_w), g_b, g_s, g_g
 
 
 def _laplacian_backward_setup(ctx, inputs, keyword_only_inputs, output):
     grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params, gradient, saved = inputs[:10]
-    directions, laplacian_rows, ctx.n_trailing = _laplacian_trailing(inputs, 10)
+    trailing, ctx.n_trailing = _trailing(inputs, 10, _LAPLACIAN_TRAILING)
     _backward_setup(ctx, keyword_only_inputs, (grad_y, grad_grad, grad_lap), x, weights, biases, saved,
-                    (list(activations), list(act_params), laplacian_rows), directions)
+                    (list(activations), list(act_params), trailing[1]), trailing, _LAPLACIAN_TRAILING)
 
 
-def _laplacian_backward_backward(ctx, gg_x, gg_w, gg_b):
+def _laplacian_backward_backward(ctx, gg_x, gg_w, gg_b, gg_s, gg_g):
     activations, act_params, laplacian_rows = ctx.config
 
-    def composite(grads, x, weights, biases):
+    def composite(grads, x, weights, biases, sample_biases, gates):
         return mlp_laplacian_backward_composite(*grads, x, weights, biases, activations, act_params,
-                                                ctx.projections, laplacian_rows, ctx.residual)
+                                                ctx.projections, laplacian_rows, ctx.residual, sample_biases, gates)
 
-    g_grads, g_x, g_w, g_b = _double_backward(ctx, composite, gg_x, gg_w, gg_b)
+    g_grads, g_x, g_w, g_b, g_s, g_g = _double_backward(ctx, composite, gg_x, gg_w, (gg_b, gg_s, gg_g))
     # no gradient flows into `saved`: the composite differentiates through x, weights and biases
-    return (*g_grads, g_x, g_w, g_b, None, None, None, [None] * ctx.n_saved, *[None] * ctx.n_trailing)
+    return (*g_grads, g_x, g_w, g_b, None, None, None, [None] * ctx.n_saved, *_trailing_grads(ctx, g_s, g_g))
 
 
 def _diagonal_backward_setup(ctx, inputs, keyword_only_inputs, output):
-    grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved, projections = inputs
-    ctx.n_trailing = 0 if projections is None else 1
+    grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved = inputs[:9]
+    trailing, ctx.n_trailing = _trailing(inputs, 9, _DIAGONAL_TRAILING)
     _backward_setup(ctx, keyword_only_inputs, (grad_y, grad_out), x, weights, biases, saved,
-                    (list(activations), list(act_params), strategy), projections)
+                    (list(activations), list(act_params), strategy), trailing, _DIAGONAL_TRAILING)
 
 
-def _diagonal_backward_backward(ctx, gg_x, gg_w, gg_b):
+def _diagonal_backward_backward(ctx, gg_x, gg_w, gg_b, gg_s, gg_g):
     activations, act_params, strategy = ctx.config
 
-    def composite(grads, x, weights, biases):
+    def composite(grads, x, weights, biases, sample_biases, gates):
         return mlp_jacobian_diagonal_backward_composite(*grads, x, weights, biases, activations, act_params,
                                                         trace=strategy == TRACE_GRAM2, projections=ctx.projections,
-                                                        residual=ctx.residual)
+                                                        residual=ctx.residual, sample_biases=sample_biases,
+                                                        gates=gates)
 
-    g_grads, g_x, g_w, g_b = _double_backward(ctx, composite, gg_x, gg_w, gg_b)
-    return (*g_grads, g_x, g_w, g_b, None, None, None, [None] * ctx.n_saved, *[None] * ctx.n_trailing)
+    g_grads, g_x, g_w, g_b, g_s, g_g = _double_backward(ctx, composite, gg_x, gg_w, (gg_b, gg_s, gg_g))
+    return (*g_grads, g_x, g_w, g_b, None, None, None, [None] * ctx.n_saved, *_trailing_grads(ctx, g_s, g_g))
 
 
 torch.library.register_autograd("jacext::mlp_laplacian", _laplacian_backward, setup_context=_laplacian_setup)
@@ -230,15 +294,18 @@ torch.library.register_autograd("jacext::mlp_jacobian_diagonal_backward", _diago
 # folds into the op's batch, over anything else loops (_library.register_vmap).
 for _op in ("mlp_laplacian", "mlp_jacobian_diagonal"):
     register_float32_autocast(_op)
-register_vmap("mlp_laplacian", sample_inputs=(0, 6))  # x, directions (mlp_laplacian expands them to the batch)
-register_vmap("mlp_jacobian_diagonal", sample_inputs=(0, 6))  # x, projections
+# x, directions (mlp_laplacian expands them to the batch); sample_biases, gates
+register_vmap("mlp_laplacian", sample_inputs=(0, 6), conditioning_inputs=(8, 9))
+register_vmap("mlp_jacobian_diagonal", sample_inputs=(0, 6), conditioning_inputs=(7, 8))  # x, projections
 
 
 @explained_functorch_errors
 def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
                   activations: Sequence[ActivationSpec], act_params=None, return_gradient: bool = False,
                   directions: Optional[torch.Tensor] = None, laplacian_rows: Optional[int] = None,
-                  residual: Optional[Sequence[int]] = None):
+                  residual: Optional[Sequence[int]] = None,
+                  sample_biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                  gates: Optional[Sequence[Optional[torch.Tensor]]] = None):
     """(y, lap), or (y, grad, lap) with return_gradient: lap[b, i] = sum_j d^2 y_i / dx_j^2 (B, m)
     and grad = dy/dx (B, m, n_0), from one fused forward-Laplacian op (csrc/mlp_laplacian.h).
 
@@ -246,7 +313,9 @@ def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
     constant: no gradient reaches them); grad[b] = (dy_b/dx_b) V_b^T (B, m, c). laplacian_rows k:
     lap sums v_j^T (d^2 y_i / dx^2) v_j over the first k rows only (None: all); without the gradient
     only those k rows are carried. residual (None, or per layer i: -1 or j <= i): layer i's
-    output adds the input of layer j (a skip h + g(h), same width)."""
+    output adds the input of layer j (a skip h + g(h), same width). sample_biases, gates (None, or
+    per layer None or (B, n_{i+1})): layer i's pre-activation is gate * (h W^T) + b + sample_bias
+    (conditioning inside the net; both differentiable)."""
     codes, params = normalize_activations(activations, act_params, len(weights))
     widths = widths_of(x, weights)
     residual = check_residual(residual, widths)
@@ -260,12 +329,13 @@ def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
     if laplacian_rows is not None and not 1 <= laplacian_rows <= rows:
         raise ValueError(f"laplacian_rows must be in [1, {rows}] (the carried rows), got {laplacian_rows}")
     laplacian_rows = -1 if laplacian_rows is None else int(laplacian_rows)
+    sample_biases, gates = conditioning_tensors(sample_biases, weights), conditioning_tensors(gates, weights)
     layout = laplacian_layout(widths, codes, return_gradient, None if directions is None else rows, laplacian_rows,
-                              residual)
+                              residual, _conditioned_top(sample_biases, gates))
     tile = carry_tile_size(widths, x.shape[0], layout, op_element_size(x), x.device)
     y, grad, lap, _ = compiled.mlp_laplacian(x, list(weights), bias_tensors(biases, weights), codes, params,
-                                             bool(return_gradient), directions, laplacian_rows, tile=tile,
-                                             residual=residual)
+                                             bool(return_gradient), directions, laplacian_rows, sample_biases, gates,
+                                             tile=tile, residual=residual)
     return (y, grad, lap) if return_gradient else (y, lap)
 
 
@@ -273,23 +343,28 @@ def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
 def mlp_jacobian_diagonal(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
                           activations: Sequence[ActivationSpec], act_params=None, method: str = "auto",
                           trace: bool = False, projections: Optional[torch.Tensor] = None,
-                          residual: Optional[Sequence[int]] = None):
+                          residual: Optional[Sequence[int]] = None,
+                          sample_biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                          gates: Optional[Sequence[Optional[torch.Tensor]]] = None):
     """(y, out) for a square MLP: out = diag(dy/dx) (B, n), or with trace its sum, the divergence
     (B,); method "auto", "forward" or "gram" (planner.resolve_diagonal_strategy). With
     method="hutchinson", projections V (B, k, n) and out[b, j] = v_bj^T (dy_b/dx_b) v_bj (B, k).
-    residual as in mlp_laplacian (the closed forms do not apply across a skip)."""
+    residual, sample_biases and gates as in mlp_laplacian (the closed forms do not apply across a skip
+    or with per-sample biases or gates)."""
     if (method == "hutchinson") != (projections is not None):
         raise ValueError("projections go with method='hutchinson', and only with it")
     codes, params = normalize_activations(activations, act_params, len(weights))
     widths = widths_of(x, weights)
     check_square(widths)
     residual = check_residual(residual, widths)
-    strategy = resolve_diagonal_strategy(method, widths, codes, trace, x.shape[0], residual)
+    sample_biases, gates = conditioning_tensors(sample_biases, weights), conditioning_tensors(gates, weights)
+    conditioned = sample_biases is not None or gates is not None
+    strategy = resolve_diagonal_strategy(method, widths, codes, trace, x.shape[0], residual, conditioned)
     rows = 0 if projections is None else projections.shape[1]
-    layout = diagonal_layout(widths, strategy, rows, residual)
+    layout = diagonal_layout(widths, strategy, rows, residual, _conditioned_top(sample_biases, gates))
     tile = carry_tile_size(widths, x.shape[0], layout, op_element_size(x), x.device)
     y, out, _ = compiled.mlp_jacobian_diagonal(x, list(weights), bias_tensors(biases, weights), codes, params, strategy,
-                                               projections, tile=tile, residual=residual)
+                                               projections, sample_biases, gates, tile=tile, residual=residual)
     if trace and projections is None and strategy != TRACE_GRAM2:
         with torch.autocast(x.device.type, enabled=False):  # the op's float32 result stays float32
             out = out.sum(1)

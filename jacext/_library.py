@@ -94,6 +94,17 @@ def bias_tensors(biases, weights):
     return [w.new_empty(0) if b is None else b for b, w in zip(biases, weights)]
 
 
+def conditioning_tensors(given, weights):
+    """The forward-carry ops' per-sample biases or gates: None when no layer has one, else one per
+    layer, an empty tensor standing for none (as for the biases)."""
+    if given is None or all(t is None for t in given):
+        return None
+    if len(given) != len(weights):
+        raise ValueError(f"expected one per-sample bias / gate per layer ({len(weights)}; None for none), "
+                         f"got {len(given)}")
+    return [w.new_empty(0) if t is None else t for t, w in zip(given, weights)]
+
+
 def below_autograd():
     """Where an op's registered autograd (a Python kernel, with a Python call's overhead) would only
     pass the call on, because grad mode is off in eager mode (a backward without create_graph), a
@@ -148,16 +159,20 @@ def _zeros_like(structure):
     return [_zeros_like(s) for s in structure] if isinstance(structure, (list, tuple)) else 0
 
 
-def register_vmap(name, sample_inputs, masks_input=None):
+def register_vmap(name, sample_inputs, masks_input=None, conditioning_inputs=()):
     """`sample_inputs`: the positions of the per-sample arguments (x, and the estimator's projections);
-    `masks_input`: the position of the dropout masks, which the rule refuses (a list of per-sample
-    tensors, some of them empty)."""
+    `masks_input`: the position of the dropout masks, `conditioning_inputs` those of the per-sample
+    biases and gates, which the rule refuses (lists of per-sample tensors, some of them empty)."""
     op = getattr(compiled, name).default
 
     def rule(info, in_dims, *args, **kwargs):
         if kwargs.get("masks") or (masks_input is not None and len(args) > masks_input and args[masks_input]):
             raise NotImplementedError("jacext: the ops' dropout masks are not supported under torch.vmap; call the op "
                                       "on the batch, or run the model on the generic path (method='autograd')")
+        if any(len(args) > i and args[i] for i in conditioning_inputs):
+            raise NotImplementedError("jacext: the ops' per-sample biases and gates are not supported under "
+                                      "torch.vmap; call the op on the batch, or run the model on the generic path "
+                                      "(method='autograd')")
         if all(not _batched(d) for i, d in enumerate(in_dims) if i not in sample_inputs):
             return _folded(info.batch_size, in_dims, args, kwargs)
         outputs = [op(*_select(args, in_dims, v), **kwargs) for v in range(info.batch_size)]

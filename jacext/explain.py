@@ -10,6 +10,7 @@ from .activations import IDENTITY
 from .layouts import (CARRY_FORWARD, FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, carry_saved_shapes,
                       diagonal_layout, laplacian_layout)
 from ._wrt import wrt_columns
+from ._route import as_cond
 from .frontend import lower
 from .nn import parse_model
 from .planner import (DIAGONAL_STRATEGY_NAMES, L2_CACHE_BYTES, Split, applicable, batch_chunk, best_split,
@@ -75,7 +76,7 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     candidate's cost: `print(jacext.explain(model, x))`. quantity "spectral_norm": the plan of
     jacobian_spectral_norm(model, x, method=method, **options) (layer, n_iter, tol); "laplacian",
     "divergence" or "jacobian_diagonal": the plan of that function (explain_carry; options
-    return_gradient, n_proj, wrt); "margin": the plan of large_margin_loss(model, x, method=method,
+    return_gradient, n_proj, wrt, cond); "margin": the plan of large_margin_loss(model, x, method=method,
     **options) (margin_plan; options target, layers, top_k, dist_norm, use_approximation, cond)."""
     if quantity != "frobenius" and max_memory is not None:
         raise ValueError("explain: max_memory applies to the Frobenius norm's plan only")
@@ -111,11 +112,13 @@ class CarryPlan:
     """What jacext.laplacian / divergence / jacobian_diagonal will run, with each exact
     candidate's cost."""
 
-    def __init__(self, quantity, widths, batch, method, candidates, choice, layout, tile, residual=None):
+    def __init__(self, quantity, widths, batch, method, candidates, choice, layout, tile, residual=None,
+                 conditioning=((), ())):
         self.quantity, self.widths, self.batch, self.method = quantity, widths, batch, method
         self.candidates = candidates  # {name: (multiply-adds, predicted cost, saved bytes)}
         self.choice, self.layout, self.tile = choice, layout, tile
         self.residual = residual  # the model's skips (MLPSpec.residual), None without
+        self.conditioning = conditioning  # (layers with a per-sample bias, layers with a gate)
 
     def __repr__(self):
         rows, layout = self.layout.rows, self.layout
@@ -138,20 +141,38 @@ class CarryPlan:
                              "columns run")
             elif self.residual[-1] >= 0:
                 lines.append("  the thin linear last layer (h and Delta alone) does not apply under a skip into it")
+        shifted, gated = self.conditioning
+        if shifted or gated:
+            lines.append(f"  conditioning inside the network: per-sample biases at layers {list(shifted)}, gates at "
+                         f"layers {list(gated)}; a gate scales every row of its layer's GEMM output, a bias "
+                         "shifts the h row")
+            if self.quantity != "laplacian":
+                lines.append("  the closed forms (sample-independent matrices) do not apply: the forward columns run")
         lines.append(f"  tiles of {self.tile} samples" if self.tile else "  no tiles: each step runs over the whole batch")
         return "\n".join(lines)
 
 
 def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", return_gradient: bool = False,
-                  n_proj: int = 1, wrt=None) -> CarryPlan:
+                  n_proj: int = 1, wrt=None, cond=None) -> CarryPlan:
     """The plan of jacext.laplacian (quantity "laplacian", over the features `wrt` names),
-    divergence or jacobian_diagonal."""
-    spec = parse_model(model, supports=frozenset(("residual",)))
+    divergence or jacobian_diagonal; `cond`: the conditioning inputs, which a model conditioned
+    inside the network needs (its per-sample biases and gates)."""
+    cond = as_cond(cond)
+    if cond:
+        spec = lower(model, x, *cond, supports=frozenset(("residual", "sample_bias", "gate"))).spec
+    else:
+        spec = parse_model(model, supports=frozenset(("residual",)))
     widths, batch, codes, residual = spec.widths, x.shape[0], spec.activations, spec.residual
+    conditioning = tuple(tuple(i for i, t in enumerate(ts or ()) if t is not None)
+                         for ts in (spec.sample_biases, spec.gates))
+    conditioned = any(conditioning)
+    top = any(ts is not None and ts[-1] is not None for ts in (spec.sample_biases, spec.gates))
 
     def entry(layout, strategy=CARRY_FORWARD):
         shapes = carry_saved_shapes(widths, batch, codes, layout)
-        return (carry_macs(widths, batch, layout, strategy), carry_cost(widths, batch, codes, layout, strategy),
+        gated = conditioning[1]
+        return (carry_macs(widths, batch, layout, strategy, gated),
+                carry_cost(widths, batch, codes, layout, strategy, gated),
                 op_element_size(x) * sum(math.prod(s) for s in shapes))
 
     if quantity == "laplacian":
@@ -160,7 +181,8 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
         columns = wrt_columns(wrt, widths[0])
         features = list(range(widths[0])) if columns is None else columns.tolist()
         rows = len(features) if wrt is not None else -1
-        layout = laplacian_layout(widths, codes, return_gradient, None if rows == -1 else widths[0], rows, residual)
+        layout = laplacian_layout(widths, codes, return_gradient, None if rows == -1 else widths[0], rows, residual,
+                                  top)
         name = "forward Laplacian" + (f" over features {features}" if wrt is not None else "")
         name += " (thin last layer)" if layout.carried < len(widths) - 1 else ""
         candidates, choice = {name: entry(layout)}, name
@@ -169,20 +191,22 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
             raise ValueError(f"explain: wrt applies to the Laplacian's plan, not to {quantity!r}")
         check_square(spec.widths)
         trace = quantity == "divergence"
-        strategy = resolve_diagonal_strategy(method, widths, codes, trace, batch, residual)
+        strategy = resolve_diagonal_strategy(method, widths, codes, trace, batch, residual, conditioned)
         if method == "hutchinson":
-            layout = diagonal_layout(widths, strategy, n_proj, residual)
+            layout = diagonal_layout(widths, strategy, n_proj, residual, top)
             choice = f"hutchinson, {n_proj} projection{'s' if n_proj > 1 else ''}"
             candidates = {choice: entry(layout)}
         else:
-            layout = diagonal_layout(widths, strategy, residual=residual)
+            layout = diagonal_layout(widths, strategy, residual=residual, conditioned_top=top)
             able = [st for st in DIAGONAL_STRATEGY_NAMES
-                    if diagonal_applicable(st, widths, trace, codes[-1] == IDENTITY, residual=residual)]
-            candidates = {DIAGONAL_STRATEGY_NAMES[st]: entry(diagonal_layout(widths, st, residual=residual), st)
+                    if diagonal_applicable(st, widths, trace, codes[-1] == IDENTITY, residual=residual,
+                                           conditioned=conditioned)]
+            candidates = {DIAGONAL_STRATEGY_NAMES[st]: entry(diagonal_layout(widths, st, residual=residual,
+                                                                             conditioned_top=top), st)
                           for st in able}
             choice = DIAGONAL_STRATEGY_NAMES[strategy]
     else:
         raise ValueError(f"unknown quantity {quantity!r}; expected 'frobenius', 'spectral_norm', 'margin', "
                          "'laplacian', 'divergence' or 'jacobian_diagonal'")
     tile = carry_tile_size(widths, batch, layout, op_element_size(x), x.device)
-    return CarryPlan(quantity, widths, batch, method, candidates, choice, layout, tile, residual)
+    return CarryPlan(quantity, widths, batch, method, candidates, choice, layout, tile, residual, conditioning)

@@ -31,7 +31,10 @@ __all__ = ["lower", "Lowered", "NotLowerable", "MLPSpec", "parse_model", "FACTOR
 SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAMES))
              + " (modules or functions), nn.Identity, nn.Flatten / flatten / view / reshape of the input to "
              "(B, n), torch.cat of the input with conditioning inputs, nn.Dropout / F.dropout (in train(): after a "
-             "Linear or its activation), nn.BatchNorm1d in eval(), residual skips h + g(h)")
+             "Linear or its activation), nn.BatchNorm1d in eval(), residual skips h + g(h), conditioning inside the "
+             "network: torch.cat([h, c], 1) into a hidden Linear, and a Linear's output times a gate and plus a "
+             "per-sample bias computed from conditioning inputs (FFJORD's ConcatSquash: "
+             "lin(h) * sigmoid(gate(t)) + bias(t), with nn.Linear, sigmoid and view(-1, 1) on t)")
 
 # The parts of a lowered model beyond a plain MLP (Plan.factors), what each is for the messages; a
 # quantity runs on the engine only the parts its ops take (lower's `supports`), the rest on the
@@ -39,8 +42,12 @@ SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAM
 # so only the Jacobian family takes both.
 FACTOR_NAMES = {"input_concat": "conditioning inputs concatenated with x", "dropout": "Dropout in train()",
                 "residual": "a residual skip (h + g(h))",
-                "dropout_with_residual": "Dropout in train() in a model with residual skips"}
-FACTORS = frozenset(("input_concat", "dropout", "residual"))
+                "dropout_with_residual": "Dropout in train() in a model with residual skips",
+                "sample_bias": "a per-sample bias from conditioning inputs inside the network (torch.cat into a "
+                               "hidden Linear, or a shift C t)",
+                "gate": "a per-sample gate on a Linear's output (ConcatSquash's sigmoid(A t + a))",
+                "dropout_with_conditioning": "Dropout in train() in a model conditioned inside the network"}
+FACTORS = frozenset(("input_concat", "dropout", "residual", "sample_bias", "gate"))
 
 
 class NotLowerable(TypeError):
@@ -69,7 +76,10 @@ class MLPSpec:
     """What the ops need to know about an MLP. weights[i] is (n_{i+1}, n_i). masks: None, or one
     (B, n_{i+1}) tensor or None per layer, the dropout masks of one call (a constant factor after
     the layer's activation). residual: None without a skip, else per layer i -1 or the j <= i whose
-    input is added to layer i's output (h + g(h); the forward-carry ops' `residual`)."""
+    input is added to layer i's output (h + g(h); the forward-carry ops' `residual`).
+    sample_biases, gates: None, or one (B, n_{i+1}) tensor or None per layer, computed from the call's
+    conditioning inputs (differentiable): z = gate * (h W^T) + b + sample_bias (the forward-carry
+    ops' arguments of the same names)."""
 
     weights: list
     biases: list
@@ -77,6 +87,8 @@ class MLPSpec:
     act_params: list
     masks: Optional[list] = None
     residual: Optional[list] = None
+    sample_biases: Optional[list] = None
+    gates: Optional[list] = None
 
     @property
     def widths(self) -> list:
@@ -99,9 +111,14 @@ class Layer:
     modules folded into its input side (in the order the model applies them) and into its output
     side, its activation, the Dropouts in train() after it: (p, path, op, where) each, a mask
     factor drawn per call, and residual: None, or the index j of the Linear whose input is added
-    to this layer's output (a skip h + g(h), j <= this layer's index). Other per-sample factors
-    (gates) and a per-sample bias (conditioning inside the net) would be more fields of the same
-    form."""
+    to this layer's output (a skip h + g(h), j <= this layer's index). concat: None, or the parts
+    of a torch.cat([h, c, ...], 1) that feeds this Linear, in order: None for h, else a recipe
+    (below) of a conditioning value, whose columns of the weight give a per-sample bias.
+    post: the steps on the Linear's output before its activation, ("mul" or "add", recipe) each: a
+    per-sample gate and per-sample biases. A recipe computes a conditioning value from the call's
+    conditioning inputs: ("cond", k), ("view", recipe, to_batch) (v.view(-1, 1), or v.view(B, -1)
+    with to_batch), ("linear", recipe, weight, bias) (an nn.Linear's qualified names), ("sigmoid",
+    recipe)."""
 
     weight: tuple
     bias: Optional[tuple]
@@ -111,6 +128,8 @@ class Layer:
     act_params: tuple
     dropout: tuple = ()
     residual: Optional[int] = None
+    concat: Optional[tuple] = None
+    post: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -126,10 +145,12 @@ class Plan:
     concat: Optional[tuple] = None
     skip: Optional[tuple] = None
     factors: tuple = ()  # ((factor name, (path, op, where) of a node that has it), ...): FACTOR_NAMES
+    conditioned: bool = False  # a layer takes a per-sample bias or gate from the conditioning inputs
 
 
-def _factors(input_parts, concat, dropout, skip) -> tuple:
-    """Plan.factors: the parts of the plan beyond a plain MLP, each with a node to name."""
+def _factors(input_parts, concat, dropout, skip, conditioning=()) -> tuple:
+    """Plan.factors: the parts of the plan beyond a plain MLP, each with a node to name;
+    conditioning: (factor name, node) of the first per-sample bias and gate inside the network."""
     found = []
     if input_parts is not None:
         found.append(("input_concat", concat))
@@ -139,6 +160,9 @@ def _factors(input_parts, concat, dropout, skip) -> tuple:
         found.append(("residual", skip))
     if dropout and skip is not None:
         found.append(("dropout_with_residual", found[1][1]))
+    found += conditioning
+    if dropout and conditioning:
+        found.append(("dropout_with_conditioning", conditioning[0][1]))
     return tuple(found)
 
 
@@ -192,6 +216,9 @@ def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond, supports: f
             raise _not_lowerable(*node, f"{FACTOR_NAMES[factor]}: this quantity does not run it on the engine "
                                         "(the generic path does)")
     spec = _build(model, plan)
+    if plan.conditioned and x is None:
+        raise ValueError("the model is conditioned inside the network (a per-sample bias or gate from its "
+                         "conditioning inputs): lower it with x and the conditioning inputs, lower(model, x, *cond)")
     input_shape, x_offset, n = None, 0, None
     if x is not None:
         n = spec.widths[0]
@@ -200,9 +227,80 @@ def lower(model: nn.Module, x: Optional[torch.Tensor] = None, *cond, supports: f
             n -= sum(cond[k].shape[1] for k, _ in plan.input_parts if k >= 0)
         _check_input(x, n, plan.flatten_input)
         input_shape = tuple(x.shape[1:]) if plan.flatten_input else None
+        if plan.conditioned:
+            _condition(model, plan, spec, cond, x.shape[0])
         if plan.dropout:
             spec.masks = draw_masks(plan, spec, x.shape[0], x.dtype, x.device)
     return Lowered(spec, plan.flatten_input, input_shape, plan.input_parts, x_offset, n, plan.dropout)
+
+
+def _evaluate(model, recipe, cond, batch):
+    """A conditioning value from the call's conditioning inputs (Layer's recipes), in torch ops, so
+    that gradients reach the inputs and the modules' parameters."""
+    kind = recipe[0]
+    if kind == "cond":
+        if recipe[1] >= len(cond):
+            raise ValueError(f"the model computes a per-sample bias or gate from conditioning input {recipe[1]}, but "
+                             f"the call passes {len(cond)} (cond=...)")
+        return cond[recipe[1]]
+    v = _evaluate(model, recipe[1], cond, batch)
+    if kind == "view":
+        return v.reshape(batch, -1) if recipe[2] else v.reshape(-1, 1)
+    if kind == "linear":
+        return F.linear(v, _attribute(model, recipe[2]), None if recipe[3] is None else _attribute(model, recipe[3]))
+    return torch.sigmoid(v)
+
+
+def _per_sample(value, batch, width, what):
+    """A conditioning value as a (batch, width) per-sample vector (one row or one column broadcasts,
+    as in the model's product or sum)."""
+    if value.dim() != 2 or value.shape[0] not in (1, batch) or value.shape[1] not in (1, width):
+        raise ValueError(f"{what} must be a ({batch}, {width}) tensor (or one row or column to broadcast), got "
+                         f"{tuple(value.shape)}")
+    return value.expand(batch, width)
+
+
+def _condition(model, plan, spec, cond, batch):
+    """Sets spec.sample_biases and spec.gates of one call (and splits a Linear fed by torch.cat([h,
+    c], 1) into W_h, whose c columns give the per-sample bias c W_c^T): differentiable in the
+    weights and the conditioning inputs."""
+    sample_biases, gates = [], []
+    for i, layer in enumerate(plan.layers):
+        n_out, shift, gate = spec.weights[i].shape[0], None, None
+        if layer.concat is not None:
+            w = spec.weights[i]
+            values = [None if part is None else _evaluate(model, part, cond, batch) for part in layer.concat]
+            n_h = spec.widths[i] if i == 0 else spec.weights[i - 1].shape[0]
+            widths = [n_h if v is None else v.shape[-1] for v in values]
+            if sum(widths) != w.shape[1]:
+                raise ValueError(f"layer {i} takes torch.cat of widths {widths} ({sum(widths)} features) but its "
+                                 f"Linear expects {w.shape[1]}")
+            start, keep = 0, None
+            for v, width in zip(values, widths):
+                part = w[:, start:start + width]
+                if v is None:
+                    keep = part
+                else:
+                    term = _per_sample(v, batch, width, f"the conditioning input concatenated at layer {i}") @ part.t()
+                    shift = term if shift is None else shift + term
+                start += width
+            spec.weights[i] = keep
+        for kind, recipe in layer.post:
+            v = _per_sample(_evaluate(model, recipe, cond, batch), batch, n_out,
+                            f"the per-sample {'gate' if kind == 'mul' else 'bias'} of layer {i}")
+            if kind == "add":
+                shift = v if shift is None else shift + v
+                continue
+            # (W h + b + s) * g = g * (W h) + (g * b + g * s): the layer's bias becomes per sample
+            gate = v if gate is None else gate * v
+            if spec.biases[i] is not None:
+                shift = spec.biases[i] if shift is None else shift + spec.biases[i]
+                spec.biases[i] = None
+            shift = None if shift is None else shift * v
+        sample_biases.append(None if shift is None else shift.expand(batch, n_out))
+        gates.append(gate)
+    spec.sample_biases = sample_biases if any(s is not None for s in sample_biases) else None
+    spec.gates = gates if any(g is not None for g in gates) else None
 
 
 def _check_cond(x, cond, plan, n):
@@ -458,6 +556,9 @@ class _Reader:
         self.kept = set()         # chain nodes whose value is their input's (Identity, Dropout in eval())
         self.carries = {}         # value -> k: it entered the k-th Linear (the engine's carry C_k)
         self.skip = None          # the first residual sum's (path, op, where)
+        self.hidden_concat = {}   # a torch.cat([h, c], 1) node -> its Layer.concat, until its Linear
+        self.derived = {}         # conditioning values (the inputs and what is computed from them) -> recipe
+        self.conditioning = {}    # "sample_bias" / "gate" -> (path, op, where) of the first node that has it
 
     # naming
     def refuse(self, node, why):
@@ -478,10 +579,15 @@ class _Reader:
         return path, op
 
     # steps
-    COND_WHY = ("a conditioning input joins the engine only by torch.cat with x at the input (torch.cat([x, c], 1)); "
+    COND_WHY = ("a conditioning input joins the engine only by torch.cat with x at the input (torch.cat([x, c], 1)) or "
+                "with a hidden layer's input before its Linear (torch.cat([h, c], 1)), or through nn.Linear, "
+                "sigmoid and view(-1, 1) into a Linear's output as a gate (times) or a per-sample bias (plus); "
                 "elsewhere the model runs on the generic path")
 
     def unsupported(self, node, kind):
+        if any(a in self.hidden_concat for a in node.all_input_nodes):
+            self.refuse(node, "a torch.cat([h, c], 1) inside the network runs on the engine only when it feeds an "
+                              "nn.Linear")
         if any(a in self.cond for a in node.all_input_nodes):
             self.refuse(node, self.COND_WHY)
         self.refuse(node, f"unsupported {kind}; the engine runs {SUPPORTED}")
@@ -503,8 +609,11 @@ class _Reader:
             while value in self.kept:
                 value = self.inputs[value]
                 self.carries[value] = len(self.layers)
+        concat = self.inputs[node]
+        concat = self.hidden_concat.pop(concat) if concat in self.hidden_concat else None
         self.layer = dict(weight=weight, bias=bias, before=tuple(_parts(n.target) for n in self.pending), after=[],
-                          activation=act.IDENTITY, act_params=(0.0, 0.0), dropout=(), residual=None)
+                          activation=act.IDENTITY, act_params=(0.0, 0.0), dropout=(), residual=None,
+                          concat=concat, post=())
         self.pending = []
         self.started = True
 
@@ -535,6 +644,30 @@ class _Reader:
         if self.skip is None:
             self.skip = (*self.name(node), node.meta.get("jacext_where", "?"))
 
+    def where(self, node):
+        return (*self.name(node), node.meta.get("jacext_where", "?"))
+
+    def derive(self, node, recipe):
+        """node computes a conditioning value (recipe: Layer's)."""
+        self.derived[node] = recipe
+
+    def conditioning_step(self, node, kind, a, b):
+        """The chain's value times ("mul") or plus ("add") a conditioning value, between a Linear and
+        its activation: a per-sample gate or bias of that layer."""
+        if self.current not in (a, b) or (a in self.derived) == (b in self.derived):
+            self.refuse(node, "a product or sum of the chain's value with something other than one value computed "
+                              "from the conditioning inputs")
+        recipe = self.derived[b if a is self.current else a]
+        layer = self.layer
+        if layer is None or layer["activation"] != act.IDENTITY or layer["dropout"] or layer["residual"] is not None:
+            self.refuse(node, "a per-sample gate or bias runs on the engine between a Linear and its activation only")
+        if self.pending:
+            self.refuse(node, "a per-sample gate or bias after a BatchNorm1d that folds into the next nn.Linear")
+        layer["post"] += ((kind, recipe),)
+        self.conditioning.setdefault("gate" if kind == "mul" else "sample_bias", self.where(node))
+        self.inputs[node] = self.current
+        self.current = node
+
     def activation(self, node, code, p0=0.0, p1=0.0):
         if code == act.IDENTITY:
             self.kept.add(node)
@@ -558,6 +691,8 @@ class _Reader:
         if not bn.track_running_stats or bn.running_mean is None:
             self.refuse(node, "BatchNorm1d without running statistics normalizes with the batch's own, which mix "
                               "the samples, so per-sample Jacobians are not defined")
+        if self.layer is not None and self.layer["activation"] == act.IDENTITY and self.layer["post"]:
+            self.refuse(node, "a BatchNorm1d after a per-sample gate or bias, before the activation")
         if (self.layer is None or self.layer["activation"] != act.IDENTITY or self.layer["dropout"]
                 or self.layer["residual"] is not None):
             self.pending.append(node)
@@ -596,6 +731,7 @@ class _Reader:
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         self.current = placeholders[0]
         self.cond = {extra: (k, False) for k, extra in enumerate(placeholders[1:])}
+        self.derived = {extra: ("cond", k) for k, extra in enumerate(placeholders[1:])}
         for node in self.graph.nodes:
             if node.op == "call_module":
                 self.call_module(node)
@@ -607,8 +743,11 @@ class _Reader:
                 self.output(node)
         dropout = tuple(layer.dropout for layer in self.layers)
         dropout = dropout if any(dropout) else ()
+        if self.hidden_concat:
+            self.refuse(next(iter(self.hidden_concat)), "a torch.cat([h, c], 1) that does not feed an nn.Linear")
         return Plan(tuple(self.layers), self.flatten_input, self.input_parts, dropout, self.concat, self.skip,
-                    _factors(self.input_parts, self.concat, dropout, self.skip))
+                    _factors(self.input_parts, self.concat, dropout, self.skip, tuple(self.conditioning.items())),
+                    bool(self.conditioning))
 
     def output(self, node):
         result = node.args[0]
@@ -628,6 +767,16 @@ class _Reader:
             self.refuse(node, "forward hooks run on the generic path")
         if len(node.args) != 1 or node.kwargs:
             self.refuse(node, "unsupported call: the engine's modules take one tensor")
+        if node.args[0] in self.derived:  # a module on a conditioning value: nn.Linear or nn.Sigmoid
+            source = self.derived[node.args[0]]
+            if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+                path = _parts(node.target)
+                self.derive(node, ("linear", source, path + ("weight",), None if m.bias is None else path + ("bias",)))
+            elif act.from_module(m) is not None and act.from_module(m)[0] == act.SIGMOID:
+                self.derive(node, ("sigmoid", source))
+            else:
+                self.refuse(node, self.COND_WHY)
+            return
         self.chain(node, node.args[0])
         if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
             path = _parts(node.target)
@@ -687,6 +836,12 @@ class _Reader:
             if any(t is not None and (not isinstance(t, fx.Node) or t.op != "get_attr") for t in (weight, bias)):
                 self.refuse(node, "F.linear runs on the engine with the model's own parameters only")
             self.linear(node, _parts(weight.target), None if bias is None else _parts(bias.target))
+        elif target is torch.sigmoid and len(node.args) == 1 and not node.kwargs and node.args[0] in self.derived:
+            self.derive(node, ("sigmoid", self.derived[node.args[0]]))
+        elif target in (operator.mul, torch.mul) and len(node.args) == 2 and not node.kwargs:
+            self.conditioning_step(node, "mul", *node.args)
+        elif target in (operator.add, operator.iadd, torch.add) and any(a in self.derived for a in node.args):
+            self.conditioning_step(node, "add", *self.summands(node))
         elif target in _ACTIVATION_FUNCTIONS:
             code, params = _ACTIVATION_FUNCTIONS[target]
             a = self.step(node)
@@ -712,6 +867,9 @@ class _Reader:
         """torch.cat([x, c, ...], 1) at the input: x and conditioning inputs (or c.expand(B, k))."""
         a = self.arguments(node)
         tensors, dim = a.get("tensors"), a.get("dim", 0)
+        if self.started and dim in (1, -1) and isinstance(tensors, (list, tuple)):
+            self.concatenate_hidden(node, tensors)
+            return
         if self.started or self.input_parts is not None:
             self.refuse(node, "a concatenation runs on the engine only at the input, of x with conditioning "
                               "inputs, before the first nn.Linear (a per-sample bias inside the network runs on "
@@ -725,6 +883,21 @@ class _Reader:
         self.input_parts = tuple((-1, False) if t is self.current else self.cond[t] for t in tensors)
         self.concat = (*self.name(node), node.meta.get("jacext_where", "?"))
         self.inputs[node] = self.current
+        self.current = node
+
+    def concatenate_hidden(self, node, tensors):
+        """torch.cat([h, c, ...], 1) of the chain's value with conditioning values, feeding a Linear:
+        that Linear's weight splits into W_h and the columns that give a per-sample bias."""
+        if sum(t is self.current for t in tensors) != 1 or not all(t is self.current or t in self.derived
+                                                                     for t in tensors):
+            self.refuse(node, "a concatenation inside the network of the chain's value once with values computed "
+                              "from the conditioning inputs only")
+        if self.pending:
+            self.refuse(node, "a concatenation after a BatchNorm1d that folds into the next nn.Linear")
+        self.hidden_concat[node] = tuple(None if t is self.current else self.derived[t] for t in tensors)
+        self.conditioning.setdefault("sample_bias", self.where(node))
+        self.inputs[node] = self.current
+        self.kept.add(node)  # the Linear's carry is h, the concatenation's input
         self.current = node
 
     def summands(self, node):
@@ -741,6 +914,20 @@ class _Reader:
             if dim not in (None, 0):
                 self.refuse(node, "a size other than the batch size")
             self.batch.add(node)
+        elif target in ("view", "reshape") and node.args[0] in self.derived:
+            shape = node.args[1:]
+            if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+                shape = tuple(shape[0])
+            to_batch = len(shape) == 2 and shape[0] in self.batch and shape[1] == -1
+            if node.kwargs or not (to_batch or tuple(shape) == (-1, 1)):
+                self.refuse(node, "a conditioning input's reshape other than t.view(-1, 1) or t.view(B, -1)")
+            self.derive(node, ("view", self.derived[node.args[0]], to_batch))
+        elif target == "sigmoid" and len(node.args) == 1 and not node.kwargs and node.args[0] in self.derived:
+            self.derive(node, ("sigmoid", self.derived[node.args[0]]))
+        elif target == "mul" and len(node.args) == 2 and not node.kwargs:
+            self.conditioning_step(node, "mul", *node.args)
+        elif target in ("add", "add_") and any(a in self.derived for a in node.args):
+            self.conditioning_step(node, "add", *self.summands(node))
         elif target in _ACTIVATION_METHODS and len(node.args) == 1 and not node.kwargs:
             self.chain(node, node.args[0])
             self.activation(node, _ACTIVATION_METHODS[target])
@@ -761,6 +948,7 @@ class _Reader:
             if node.kwargs or len(sizes) != 2 or sizes[0] not in self.batch or not isinstance(sizes[1], int):
                 self.refuse(node, "a conditioning input's expand other than c.expand(x.shape[0], k)")
             self.cond[node] = (self.cond[node.args[0]][0], True)
+            self.derive(node, self.derived[node.args[0]])  # a row broadcasts where the value is used
         elif target in ("add", "add_"):
             self.residual(node, *self.summands(node))
         else:

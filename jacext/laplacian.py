@@ -11,7 +11,8 @@ from . import ops as _ops
 from ._checks import check_square
 from ._route import ANY_MODULE, FACTORS, as_cond, engine_or_generic
 
-FORWARD_CARRY = frozenset(("input_concat", "residual"))  # what the forward-carry ops take: no dropout masks
+# what the forward-carry ops take: skips, per-sample biases and gates, no dropout masks
+FORWARD_CARRY = frozenset(("input_concat", "residual", "sample_bias", "gate"))
 from .estimators import check_estimator_options, hutchinson
 from .frontend import MLPSpec
 from .functional import _columns, _generic_estimator
@@ -44,7 +45,7 @@ def laplacian(model, x: torch.Tensor, return_gradient: bool = False, *, wrt=None
     directions, rows, order = _laplacian_directions(lowered, wrt, return_gradient, flat.dtype, flat.device)
     out = _ops.mlp_laplacian(flat, spec.weights, spec.biases, spec.activations, spec.act_params,
                              return_gradient=return_gradient, directions=directions, laplacian_rows=rows,
-                             residual=spec.residual)
+                             residual=spec.residual, sample_biases=spec.sample_biases, gates=spec.gates)
     if order is None:
         return out
     y, grad, lap = out
@@ -131,14 +132,16 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
     spec, outputs = _squared_up(spec, columns)
     if method != "hutchinson":
         y, div = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations,
-                                            spec.act_params, method=method, trace=True, residual=spec.residual)
+                                            spec.act_params, method=method, trace=True, residual=spec.residual,
+                                            sample_biases=spec.sample_biases, gates=spec.gates)
         return outputs(y), div
 
     def terms_of(v):  # each term v^T J v is unbiased for tr J
         if columns is not None:  # v over the chosen features, zero on the others
             v = v.new_zeros(*v.shape[:2], spec.widths[0]).index_copy(2, columns.to(v.device), v)
         y, terms = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                              method="hutchinson", projections=v, residual=spec.residual)
+                                              method="hutchinson", projections=v, residual=spec.residual,
+                                              sample_biases=spec.sample_biases, gates=spec.gates)
         return outputs(y), terms
 
     n = spec.widths[0] if columns is None else len(columns)
@@ -151,7 +154,8 @@ def _squared_up(spec, columns):
     (None: all, and spec' = spec): spec' maps output i to row c_i of a square net and leaves its
     other rows zero (zero weights and bias), so that diag(J')[c_i] = dy_i/dx_{c_i}, J' has no other
     nonzero diagonal entry, and the fused diagonal ops (every strategy) apply; outputs(y') takes
-    y back from y'. Differentiable in the last layer's weight and bias."""
+    y back from y'. Differentiable in the last layer's weight and bias; the last layer's per-sample
+    bias and gate go to the same rows (zero bias, unit gate elsewhere)."""
     if columns is None:
         return spec, lambda y: y
     if spec.residual is not None and spec.residual[-1] != -1:
@@ -162,7 +166,15 @@ def _squared_up(spec, columns):
     index = columns.to(w.device)
     weights = spec.weights[:-1] + [w.new_zeros(n0, w.shape[1]).index_copy(0, index, w)]
     biases = spec.biases[:-1] + [None if b is None else b.new_zeros(n0).index_copy(0, index, b)]
-    return (MLPSpec(weights, biases, spec.activations, spec.act_params, residual=spec.residual),
+
+    def rows(per_sample, fill):  # a per-sample list with the last entry's columns spread like the weight's rows
+        if per_sample is None or per_sample[-1] is None:
+            return per_sample
+        top = per_sample[-1]
+        return per_sample[:-1] + [top.new_full((top.shape[0], n0), fill).index_copy(1, index, top)]
+
+    return (MLPSpec(weights, biases, spec.activations, spec.act_params, residual=spec.residual,
+                    sample_biases=rows(spec.sample_biases, 0.0), gates=rows(spec.gates, 1.0)),
             lambda y: y.index_select(1, index))
 
 
@@ -186,5 +198,6 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None,
         return y, jac.diagonal(dim1=1, dim2=2)
     spec, outputs = _squared_up(spec, columns)
     y, diag = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                         method=method, residual=spec.residual)
+                                         method=method, residual=spec.residual, sample_biases=spec.sample_biases,
+                                         gates=spec.gates)
     return outputs(y), outputs(diag)

@@ -354,15 +354,18 @@ DIAGONAL_STRATEGY_NAMES = {CARRY_FORWARD: "forward columns + diagonal epilogue",
                            DIAGONAL_GRAM1: "one-hidden-layer closed form", TRACE_GRAM2: "two-hidden-layer trace"}
 
 
-def carry_macs(widths: Sequence[int], batch: int, layout: CarryLayout, strategy: int = CARRY_FORWARD) -> int:
+def carry_macs(widths: Sequence[int], batch: int, layout: CarryLayout, strategy: int = CARRY_FORWARD,
+               gated: Sequence[int] = ()) -> int:
     """GEMM multiply-adds of one forward + backward of a forward-carry op (elementwise work not
     counted): a carried layer's GEMM over `rows` rows runs three times (forward, the weight
-    gradient, the adjoint; the first layer's adjoint on the h row alone), the layers above once per
-    mapped row, and the epilogues' own products."""
+    gradient, the adjoint; the first layer's adjoint on the h row alone), four with a per-sample
+    gate (`gated`: those layers; the backward recomputes the unscaled rows for the gate's
+    gradient), the layers above once per mapped row, and the epilogues' own products."""
     n, depth, rows = list(widths), len(widths) - 1, layout.rows
     macs = 0
     for i in range(layout.carried):
-        macs += batch * n[i] * n[i + 1] * rows * 2 + batch * n[i] * n[i + 1] * (rows if i > 0 else 1)
+        passes = 3 if i in gated else 2  # forward and weight gradient (and the gate's recomputation)
+        macs += batch * n[i] * n[i + 1] * (rows * passes + (rows if i > 0 else 1))
     if layout.carried < depth:  # the thin top: h and Delta (Laplacian) or h and the row-dots (diagonal)
         macs += 3 * batch * n[-2] * n[-1] * (2 if layout.laplacian else 1)
         if not layout.laplacian:
@@ -375,21 +378,23 @@ def carry_macs(widths: Sequence[int], batch: int, layout: CarryLayout, strategy:
 
 
 def carry_cost(widths: Sequence[int], batch: int, activations: Sequence[int], layout: CarryLayout,
-               strategy: int = CARRY_FORWARD) -> int:
+               strategy: int = CARRY_FORWARD, gated: Sequence[int] = ()) -> int:
     """What the planner minimizes, as predicted_cost: multiply-adds plus CARRY_ELEMENT_COST per
-    element of the saved carries."""
+    element of the saved carries; gated as in carry_macs."""
     carried = sum(math.prod(shape) for shape in carry_saved_shapes(widths, batch, activations, layout)[3 * (len(widths) - 1):])
-    return carry_macs(widths, batch, layout, strategy) + CARRY_ELEMENT_COST * carried
+    return carry_macs(widths, batch, layout, strategy, gated) + CARRY_ELEMENT_COST * carried
 
 
 def diagonal_applicable(strategy: int, widths: Sequence[int], trace: bool, output_linear: bool,
-                        projections: int = 0, residual: Optional[Sequence[int]] = None) -> bool:
+                        projections: int = 0, residual: Optional[Sequence[int]] = None,
+                        conditioned: bool = False) -> bool:
     """Whether mlp_jacobian_diagonal can run `strategy` (the checks of csrc/mlp_laplacian.h): the
-    closed forms carry h alone, so they take neither projections nor a residual skip."""
+    closed forms carry h alone, so they take neither projections nor a residual skip, and their
+    sample-independent matrices hold no per-sample bias or gate (`conditioned`)."""
     depth = len(widths) - 1
     if strategy == CARRY_FORWARD:
         return True
-    if projections or residual is not None:
+    if projections or residual is not None or conditioned:
         return False
     if strategy == DIAGONAL_GRAM1:
         return depth == 2
@@ -402,11 +407,12 @@ DIAGONAL_METHODS = ("auto", "forward", "gram", "hutchinson")
 
 
 def resolve_diagonal_strategy(method: str, widths: Sequence[int], activations: Sequence[int], trace: bool,
-                              batch: int = 64, residual: Optional[Sequence[int]] = None) -> int:
+                              batch: int = 64, residual: Optional[Sequence[int]] = None,
+                              conditioned: bool = False) -> int:
     """The strategy for jacobian_diagonal (trace=False) or divergence (trace=True): "forward"
     carries the input columns; "gram" takes the closed form with a sample-independent matrix
     (one hidden layer; for the trace, two hidden layers and a linear output too; never across a
-    residual skip); "hutchinson" carries projected columns; "auto" the exact strategy of least
+    residual skip or with per-sample biases or gates); "hutchinson" carries projected columns; "auto" the exact strategy of least
     carry_cost."""
     if method not in DIAGONAL_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {DIAGONAL_METHODS}")
@@ -414,13 +420,14 @@ def resolve_diagonal_strategy(method: str, widths: Sequence[int], activations: S
         batch = 64
     output_linear = activations[-1] == IDENTITY
     closed = [st for st in (DIAGONAL_GRAM1, TRACE_GRAM2)
-              if diagonal_applicable(st, widths, trace, output_linear, residual=residual)]
+              if diagonal_applicable(st, widths, trace, output_linear, residual=residual, conditioned=conditioned)]
     if method in ("forward", "hutchinson"):
         return CARRY_FORWARD
     if method == "gram":
         if not closed:
             what = "a net with one hidden layer, or for the divergence two and a linear output layer"
             skip = f" and no residual skip (the model's skips: {list(residual)})" if residual is not None else ""
+            skip += " and no per-sample bias or gate" if conditioned else ""
             raise ValueError(f"method='gram' needs {what}{skip}; got widths {list(widths)}")
         return closed[0]
     return _cheapest([CARRY_FORWARD] + closed,

@@ -135,7 +135,7 @@ class Refused(nn.Module):
 
 
 @pytest.mark.parametrize("how,why", [("dim0", "dim=0"), ("transformed", "joins the engine only by torch.cat"),
-                                     ("hidden", "only at the input")])
+                                     ("hidden", "only when it feeds an nn.Linear")])
 def test_other_uses_of_conditioning_inputs_are_named(how, why):
     model = Refused(how)
     with pytest.raises(jacext.NotLowerable, match=why):

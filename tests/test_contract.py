@@ -44,6 +44,14 @@ def masks(widths, layers, batch=3, p=0.5):
             else torch.empty(0, dtype=torch.float64) for i, n in enumerate(widths[1:])]
 
 
+def conditioning(widths, layers, batch=3, gate=False):
+    """Per-sample biases (or gates, around 1) on `layers`, an empty tensor for the others (the ops'
+    form), requiring grad."""
+    g = torch.Generator().manual_seed(11 + gate)
+    return [(torch.randn(batch, n, generator=g, dtype=torch.float64) * 0.5 + gate).requires_grad_() if i in layers
+            else torch.empty(0, dtype=torch.float64) for i, n in enumerate(widths[1:])]
+
+
 def _grads_like(outputs):
     return [None if o is None else torch.randn_like(o).requires_grad_() for o in outputs]
 
@@ -106,6 +114,19 @@ def _forward_samples():
     for layer in (0, 2):
         for name, strategy in [("reverse", REVERSE), ("forward", FORWARD)]:
             yield "mlp_jacobian", f"residual-{name}-layer{layer}", (*blocks("tanh"), layer, strategy), {"residual": skips}
+    # conditioning inside the net (csrc/mlp_laplacian.h): per-sample biases and gates, differentiable
+    # (positional), on hidden layers and on the last one (which keeps every row through it then)
+    deep_widths, square_widths = (3, 4, 5, 2), (3, 4, 5, 3)
+    lap_on = (conditioning(deep_widths, (0, 1)), conditioning(deep_widths, (1,), gate=True))
+    yield "mlp_laplacian", "conditioned-gradient", (*deep(), True, None, -1, *lap_on), {}
+    yield "mlp_laplacian", "conditioned-thin-top", (*deep(out="identity"), False, None, -1, *lap_on), {"tile": 2}
+    top_on = (conditioning(deep_widths, (2,)), conditioning(deep_widths, (0, 2), gate=True))
+    yield "mlp_laplacian", "conditioned-top", (*deep(out="identity"), False, None, -1, *top_on), {}
+    sq_on = (conditioning(square_widths, (1,)), conditioning(square_widths, (0,), gate=True))
+    yield "mlp_jacobian_diagonal", "conditioned-forward", (*square(), CARRY_FORWARD, None, *sq_on), {}
+    sq_top = (conditioning(square_widths, (2,)), conditioning(square_widths, (1, 2), gate=True))
+    yield "mlp_jacobian_diagonal", "conditioned-top", (*square(), CARRY_FORWARD, None, *sq_top), {"tile": 2}
+    yield "mlp_jacobian_diagonal", "conditioned-projections", (*square(), CARRY_FORWARD, p, *sq_on), {}
     x, weights, biases, _, _ = mlp((4, 4, 4), ["smooth_leaky_relu", "identity"], bias=[True, False])
     with torch.no_grad():
         for w in weights:

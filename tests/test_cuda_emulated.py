@@ -298,6 +298,39 @@ def test_forward_carry_residual(residual, batch, activation, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("activation", ["tanh", "softplus"])
+@pytest.mark.parametrize("batch", [1, 37])
+@pytest.mark.parametrize("top", [False, True], ids=["hidden", "and-last-layer"])
+def test_forward_carry_conditioned(top, batch, activation, dtype):
+    """Per-sample biases and gates (conditioning inside the net) on hidden layers, and on the last
+    layer too (which then keeps every row through it)."""
+    net = mlp([4, 6, 5, 4], activation, dtype)
+    x = inputs(batch, 4, dtype)
+    g = torch.Generator().manual_seed(6)
+
+    def per_sample(layers, around):
+        return [(torch.randn(batch, n, generator=g, dtype=torch.float64) * 0.5 + around).to(dtype) if i in layers
+                else torch.empty(0, dtype=dtype) for i, n in enumerate([6, 5, 4])]
+
+    on = (per_sample((0, 2) if top else (0,), 0.0), per_sample((1, 2) if top else (1,), 1.0))
+    for gradient in (True, False):
+        what = f"conditioned laplacian gradient={gradient}"
+        (y, grad, lap, saved), cpu = both("mlp_laplacian", x, *net, gradient, None, -1, *on)
+        assert_same((y, grad, lap, saved), cpu, what)
+        grad_y, grad_grad, grad_lap = grads_like([y, grad, lap])
+        args = (grad_y, grad_grad if gradient else None, grad_lap, x, *net, gradient, saved, None, -1, *on)
+        assert_same(*both("mlp_laplacian_backward", *args), what + " backward")
+    projections = torch.randn(batch, 3, 4, generator=g, dtype=torch.float64).to(dtype)
+    for v in (None, projections):
+        what = f"conditioned diagonal{' projections' if v is not None else ''}"
+        (y, out, saved), cpu = both("mlp_jacobian_diagonal", x, *net, 0, v, *on)
+        assert_same((y, out, saved), cpu, what)
+        grad_y, grad_out = grads_like([y, out])
+        assert_same(*both("mlp_jacobian_diagonal_backward", grad_y, grad_out, x, *net, 0, saved, v, *on),
+                    what + " backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("batch", BATCHES)
 def test_forward_carry_batch_sizes(batch, dtype):
     net = mlp([4, 7, 4], "softplus", dtype)

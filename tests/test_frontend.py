@@ -14,7 +14,7 @@ from torch.func import functional_call, jacrev, vmap
 import jacext
 from jacext import activations as act
 from jacext import frontend
-from jacext.frontend import NotLowerable, lower
+from jacext.frontend import FACTORS, NotLowerable, lower
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -226,8 +226,11 @@ def test_unused_extra_input_lowers_and_a_used_one_does_not():
             return y if scale is None else y * scale
 
     assert lower(Conditioned(), x).spec.widths == [5, 3]  # called as model(x): t and scale are None
-    with pytest.raises(NotLowerable, match=r"Conditioned \(operator.mul\) .* joins the engine only by torch.cat"):
+    # y * t: a per-sample gate (tests/test_conditioning_inside.py), which a quantity takes or not
+    with pytest.raises(NotLowerable, match=r"Conditioned \(operator.mul\) .* per-sample gate"):
         lower(Conditioned(), x, torch.ones(6, 1))
+    t = torch.rand(6, 1)
+    assert torch.equal(lower(Conditioned(), x, t, supports=FACTORS).spec.gates[0], t.expand(6, 3))
 
 
 # ---- refusals: module path, op and the user's line ------------------------------------------

@@ -121,8 +121,8 @@ def test_laplacian_over_chosen_features_with_the_whole_gradient(wrt):
 
 
 class HiddenConcatField(nn.Module):
-    """f(x, t) = tanh(W_2 cat([tanh(W_1 x), t])): a conditioning input inside the network (the generic
-    path; at the input it runs on the engine: tests/test_conditioning.py)."""
+    """f(x, t) = tanh(W_2 cat([tanh(W_1 x), t])): a conditioning input inside the network, a per-sample
+    bias on the engine (tests/test_conditioning_inside.py; at the input: tests/test_conditioning.py)."""
 
     def __init__(self):
         super().__init__()
@@ -139,7 +139,8 @@ def test_conditioning_inputs_are_held_fixed_and_reached_by_gradients():
     t = torch.rand(4, 1, dtype=torch.float64, requires_grad=True)
     jac = reference_jacobian(field, x, t)
     jacext._route._warned.clear()
-    with pytest.warns(RuntimeWarning, match="a concatenation runs on the engine only at the input"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on the engine
         y, div = jacext.divergence(field, x, cond=t)
     torch.testing.assert_close(y, field(x, t))
     torch.testing.assert_close(div, jac.diagonal(dim1=1, dim2=2).sum(1))
