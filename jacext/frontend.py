@@ -154,12 +154,13 @@ def _factors(input_parts, concat, dropout, skip, conditioning=()) -> tuple:
     found = []
     if input_parts is not None:
         found.append(("input_concat", concat))
+    dropout_node = next(d for layer in dropout for d in layer)[1:] if dropout else None
     if dropout:
-        found.append(("dropout", next(d for layer in dropout for d in layer)[1:]))
+        found.append(("dropout", dropout_node))
     if skip is not None:
         found.append(("residual", skip))
     if dropout and skip is not None:
-        found.append(("dropout_with_residual", found[1][1]))
+        found.append(("dropout_with_residual", dropout_node))
     found += conditioning
     if dropout and conditioning:
         found.append(("dropout_with_conditioning", conditioning[0][1]))

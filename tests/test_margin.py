@@ -288,29 +288,22 @@ def test_distances_on_both_paths_agree(dist_norm):
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
 
 
+def _nodes_named(tensor, *names):
+    """The nodes of tensor's autograd graph whose class name holds one of `names`."""
+    seen, stack, found = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found += any(name in type(node).__name__ for name in names)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
 def _matmul_nodes(tensor):
     """The matrix-product nodes of tensor's autograd graph."""
-    seen, stack, found = set(), [tensor.grad_fn], 0
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        found += any(name in type(node).__name__ for name in ("Mm", "Addmm", "Bmm", "Matmul", "Linear"))
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
-
-
-def _nodes_named(tensor, name):
-    seen, stack, found = set(), [tensor.grad_fn], 0
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        found += name in type(node).__name__
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
+    return _nodes_named(tensor, "Mm", "Addmm", "Bmm", "Matmul", "Linear")
 
 
 def test_rows_path_with_approximation_reuses_the_sweep_in_the_backward():

@@ -323,3 +323,13 @@ def test_explain_says_only_reverse_and_forward_apply():
     text = repr(plan)
     assert "residual skips (i, j), layer i's output adds layer j's input: (1, 1), (2, 2), (3, 3)" in text
     assert "do not apply across a skip" in text
+
+
+def test_dropout_with_skips_refused_elsewhere_names_the_dropout():
+    """A quantity that takes Dropout and skips but not both together (the divergence: its masks go
+    through J's columns, its skips through the forward carry) names the Dropout module."""
+    from jacext.frontend import FACTORS, NotLowerable
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Dropout(0.2), Block(3)).train()
+    with pytest.raises(NotLowerable, match=r"2 \(Dropout\) .* Dropout in train\(\) in a model with residual skips"):
+        lower(model, torch.randn(2, 3), supports=FACTORS)
