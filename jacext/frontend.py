@@ -94,6 +94,17 @@ class MLPSpec:
     def widths(self) -> list:
         return [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
 
+    @property
+    def jacobian_factors(self) -> dict:
+        """The factor arguments of the Jacobian ops (mlp_jacobian_frobenius, mlp_jacobian(s),
+        mlp_jacobian_grams): every call passes them all, so a factor they learn reaches every caller."""
+        return dict(masks=self.masks, residual=self.residual)
+
+    @property
+    def carry_factors(self) -> dict:
+        """The factor arguments of the forward-carry ops (mlp_laplacian, mlp_jacobian_diagonal)."""
+        return dict(residual=self.residual, sample_biases=self.sample_biases, gates=self.gates)
+
 
 def parse_model(model: nn.Module, *, supports: frozenset = frozenset()) -> MLPSpec:
     """The engine's MLPSpec of a model (lower's spec): nn.Linear and supported

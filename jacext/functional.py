@@ -101,8 +101,8 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
                                x.shape[0], n_proj, spec.widths[0], spec.widths[-1], distribution=distribution,
                                generator=generator, dtype=x.dtype, device=x.device, return_variance=return_variance)
     return _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                       method=method, max_memory=max_memory, masks=spec.masks,
-                                       residual=spec.residual)
+                                       method=method, max_memory=max_memory,
+                                       **spec.jacobian_factors)
 
 
 def _generic_estimator(method, n_proj, generator, distribution, orthogonal, return_variance) -> dict:
@@ -131,8 +131,8 @@ def _input_layer_columns(lowered, layer, wrt):
 
 def _columns(spec, x, columns):
     """(y, J[:, :, columns]) from the engine's Jacobian (one sweep, its strategy the planner's)."""
-    y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, masks=spec.masks,
-                               residual=spec.residual)
+    y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params,
+                               **spec.jacobian_factors)
     return y, jac.index_select(2, columns.to(jac.device))
 
 
@@ -158,7 +158,7 @@ def _frobenius_terms(spec, x, max_memory):
     def terms_of(rows):
         return _ops.mlp_jacobian_frobenius(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                            method="hutchinson", projections=rows, max_memory=max_memory,
-                                           masks=spec.masks, residual=spec.residual)
+                                           **spec.jacobian_factors)
     return terms_of
 
 
@@ -270,9 +270,9 @@ def jacobian(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, *, wr
         return _columns(spec, x, columns)[1]
     if isinstance(layer, int):
         return _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layer,
-                                 method=method, masks=spec.masks, residual=spec.residual)[1]
+                                 method=method, **spec.jacobian_factors)[1]
     return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layer,
-                              masks=spec.masks, residual=spec.residual)[1]
+                              **spec.jacobian_factors)[1]
 
 
 def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, *, wrt=None, cond=None,
@@ -296,7 +296,7 @@ def jacobian_gram(model, x: torch.Tensor, layer: Union[int, Sequence[int]] = 0, 
         return _ops.batched_gram(jac)
     layers = [layer] if isinstance(layer, int) else list(layer)
     _, grams = _ops.mlp_jacobian_grams(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                       layers=layers, masks=spec.masks, residual=spec.residual)
+                                       layers=layers, **spec.jacobian_factors)
     return grams[0] if isinstance(layer, int) else grams
 
 

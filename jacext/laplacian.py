@@ -45,7 +45,7 @@ def laplacian(model, x: torch.Tensor, return_gradient: bool = False, *, wrt=None
     directions, rows, order = _laplacian_directions(lowered, wrt, return_gradient, flat.dtype, flat.device)
     out = _ops.mlp_laplacian(flat, spec.weights, spec.biases, spec.activations, spec.act_params,
                              return_gradient=return_gradient, directions=directions, laplacian_rows=rows,
-                             residual=spec.residual, sample_biases=spec.sample_biases, gates=spec.gates)
+                             **spec.carry_factors)
     if order is None:
         return out
     y, grad, lap = out
@@ -132,16 +132,16 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
     spec, outputs = _squared_up(spec, columns)
     if method != "hutchinson":
         y, div = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations,
-                                            spec.act_params, method=method, trace=True, residual=spec.residual,
-                                            sample_biases=spec.sample_biases, gates=spec.gates)
+                                            spec.act_params, method=method, trace=True,
+                                            **spec.carry_factors)
         return outputs(y), div
 
     def terms_of(v):  # each term v^T J v is unbiased for tr J
         if columns is not None:  # v over the chosen features, zero on the others
             v = v.new_zeros(*v.shape[:2], spec.widths[0]).index_copy(2, columns.to(v.device), v)
         y, terms = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                              method="hutchinson", projections=v, residual=spec.residual,
-                                              sample_biases=spec.sample_biases, gates=spec.gates)
+                                              method="hutchinson", projections=v,
+                                              **spec.carry_factors)
         return outputs(y), terms
 
     n = spec.widths[0] if columns is None else len(columns)
@@ -198,6 +198,5 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None,
         return y, jac.diagonal(dim1=1, dim2=2)
     spec, outputs = _squared_up(spec, columns)
     y, diag = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
-                                         method=method, residual=spec.residual, sample_biases=spec.sample_biases,
-                                         gates=spec.gates)
+                                         method=method, **spec.carry_factors)
     return outputs(y), outputs(diag)
