@@ -65,7 +65,8 @@ if force_cuda and not use_cuda:
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 here = os.path.dirname(os.path.abspath(__file__))
-sources = [os.path.join("csrc", "jacext.cpp"), os.path.join("csrc", "frobenius_autograd.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+sources = [os.path.join("csrc", "jacext.cpp"), os.path.join("csrc", "frobenius_autograd.cpp"),
+           os.path.join("csrc", "carry_autograd.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 # -fopenmp: at::parallel_for is an inline template that runs serially unless the extension itself
 # is compiled with OpenMP (ATen/Parallel-inl.h). No link flag: the OpenMP runtime is torch's own
 # libgomp, already loaded with libtorch_cpu (a second runtime would oversubscribe the cores).

@@ -1,10 +1,11 @@
 """The forward-carry ops (csrc/mlp_laplacian.h): fake kernels, autograd formulas and the op-level
 entry points of the Laplacian and the Jacobian diagonal / divergence.
 
-Autograd as in _jacobian_ops: each forward op differentiates through its backward op (compiled
-kernels), and each backward op through a composite of differentiable torch ops (_composites.py), which gives
-the double backward and every higher order for every activation (piecewise-linear ones have a
-zero second derivative almost everywhere, so their Laplacian is zero there)."""
+Autograd as the penalty's: each forward op differentiates through its backward op by a C++ node
+(csrc/carry_autograd.cpp), and each backward op through a composite of differentiable torch ops
+(_composites.py, registered here), which gives the double backward and every higher order for every
+activation (piecewise-linear ones have a zero second derivative almost everywhere, so their
+Laplacian is zero there)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -118,78 +119,9 @@ def _presence(given):
     return None if given is None else [_given(t) for t in given]
 
 
-def _save_forward(ctx, inputs, keyword_only_inputs, saved, config, trailing, defaults):
-    x, weights, biases = inputs[:3]
-    held, sample_biases, gates = trailing[0], trailing[-2], trailing[-1]
-    # An unused output's gradient stays None (the backward op takes None for it).
-    ctx.set_materialize_grads(False)
-    ctx.config = config
-    ctx.tile = keyword_only_inputs.get("tile", 0)  # the backward runs the same tiles
-    ctx.residual = _residual_of(keyword_only_inputs)
-    ctx.n_layers = len(weights)
-    ctx.bias_present = [b.numel() > 0 for b in biases]
-    ctx.has_held = held is not None
-    ctx.trailing_defaults = defaults
-    ctx.conditioning_present = [_presence(sample_biases), _presence(gates)]
-    ctx.save_for_backward(x, *weights, *biases, *([held] if ctx.has_held else []), *(sample_biases or []),
-                          *(gates or []), *saved)
-    ctx.mark_non_differentiable(*saved)
-
-
-def _load_forward(ctx):
-    """x, weights, biases, saved, the held-constant tangents (directions or projections) and the
-    (sample_biases, gates) as given."""
-    tensors, L = list(ctx.saved_tensors), ctx.n_layers
-    x, weights, biases, rest = tensors[0], tensors[1:1 + L], tensors[1 + L:1 + 2 * L], tensors[1 + 2 * L:]
-    held = rest.pop(0) if ctx.has_held else None
-    conditioning = []
-    for present in ctx.conditioning_present:  # None, or one saved tensor per entry given
-        n = 0 if present is None else len(present)
-        conditioning.append(None if present is None else rest[:n])
-        rest = rest[n:]
-    return x, weights, biases, rest, held, conditioning
-
-
 def _residual_of(keyword_only_inputs):
     residual = keyword_only_inputs.get("residual")
     return None if residual is None else list(residual)
-
-
-def _laplacian_setup(ctx, inputs, keyword_only_inputs, output):
-    _, _, _, activations, act_params, gradient = inputs[:6]
-    trailing, ctx.n_trailing = _trailing(inputs, 6, _LAPLACIAN_TRAILING)
-    _save_forward(ctx, inputs, keyword_only_inputs, output[3],
-                  (list(activations), list(act_params), gradient, trailing[1]), trailing, _LAPLACIAN_TRAILING)
-
-
-def _laplacian_backward(ctx, grad_y, grad_grad, grad_lap, grad_saved):
-    x, weights, biases, saved, directions, (sample_biases, gates) = _load_forward(ctx)
-    activations, act_params, gradient, laplacian_rows = ctx.config
-    grad_x, grad_w, grad_b, grad_s, grad_g = compiled.mlp_laplacian_backward(
-        grad_y, grad_grad if gradient else None, grad_lap, x, weights, biases, activations, act_params, gradient,
-        saved, directions, laplacian_rows, sample_biases, gates, tile=ctx.tile, input_grad=ctx.needs_input_grad[0],
-        residual=ctx.residual)
-    # the directions are held constant: no gradient
-    return (grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None,
-            *_trailing_grads(ctx, grad_s, grad_g))
-
-
-def _diagonal_setup(ctx, inputs, keyword_only_inputs, output):
-    _, _, _, activations, act_params, strategy = inputs[:6]
-    trailing, ctx.n_trailing = _trailing(inputs, 6, _DIAGONAL_TRAILING)
-    _save_forward(ctx, inputs, keyword_only_inputs, output[2], (list(activations), list(act_params), strategy),
-                  trailing, _DIAGONAL_TRAILING)
-
-
-def _diagonal_backward(ctx, grad_y, grad_out, grad_saved):
-    x, weights, biases, saved, projections, (sample_biases, gates) = _load_forward(ctx)
-    activations, act_params, strategy = ctx.config
-    grad_x, grad_w, grad_b, grad_s, grad_g = compiled.mlp_jacobian_diagonal_backward(
-        grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved, projections, sample_biases,
-        gates, tile=ctx.tile, input_grad=ctx.needs_input_grad[0], residual=ctx.residual)
-    # the projections are random draws, held constant: no gradient
-    return (grad_x, list(grad_w), _present(grad_b, ctx.bias_present), None, None, None,
-            *_trailing_grads(ctx, grad_s, grad_g))
 
 
 def _backward_setup(ctx, keyword_only_inputs, grads, x, weights, biases, saved, config, trailing, defaults):
@@ -282,8 +214,6 @@ def _diagonal_backward_backward(ctx, gg_x, gg_w, gg_b, gg_s, gg_g):
     return (*g_grads, g_x, g_w, g_b, None, None, None, [None] * ctx.n_saved, *_trailing_grads(ctx, g_s, g_g))
 
 
-torch.library.register_autograd("jacext::mlp_laplacian", _laplacian_backward, setup_context=_laplacian_setup)
-torch.library.register_autograd("jacext::mlp_jacobian_diagonal", _diagonal_backward, setup_context=_diagonal_setup)
 torch.library.register_autograd("jacext::mlp_laplacian_backward", _laplacian_backward_backward,
                                 setup_context=_laplacian_backward_setup)
 torch.library.register_autograd("jacext::mlp_jacobian_diagonal_backward", _diagonal_backward_backward,
