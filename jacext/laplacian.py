@@ -138,7 +138,7 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
 
     def terms_of(v):  # each term v^T J v is unbiased for tr J
         if columns is not None:  # v over the chosen features, zero on the others
-            v = v.new_zeros(*v.shape[:2], spec.widths[0]).index_copy(2, columns.to(v.device), v)
+            v = _spread(v, 2, columns, spec.widths[0], 0.0)
         y, terms = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                               method="hutchinson", projections=v,
                                               **spec.carry_factors)
@@ -163,19 +163,42 @@ def _squared_up(spec, columns):
                          "conditioning inputs) take no residual skip into the output layer on the engine; "
                          "method='autograd' runs them on the generic path")
     n0, w, b = spec.widths[0], spec.weights[-1], spec.biases[-1]
-    index = columns.to(w.device)
-    weights = spec.weights[:-1] + [w.new_zeros(n0, w.shape[1]).index_copy(0, index, w)]
-    biases = spec.biases[:-1] + [None if b is None else b.new_zeros(n0).index_copy(0, index, b)]
+    weights = spec.weights[:-1] + [_spread(w, 0, columns, n0, 0.0)]
+    biases = spec.biases[:-1] + [None if b is None else _spread(b, 0, columns, n0, 0.0)]
 
     def rows(per_sample, fill):  # a per-sample list with the last entry's columns spread like the weight's rows
         if per_sample is None or per_sample[-1] is None:
             return per_sample
-        top = per_sample[-1]
-        return per_sample[:-1] + [top.new_full((top.shape[0], n0), fill).index_copy(1, index, top)]
+        return per_sample[:-1] + [_spread(per_sample[-1], 1, columns, n0, fill)]
 
     return (MLPSpec(weights, biases, spec.activations, spec.act_params, residual=spec.residual,
                     sample_biases=rows(spec.sample_biases, 0.0), gates=rows(spec.gates, 1.0)),
-            lambda y: y.index_select(1, index))
+            lambda y: _gathered(y, columns))
+
+
+def _spread(t, dim, columns, size, fill):
+    """t (size len(columns) along dim) placed at `columns` of a dimension of `size`, `fill`
+    elsewhere; differentiable. A run of consecutive columns (x beside conditioning inputs) is a
+    pad, whose backward is a view."""
+    first = _run_start(columns)
+    if first is not None:
+        pad = [0, 0] * (t.dim() - 1 - dim) + [first, size - first - len(columns)]
+        return torch.nn.functional.pad(t, pad, value=fill)
+    shape = list(t.shape)
+    shape[dim] = size
+    return t.new_full(shape, fill).index_copy(dim, columns.to(t.device), t)
+
+
+def _gathered(y, columns):
+    """y's entries at `columns` along dim 1 (_spread's inverse)."""
+    first = _run_start(columns)
+    return y.narrow(1, first, len(columns)) if first is not None else y.index_select(1, columns.to(y.device))
+
+
+def _run_start(columns):
+    """The first column if the columns are consecutive and increasing, else None."""
+    values = columns.tolist()
+    return values[0] if values and values == list(range(values[0], values[0] + len(values))) else None
 
 
 def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None, cond=None, max_memory=None):
