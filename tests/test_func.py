@@ -82,13 +82,16 @@ def test_vmap_over_an_ensemble_of_stacked_models_is_the_loop(wrapper, device):
             torch.testing.assert_close(g[i], w, rtol=1e-9, atol=1e-10)
 
 
-def test_func_grad_names_the_supported_alternative():
+@pytest.mark.parametrize("quantity", [jacext.jacobian_frobenius, jacext.laplacian, jacext.divergence])
+def test_func_grad_names_the_supported_alternative(quantity):
     model, x = model_and_x("cpu")
+    if quantity is jacext.divergence:  # a square map
+        model = torch.nn.Sequential(*model[:-1], torch.nn.Linear(model[-1].in_features, x.shape[1])).double()
     try:
-        g = torch.func.grad(lambda xi: jacext.jacobian_frobenius(model, xi[None])[1].sum())(x[0])
+        g = torch.func.grad(lambda xi: quantity(model, xi[None])[1].sum())(x[0])
     except RuntimeError as error:
         assert "torch.autograd.grad" in str(error) and "vmap" in str(error)
     else:  # a torch whose register_autograd works under torch.func.grad (pytorch#170834)
         xr = x[:1].clone().requires_grad_()
-        (want,) = torch.autograd.grad(jacext.jacobian_frobenius(model, xr)[1].sum(), xr)
+        (want,) = torch.autograd.grad(quantity(model, xr)[1].sum(), xr)
         torch.testing.assert_close(g, want[0], **TOL)
