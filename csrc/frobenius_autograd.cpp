@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace jacext {
@@ -140,9 +141,9 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
       result.push_back(present ? grad_b[i] : Tensor());
     }
     result.resize(result.size() + 1 + n_masks);  // projections and masks: constants
-    // per sample; none for a layer without (an empty tensor)
-    for (const auto& grads : {grad_s, grad_g}) {
-      for (const Tensor& g : grads) result.push_back(g.sym_numel() != 0 ? g : Tensor());
+    // per sample, one per input given (none: no list); none for a layer without (an empty tensor)
+    for (const auto& [grads, given] : {std::pair{&grad_s, n_biases}, std::pair{&grad_g, n_gates}}) {
+      for (const auto i : c10::irange(given)) result.push_back((*grads)[i].sym_numel() != 0 ? (*grads)[i] : Tensor());
     }
     result.resize(result.size() + 5);  // the plan: no gradient
     return result;
