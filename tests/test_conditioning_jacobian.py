@@ -411,3 +411,19 @@ def test_explain_says_what_the_gates_do():
     text = repr(jacext.explain(model, x, cond=t))
     assert "gates at layers [0, 1]" in text and "per-sample diagonal of J" in text
     assert "linear output" in text  # the gate on the output layer rules out strategies 3 and 4
+
+
+@pytest.mark.parametrize("name", ["hidden-concat", "squash-3", "residual-squash"])
+def test_double_backward_of_the_penalty(name):
+    """The gradient of a loss on the penalty's input gradient (a double backward through the
+    composites) w.r.t. t and every parameter, against the generic path's."""
+    model, x, t = users_model(name)
+    params = [t, *model.parameters()]
+
+    def second_order(method):
+        _, sq = jacext.jacobian_frobenius(model, x, method=method, cond=t)
+        gx, = torch.autograd.grad(sq.sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), params, materialize_grads=True)
+
+    for a, b in zip(engine(lambda: second_order("auto")), second_order("autograd")):
+        torch.testing.assert_close(a, b, **TOL)
