@@ -39,7 +39,7 @@ def _diagonal_factors(masks, gates):
     return [g or (bool(masked) and masked[i]) for i, g in enumerate(gated)]
 
 
-def _gated_top(masks, gates):
+def _diagonal_at_output(masks, gates):
     """Whether the last layer has a mask or a gate: a diagonal there, so that the output is not linear
     for strategies 3 and 4."""
     return any(factors and factors[-1] for factors in (_masked(masks), _masked(gates)))
@@ -305,7 +305,7 @@ def mlp_jacobian_frobenius(x: torch.Tensor, weights: Sequence[torch.Tensor],
     residual = check_residual(residual, widths)
     # a mask or gate on the last layer is a diagonal there: the output is not linear for strategies 3 and 4
     strategy = resolve_strategy(method, widths, batch=x.shape[0], projections=rows or 0,
-                                output_linear=codes[-1] == act.IDENTITY and not _gated_top(masks, gates),
+                                output_linear=codes[-1] == act.IDENTITY and not _diagonal_at_output(masks, gates),
                                 skips=residual is not None)
     if max_memory is not None and (not isinstance(max_memory, int) or max_memory <= 0):
         raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
