@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace jacext {
@@ -20,11 +21,14 @@ using torch::autograd::variable_list;
 
 using FrobeniusSignature = std::tuple<Tensor, Tensor, std::vector<Tensor>>(
     const Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, at::ArrayRef<double>, int64_t,
-    const std::optional<Tensor>&, const std::optional<at::TensorList>&, int64_t, at::OptionalIntArrayRef);
-using BackwardSignature = std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>>(
+    const std::optional<Tensor>&, const std::optional<at::TensorList>&, const std::optional<at::TensorList>&,
+    const std::optional<at::TensorList>&, int64_t, at::OptionalIntArrayRef);
+using BackwardSignature = std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+                                     std::vector<Tensor>, std::vector<Tensor>>(
     const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
     at::TensorList, at::TensorList, at::IntArrayRef, at::ArrayRef<double>, int64_t, int64_t, at::TensorList,
-    at::TensorList, const std::optional<Tensor>&, const std::optional<at::TensorList>&, int64_t, bool,
+    at::TensorList, const std::optional<Tensor>&, const std::optional<at::TensorList>&,
+    const std::optional<at::TensorList>&, const std::optional<at::TensorList>&, int64_t, bool,
     at::OptionalIntArrayRef);
 
 const c10::TypedOperatorHandle<FrobeniusSignature>& frobenius_op() {
@@ -53,12 +57,14 @@ std::optional<at::TensorList> optional_list(at::TensorList list) {
 
 // Inputs, in this order (the backward returns one gradient per input, each tensor of a list
 // counting as one): x, the weights, the biases (an empty tensor for a layer without bias), the
-// projections (random draws, held constant), the masks (constants: one per layer or none), then
-// the plan (with the residual skips).
+// projections (random draws, held constant), the masks (constants: one per layer or none), the
+// per-sample biases and the gates (one per layer or none; differentiable, an empty tensor for a layer
+// without), then the plan (with the residual skips).
 struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, at::TensorList weights,
                                at::TensorList biases, const std::optional<Tensor>& projections,
-                               at::TensorList masks, at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
+                               at::TensorList masks, at::TensorList sample_biases, at::TensorList gates,
+                               at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
                                int64_t tile, at::OptionalIntArrayRef residual) {
     for (const Tensor& m : masks) {
       TORCH_CHECK(!m.requires_grad(), "jacext: masks are constants (dropout masks) and take no gradient; "
@@ -67,7 +73,7 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, sq, saved] =
         frobenius_op().call(x, weights, biases, activations, act_params, strategy, projections, optional_list(masks),
-                            tile, residual);
+                            optional_list(sample_biases), optional_list(gates), tile, residual);
     // An unused output's gradient stays undefined: the backward op takes none for grad_y or
     // grad_sq, where zeros would cost a pass over them.
     ctx->set_materialize_grads(false);
@@ -78,11 +84,15 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     ctx->saved_data["residual"] = residual.has_value() ? c10::IValue(residual->vec()) : c10::IValue();
     ctx->saved_data["projections"] = projections.has_value() && projections->defined();
     ctx->saved_data["masks"] = static_cast<int64_t>(masks.size());
+    ctx->saved_data["sample_biases"] = static_cast<int64_t>(sample_biases.size());
+    ctx->saved_data["gates"] = static_cast<int64_t>(gates.size());
     variable_list to_save{x};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
     to_save.insert(to_save.end(), biases.begin(), biases.end());
     if (projections.has_value() && projections->defined()) to_save.push_back(*projections);
     to_save.insert(to_save.end(), masks.begin(), masks.end());
+    to_save.insert(to_save.end(), sample_biases.begin(), sample_biases.end());
+    to_save.insert(to_save.end(), gates.begin(), gates.end());
     to_save.insert(to_save.end(), saved.begin(), saved.end());
     ctx->save_for_backward(to_save);
     ctx->mark_non_differentiable(saved);
@@ -103,7 +113,11 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     const int64_t n_masks = ctx->saved_data["masks"].toInt();
     const auto masks_begin = tensors.begin() + 1 + 2 * L + has_projections;
     const std::vector<Tensor> masks(masks_begin, masks_begin + n_masks);
-    const std::vector<Tensor> saved(masks_begin + n_masks, tensors.end());
+    const int64_t n_biases = ctx->saved_data["sample_biases"].toInt(), n_gates = ctx->saved_data["gates"].toInt();
+    const auto biases_begin = masks_begin + n_masks, gates_begin = biases_begin + n_biases;
+    const std::vector<Tensor> sample_biases(biases_begin, gates_begin);
+    const std::vector<Tensor> gates(gates_begin, gates_begin + n_gates);
+    const std::vector<Tensor> saved(gates_begin + n_gates, tensors.end());
     const auto act_params = ctx->saved_data["act_params"].toDoubleVector();
     // Without create_graph (grad mode off in a backward) and outside torch.func, straight to the
     // device kernel: the backward op's autograd (a Python kernel, with its overhead) would only
@@ -115,10 +129,10 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     // (functorch includes its front-mode key while any transform is on.)
     const bool transforms = c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
     if (!at::GradMode::is_enabled() && !transforms) below_autograd.emplace();
-    auto [grad_x, grad_w, grad_b] = backward_op().call(
+    auto [grad_x, grad_w, grad_b, grad_s, grad_g] = backward_op().call(
         optional(grads[0]), optional(grads[1]), std::nullopt, x, weights, biases, activations, act_params,
         /*layer=*/0, ctx->saved_data["strategy"].toInt(), saved, /*grad_carries=*/{}, optional(projections),
-        optional_list(masks), ctx->saved_data["tile"].toInt(), /*input_grad=*/ctx->needs_input_grad(0),
+        optional_list(masks), optional_list(sample_biases), optional_list(gates), ctx->saved_data["tile"].toInt(), /*input_grad=*/ctx->needs_input_grad(0),
         residual.has_value() ? at::OptionalIntArrayRef(*residual) : at::OptionalIntArrayRef());
     variable_list result{defined_or_none(grad_x)};
     result.insert(result.end(), grad_w.begin(), grad_w.end());
@@ -126,7 +140,12 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
       const bool present = biases[i].sym_numel() != 0;
       result.push_back(present ? grad_b[i] : Tensor());
     }
-    result.resize(result.size() + 1 + n_masks + 5);  // projections, masks and the plan: no gradient
+    result.resize(result.size() + 1 + n_masks);  // projections and masks: constants
+    // per sample, one per input given (none: no list); none for a layer without (an empty tensor)
+    for (const auto& [grads, given] : {std::pair{&grad_s, n_biases}, std::pair{&grad_g, n_gates}}) {
+      for (const auto i : c10::irange(given)) result.push_back((*grads)[i].sym_numel() != 0 ? (*grads)[i] : Tensor());
+    }
+    result.resize(result.size() + 5);  // the plan: no gradient
     return result;
   }
 };
@@ -134,9 +153,11 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
 std::tuple<Tensor, Tensor, std::vector<Tensor>> frobenius_autograd(
     const Tensor& x, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
     at::ArrayRef<double> act_params, int64_t strategy, const std::optional<Tensor>& projections,
-    const std::optional<at::TensorList>& masks, int64_t tile, at::OptionalIntArrayRef residual) {
-  // the masks as a list of inputs (none: empty), each of which the backward answers with no gradient
+    const std::optional<at::TensorList>& masks, const std::optional<at::TensorList>& sample_biases,
+    const std::optional<at::TensorList>& gates, int64_t tile, at::OptionalIntArrayRef residual) {
+  // the lists as inputs (none: empty): the masks answered with no gradient, the conditioning with its
   auto outputs = FrobeniusFunction::apply(x, weights, biases, projections, masks.value_or(at::TensorList()),
+                                          sample_biases.value_or(at::TensorList()), gates.value_or(at::TensorList()),
                                           activations, act_params, strategy, tile, residual);
   return {outputs[0], outputs[1], std::vector<Tensor>(outputs.begin() + 2, outputs.end())};
 }

@@ -142,4 +142,26 @@ inline std::vector<int64_t> checked_residual(at::OptionalIntArrayRef residual, a
   return any ? skips : std::vector<int64_t>{};
 }
 
+// The per-sample biases and gates (conditioning inside the net, z = gate * (h W^T) + b + sample_bias)
+// checked against the net: L entries, each (B, n_{i+1}) or undefined (an empty tensor or no list:
+// none). Both op families take them (mlp_laplacian.h, mlp_jacobian.h).
+inline std::vector<Tensor> checked_conditioning(const std::optional<at::TensorList>& given, const Tensor& x,
+                                                at::TensorList weights, const char* name) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  std::vector<Tensor> out(L);
+  if (!given.has_value() || given->empty()) return out;
+  TORCH_CHECK(static_cast<int64_t>(given->size()) == L, "jacext: expected no ", name, " or one per layer (", L,
+              ", an empty tensor for none), got ", given->size());
+  for (const auto i : c10::irange(L)) {
+    const Tensor& s = (*given)[i];
+    if (!s.defined() || (s.numel() == 0 && s.dim() == 1)) continue;
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == x.size(0) && s.size(1) == weights[i].size(0), "jacext: ", name, "[",
+                i, "] must have shape (batch=", x.size(0), ", ", weights[i].size(0), "), got ", s.sizes());
+    TORCH_CHECK(s.scalar_type() == x.scalar_type() && s.device() == x.device(), "jacext: ", name, "[", i,
+                "] must match x's dtype and device, got ", s.scalar_type(), " on ", s.device());
+    out[i] = s.contiguous();
+  }
+  return out;
+}
+
 }  // namespace jacext

@@ -44,6 +44,18 @@
 // Gram forms (2-4, the split) factor J through W_1, W_L or one hidden layer, which a skip bypasses:
 // only strategies 0 and 1 take skips (checked_skips).
 //
+// Conditioning inside the network (a per-sample bias s_i and a per-sample gate g_i per layer,
+// (B, n_{i+1}) each; jacext/frontend.py's MLPSpec): y_{i+1} = g_i * (h_i W[i]^T) + b[i] + s_i. The bias
+// changes the forward values alone; the gate is one more per-sample diagonal of the layer,
+// D_{i+1} = diag(m_i * g_i * act'(y)), and mlp_forward scales d and act'' by it right after the
+// activation, like a mask (an identity layer with a gate has d = m * g), so every strategy's carries and
+// their sweep stay as they are. Unlike a mask the gate takes a gradient, through y and through d: the
+// carries' sweep writes the adjoint of a gated layer's d even where act'' is zero, and the MLP backward
+// (gated_delta) recomputes u = h W^T and act'(y), act''(y) (the saved d cannot be divided by g) for
+//   ybar = hbar * m * act'(y) + dbar * m * g * act''(y),   gbar = ybar * u + dbar * m * act'(y),
+// sbar = ybar (per sample: the backward returns them before any batch sum) and the GEMMs' ybar * g.
+// A gate on the last layer is a diagonal there (strategies 3 and 4 need a linear output: checked_gates).
+//
 // Dead work is skipped: identity layers have no d (saved as an empty tensor), piecewise-linear
 // ones (identity, relu, leaky_relu) no act'' and so no adjoint of d; the MLP backward stops where
 // nothing flows; grad_x only when asked for; no bias gradient for a layer without bias.
@@ -142,6 +154,8 @@ struct BackwardTile {
   Tensor projections, grad_y, grad_sq, grad_jac, grad_x;
   std::vector<Tensor> grad_carries;  // undefined for none
   std::vector<Tensor> ts;  // forward mode with skips: T^(layer+1), ..., T^(L) (MLPJacobian::forward_ts)
+  // The MLP backward's per-sample gradients of the conditioning, one per layer (undefined: none).
+  std::vector<Tensor> grad_sample_biases, grad_gates;
 };
 
 template <class Kernels>
@@ -155,6 +169,8 @@ struct MLPJacobian {
   Tensor projections = Tensor();  // (B, k, m) random rows v: carry v^T J instead of J (estimator)
   std::vector<Tensor> masks = {};  // one per layer (undefined: none) or empty: see the top
   std::vector<int64_t> residual = {};  // per layer: the skip's j, or -1; empty without skips
+  // Conditioning (see the top): per layer a (B, n_{i+1}) tensor or undefined; empty for none.
+  std::vector<Tensor> sample_biases = {}, gates = {};
 
   int64_t depth() const { return static_cast<int64_t>(weights.size()); }
   int64_t width(int64_t i) const { return i == 0 ? weights[0].size(1) : weights[i - 1].size(0); }
@@ -163,7 +179,15 @@ struct MLPJacobian {
     return masks.empty() ? none : masks[i];
   }
   int64_t skip(int64_t i) const { return residual.empty() ? -1 : residual[i]; }
-  bool has_d(int64_t i) const { return has_derivative(activations[i]) || mask(i).defined(); }
+  const Tensor& sample_bias(int64_t i) const {
+    static const Tensor none;
+    return sample_biases.empty() ? none : sample_biases[i];
+  }
+  const Tensor& gate(int64_t i) const {
+    static const Tensor none;
+    return gates.empty() ? none : gates[i];
+  }
+  bool has_d(int64_t i) const { return has_derivative(activations[i]) || mask(i).defined() || gate(i).defined(); }
   bool has_d2(int64_t i) const { return has_curvature(activations[i]); }
   bool forward_mode() const { return strategy == kForward || strategy == kForwardGram; }
   bool gram_epilogue_mode() const { return strategy == kReverseGram || strategy == kForwardGram; }
@@ -238,23 +262,38 @@ struct MLPJacobian {
     return saved;
   }
 
-  // One tile's MLP: hs = h_0..h_L (h_L the output), each y_{i+1} = h_i W_i^T + b_i written
-  // straight into h_{i+1}, then act, act' and act'' in one pass, in place.
+  // The MLP on the whole batch: hs = h_0..h_L (h_L the output), each y_{i+1} = h_i W_i^T + b_i
+  // (times the gate, plus the per-sample bias) written straight into h_{i+1}, then act, act' and
+  // act'' in one pass, in place.
   void mlp_forward(const std::vector<Tensor>& hs, const std::vector<Tensor>& ds,
                    const std::vector<Tensor>& d2s) const {
     for (const auto i : c10::irange(depth())) {
       Tensor h = hs[i + 1];
-      if (auto b = bias_at(biases, i)) {
+      const Tensor& g = gate(i);
+      if (g.defined()) {  // the gate scales the GEMM's output, before the bias
+        Kernels::mm(h, hs[i], weights[i].t());
+        h.mul_(g);
+        if (auto b = bias_at(biases, i)) h.add_(*b);
+      } else if (auto b = bias_at(biases, i)) {
         Kernels::addmm(h, *b, hs[i], weights[i].t());
       } else {
         Kernels::mm(h, hs[i], weights[i].t());
       }
+      if (const Tensor& s = sample_bias(i); s.defined()) h.add_(s);
       if (has_derivative(activations[i])) {
         Kernels::activation_(h, ds[i], d2s[i], activations[i], act_params[2 * i], act_params[2 * i + 1]);
       }
+      if (g.defined()) {  // D = diag(g * act'), and d's derivative in y g * act''
+        if (has_derivative(activations[i])) {
+          ds[i].mul_(g);
+        } else {
+          ds[i].copy_(g);
+        }
+        if (d2s[i].defined()) d2s[i].mul_(g);
+      }
       if (const Tensor& m = mask(i); m.defined()) {  // D = diag(m * act'), curvature m * act''
         h.mul_(m);
-        if (has_derivative(activations[i])) {
+        if (has_derivative(activations[i]) || g.defined()) {
           ds[i].mul_(m);
         } else {
           ds[i].copy_(m);
@@ -410,8 +449,8 @@ struct MLPJacobian {
   }
 
   // Whether the carries' sweep writes the adjoint of d[i] (of every layer from `layer` up with
-  // act'', when any gradient reaches the carries).
-  bool has_adj_d(int64_t i) const { return i >= layer && has_d2(i); }
+  // act'' or a gate, when any gradient reaches the carries).
+  bool has_adj_d(int64_t i) const { return i >= layer && (has_d2(i) || gate(i).defined()); }
 
   // One tile of the backward's carries (the comment above mlp_jacobian_backward): their weight
   // gradients added to `sums`, the adjoints of d written into t.adj_d.
@@ -429,7 +468,7 @@ struct MLPJacobian {
       if (g.defined()) {
         // sum_b g_b d_b^T M d_b: d/dd_b = 2 g_b M d_b; dM = sum_b g_b d_b d_b^T (weights: at the end)
         Tensor d = derivative_or_ones(t.ds, 0, n, options);
-        if (has_d2(0)) Kernels::scale(t.cs[2].unsqueeze(1), Tensor(), Tensor(), g, 2.0, adj_d[0].unsqueeze(1));
+        if (adj_d[0].defined()) Kernels::scale(t.cs[2].unsqueeze(1), Tensor(), Tensor(), g, 2.0, adj_d[0].unsqueeze(1));
         add_mm_lower(sums.gram, scaled_by_loss(d.unsqueeze(1), g, 1.0).squeeze(1).t(), d);
       }
     } else if (gram_epilogue_mode()) {
@@ -611,9 +650,15 @@ struct MLPJacobian {
         pending[j] = pending[j].defined() ? pending[j] + grad_h : grad_h;
       }
       if (!grad_h.defined() && !adj_d[i].defined()) continue;  // zero: nothing reaches the layers below
-      Tensor g = empty({n, width(i + 1)}, options);
       Tensor grad_b = bias_at(biases, i) ? zeroed(sums.b[i], {width(i + 1)}, options) : Tensor();
-      Kernels::mlp_delta(grad_h, t.ds[i], adj_d[i], t.d2s[i], g, grad_b);
+      Tensor g;
+      if (gate(i).defined()) {
+        g = gated_delta(i, t, grad_h, grad_b);
+      } else {
+        g = empty({n, width(i + 1)}, options);
+        Kernels::mlp_delta(grad_h, t.ds[i], adj_d[i], t.d2s[i], g, grad_b);
+        if (t.grad_sample_biases[i].defined()) t.grad_sample_biases[i].copy_(g);  // d/ds = d/dy
+      }
       add_mm(sums.w[i], g.t(), t.hs[i]);
       if (i > 0) {
         grad_h = empty({n, width(i)}, options);
@@ -626,7 +671,55 @@ struct MLPJacobian {
     if (t.grad_x.defined() && !wrote_grad_x) t.grad_x.zero_();
     if (t.grad_x.defined() && !pending.empty() && pending[0].defined()) t.grad_x.add_(pending[0]);
   }
+
+  // A gated layer's step of the MLP backward (the formulas at the top), in ATen ops on both devices:
+  // writes the per-sample gradients of its gate and bias (where given), adds the batch sum of ybar
+  // to grad_b (where defined) and returns ybar * g, the GEMMs' input. u = h_i W_i^T and act'(y),
+  // act''(y) are recomputed: the saved d and act'' carry the gate, which cannot be divided out (g may
+  // be 0).
+  Tensor gated_delta(int64_t i, const BackwardTile& t, const Tensor& grad_h, const Tensor& grad_b) const {
+    const Tensor& g = gate(i);
+    const Tensor& m = mask(i);
+    const Tensor& adj = t.adj_d[i];
+    const int64_t code = activations[i];
+    Tensor u = at::mm(t.hs[i], weights[i].t());
+    Tensor d1, d2;  // m * act'(y) and m * act''(y); undefined for 1 and 0
+    if (has_derivative(code)) {
+      Tensor y = u * g;
+      if (auto b = bias_at(biases, i)) y.add_(*b);
+      if (const Tensor& s = sample_bias(i); s.defined()) y.add_(s);
+      d1 = at::empty_like(y);
+      d2 = has_d2(i) ? at::empty_like(y) : Tensor();
+      Kernels::activation_(y, d1, d2, code, act_params[2 * i], act_params[2 * i + 1]);
+      if (m.defined()) {
+        d1.mul_(m);
+        if (d2.defined()) d2.mul_(m);
+      }
+    } else if (m.defined()) {
+      d1 = m;
+    }
+    Tensor ybar = !grad_h.defined() ? at::zeros_like(u) : d1.defined() ? grad_h * d1 : grad_h.clone();
+    if (adj.defined() && d2.defined()) ybar.add_(adj * g * d2);
+    if (Tensor out = t.grad_gates[i]; out.defined()) {
+      at::mul_out(out, ybar, u);
+      if (adj.defined()) out.add_(d1.defined() ? adj * d1 : adj);
+    }
+    if (const Tensor& out = t.grad_sample_biases[i]; out.defined()) out.copy_(ybar);
+    if (grad_b.defined()) grad_b.add_(ybar.sum(0));
+    return ybar.mul_(g);
+  }
 };
+
+// The gates (checked_conditioning); a gate on the last layer is a diagonal factor there, like a mask:
+// strategies 3 and 4 need a linear output layer.
+inline std::vector<Tensor> checked_gates(const std::optional<at::TensorList>& gates, const Tensor& x,
+                                         at::TensorList weights, int64_t strategy) {
+  std::vector<Tensor> out = checked_conditioning(gates, x, weights, "gates");
+  TORCH_CHECK(!out.back().defined() || (strategy != kGram1 && strategy != kForwardGram),
+              "jacext: strategies 3 and 4 need a linear output layer, and a gate on the last layer is a "
+              "per-sample diagonal factor there; use strategy 0, 1 or 2");
+  return out;
+}
 
 // Random projections V (B, k, m) for the estimator: the carry is V J instead of J.
 inline Tensor checked_projections(const std::optional<Tensor>& projections, const Tensor& x,
@@ -697,14 +790,17 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_frobenius(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t strategy,
-    const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks, int64_t tile,
+    const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks,
+    const std::optional<at::TensorList>& sample_biases, const std::optional<at::TensorList>& gates, int64_t tile,
     at::OptionalIntArrayRef residual) {
   check_mlp(x, weights, biases, activations, act_params, 0, strategy);
   check_tile(tile);
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, 0, strategy,
                            checked_projections(projections, x, weights, strategy),
                            checked_masks(masks.value_or(at::TensorList()), x, weights, strategy),
-                           checked_skips(residual, weights, strategy)};
+                           checked_skips(residual, weights, strategy),
+                           checked_conditioning(sample_biases, x, weights, "sample_biases"),
+                           checked_gates(gates, x, weights, strategy)};
   const int64_t B = x.size(0), L = net.depth();
   const auto options = x.options();
   Tensor y = net.empty({B, net.width(L)}, options);
@@ -743,8 +839,8 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
     const Tensor& x, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, int64_t layer,
-    int64_t strategy, const std::optional<at::TensorList>& masks, int64_t tile, bool gram,
-    at::OptionalIntArrayRef residual) {
+    int64_t strategy, const std::optional<at::TensorList>& masks, const std::optional<at::TensorList>& sample_biases,
+    const std::optional<at::TensorList>& gates, int64_t tile, bool gram, at::OptionalIntArrayRef residual) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
   check_tile(tile);
   TORCH_CHECK(gram ? strategy == kReverseGram : (strategy == kReverse || strategy == kForward),
@@ -752,7 +848,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
               "gram=True; otherwise strategies 2, 3 and 4 (Gram) are for the Frobenius norm only");
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy, Tensor(),
                            checked_masks(masks.value_or(at::TensorList()), x, weights, strategy),
-                           checked_skips(residual, weights, strategy)};
+                           checked_skips(residual, weights, strategy),
+                           checked_conditioning(sample_biases, x, weights, "sample_biases"),
+                           checked_gates(gates, x, weights, strategy)};
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L);
   const auto options = x.options();  // gram: J J^T = S G S^T, J itself is never formed
   Tensor y = net.empty({B, m}, options);
@@ -788,25 +886,30 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian(
 }
 
 // Gradients of  sum(grad_y * y) + sum(grad_sq * ||J||_F^2) + sum(grad_jac * J)
-// + sum(grad_carries * carries)  w.r.t. x (when input_grad; else undefined), the weights and the
-// biases (an empty tensor for a layer without bias), tile by tile: each slot sums its tiles'
+// + sum(grad_carries * carries)  w.r.t. x (when input_grad; else undefined), the weights, the
+// biases (an empty tensor for a layer without bias) and, per sample, the per-sample biases and gates
+// (an empty tensor for a layer without), tile by tile: each slot sums its tiles'
 // weight gradients, and the sums (and the Grams' weight gradients) are added up at the end.
 template <class Kernels>
-std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_jacobian_backward(
+std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+mlp_jacobian_backward(
     const std::optional<Tensor>& grad_y, const std::optional<Tensor>& grad_sq,
     const std::optional<Tensor>& grad_jac, const Tensor& x, at::TensorList weights,
     at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
     int64_t layer, int64_t strategy, at::TensorList saved, at::TensorList grad_carries,
-    const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks, int64_t tile,
+    const std::optional<Tensor>& projections, const std::optional<at::TensorList>& masks,
+    const std::optional<at::TensorList>& sample_biases, const std::optional<at::TensorList>& gates, int64_t tile,
     bool input_grad, at::OptionalIntArrayRef residual) {
   check_mlp(x, weights, biases, activations, act_params, layer, strategy);
   check_tile(tile);
   // The masks only decide which layers have a d (an identity layer with a mask): the saved d and
-  // act'' carry them already.
+  // act'' carry them already. The gates and per-sample biases: gated_delta.
   MLPJacobian<Kernels> net{weights, biases, activations, act_params, layer, strategy,
                            checked_projections(projections, x, weights, strategy),
                            checked_masks(masks.value_or(at::TensorList()), x, weights, strategy),
-                           checked_skips(residual, weights, strategy)};
+                           checked_skips(residual, weights, strategy),
+                           checked_conditioning(sample_biases, x, weights, "sample_biases"),
+                           checked_gates(gates, x, weights, strategy)};
   const int64_t L = net.depth(), B = x.size(0);
   const auto options = x.options();
   const int64_t n_carries = net.n_carries();
@@ -932,6 +1035,14 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
   whole.adj_d = adj_d;
   if (grad_y.has_value() && grad_y->defined()) whole.grad_y = *grad_y;
   whole.grad_x = grad_x;
+  // per sample, zero where nothing reaches the layer (an empty tensor for none)
+  auto per_sample = [&](const Tensor& given, int64_t i) {
+    return given.defined() ? net.empty({B, net.width(i + 1)}, options).zero_() : Tensor();
+  };
+  for (const auto i : c10::irange(L)) {
+    whole.grad_sample_biases.push_back(per_sample(net.sample_bias(i), i));
+    whole.grad_gates.push_back(per_sample(net.gate(i), i));
+  }
   Kernels::side_by_side(beside, [&] { net.mlp_backward(whole, sums[0]); }, gram_grads);
 
   std::vector<Tensor> grad_w(L), grad_b(L);
@@ -940,7 +1051,12 @@ std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_
     grad_b[i] = bias_at(biases, i) ? total(&GradientSums::b, i, {net.width(i + 1)}) : at::empty({0}, options);
   }
   if (Tensor gwt = total_of(&GradientSums::wt); gwt.defined()) grad_w[layer].add_(gwt.t());
-  return {input_grad ? std::optional<Tensor>(grad_x) : std::nullopt, grad_w, grad_b};
+  std::vector<Tensor> grad_s, grad_g;
+  for (const auto i : c10::irange(L)) {
+    grad_s.push_back(undefined_to_absent(whole.grad_sample_biases[i], options));
+    grad_g.push_back(undefined_to_absent(whole.grad_gates[i], options));
+  }
+  return {input_grad ? std::optional<Tensor>(grad_x) : std::nullopt, grad_w, grad_b, grad_s, grad_g};
 }
 
 }  // namespace jacext

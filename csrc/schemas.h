@@ -15,6 +15,7 @@ namespace jacext {
 // masks (the Jacobian family; positional, as torch.library.register_autograd needs tensors to be): None (or []) for none, or one per layer, (B, n_{i+1})
 // or an empty tensor for none: a per-sample diagonal factor after the layer's activation (a dropout
 // mask), h_{i+1} = mask * act(y_{i+1}); constants, never differentiated.
+// sample_biases, gates: the Jacobian ops take them as the forward-carry ops do (below).
 // residual (keyword-only, every Jacobian and forward-carry op): None, or per layer i -1 or the
 // j <= i whose input h_j is added to layer i's output (h + g(h)); the Jacobian ops take it with
 // strategy 0 only (mlp_jacobian.h).
@@ -23,14 +24,16 @@ inline void define_mlp_ops(torch::Library& m) {
   // projections V (B, k, m): sq[b, i] = ||v_bi^T d y_b / d x_b||^2 instead (reverse strategies).
   m.def(
       "mlp_jacobian_frobenius(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
-      "float[] act_params, int strategy, Tensor? projections=None, Tensor[]? masks=None, *, int tile=0, "
-      "int[]? residual=None) -> (Tensor y, Tensor sq, Tensor[] saved)");
+      "float[] act_params, int strategy, Tensor? projections=None, Tensor[]? masks=None, "
+      "Tensor[]? sample_biases=None, Tensor[]? gates=None, *, int tile=0, int[]? residual=None) -> "
+      "(Tensor y, Tensor sq, Tensor[] saved)");
   // y = mlp(x) and jac[b] = d y_b / d h_layer,b  (B, m, n_layer); with gram (strategy 2, layer 0)
   // jac[b] = J_b J_b^T (B, m, m) by the Gram epilogue, J never formed.
   m.def(
       "mlp_jacobian(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
-      "float[] act_params, int layer, int strategy, Tensor[]? masks=None, *, int tile=0, bool gram=False, "
-      "int[]? residual=None) -> (Tensor y, Tensor jac, Tensor[] saved)");
+      "float[] act_params, int layer, int strategy, Tensor[]? masks=None, Tensor[]? sample_biases=None, "
+      "Tensor[]? gates=None, *, int tile=0, bool gram=False, int[]? residual=None) -> "
+      "(Tensor y, Tensor jac, Tensor[] saved)");
   // Gradients of sum(grad_y*y) + sum(grad_sq*sq) + sum(grad_jac*jac) + sum(grad_carries*carries)
   // (with strategy 2, grad_jac is the gradient of mlp_jacobian's J J^T)
   // w.r.t. x, weights, biases. grad_carries: for mlp_jacobian's reverse strategy, gradients
@@ -41,8 +44,9 @@ inline void define_mlp_ops(torch::Library& m) {
       "mlp_jacobian_backward(Tensor? grad_y, Tensor? grad_sq, Tensor? grad_jac, Tensor x, "
       "Tensor[] weights, Tensor[] biases, int[] activations, float[] act_params, int layer, "
       "int strategy, Tensor[] saved, Tensor[] grad_carries, Tensor? projections=None, Tensor[]? masks=None, "
-      "*, int tile=0, bool input_grad=True, int[]? residual=None) -> (Tensor? grad_x, Tensor[] grad_weights, "
-      "Tensor[] grad_biases)");
+      "Tensor[]? sample_biases=None, Tensor[]? gates=None, *, int tile=0, bool input_grad=True, "
+      "int[]? residual=None) -> (Tensor? grad_x, Tensor[] grad_weights, Tensor[] grad_biases, "
+      "Tensor[] grad_sample_biases, Tensor[] grad_gates)");
   // A square MLP as a normalizing flow (mlp_flow.h): z = mlp(x), log_dact[b] = sum of log|act'|
   // over every layer and unit, logabsdet = sum_k log|det W_k| (0 unless logdet_value; its gradient
   // is there either way); `saved` feeds mlp_flow_backward. relative_gradient does not change the

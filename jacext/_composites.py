@@ -9,22 +9,31 @@ from .activations import activation_derivative, activation_second_derivative, ac
 
 
 def mlp_composite(x, weights, biases, activations, act_params, layer=0, projections=None, carries=False,
-                  masks=None, residual=None):
+                  masks=None, residual=None, sample_biases=None, gates=None):
     """(y, J) of the MLP with J = dy/dh_layer carried in reverse, in differentiable torch ops;
     with projections V (B, k, m), V J instead of J. carries=True: (y, [dy/dh_i for i = L-1 down
     to layer]), the reverse carries (the last one is J). masks: None, or one (B, n_{i+1}) or None
     per layer, a constant factor after the activation (h = m * act(y), so d = m * act'(y) and
     autograd differentiates the product: every derivative of act is scaled by m). residual: None, or
     per layer i -1 or the j <= i whose input h_j is added to layer i's output (after the mask); the
-    reverse carry dy/dh_j then gains dy/dh_{i+1} (dy/dy = I, or V, for the output)."""
+    reverse carry dy/dh_j then gains dy/dh_{i+1} (dy/dy = I, or V, for the output). sample_biases,
+    gates (None, or per layer None or (B, n_{i+1})): y = gate * (h W^T) + b + sample_bias, so
+    d = gate * act'(y) (autograd differentiates both factors)."""
     h, ds, inputs = x, [], []
     for i, w in enumerate(weights):
         inputs.append(h)
         y = h @ w.t()
+        gate = gates[i] if gates is not None else None
+        if gate is not None:
+            y = gate * y
         if biases[i] is not None:
             y = y + biases[i]
+        if sample_biases is not None and sample_biases[i] is not None:
+            y = y + sample_biases[i]
         code, p0, p1 = activations[i], act_params[2 * i], act_params[2 * i + 1]
         d, h = activation_derivative(y, code, p0, p1), activation_value(y, code, p0, p1)
+        if gate is not None:
+            d = gate * d
         if masks is not None and masks[i] is not None:
             d, h = masks[i] * d, masks[i] * h
         if residual is not None and residual[i] >= 0:
@@ -50,31 +59,24 @@ def mlp_composite(x, weights, biases, activations, act_params, layer=0, projecti
 
 def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biases, activations,
                                     act_params, layer, projections=None, grad_carries=(), gram_output=False,
-                                    masks=None, residual=None):
+                                    masks=None, residual=None, sample_biases=None, gates=None):
     """What the op mlp_jacobian_backward computes, as differentiable torch ops: the gradients of
     sum(grad_y*y) + sum(grad_sq*||J||^2) + sum(grad_jac*J) + sum(grad_carries*carries) w.r.t. x,
-    weights and the biases that are not None (returned in that order); with projections, ||J||^2
-    is per projected row; with gram_output, grad_jac is the gradient of J J^T (mlp_jacobian's
-    output with strategy 2). grad_carries: [] or one per reverse carry dy/dh_i, i = L-1 down to
-    layer (None for none). masks and residual: mlp_composite's."""
-    present = [i for i, b in enumerate(biases) if b is not None]
-
-    def outputs(x, weights, present_biases):
-        full = [None] * len(weights)
-        for i, b in zip(present, present_biases):
-            full[i] = b
-        y, carries = mlp_composite(x, weights, full, activations, act_params, layer, projections, carries=True,
-                                   masks=masks, residual=residual)
+    weights, and the biases, per-sample biases and gates that are not None (a list each, returned in
+    that order); with projections, ||J||^2 is per projected row; with gram_output, grad_jac is the
+    gradient of J J^T (mlp_jacobian's output with strategy 2). grad_carries: [] or one per reverse
+    carry dy/dh_i, i = L-1 down to layer (None for none). masks, residual, sample_biases and gates:
+    mlp_composite's."""
+    def outputs(x, weights, biases, sample_biases, gates):
+        y, carries = mlp_composite(x, weights, biases, activations, act_params, layer, projections, carries=True,
+                                   masks=masks, residual=residual, sample_biases=sample_biases, gates=gates)
         jac = carries[-1]
         sq = jac.pow(2).sum((1, 2)) if projections is None else jac.pow(2).sum(2)
         jac_out = jac @ jac.transpose(1, 2) if gram_output else jac
         return y, sq, jac_out, [c for c, g in zip(carries, grad_carries) if g is not None]
 
-    primals = (x, list(weights), [biases[i] for i in present])
-    (y, sq, jac, carries), vjp = torch.func.vjp(outputs, *primals)
-    cotangents = tuple(torch.zeros_like(o) if g is None else g
-                       for g, o in zip((grad_y, grad_sq, grad_jac), (y, sq, jac)))
-    return vjp((*cotangents, [g for g in grad_carries if g is not None]))
+    return _vjp_of(outputs, x, weights, (biases, sample_biases, gates),
+                   (grad_y, grad_sq, grad_jac, [g for g in grad_carries if g is not None]))
 
 
 def forward_carry_composite(x, weights, biases, activations, act_params, tangents=None, laplacian=False,

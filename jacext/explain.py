@@ -27,9 +27,11 @@ class Plan:
     """What jacobian_frobenius(model, x, method, max_memory=...) will run, and what each candidate
     would cost."""
 
-    def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory, tile, dropout=(), residual=None):
+    def __init__(self, widths, batch, method, candidates, choice, chunk, max_memory, tile, dropout=(), residual=None,
+                 conditioning=((), ())):
         self.widths, self.batch, self.method = widths, batch, method
         self.residual = residual  # the model's skips (MLPSpec.residual), None without
+        self.conditioning = conditioning  # (layers with a per-sample bias, layers with a gate)
         self.dropout = dropout  # per layer, its Dropouts in train() (frontend.Layer.dropout)
         self.candidates = candidates  # {strategy: (multiply-adds, predicted cost, estimated peak bytes)}
         self.choice = choice
@@ -56,6 +58,14 @@ class Plan:
             lines.append(f"  residual skips (i, j), layer i's output adds layer j's input: {skips}; the reverse carry "
                          "dy/dh_j adds the one above each block, the forward carry T the one that entered it; the Gram "
                          "forms (which factor J through single layers) do not apply across a skip")
+        shifted, gated = self.conditioning
+        if shifted or gated:
+            top = bool(gated) and gated[-1] == len(self.widths) - 2
+            lines.append(f"  conditioning inside the network: per-sample biases at layers {list(shifted)}, gates at "
+                         f"layers {list(gated)}; a bias changes the forward values only, a gate is one more "
+                         "per-sample diagonal of J (D = diag(gate * act')), which every carry takes"
+                         + ("; on the output layer it rules out the forms that need a linear output (the "
+                            "one-hidden-layer Gram, the forward Gram epilogue)" if top else ""))
         budget = f"memory budget {self.max_memory / 2**20:.0f} MB"
         if self.chunk < self.batch:
             lines.append(f"  {budget}: {math.ceil(self.batch / self.chunk)} chunks of <= {self.chunk} samples, "
@@ -77,7 +87,10 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     jacobian_spectral_norm(model, x, method=method, **options) (layer, n_iter, tol); "laplacian",
     "divergence" or "jacobian_diagonal": the plan of that function (explain_carry; options
     return_gradient, n_proj, wrt, cond); "margin": the plan of large_margin_loss(model, x, method=method,
-    **options) (margin_plan; options target, layers, top_k, dist_norm, use_approximation, cond)."""
+    **options) (margin_plan; options target, layers, top_k, dist_norm, use_approximation, cond). For
+    quantity "frobenius", option cond: the conditioning inputs, which a model conditioned inside the
+    network needs (its per-sample biases and gates; the model's Dropout masks are drawn then, as a call
+    draws them)."""
     if quantity != "frobenius" and max_memory is not None:
         raise ValueError("explain: max_memory applies to the Frobenius norm's plan only")
     if quantity == "spectral_norm":
@@ -86,15 +99,22 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
         return margin_plan(model, x, method=method, **options)
     if quantity != "frobenius":
         return explain_carry(model, x, quantity, method, **options)
+    cond = as_cond(options.pop("cond", None))
     if options:
         raise TypeError(f"explain: {sorted(options)} do not apply to quantity='frobenius'")
 
-    # without x: no masks drawn, only where they go
-    lowered = lower(model, supports=frozenset(("dropout", "residual", "dropout_with_residual")))
+    supports = frozenset(("dropout", "residual", "dropout_with_residual"))
+    if cond:  # the per-sample biases and gates are the call's
+        lowered = lower(model, x, *cond, supports=supports | {"sample_bias", "gate", "dropout_with_conditioning"})
+    else:  # without x: no masks drawn, only where they go
+        lowered = lower(model, supports=supports)
     spec = lowered.spec
     widths, batch, skips = spec.widths, x.shape[0], spec.residual is not None
-    # a mask on the last layer is a diagonal there: strategies 3 and 4 need none
-    output_linear = spec.activations[-1] == IDENTITY and not (lowered.dropout and lowered.dropout[-1])
+    conditioning = tuple(tuple(i for i, t in enumerate(ts or ()) if t is not None)
+                         for ts in (spec.sample_biases, spec.gates))
+    # a mask or gate on the last layer is a diagonal there: strategies 3 and 4 need none
+    output_linear = (spec.activations[-1] == IDENTITY and not (lowered.dropout and lowered.dropout[-1])
+                     and not (spec.gates is not None and spec.gates[-1] is not None))
     choice = resolve_strategy(method, widths, batch=batch, output_linear=output_linear, skips=skips)
     strategies = [st for st in (REVERSE, REVERSE_GRAM, FORWARD, FORWARD_GRAM, GRAM1)
                   if applicable(st, widths, output_linear=output_linear) and (st in (REVERSE, FORWARD) or not skips)]
@@ -105,7 +125,8 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
     max_memory = default_memory_budget(x.device) if max_memory is None else max_memory
     chunk = batch_chunk(widths, batch, choice, op_element_size(x), max_memory)
     tile = 0 if isinstance(choice, Split) else tile_size(widths, chunk, choice, op_element_size(x), device=x.device)
-    return Plan(widths, batch, method, candidates, choice, chunk, max_memory, tile, lowered.dropout, spec.residual)
+    return Plan(widths, batch, method, candidates, choice, chunk, max_memory, tile, lowered.dropout, spec.residual,
+                conditioning)
 
 
 class CarryPlan:

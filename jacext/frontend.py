@@ -79,7 +79,7 @@ class MLPSpec:
     input is added to layer i's output (h + g(h); the forward-carry ops' `residual`).
     sample_biases, gates: None, or one (B, n_{i+1}) tensor or None per layer, computed from the call's
     conditioning inputs (differentiable): z = gate * (h W^T) + b + sample_bias (the forward-carry
-    ops' arguments of the same names)."""
+    and the Jacobian ops' arguments of the same names)."""
 
     weights: list
     biases: list
@@ -98,7 +98,7 @@ class MLPSpec:
     def jacobian_factors(self) -> dict:
         """The factor arguments of the Jacobian ops (mlp_jacobian_frobenius, mlp_jacobian(s),
         mlp_jacobian_grams): every call passes them all, so a factor they learn reaches every caller."""
-        return dict(masks=self.masks, residual=self.residual)
+        return dict(masks=self.masks, residual=self.residual, sample_biases=self.sample_biases, gates=self.gates)
 
     @property
     def carry_factors(self) -> dict:

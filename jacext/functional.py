@@ -22,8 +22,10 @@ __all__ = ["jacobian_frobenius", "JacobianFrobenius", "jacobian", "Jacobian", "j
 
 METHODS = ("auto", "reverse", "forward", "gram", "hutchinson", "hutch++", "autograd")
 ESTIMATORS = ("hutchinson", "hutch++")
-# what the Jacobian ops take: masks and residual skips, together too (frontend.FACTOR_NAMES)
-JACOBIAN_FAMILY = frozenset(("input_concat", "dropout", "residual", "dropout_with_residual"))
+# what the Jacobian ops take: masks, residual skips, per-sample biases and gates, together too
+# (frontend.FACTOR_NAMES)
+JACOBIAN_FAMILY = frozenset(("input_concat", "dropout", "residual", "dropout_with_residual", "sample_bias", "gate",
+                             "dropout_with_conditioning"))
 
 
 def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, generator=None, *,
@@ -74,7 +76,10 @@ def jacobian_frobenius(model, x: torch.Tensor, method: str = "auto", n_proj: int
     the module draws it (y equals model(x) under the same seed) and J is the masked network's,
     every method above included. A residual block h + g(h) runs on the engine too (with Dropout
     as well), by every method but "gram" (which factors J through single layers and raises a
-    ValueError for such a model)."""
+    ValueError for such a model). A model conditioned inside the network (a conditioning input
+    concatenated into a hidden Linear, FFJORD's ConcatSquash) runs on the engine by every method,
+    its per-sample biases and gates computed from `cond` on each call (differentiable); a gate on
+    the output layer rules out the forms that need a linear output (the planner does not pick them)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     check_estimator_options(method, ESTIMATORS, n_proj, generator, distribution, orthogonal, return_variance)
@@ -168,7 +173,8 @@ class Linearization:
     of one forward pass, then per sample J t (forward) or u^T J (reverse) by one batched GEMM per
     layer (the dropout masks of spec.masks in them; a residual skip h_{i+1} += h_j adds the product at
     h_j, or in reverse passes the one at h_{i+1} on to h_j, for j >= layer: below it h_j does not
-    depend on h_layer). Under torch.autocast it runs in float32, as the ops do."""
+    depend on h_layer; the per-sample biases and gates of spec in the forward values, z = g * (h W^T)
+    + b + s, and the gate in d = g * act'(z)). Under torch.autocast it runs in float32, as the ops do."""
 
     def __init__(self, spec, x: torch.Tensor, layer: int = 0):
         self.device_type = x.device.type
@@ -180,16 +186,30 @@ class Linearization:
                       for i in range(layer, len(spec.weights))]
         with torch.no_grad(), torch.autocast(self.device_type, enabled=False):
             h = x.to(self.dtype)
-            masks = spec.masks or [None] * len(spec.weights)
+            none = [None] * len(spec.weights)
+            masks, sample_biases, gates = spec.masks or none, spec.sample_biases or none, spec.gates or none
+            inputs = []  # each layer's input h_i, for the skips
             for i, (w, b, code, mask) in enumerate(zip(spec.weights, spec.biases, spec.activations, masks)):
+                inputs.append(h)
                 w = w.to(self.dtype)
-                pre = torch.nn.functional.linear(h, w, None if b is None else b.to(self.dtype))
+                pre = h @ w.t()
+                if gates[i] is not None:
+                    pre = gates[i].to(self.dtype) * pre
+                if b is not None:
+                    pre = pre + b.to(self.dtype)
+                if sample_biases[i] is not None:
+                    pre = pre + sample_biases[i].to(self.dtype)
                 p0, p1 = spec.act_params[2 * i:2 * i + 2]
                 d = None if code == act.IDENTITY else act.activation_derivative(pre, code, p0, p1)
                 h = act.activation_value(pre, code, p0, p1)
+                if gates[i] is not None:
+                    gate = gates[i].to(self.dtype)
+                    d = gate if d is None else gate * d
                 if mask is not None:
                     mask = mask.to(self.dtype)
                     d, h = (mask if d is None else mask * d), mask * h
+                if spec.residual is not None and spec.residual[i] >= 0:  # the next layers' d at the net's h
+                    h = h + inputs[spec.residual[i]]
                 if i >= layer:
                     self.maps.append((w, d))
 

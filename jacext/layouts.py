@@ -27,7 +27,7 @@ def saved_shapes(widths: Sequence[int], batch, layer: int, strategy: int, rows: 
     the number of carried rows in reverse mode: m, or k with projections. With the activation
     codes, an identity layer's d and a piecewise-linear layer's act'' are empty, (0,), as the op
     saves them; without, every layer is taken to have both (an upper bound). `masked`: which layers
-    have a mask (none when empty): an identity layer with one has d = mask."""
+    have a mask or a gate, a per-sample diagonal (none when empty): an identity layer with one has d."""
     B, L = batch, len(widths) - 1
     rows = widths[-1] if rows is None else rows
     codes = list(activations) if activations is not None else [None] * L

@@ -355,17 +355,18 @@ def test_divergence_over_x_beside_t_at_the_input_and_inside():
     torch.testing.assert_close(div, jac.diagonal(dim1=1, dim2=2).sum(1), **TOL)
 
 
-def test_other_quantities_take_the_generic_path():
+def test_a_quantity_that_does_not_name_them_refuses_them_and_the_jacobian_family_takes_them():
     model, x, t = model_and_inputs("squash-2", 3)
     with pytest.raises(NotLowerable, match="per-sample"):
         lower(model, x, t, supports=frozenset(("input_concat", "dropout", "residual")))
-    with pytest.warns(RuntimeWarning, match="generic autograd path"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the engine (tests/test_conditioning_jacobian.py)
         _, sq = jacext.jacobian_frobenius(model, x, cond=t)
     torch.testing.assert_close(sq, field_reference(model, x, t, jacrev).pow(2).sum((1, 2)), **TOL)
 
 
 def test_dropout_with_conditioning_inside_takes_the_generic_path():
-    """The forward-carry ops take no dropout masks and the Jacobian ops no per-sample biases or gates."""
+    """The forward-carry ops take no dropout masks."""
 
     class Dropped(nn.Module):
         def __init__(self):

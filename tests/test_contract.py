@@ -127,6 +127,31 @@ def _forward_samples():
     sq_top = (conditioning(square_widths, (2,)), conditioning(square_widths, (1, 2), gate=True))
     yield "mlp_jacobian_diagonal", "conditioned-top", (*square(), CARRY_FORWARD, None, *sq_top), {"tile": 2}
     yield "mlp_jacobian_diagonal", "conditioned-projections", (*square(), CARRY_FORWARD, p, *sq_on), {}
+    # conditioning inside the net in the Jacobian family (csrc/mlp_jacobian.h): per-sample biases and gates
+    # (positional after the masks, differentiable); a gate is one more diagonal of J (an identity layer's d
+    # then), on the last layer too; with every strategy that takes it, projections, tiles, masks and skips
+    jac_on = (conditioning(deep_widths, (0, 2)), conditioning(deep_widths, (1, 2), gate=True))
+    for name, strategy in [("reverse", REVERSE), ("forward", FORWARD), ("reverse_gram", REVERSE_GRAM)]:
+        yield "mlp_jacobian_frobenius", f"conditioned-{name}", (*deep(), strategy, None, None, *jac_on), {}
+    yield "mlp_jacobian_frobenius", "conditioned-projections", (*deep(), REVERSE, v, None, *jac_on), {"tile": 2}
+    gated_identity = mlp((3, 4, 5, 2), ["identity", "softplus", "sigmoid"])
+    yield "mlp_jacobian_frobenius", "conditioned-identity", (*gated_identity, REVERSE, None, None, None,
+                                                             conditioning(deep_widths, (0,), gate=True)), {}
+    linear_on = (conditioning((3, 6, 4), (0, 1)), conditioning((3, 6, 4), (0,), gate=True))
+    for name, strategy in [("gram1", GRAM1), ("forward_gram", FORWARD_GRAM)]:
+        yield "mlp_jacobian_frobenius", f"conditioned-{name}", (*linear_out(), strategy, None, None, *linear_on), {}
+    blocks_widths = (3, 4, 4, 4, 3)
+    blocks_on = (conditioning(blocks_widths, (1, 3)), conditioning(blocks_widths, (0, 2), gate=True))
+    yield "mlp_jacobian_frobenius", "conditioned-residual-masked", (
+        *blocks(), REVERSE, None, masks(blocks_widths, (1, 2)), *blocks_on), {"residual": skips}
+    for layer in (0, 2):
+        for name, strategy in [("reverse", REVERSE), ("forward", FORWARD)]:
+            yield "mlp_jacobian", f"conditioned-{name}-layer{layer}", (*deep(), layer, strategy, None, *jac_on), {}
+    yield "mlp_jacobian", "conditioned-residual", (*blocks("tanh"), 0, FORWARD, None, *blocks_on), {"residual": skips}
+    gram_widths = (6, 3, 4, 2)
+    yield "mlp_jacobian", "conditioned-gram", (*mlp(gram_widths, ["tanh", "tanh", "sigmoid"]), 0, REVERSE_GRAM, None,
+                                               conditioning(gram_widths, (0,)), conditioning(gram_widths, (0, 2),
+                                                                                             gate=True)), {"gram": True}
     x, weights, biases, _, _ = mlp((4, 4, 4), ["smooth_leaky_relu", "identity"], bias=[True, False])
     with torch.no_grad():
         for w in weights:
@@ -152,13 +177,13 @@ def _backward_sample(op, label, args, kwargs):
     if op == "mlp_jacobian":
         if kwargs.get("gram"):
             return None
-        x, w, b, codes, params, layer, strategy = args
+        x, w, b, codes, params, layer, strategy, *factors = args  # masks, sample_biases, gates
         grad_y, grad_jac = _grads_like(outputs[:2])
         grad_carries = []
         if strategy == REVERSE:  # the carries are differentiable outputs too
             grad_carries = [torch.randn_like(c).requires_grad_() for c in saved[first_carry_index(len(w)):]]
         return ("mlp_jacobian_backward", label, (grad_y, None, grad_jac, x, w, b, codes, params, layer, strategy,
-                                                 saved, grad_carries), kwargs)
+                                                 saved, grad_carries, *([None, *factors] if factors else [])), kwargs)
     if op == "mlp_laplacian":
         x, w, b, codes, params, gradient, *rest = args
         grad_y, grad_grad, grad_lap = _grads_like([outputs[0], outputs[1] if gradient else None, outputs[2]])

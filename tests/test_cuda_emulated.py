@@ -88,8 +88,8 @@ def both(name, *args, **kwargs):
 
 # --- the Jacobian ops -----------------------------------------------------------------------------
 
-def check_frobenius(x, net, strategy, projections=None, masks=(), residual=None):
-    kw = {"masks": list(masks), "residual": residual}
+def check_frobenius(x, net, strategy, projections=None, masks=(), residual=None, conditioning=(None, None)):
+    kw = {"masks": list(masks), "residual": residual, "sample_biases": conditioning[0], "gates": conditioning[1]}
     (y, sq, saved), cpu = both("mlp_jacobian_frobenius", x, *net, strategy, projections, **kw)
     assert_same((y, sq, saved), cpu, f"frobenius strategy {strategy}")
     grad_y, grad_sq = grads_like([y, sq])
@@ -215,6 +215,48 @@ def test_jacobian_residual(residual, activation, dtype):
         carries = grads_like(saved[3 * len(widths) - 4:], seed=3) if strategy == 0 else []
         args = (grad_y, None, grad_jac, x, *net, layer, strategy, saved, carries)
         assert_same(*both("mlp_jacobian_backward", *args, residual=residual), "residual jacobian backward")
+
+
+def per_sample_factors(batch, widths, dtype, layers, around, seed=6):
+    """Per-sample biases (around 0) or gates (around 1) on `layers`, an empty tensor for the others."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, n, generator=g, dtype=torch.float64) * 0.5 + around).to(dtype) if i in layers
+            else torch.empty(0, dtype=dtype) for i, n in enumerate(widths[1:])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("activation", ["identity", "tanh", "relu", "softplus"])
+@pytest.mark.parametrize("batch", [1, 37])
+def test_jacobian_conditioned(batch, activation, dtype):
+    """Per-sample biases and gates (conditioning inside the net) in the Jacobian ops: every strategy that
+    takes them, with a gate on the last layer, projections, masks and skips, and the Jacobians with the
+    reverse carries' gradients; the backward returns their per-sample gradients."""
+    widths = [4, 6, 6, 4]
+    net = mlp(widths, activation, dtype)
+    x = inputs(batch, 4, dtype)
+    hidden = (per_sample_factors(batch, widths, dtype, (0, 1), 0.0), per_sample_factors(batch, widths, dtype, (1,), 1.0))
+    top = (per_sample_factors(batch, widths, dtype, (2,), 0.0), per_sample_factors(batch, widths, dtype, (0, 2), 1.0))
+    for strategy in (0, 1, 2, 4):
+        check_frobenius(x, net, strategy, conditioning=hidden)
+    for strategy in (0, 1, 2):
+        check_frobenius(x, net, strategy, conditioning=top)
+    g = torch.Generator().manual_seed(3)
+    projections = torch.randn(batch, 3, 4, generator=g, dtype=torch.float64).to(dtype)
+    check_frobenius(x, net, 0, projections, masks=dropout_masks(batch, widths, dtype, (0,)), conditioning=top)
+    check_frobenius(x, net, 1, masks=dropout_masks(batch, widths, dtype, (1,)), residual=[-1, 1, -1],
+                    conditioning=top)
+    one_hidden = [4, 6, 4]
+    check_frobenius(x, mlp(one_hidden, activation, dtype), 3,
+                    conditioning=(per_sample_factors(batch, one_hidden, dtype, (0, 1), 0.0),
+                                  per_sample_factors(batch, one_hidden, dtype, (0,), 1.0)))
+    for layer, strategy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        (y, jac, saved), cpu = both("mlp_jacobian", x, *net, layer, strategy, None, *top)
+        what = f"conditioned jacobian layer {layer} strategy {strategy}"
+        assert_same((y, jac, saved), cpu, what)
+        grad_y, grad_jac = grads_like([y, jac])
+        carries = grads_like(saved[3 * len(widths) - 4:], seed=3) if strategy == 0 else []
+        args = (grad_y, None, grad_jac, x, *net, layer, strategy, saved, carries, None, None, *top)
+        assert_same(*both("mlp_jacobian_backward", *args), what + " backward")
 
 
 # --- the flow ops ---------------------------------------------------------------------------------
