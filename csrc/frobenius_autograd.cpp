@@ -4,13 +4,13 @@
 // (docs/benchmarks.md): Function.apply and saving in Python in the forward, and in the backward a
 // Python node that unpacks the saved tensors and rebuilds the op's arguments.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
-#include <utility>
 #include <vector>
+
+#include "autograd_common.h"
 
 namespace jacext {
 namespace {
@@ -45,16 +45,6 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
   return op;
 }
 
-Tensor defined_or_none(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
-
-std::optional<Tensor> optional(const Tensor& t) {
-  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
-}
-
-std::optional<at::TensorList> optional_list(at::TensorList list) {
-  return list.empty() ? std::nullopt : std::optional<at::TensorList>(list);
-}
-
 // Inputs, in this order (the backward returns one gradient per input, each tensor of a list
 // counting as one): x, the weights, the biases (an empty tensor for a layer without bias), the
 // projections (random draws, held constant), the masks (constants: one per layer or none), the
@@ -81,7 +71,7 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     ctx->saved_data["act_params"] = act_params.vec();
     ctx->saved_data["strategy"] = strategy;
     ctx->saved_data["tile"] = tile;  // the backward runs the same tiles
-    ctx->saved_data["residual"] = residual.has_value() ? c10::IValue(residual->vec()) : c10::IValue();
+    ctx->saved_data["residual"] = saved_ints(residual);
     ctx->saved_data["projections"] = projections.has_value() && projections->defined();
     ctx->saved_data["masks"] = static_cast<int64_t>(masks.size());
     ctx->saved_data["sample_biases"] = static_cast<int64_t>(sample_biases.size());
@@ -119,32 +109,21 @@ struct FrobeniusFunction : public torch::autograd::Function<FrobeniusFunction> {
     const std::vector<Tensor> gates(gates_begin, gates_begin + n_gates);
     const std::vector<Tensor> saved(gates_begin + n_gates, tensors.end());
     const auto act_params = ctx->saved_data["act_params"].toDoubleVector();
-    // Without create_graph (grad mode off in a backward) and outside torch.func, straight to the
-    // device kernel: the backward op's autograd (a Python kernel, with its overhead) would only
-    // pass the call on. With create_graph, that autograd records the double backward.
-    const c10::IValue& skips = ctx->saved_data["residual"];
-    const std::optional<std::vector<int64_t>> residual =
-        skips.isNone() ? std::nullopt : std::optional<std::vector<int64_t>>(skips.toIntVector());
+    const auto residual = loaded_ints(ctx->saved_data["residual"]);
     std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    // (functorch includes its front-mode key while any transform is on.)
-    const bool transforms = c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
-    if (!at::GradMode::is_enabled() && !transforms) below_autograd.emplace();
+    if (backward_below_autograd()) below_autograd.emplace();
     auto [grad_x, grad_w, grad_b, grad_s, grad_g] = backward_op().call(
         optional(grads[0]), optional(grads[1]), std::nullopt, x, weights, biases, activations, act_params,
         /*layer=*/0, ctx->saved_data["strategy"].toInt(), saved, /*grad_carries=*/{}, optional(projections),
-        optional_list(masks), optional_list(sample_biases), optional_list(gates), ctx->saved_data["tile"].toInt(), /*input_grad=*/ctx->needs_input_grad(0),
+        optional_list(masks), optional_list(sample_biases), optional_list(gates), ctx->saved_data["tile"].toInt(),
+        /*input_grad=*/ctx->needs_input_grad(0),
         residual.has_value() ? at::OptionalIntArrayRef(*residual) : at::OptionalIntArrayRef());
     variable_list result{defined_or_none(grad_x)};
     result.insert(result.end(), grad_w.begin(), grad_w.end());
-    for (const auto i : c10::irange(L)) {  // none for a layer without bias (an empty tensor; sizes may be symbolic)
-      const bool present = biases[i].sym_numel() != 0;
-      result.push_back(present ? grad_b[i] : Tensor());
-    }
+    append_present(result, biases, grad_b);
     result.resize(result.size() + 1 + n_masks);  // projections and masks: constants
-    // per sample, one per input given (none: no list); none for a layer without (an empty tensor)
-    for (const auto& [grads, given] : {std::pair{&grad_s, n_biases}, std::pair{&grad_g, n_gates}}) {
-      for (const auto i : c10::irange(given)) result.push_back((*grads)[i].sym_numel() != 0 ? (*grads)[i] : Tensor());
-    }
+    append_present(result, sample_biases, grad_s);  // per sample; none for a layer without
+    append_present(result, gates, grad_g);
     result.resize(result.size() + 5);  // the plan: no gradient
     return result;
   }
