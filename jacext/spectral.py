@@ -173,8 +173,8 @@ def spectral_plan(model, x: torch.Tensor, method: str = "auto", layer: int = 0, 
     `print(jacext.explain(model, x, quantity="spectral_norm", layer=1))`. Raises NotLowerable
     (a TypeError) for a model the call runs on the generic path."""
     lowered = lower(model, supports=_supports(layer))  # without x: no dropout mask drawn
-    spec, concatenated = lowered.spec, lowered.input_parts is not None
-    if not concatenated:  # x alone is the engine's input (else x's width is checked with cond, by the call)
+    spec, concatenated = lowered.spec, lowered.input_parts is not None and layer == 0
+    if lowered.input_parts is None:  # x alone is the engine's input (else x's width is checked with cond, by the call)
         check_input(spec, x)
     _check_options(spec, x, layer, method, n_iter, tol, None)
     check_block_boundary(spec.residual, layer, "jacobian_spectral_norm")
@@ -238,7 +238,9 @@ def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: st
     cond = as_cond(cond)
     lowered = engine_or_generic(model, x, cond, method, "jacobian_spectral_norm", ANY_MODULE + ("exact",),
                                 supports=_supports(layer))
-    if lowered is None or lowered.columns(wrt) is not None:
+    # x's columns of the engine's input (wrt, or conditioning inputs concatenated with x) matter at
+    # the input alone: a hidden layer's J does not see how the input was formed
+    if lowered is None or (layer == 0 or wrt is not None) and lowered.columns(wrt) is not None:
         return _spectral_of_columns(model, x, cond, lowered, layer, wrt, return_vectors, max_memory)
     spec, x = lowered.spec, lowered.input(x, cond)
     _check_options(spec, x, layer, method, n_iter, tol, init)

@@ -203,6 +203,37 @@ class HiddenConcat(nn.Module):
         return self.b(torch.cat([torch.tanh(self.a(x)), t], 1))
 
 
+class InputConcat(nn.Module):
+    """t concatenated with x at the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 7), nn.Linear(7, 7), nn.Linear(7, 4)
+
+    def forward(self, x, t):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(torch.cat([x, t], 1))))))
+
+
+@pytest.mark.parametrize("method", ["exact", "power"])
+def test_spectral_norm_at_a_hidden_layer_of_a_model_with_conditioning_inputs(method):
+    """The concatenation with x is the input's business: at a hidden layer J = dy/dh_1, on the engine."""
+    torch.manual_seed(0)
+    model = InputConcat().double()
+    x, _ = data(model)
+    t = torch.randn(6, 1, dtype=torch.float64, requires_grad=True)
+    y, s = on_engine(lambda: jacext.jacobian_spectral_norm(model, x, 1, cond=t, method=method, n_iter=5000,
+                                                           tol=1e-11))
+    h1 = torch.tanh(model.a(torch.cat([x, t], 1)))
+    jac = torch.func.vmap(torch.func.jacrev(lambda h: model.c(torch.tanh(model.b(h)))))(h1)
+    s_ref = torch.linalg.matrix_norm(jac, 2)
+    torch.testing.assert_close(y, model(x, t), **TOL)
+    torch.testing.assert_close(s, s_ref, **TOL)
+    inputs = [t, *model.parameters()]
+    assert_all_close(random_grads([s], inputs), random_grads([s_ref], inputs), rtol=1e-7, atol=1e-9)
+    assert "columns" not in repr(jacext.explain(model, x, quantity="spectral_norm", layer=1))
+    assert "SVD of J's columns over x's features" in repr(jacext.explain(model, x, quantity="spectral_norm"))
+
+
 def test_spectral_norm_factors_by_layer():
     """Layer 0 takes every factor of the Jacobian family (its paths call the ops and Linearization
     alone); a layer above it, only those the forward below it applies (no conditioning)."""
@@ -348,13 +379,6 @@ def test_margin_factors():
     assert MARGIN_FACTORS == {"dropout", "residual", "dropout_with_residual"} and MARGIN_FACTORS <= JACOBIAN_FAMILY
 
 
-class InputConcat(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 7), nn.Linear(7, 4)
-
-    def forward(self, x, t):
-        return self.b(torch.tanh(self.a(torch.cat([x, t], 1))))
 
 
 @pytest.mark.parametrize("model", [InputConcat(), HiddenConcat()], ids=["input-concat", "hidden-concat"])
