@@ -503,6 +503,10 @@ def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Seque
     a conv block's name) whose outputs, flattened per sample, are the representations; such a
     module must run once per forward, and its output must not be changed in place later.
 
+    Dropout in train() (its masks drawn as the model draws them: the logits are model(x)'s under
+    the same seed) and residual blocks run on the engine; a hidden integer layer must be a block
+    boundary (h_l inside a residual block raises a ValueError).
+
     model(x, *cond) may be any module: "auto" runs the engine when it lowers and the layers are
     integers (the planner's cheaper path: "rows", the direction rows only, or "jacobian", all m
     rows; either can be forced by that method), else (and with method="autograd") the generic

@@ -230,6 +230,11 @@ def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: st
     torch.linalg.matrix_norm(J, 2) gives; which pair depends on the start (power) or on LAPACK
     (exact). Close but distinct top values slow the vectors, not s.
 
+    Dropout in train() (J is the masked network's; the masks drawn as the model draws them, y ==
+    model(x) under the same seed) and residual blocks run on the engine, every path; a hidden
+    `layer` must be a block boundary (h_layer inside a residual block raises a ValueError: y
+    depends on the block's input besides h_layer).
+
     return_vectors=True returns (y, s, u) with u (B, m) the top left singular vectors (no
     gradient), to pass as init= for the same samples at the next step. J = 0 gives s = 0 with a
     zero gradient; NaN/Inf propagate per sample; an empty batch gives empty outputs."""

@@ -44,11 +44,12 @@ def build(name):
     block boundaries, [layers inside a block])."""
     torch.manual_seed(3)
     if name == "dropout":
-        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 7), nn.Softplus(),
-                              nn.Dropout(0.2), nn.Linear(7, 4))
+        # h_2 narrower than the output: the exact path's J^T J
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3), nn.Softplus(),
+                              nn.Dropout(0.2), nn.Linear(3, 4))
         points, inside = {1: "2", 2: "5"}, []
-    elif name == "input-block":  # a skip leaves x
-        model = nn.Sequential(Block(5), nn.Linear(5, 8), nn.Softplus(), nn.Linear(8, 4))
+    elif name == "input-block":  # a skip leaves x; h_2 narrower than the output
+        model = nn.Sequential(Block(5), nn.Linear(5, 3), nn.Softplus(), nn.Linear(3, 4))
         points, inside = {1: "0", 2: "2"}, []
     elif name == "middle-blocks":
         model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), Block(6), TwoLayerBlock(6, 7), nn.Linear(6, 4))
