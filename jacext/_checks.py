@@ -1,11 +1,11 @@
 """Input checks shared by the quantities: what x must be for the model the engine read, the
-square-net requirement of the divergence and the Jacobian diagonal, and the residual skips of
-the forward-carry ops."""
+square-net requirement of the divergence and the Jacobian diagonal, the residual skips of the
+ops, and the layers a quantity at a hidden layer takes in a residual net."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_input", "check_residual", "check_square", "check_weights"]
+__all__ = ["check_block_boundary", "check_input", "check_residual", "check_square", "check_weights"]
 
 
 def check_input(spec, x):
@@ -53,3 +53,18 @@ def check_residual(residual, widths):
             raise ValueError(f"residual[{i}] = {j} adds the input of layer {j} (width {widths[j]}) to the output of "
                              f"layer {i} (width {widths[i + 1]}): the widths must match")
     return residual if any(j >= 0 for j in residual) else None
+
+
+def check_block_boundary(residual, layer: int, quantity: str):
+    """A ValueError when a residual skip crosses `layer` (residual[i] = j with j < layer <= i): h_layer
+    is then inside a block, and the output depends on the block's input besides h_layer, so the
+    quantity's "Jacobian at h_layer" would hold that input fixed. Layers at block boundaries (a
+    block's input or output) and every layer of a net without skips pass."""
+    if residual is None:
+        return
+    crossing = [(i, j) for i, j in enumerate(residual) if 0 <= j < layer <= i]
+    if crossing:
+        i, j = crossing[0]
+        raise ValueError(f"{quantity} at layer {layer}: h_{layer} is inside a residual block (layer {i}'s output "
+                         f"adds h_{j}, the input of layer {j}), so the output depends on h_{j} besides h_{layer}; "
+                         "take it at the block's input or output (a layer no skip crosses)")

@@ -16,6 +16,12 @@ them per sample and layer. On the engine the planner (planner.margin_costs) pick
   q = inf at the input layer the rows (u^T S) W_1 from J = S W_1 (S = R^(1) D_1, the reverse carry
   one layer up), whose max-norm's backward reads one column of W_1 per row.
 
+Both engine paths take the model's dropout masks in train() (drawn as the model draws them: the
+logits are model(x)'s under the same seed) and residual skips (MARGIN_FACTORS): the ops through
+**spec.jacobian_factors, the rows path's own forward and sweep by adding each skip (the adjoint at
+a block's output passes on to its input). A hidden layer must be a block boundary: h_l inside a
+block is refused (the logits depend on the block's input besides h_l).
+
 On the generic path (any module) the points are the input and the outputs of named submodules,
 and the rows come from batched reverse products of the model's one forward."""
 from __future__ import annotations
@@ -30,9 +36,10 @@ from torch import nn
 from . import activations as act
 from . import generic
 from . import ops as _ops
-from ._checks import check_weights
+from ._checks import check_block_boundary, check_input, check_weights
 from ._route import ANY_MODULE, as_cond, engine_or_generic
 from .frontend import NotLowerable, lower
+from .functional import JACOBIAN_FAMILY
 from .planner import CARRY_ELEMENT_COST, margin_costs, margin_path
 
 __all__ = ["margin_distances", "large_margin_loss", "LargeMarginLoss", "margin_plan", "MarginPlan", "MARGIN_METHODS"]
@@ -43,6 +50,10 @@ SCORES = ("probs", "logits")
 # path; "rows" / "jacobian": that engine path; "autograd": the generic path.
 MARGIN_METHODS = ANY_MODULE + ("rows", "jacobian")
 INPUT = "input"  # the name of layer 0 (x) in `layers`
+# The factors the engine paths take: masks and skips. Not conditioning inputs concatenated with x
+# (the input layer's norms would run over their columns too), nor per-sample biases and gates (the
+# rows path's forward, sweep and _ReusedRows's backward carry neither): those run the generic path.
+MARGIN_FACTORS = JACOBIAN_FAMILY & frozenset(("dropout", "residual", "dropout_with_residual"))
 Layer = Union[int, str]
 
 
@@ -105,17 +116,21 @@ def _top_k(top_k, m, optional):
 
 def _layer_grams(spec, x, layers):
     """logits and G_l = J_l J_l^T (B, m, m) for each layer, differentiable twice: one reverse sweep,
-    the input layer's by the Gram epilogue where it is cheaper (ops.mlp_jacobian_grams)."""
-    return _ops.mlp_jacobian_grams(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layers)
+    the input layer's by the Gram epilogue where it is cheaper and no skip is in the way
+    (ops.mlp_jacobian_grams)."""
+    return _ops.mlp_jacobian_grams(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layers,
+                                   **spec.jacobian_factors)
 
 
 def _layer_jacobians(spec, x, layers):
     """logits (B, m) and J_l = dlogits/dh_l (B, m, n_l) for each layer, differentiable twice: one
     op in the planner's mode for one layer, one reverse sweep for several (it passes them all)."""
     if len(layers) == 1:
-        y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layers[0])
+        y, jac = _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, layer=layers[0],
+                                   **spec.jacobian_factors)
         return y, [jac]
-    return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layers)
+    return _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=layers,
+                              **spec.jacobian_factors)
 
 
 def _layer_matrices(q):
@@ -132,19 +147,30 @@ class _InputFactor:
         self.s, self.w = s, w
 
 
+def _skip_sources(spec) -> set:
+    """The layers l whose input h_l a residual skip adds to a later layer's output."""
+    return set() if spec.residual is None else {j for j in spec.residual if j >= 0}
+
+
 def _layer_factors(spec, x, layers):
     """As _layer_jacobians, but the input layer's J_0 as an _InputFactor (q = inf): the sweep stops
-    at layer 1, and D_1 comes from x W_1^T + b_1 by torch ops (differentiable twice, like the carry)."""
-    if 0 not in layers or len(spec.weights) < 2:
+    at layer 1, and D_1 (times layer 1's dropout mask) comes from x W_1^T + b_1 by torch ops
+    (differentiable twice, like the carry). Not where a skip leaves x (J_0 = S W_1 + the skip's
+    carry): then J_0 itself."""
+    if 0 not in layers or len(spec.weights) < 2 or 0 in _skip_sources(spec):
         return _layer_jacobians(spec, x, layers)
     above = sorted(set(layers) - {0} | {1})
-    y, jacobians = _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=above)
+    y, jacobians = _ops.mlp_jacobians(x, spec.weights, spec.biases, spec.activations, spec.act_params, layers=above,
+                                      **spec.jacobian_factors)
     carry = dict(zip(above, jacobians))
     dtype = carry[1].dtype  # float32 under autocast, as the op's outputs
     w, b = spec.weights[0].to(dtype), spec.biases[0]
     with torch.autocast(x.device.type, enabled=False):
         pre = x.to(dtype) @ w.t() if b is None else torch.addmm(b.to(dtype), x.to(dtype), w.t())
         d1 = act.activation_derivative(pre, spec.activations[0], *spec.act_params[:2])
+        mask = _mask(spec, 0, dtype)
+        if mask is not None:
+            d1 = d1 * mask
         # under no_grad (use_approximation) the factors are constants, W_1 included
         factor = _InputFactor(carry[1] * d1.unsqueeze(1), w if torch.is_grad_enabled() else w.detach())
     return y, [factor if l == 0 else carry[l] for l in layers]
@@ -246,11 +272,40 @@ def _gradient_norms_full_precision(jac, u, q):
     return torch.bmm(u, jac).abs().sum(2)  # q = 1
 
 
+def _mask(spec, i, dtype):
+    """Layer i's dropout mask in `dtype`, or None."""
+    return None if spec.masks is None or spec.masks[i] is None else spec.masks[i].to(dtype)
+
+
+def _forward(spec, x, dtype=None, visit=None):
+    """The lowered MLP's output from x by torch ops in `dtype` (default float32 under autocast, as
+    the ops run), with its dropout masks and residual skips applied as the model applies them;
+    visit(i, h_i, z_i), where given, sees each layer's input and pre-activation."""
+    if dtype is None:
+        dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    h, inputs = x.to(dtype), []
+    with torch.autocast(x.device.type, enabled=False):
+        for i, (w, b, code) in enumerate(zip(spec.weights, spec.biases, spec.activations)):
+            inputs.append(h)
+            z = F.linear(h, w.to(dtype), None if b is None else b.to(dtype))
+            if visit is not None:
+                visit(i, h, z)
+            h = act.activation_value(z, code, *spec.act_params[2 * i:2 * i + 2])
+            mask = _mask(spec, i, dtype)
+            if mask is not None:
+                h = mask * h
+            if spec.residual is not None and spec.residual[i] >= 0:
+                h = h + inputs[spec.residual[i]]
+    return h
+
+
 class _RowSweep:
     """The rows path: the lowered MLP's forward in torch ops, keeping each layer's weight W_i and
-    activation derivative D_i; then norms(u, q), the norms of the rows u^T J_l at every requested
-    layer from one reverse sweep of the k rows u (B, k, m): r <- (r D_i) W_i from the logits down to
-    the lowest layer. With constant norms (use_approximation) neither the derivatives nor the sweep
+    activation derivative D_i (times its dropout mask); then norms(u, q), the norms of the rows
+    u^T J_l at every requested layer from one reverse sweep of the k rows u (B, k, m):
+    r <- (r D_i) W_i from the logits down to the lowest layer, a skip from h_j into layer i's output
+    adding r at h_{i+1} to r at h_j (pending until the sweep reaches h_j; none crosses a requested
+    layer: check_block_boundary). With constant norms (use_approximation) neither the derivatives nor the sweep
     carry a graph, so the loss's graph is the logits' alone; otherwise the sweep is torch ops over
     differentiable derivatives, so the norms' gradient flows (the double backward). Under autocast
     it runs in float32, as the ops do."""
@@ -265,39 +320,47 @@ class _RowSweep:
         self.reuse = reuse and constant and self.low == 0
         self.spec, self.x, self.inputs, self.scaled, self.input_rows = spec, x, [], {}, None
         self.maps = []  # (W_i, D_i or None for an identity activation) for the layers above the lowest
-        with torch.autocast(self.device_type, enabled=False), torch.set_grad_enabled(
-                torch.is_grad_enabled() and not self.reuse):
-            h = x.to(self.dtype)
-            for i, (w, b, code) in enumerate(zip(spec.weights, spec.biases, spec.activations)):
-                w = w.to(self.dtype)
-                if self.reuse:
-                    self.inputs.append(h)
-                z = F.linear(h, w, None if b is None else b.to(self.dtype))
-                p0, p1 = spec.act_params[2 * i:2 * i + 2]
-                if i >= self.low:
-                    with torch.set_grad_enabled(torch.is_grad_enabled() and not constant):
-                        d = None if code == act.IDENTITY else act.activation_derivative(z, code, p0, p1)
-                    self.maps.append((w, d))
-                h = act.activation_value(z, code, p0, p1)
-        self.logits = h
+        # per map, the index of the layer whose input its skip adds to its output, or -1
+        self.skips = [-1] * len(spec.weights[self.low:]) if spec.residual is None else spec.residual[self.low:]
+        self.sources = _skip_sources(spec)
+
+        def visit(i, h, z):
+            if self.reuse:
+                self.inputs.append(h)
+            if i >= self.low:
+                code, (p0, p1) = spec.activations[i], spec.act_params[2 * i:2 * i + 2]
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not constant):
+                    d = None if code == act.IDENTITY else act.activation_derivative(z, code, p0, p1)
+                    mask = _mask(spec, i, self.dtype)
+                    if mask is not None:
+                        d = mask if d is None else d * mask
+                self.maps.append((spec.weights[i].to(self.dtype), d))
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.reuse):
+            self.logits = _forward(spec, x, self.dtype, visit)
 
     def norms(self, u, q):
         """[||u_j^T J_l||_q (B, k) for each requested layer l]."""
-        norms = {}
+        norms, pending = {}, {}  # pending: the rows that skips pass on to the input of layer j
         with torch.autocast(self.device_type, enabled=False), \
                 torch.set_grad_enabled(torch.is_grad_enabled() and not self.constant):
             rows = u.to(self.dtype)
             for layer in range(len(self.maps) - 1 + self.low, self.low - 1, -1):
-                w, d = self.maps[layer - self.low]
+                (w, d), j = self.maps[layer - self.low], self.skips[layer - self.low]
+                if j >= 0:
+                    pending[j] = pending[j] + rows if j in pending else rows
                 if d is not None:
                     rows = rows * d.unsqueeze(1)
                 if self.reuse:
                     self.scaled[layer] = rows
-                if layer == self.low and q == math.inf and torch.is_grad_enabled():
+                if (layer == self.low and q == math.inf and torch.is_grad_enabled()
+                        and layer not in self.sources):
                     # the last product's max-norm: its backward reads one column of W per row
                     norms[layer] = _MaxAbsOfProduct.apply(rows, w)[0]
                     break
                 rows = rows @ w
+                if layer in pending:
+                    rows = rows + pending.pop(layer)
                 if layer in self.layers:
                     norms[layer] = _row_norms(rows, q)
         if self.reuse:
@@ -362,10 +425,18 @@ def _plan(model, x, cond, layers, method, quantity, stacklevel=5):
             raise ValueError(f"layers {layers} name submodules, which the generic path differentiates at; "
                              f"method={method!r} is a path of the fused engine (integer layers)")
         return None, _generic_points(layers)
-    lowered = engine_or_generic(model, x, cond, method, quantity, stacklevel=stacklevel, supports=frozenset())
+    lowered = engine_or_generic(model, x, cond, method, quantity, stacklevel=stacklevel, supports=MARGIN_FACTORS)
     if lowered is None:
         return None, _generic_points(layers)
-    return lowered, _engine_layers(layers, len(lowered.spec.weights))
+    return lowered, _engine_layers_of(lowered.spec, layers, quantity)
+
+
+def _engine_layers_of(spec, layers, quantity):
+    """_engine_layers, each a block boundary of a residual net (check_block_boundary)."""
+    layers = _engine_layers(layers, len(spec.weights))
+    for layer in layers:
+        check_block_boundary(spec.residual, layer, quantity)
+    return layers
 
 
 def _margin_parts(model, x, cond, layers, top_k, top_k_optional, wrt, method, max_memory, target, dist_norm, on,
@@ -392,13 +463,14 @@ def _margin_parts(model, x, cond, layers, top_k, top_k_optional, wrt, method, ma
     k = _top_k(top_k, m, top_k_optional)
     q = DUAL_NORM[dist_norm]
     path = method if method in ("rows", "jacobian") else margin_path(spec.widths, flat.shape[0], layers, k, q,
-                                                                        constant_norms)
+                                                                        constant_norms, spec.residual)
     if path == "rows":
         sweep = _RowSweep(spec, flat, layers, constant_norms, reuse)
         return sweep.logits, sweep.norms, m, k, (sweep.differences if sweep.reuse else None)
     layer_matrices = _layer_matrices(q)
     if constant_norms:  # the norms are constants: no graph through the Jacobians
-        logits = model(x, *cond)
+        # the model's own forward, but with the masks drawn for the Jacobians (another call draws new ones)
+        logits = model(x, *cond) if spec.masks is None else _forward(spec, flat)
         with torch.no_grad():
             _, jacobians = layer_matrices(spec, flat, layers)
     else:
@@ -430,6 +502,10 @@ def margin_distances(model, x: torch.Tensor, target: torch.Tensor, layers: Seque
     0 or "input" for x and names of submodules (as in model.named_modules(), e.g. "features.0" or
     a conv block's name) whose outputs, flattened per sample, are the representations; such a
     module must run once per forward, and its output must not be changed in place later.
+
+    Dropout in train() (its masks drawn as the model draws them: the logits are model(x)'s under
+    the same seed) and residual blocks run on the engine; a hidden integer layer must be a block
+    boundary (h_l inside a residual block raises a ValueError).
 
     model(x, *cond) may be any module: "auto" runs the engine when it lowers and the layers are
     integers (the planner's cheaper path: "rows", the direction rows only, or "jacobian", all m
@@ -525,10 +601,13 @@ class MarginPlan:
     engine path's predicted cost (planner.margin_costs); `reason` says why a call runs the generic
     path (costs then None)."""
 
-    def __init__(self, widths, batch, layers, rows, dist_norm, use_approximation, method, costs, choice, reason=None):
+    def __init__(self, widths, batch, layers, rows, dist_norm, use_approximation, method, costs, choice, reason=None,
+                 dropout=(), residual=None):
         self.widths, self.batch, self.layers, self.rows = widths, batch, layers, rows
         self.dist_norm, self.use_approximation, self.method = dist_norm, use_approximation, method
         self.costs, self.choice, self.reason = costs, choice, reason
+        self.dropout = dropout  # per layer, its Dropouts in train() (frontend.Plan.dropout)
+        self.residual = residual  # the model's skips (MLPSpec.residual), None without
 
     def path_name(self, path: str) -> str:
         m = self.widths[-1]
@@ -537,6 +616,25 @@ class MarginPlan:
         q = DUAL_NORM[self.dist_norm]
         what = "J J^T" if q == 2 else "J, then u^T J"
         return f"jacobian: all {m} rows, {what}"
+
+    def _factor_lines(self) -> list:
+        """How the model's dropout masks and residual skips run on the chosen path."""
+        lines = []
+        masked = [f"layer {i}: " + ", ".join(f"{path} ({op}, p={p:g})" for p, path, op, _ in d)
+                  for i, d in enumerate(self.dropout) if d]
+        if masked:
+            lines.append("  dropout masks, drawn per call as the model draws them (the logits are model(x)'s under the "
+                         "same seed): a diagonal factor of J on both paths: " + "; ".join(masked))
+        if self.residual is not None:
+            skips = ", ".join(f"({i}, {j})" for i, j in enumerate(self.residual) if j >= 0)
+            q, sources = DUAL_NORM[self.dist_norm], {j for j in self.residual if j >= 0}
+            lines.append(f"  residual skips (i, j), layer i's output adds layer j's input: {skips}; the rows path's "
+                         "sweep passes the rows at each block's output on to its input, the Jacobian op's carry does "
+                         "the same")
+            if 0 in self.layers and (q == 2 or q == math.inf and 0 in sources):
+                lines.append("  with skips the jacobian path forms J at the input (the Gram epilogue S (W_1 W_1^T) S^T "
+                             "and the factors (u^T S) W_1 do not apply across a skip)")
+        return lines
 
     def __repr__(self):
         norms = "held constant (use_approximation)" if self.use_approximation else "differentiated (exact gradient)"
@@ -553,7 +651,7 @@ class MarginPlan:
             lines.append(f"  {self.path_name(path):44}{macs / 1e9:>17.4g} G{cost / 1e9:>14.4g} G{mark}")
         lines.append(f"  (forward + backward of the loss; cost = multiply-adds + CARRY_ELEMENT_COST "
                      f"({CARRY_ELEMENT_COST}) x carried elements; the least cost wins, rows on a tie)")
-        return "\n".join(lines)
+        return "\n".join(lines + self._factor_lines())
 
 
 def margin_plan(model, x: torch.Tensor, target: Optional[torch.Tensor] = None, layers: Sequence[Layer] = (0,),
@@ -575,7 +673,7 @@ def margin_plan(model, x: torch.Tensor, target: Optional[torch.Tensor] = None, l
         reason = "layers name submodules"
     else:
         try:
-            lowered = lower(model, x, *cond)  # the margin's engine paths take no part beyond a plain MLP
+            lowered = lower(model, supports=MARGIN_FACTORS)  # without x: no dropout mask drawn
         except NotLowerable as error:
             if method != "auto":
                 raise TypeError(f"{error}; method={method!r} runs on the fused engine only") from None
@@ -588,13 +686,15 @@ def margin_plan(model, x: torch.Tensor, target: Optional[torch.Tensor] = None, l
         rows = _top_k(top_k, m, True)
         return MarginPlan(None, x.shape[0], layers, rows, dist_norm, use_approximation, method, None, None, reason)
     spec = lowered.spec
-    layers = _engine_layers(layers, len(spec.weights))
+    check_input(spec, lowered.input(x))
+    layers = _engine_layers_of(spec, layers, "large_margin_loss")
     m = spec.widths[-1]
     _check(m, lowered.input(x), x.new_zeros(x.shape[0], dtype=torch.long) if target is None else target,
            dist_norm, "probs")
     rows = _top_k(top_k, m, True)
     q = DUAL_NORM[dist_norm]
-    costs = margin_costs(spec.widths, x.shape[0], layers, rows, q, use_approximation)
+    costs = margin_costs(spec.widths, x.shape[0], layers, rows, q, use_approximation, spec.residual)
     choice = method if method in ("rows", "jacobian") else margin_path(spec.widths, x.shape[0], layers, rows, q,
-                                                                        use_approximation)
-    return MarginPlan(spec.widths, x.shape[0], layers, rows, dist_norm, use_approximation, method, costs, choice)
+                                                                        use_approximation, spec.residual)
+    return MarginPlan(spec.widths, x.shape[0], layers, rows, dist_norm, use_approximation, method, costs, choice,
+                      dropout=lowered.dropout, residual=spec.residual)

@@ -463,7 +463,7 @@ MARGIN_PATHS = ("rows", "jacobian")
 
 
 def margin_costs(widths: Sequence[int], batch: int, layers: Sequence[int], rows: int, q: float,
-                 constant: bool) -> dict:
+                 constant: bool, residual: Optional[Sequence[int]] = None) -> dict:
     """{path: (GEMM multiply-adds, predicted cost)} of one forward + backward of the large-margin
     loss (or margin_distances) on the engine, for `rows` direction rows per sample (top_k, or m for
     every class), the gradient norm's order q (1, 2 or inf) and constant norms (use_approximation).
@@ -478,19 +478,25 @@ def margin_costs(widths: Sequence[int], batch: int, layers: Sequence[int], rows:
     q = inf at the input from the factors (u^T S) W_1); with constant norms, forward only, plus
     the model's own forward for the logits.
     Both: the MLP's forward and backward (3 GEMMs per layer), and CARRY_ELEMENT_COST per element of
-    the per-sample tensors carried (the rows, the Jacobians), per pass."""
+    the per-sample tensors carried (the rows, the Jacobians), per pass.
+    residual (MLPSpec.residual, None without skips): a skip adds elementwise work alone, but the
+    factored forms that read J_l as (...) W_{l+1} (the input Gram epilogue; q = inf's last product
+    at the lowest layer, on either path) do not apply where a skip leaves h_l, and no Gram epilogue
+    applies in a net with skips (mlp_jacobian_grams forms every Gram from its J)."""
     n, depth, m, low = list(widths), len(widths) - 1, widths[-1], min(layers)
+    sources = set() if residual is None else {j for j in residual if j >= 0}  # the h_j that skips leave
     passes = 1 if constant else 3
     mlp = batch * sum(n[i] * n[i + 1] for i in range(depth))
     # rows: k rows through every layer from the top down to the lowest one requested
     gemms = [batch * rows * n[i] * n[i + 1] for i in range(low, depth)]
-    rows_macs = 3 * mlp + passes * sum(gemms) - (0 if constant or q != math.inf else 2 * gemms[0])
+    one_column = not constant and q == math.inf and low not in sources
+    rows_macs = 3 * mlp + passes * sum(gemms) - (2 * gemms[0] if one_column else 0)
     if constant and low == 0:  # the loss's backward reuses the sweep's rows (margin._ReusedRows): the
         # MLP backward's reverse GEMMs become a k-row combination per layer
         rows_macs -= sum(batch * n[i] * n[i + 1] - batch * rows * n[i + 1] for i in range(1, depth))
     rows_elements = passes * batch * rows * sum(n[low:depth])
     # jacobian: m rows from D_L W_L down to layer max(low, 1), then the input layer's own way
-    input_special = low == 0 and depth >= 2 and q != 1
+    input_special = low == 0 and depth >= 2 and (q == 2 and not sources or q == math.inf and 0 not in sources)
     carry = passes * sum(batch * m * n[i] * n[i + 1] for i in range(1 if input_special else low, depth - 1))
     if input_special and q == 2:  # the last GEMM, or the Gram epilogue where cheaper
         epilogue = n[1] ** 2 * n[0] + batch * m * n[1] ** 2  # G = W_1 W_1^T, then S G S^T; twice with the backward
@@ -507,14 +513,16 @@ def margin_costs(widths: Sequence[int], batch: int, layers: Sequence[int], rows:
             "jacobian": (jacobian_macs, jacobian_macs + CARRY_ELEMENT_COST * jacobian_elements)}
 
 
-def margin_path(widths: Sequence[int], batch, layers: Sequence[int], rows: int, q: float, constant: bool) -> str:
+def margin_path(widths: Sequence[int], batch, layers: Sequence[int], rows: int, q: float, constant: bool,
+                residual: Optional[Sequence[int]] = None) -> str:
     """The path of least predicted cost (margin_costs), "rows" on a tie; cached by its arguments."""
     if not isinstance(batch, int):  # a symbolic size under torch.compile: plan for a typical batch
         batch = 64
-    return _cached_margin_path(tuple(widths), batch, tuple(sorted(layers)), rows, q, bool(constant))
+    return _cached_margin_path(tuple(widths), batch, tuple(sorted(layers)), rows, q, bool(constant),
+                               None if residual is None else tuple(residual))
 
 
 @functools.lru_cache(maxsize=512)
-def _cached_margin_path(widths, batch, layers, rows, q, constant) -> str:
-    costs = margin_costs(widths, batch, layers, rows, q, constant)
+def _cached_margin_path(widths, batch, layers, rows, q, constant, residual) -> str:
+    costs = margin_costs(widths, batch, layers, rows, q, constant, residual)
     return "rows" if costs["rows"][1] <= costs["jacobian"][1] else "jacobian"

@@ -13,6 +13,11 @@ Two paths (jacobian_spectral_norm's `method`, chosen by predicted cost for "auto
   returns ||u^T J||^2). At the top left singular vector u its gradient is u^T dJ v, the
   gradient of ||J||_2 (s is stationary in u there). For a layer l > 0, J is the input Jacobian of
   the layers above l at h_l, which the layers below compute differentiably.
+
+Every path runs the model's Jacobian factors (functional.JACOBIAN_FAMILY: dropout masks, residual
+skips, ...) through the ops and Linearization (**spec.jacobian_factors); the one computation of its
+own, h_l by the layers below l > 0, applies masks and skips but no conditioning inside the network,
+so a layer l > 0 takes BELOW_LAYER's factors only, and a layer inside a residual block is refused.
 """
 from __future__ import annotations
 
@@ -25,15 +30,18 @@ import torch
 from . import ops as _ops
 from . import activations as act
 from . import generic
-from ._checks import check_input
+from ._checks import check_block_boundary, check_input
 from ._route import ANY_MODULE, as_cond, engine_or_generic
-from .functional import Linearization, _columns
-from .nn import parse_model
+from .frontend import lower
+from .functional import JACOBIAN_FAMILY, Linearization, _columns
 from .planner import REVERSE, predicted_cost, resolve_strategy
 
 __all__ = ["jacobian_spectral_norm", "spectral_plan", "SPECTRAL_METHODS"]
 
 SPECTRAL_METHODS = ("auto", "exact", "power", "autograd")
+# The factors a layer l > 0 takes: _power_value's forward below l applies masks and skips, not a
+# per-sample bias or gate (the ops above l take every factor of JACOBIAN_FAMILY).
+BELOW_LAYER = JACOBIAN_FAMILY & frozenset(("input_concat", "dropout", "residual", "dropout_with_residual"))
 # Multiply-add equivalents per k^3 of the batched symmetric eigen-decomposition of a k x k Gram
 # matrix (eigenvalues and vectors, which the backward needs: about 9 k^3 flops, Golub & Van Loan).
 EIGH_COST = 9
@@ -47,17 +55,20 @@ def _macs(widths) -> int:
     return sum(a * b for a, b in zip(widths[:-1], widths[1:]))
 
 
-def _path_costs(widths, batch: int, layer: int, n_iter: int, second_order: bool = False) -> dict:
+def _path_costs(widths, batch: int, layer: int, n_iter: int, second_order: bool = False,
+                skips: bool = False) -> dict:
     """{path: predicted cost of one forward + backward} in the planner's multiply-add equivalents.
     The power path is counted at n_iter iterations, its upper bound. The exact path's Gram runs
-    forward only (a third of the op's forward + backward) unless second_order."""
+    forward only (a third of the op's forward + backward) unless second_order. skips: the model
+    has residual skips (the ops' plain carries only; a skip adds elementwise work alone)."""
     n = list(widths)
     m, n_l = n[-1], n[layer]
     k = min(m, n_l)
-    jacobian = REVERSE if m <= n_l else resolve_strategy("auto", n, layer, frobenius=False, batch=batch)
+    jacobian = REVERSE if m <= n_l else resolve_strategy("auto", n, layer, frobenius=False, batch=batch, skips=skips)
     gram = (3 if second_order else 1) * batch * k * k * max(m, n_l)  # J J^T or J^T J (and its backward)
     above = n[layer:]
-    final = predicted_cost(above, batch, resolve_strategy("hutchinson", above, batch=batch, projections=1),
+    final = predicted_cost(above, batch, resolve_strategy("hutchinson", above, batch=batch, projections=1,
+                                                          skips=skips),
                            projections=1) + 3 * batch * _macs(n[:layer + 1])
     rounds = n_iter * (2 * batch * _macs(above) + OP_OVERHEAD * (4 * (len(above) - 1) + 8))
     power = batch * _macs(n) + rounds + final
@@ -66,35 +77,41 @@ def _path_costs(widths, batch: int, layer: int, n_iter: int, second_order: bool 
     return {"exact": exact, "power": power}
 
 
-def _choose_path(widths, batch: int, layer: int, n_iter: int, method: str) -> str:
+def _choose_path(widths, batch: int, layer: int, n_iter: int, method: str, skips: bool = False) -> str:
     """"exact" or "power" for a method name: the path of lower predicted cost for "auto"."""
     if method != "auto":
         return method
-    costs = _path_costs(widths, batch, layer, n_iter)
+    costs = _path_costs(widths, batch, layer, n_iter, skips=skips)
     return "exact" if costs["exact"] <= costs["power"] else "power"
 
 
 _cached_path = functools.lru_cache(maxsize=512)(_choose_path)
 
 
-def choose_path(widths, batch, layer: int, n_iter: int, method: str) -> str:
+def choose_path(widths, batch, layer: int, n_iter: int, method: str, skips: bool = False) -> str:
     """_choose_path, cached by its arguments (traced, not cached, under torch.compile)."""
     if not isinstance(batch, int):  # a symbolic size under torch.compile: plan for a typical batch
         batch = 64
     choose = _choose_path if torch.compiler.is_compiling() else _cached_path
-    return choose(tuple(widths), batch, layer, n_iter, method)
+    return choose(tuple(widths), batch, layer, n_iter, method, skips)
 
 
 class SpectralPlan:
-    """What jacobian_spectral_norm(model, x, layer, method, n_iter) runs, and each path's cost."""
+    """What jacobian_spectral_norm(model, x, layer, method, n_iter) runs, each path's cost, and how
+    the model's factors run: dropout (frontend.Plan.dropout, per layer), residual (MLPSpec.residual),
+    concatenated (conditioning inputs concatenated with x: the SVD of J's columns over x's)."""
 
-    def __init__(self, widths, batch, layer, method, n_iter, tol):
+    def __init__(self, widths, batch, layer, method, n_iter, tol, dropout=(), residual=None, concatenated=False):
         self.widths, self.batch, self.layer, self.method, self.n_iter, self.tol = widths, batch, layer, method, n_iter, tol
-        self.costs = _path_costs(widths, batch, layer, n_iter)  # (second_order=False: the default)
-        self.choice = choose_path(widths, batch, layer, n_iter, method)
+        self.dropout, self.residual, self.concatenated = dropout, residual, concatenated
+        skips = residual is not None
+        self.costs = _path_costs(widths, batch, layer, n_iter, skips=skips)  # (second_order=False: the default)
+        self.choice = "columns" if concatenated else choose_path(widths, batch, layer, n_iter, method, skips)
 
     def path_name(self, path: str) -> str:
         m, n_l = self.widths[-1], self.widths[self.layer]
+        if path == "columns":
+            return "exact: an SVD of J's columns over x's features"
         if path == "exact":
             return f"exact: eigenvalues of J J^T ({m} x {m})" if m <= n_l else \
                 f"exact: eigenvalues of J^T J ({n_l} x {n_l})"
@@ -109,6 +126,19 @@ class SpectralPlan:
             lines.append(f"  {self.path_name(path):48}{cost / 1e9:>14.4g} G{mark}")
         lines.append(f"  (forward + backward, multiply-add equivalents as for the Frobenius plans; the eigen-"
                      f"decomposition at {EIGH_COST} k^3, the power path at all n_iter iterations)")
+        if self.concatenated:
+            lines.append("  conditioning inputs concatenated with x: J over x's columns alone, formed by the Jacobian "
+                         "op (one sweep), then its largest singular value by an SVD")
+        masked = [f"layer {i}: " + ", ".join(f"{path} ({op}, p={p:g})" for p, path, op, _ in d)
+                  for i, d in enumerate(self.dropout) if d]
+        if masked:
+            lines.append("  dropout masks, drawn per call as the model draws them: a diagonal factor of J on every "
+                         "path (the ops, the power products, the layers below h_layer): " + "; ".join(masked))
+        if self.residual is not None:
+            skips = ", ".join(f"({i}, {j})" for i, j in enumerate(self.residual) if j >= 0)
+            lines.append(f"  residual skips (i, j), layer i's output adds layer j's input: {skips}; every path carries "
+                         "them (the power products add them, the exact path forms its Gram from J, the Gram "
+                         "epilogues do not apply across a skip)")
         return "\n".join(lines)
 
 
@@ -132,14 +162,24 @@ def _check_options(spec, x, layer, method, n_iter, tol, init):
                              f"sample), got {tuple(init.shape)}")
 
 
+def _supports(layer) -> frozenset:
+    """The factors jacobian_spectral_norm takes on the engine at `layer` (lower's supports)."""
+    return JACOBIAN_FAMILY if layer == 0 else BELOW_LAYER
+
+
 def spectral_plan(model, x: torch.Tensor, method: str = "auto", layer: int = 0, n_iter: int = 100,
                   tol: float = 1e-3) -> SpectralPlan:
     """The plan of jacobian_spectral_norm(model, x, layer, method=method, n_iter=n_iter):
-    `print(jacext.explain(model, x, quantity="spectral_norm", layer=1))`."""
-    spec = parse_model(model)
-    check_input(spec, x)
+    `print(jacext.explain(model, x, quantity="spectral_norm", layer=1))`. Raises NotLowerable
+    (a TypeError) for a model the call runs on the generic path."""
+    lowered = lower(model, supports=_supports(layer))  # without x: no dropout mask drawn
+    spec, concatenated = lowered.spec, lowered.input_parts is not None and layer == 0
+    if lowered.input_parts is None:  # x alone is the engine's input (else x's width is checked with cond, by the call)
+        check_input(spec, x)
     _check_options(spec, x, layer, method, n_iter, tol, None)
-    return SpectralPlan(spec.widths, x.shape[0], layer, method, n_iter, tol)
+    check_block_boundary(spec.residual, layer, "jacobian_spectral_norm")
+    return SpectralPlan(spec.widths, x.shape[0], layer, method, n_iter, tol, lowered.dropout, spec.residual,
+                        concatenated)
 
 
 def _sqrt(sq):
@@ -190,23 +230,31 @@ def jacobian_spectral_norm(model, x: torch.Tensor, layer: int = 0, *, method: st
     torch.linalg.matrix_norm(J, 2) gives; which pair depends on the start (power) or on LAPACK
     (exact). Close but distinct top values slow the vectors, not s.
 
+    Dropout in train() (J is the masked network's; the masks drawn as the model draws them, y ==
+    model(x) under the same seed) and residual blocks run on the engine, every path; a hidden
+    `layer` must be a block boundary (h_layer inside a residual block raises a ValueError: y
+    depends on the block's input besides h_layer).
+
     return_vectors=True returns (y, s, u) with u (B, m) the top left singular vectors (no
     gradient), to pass as init= for the same samples at the next step. J = 0 gives s = 0 with a
     zero gradient; NaN/Inf propagate per sample; an empty batch gives empty outputs."""
     if method not in SPECTRAL_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {SPECTRAL_METHODS}")
     cond = as_cond(cond)
-    # its power iteration and exact paths carry no dropout masks
     lowered = engine_or_generic(model, x, cond, method, "jacobian_spectral_norm", ANY_MODULE + ("exact",),
-                                supports=frozenset(("input_concat",)))
-    if lowered is None or lowered.columns(wrt) is not None:
+                                supports=_supports(layer))
+    # x's columns of the engine's input (wrt, or conditioning inputs concatenated with x) matter at
+    # the input alone: a hidden layer's J does not see how the input was formed
+    if lowered is None or (layer == 0 or wrt is not None) and lowered.columns(wrt) is not None:
         return _spectral_of_columns(model, x, cond, lowered, layer, wrt, return_vectors, max_memory)
     spec, x = lowered.spec, lowered.input(x, cond)
     _check_options(spec, x, layer, method, n_iter, tol, init)
+    check_block_boundary(spec.residual, layer, "jacobian_spectral_norm")
     if second_order and method == "power":
         raise ValueError("second_order=True is the exact path's (the power path differentiates ||u^T J|| with u "
                          "fixed); use method='exact' or 'auto'")
-    path = "exact" if second_order else choose_path(spec.widths, x.shape[0], layer, n_iter, method)
+    path = "exact" if second_order else choose_path(spec.widths, x.shape[0], layer, n_iter, method,
+                                                    spec.residual is not None)
     if path == "exact":
         y, s, u = _exact(spec, x, layer, return_vectors, second_order)
     else:
@@ -228,7 +276,7 @@ def _spectral_of_columns(model, x, cond, lowered, layer, wrt, return_vectors, ma
     spec, x = lowered.spec, lowered.input(x, cond)
     columns = lowered.columns(wrt)
     y, jac = _columns(spec, x, columns) if columns is not None else \
-        _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params)
+        _ops.mlp_jacobian(x, spec.weights, spec.biases, spec.activations, spec.act_params, **spec.jacobian_factors)
     u, s, _ = torch.linalg.svd(jac, full_matrices=False)
     return (y, s[:, 0], u[:, :, 0].detach()) if return_vectors else (y, s[:, 0])
 
@@ -242,9 +290,9 @@ def _exact(spec, x, layer, vectors, second_order):
     left = spec.widths[-1] <= spec.widths[layer]
     with torch.set_grad_enabled(second_order and torch.is_grad_enabled()):
         if left:
-            y, (gram,) = _ops.mlp_jacobian_grams(*args, layers=[layer])
+            y, (gram,) = _ops.mlp_jacobian_grams(*args, layers=[layer], **spec.jacobian_factors)
         else:
-            y, jac = _ops.mlp_jacobian(*args, layer=layer)
+            y, jac = _ops.mlp_jacobian(*args, layer=layer, **spec.jacobian_factors)
         with torch.autocast(x.device.type, enabled=False):  # the ops' float32 results stay float32
             if not left:
                 gram = jac.transpose(1, 2) @ jac
@@ -342,19 +390,40 @@ def _power_iteration(linearization, u, n_iter, tol):
     return u
 
 
+def _factors_above(spec, layer: int) -> dict:
+    """spec.jacobian_factors of the layers from `layer` up, as the ops take them for the net above
+    h_layer: each per-layer list from `layer` on, the skips re-indexed (none crosses the layer:
+    check_block_boundary)."""
+    factors = {}
+    for name, value in spec.jacobian_factors.items():
+        if value is not None and name == "residual":
+            value = [j - layer if j >= 0 else -1 for j in value[layer:]]
+        elif value is not None:
+            value = value[layer:]
+        factors[name] = value
+    return factors
+
+
 def _power_value(spec, x, layer, u):
-    """(y, ||u^T J||) with u fixed: h_layer by the layers below (differentiable), then the fused
-    op with one projection row on the layers above."""
-    h = x
+    """(y, ||u^T J||) with u fixed: h_layer by the layers below (differentiable; their dropout masks
+    and skips applied as the model applies them), then the fused op with one projection row on the
+    layers above."""
+    h, inputs = x, []
     dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype  # as the op runs
     with torch.autocast(x.device.type, enabled=False):
         for i in range(layer):
+            h = h.to(dtype)
+            inputs.append(h)
             b = spec.biases[i]
-            h = act.activation_value(torch.nn.functional.linear(h.to(dtype), spec.weights[i].to(dtype),
+            h = act.activation_value(torch.nn.functional.linear(h, spec.weights[i].to(dtype),
                                                                 None if b is None else b.to(dtype)),
                                      spec.activations[i], *spec.act_params[2 * i:2 * i + 2])
+            if spec.masks is not None and spec.masks[i] is not None:
+                h = spec.masks[i].to(dtype) * h
+            if spec.residual is not None and spec.residual[i] >= 0:
+                h = h + inputs[spec.residual[i]]
     y, sq = _ops.mlp_jacobian_frobenius(h, spec.weights[layer:], spec.biases[layer:], spec.activations[layer:],
                                         spec.act_params[2 * layer:], method="hutchinson",
-                                        projections=u.unsqueeze(1))
+                                        projections=u.unsqueeze(1), **_factors_above(spec, layer))
     with torch.autocast(x.device.type, enabled=False):
         return y, _sqrt(sq.squeeze(1))

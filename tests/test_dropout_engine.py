@@ -311,14 +311,7 @@ def test_unsupported_quantities_run_the_generic_path_naming_the_dropout():
     torch.testing.assert_close(lap, lap_gen)
     torch.manual_seed(1)
     torch.testing.assert_close(y, model(x))
-    with pytest.raises(TypeError, match="Dropout"):  # forced engine methods that carry no masks
-        jacext.jacobian_spectral_norm(model, x, method="power")
-    with pytest.raises(TypeError, match="Dropout"):
-        jacext.large_margin_loss(model, x, torch.zeros(5, dtype=torch.long), method="rows")
-    torch.manual_seed(1)
-    s = jacext.jacobian_spectral_norm(model, x)[1]  # auto: the generic path, warned once above for this node
-    torch.manual_seed(1)
-    torch.testing.assert_close(s, jacext.jacobian_spectral_norm(model, x, method="autograd")[1])
+    # (the spectral norm and the margin take the masks: tests/test_factors_spectral_margin.py)
     with pytest.raises(NotLowerable, match="Dropout"):
         jacext.parse_model(model)
     model.eval()  # identity: lowers without masks

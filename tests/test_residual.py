@@ -349,25 +349,8 @@ def test_explain_says_a_skip_rules_out_the_closed_form():
 
 # --- the quantities without skips: the generic path ----------------------------------------------
 
-def test_other_quantities_run_the_generic_path():
-    model, x = model_and_x("square-mixed")
-    x.requires_grad_()
-    jac = vmap(jacrev(per_sample(model)))(x)
-    # (the Jacobian family takes skips: tests/test_residual_jacobian.py)
-    checks = {
-        "jacobian_spectral_norm": (lambda: jacext.jacobian_spectral_norm(model, x, method="exact")[1],
-                                   torch.linalg.matrix_norm(jac, ord=2)),
-    }
-    for quantity, (call, want) in checks.items():
-        _warned.clear()
-        match = (rf"2 \(operator.add\) at .+test_residual.py:\d+ does not run on the fused engine: a residual "
-                 rf"skip .+ jacext.{quantity} runs the generic")
-        with pytest.warns(RuntimeWarning, match=match):
-            got = call()
-        torch.testing.assert_close(got, want, **TOL)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # once per model class and node
-            call()
+# (the Jacobian family, the spectral norm and the margin take skips: tests/test_residual_jacobian.py,
+# tests/test_factors_spectral_margin.py)
 
 
 def test_divergence_and_diagonal_over_chosen_features_run_skips_on_the_engine():
@@ -380,12 +363,6 @@ def test_divergence_and_diagonal_over_chosen_features_run_skips_on_the_engine():
         diag = jacext.jacobian_diagonal(model, x, wrt=[2, 0, 1], method="forward")[1]
     torch.testing.assert_close(div, jac[:, :, :3].diagonal(dim1=1, dim2=2).sum(1), **TOL)
     torch.testing.assert_close(diag, jac[:, :, [2, 0, 1]].diagonal(dim1=1, dim2=2), **TOL)
-
-
-def test_forced_engine_methods_raise():
-    model, x = model_and_x("square-mixed")
-    with pytest.raises(TypeError, match=r"2 \(operator.add\) .+ runs on the fused engine only"):
-        jacext.jacobian_spectral_norm(model, x, method="power")
 
 
 def test_other_readers_refuse_a_skip():
