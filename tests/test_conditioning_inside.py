@@ -181,7 +181,7 @@ def test_tiles_give_the_same_values(widths, codes, shifted, gated):
 
 def test_closed_forms_refuse_and_the_planner_never_picks_them():
     x, weights, biases, shifts, gates, codes, params = random_net([3, 5, 3], ["tanh", "identity"], [0], [])
-    assert resolve_diagonal_strategy("auto", [3, 5, 3], codes, False, 64, conditioned=True) == CARRY_FORWARD
+    assert resolve_diagonal_strategy("auto", [3, 5, 3], codes, False, 64, per_sample=True) == CARRY_FORWARD
     assert resolve_diagonal_strategy("auto", [3, 5, 3], codes, False, 64) == DIAGONAL_GRAM1
     with pytest.raises(ValueError, match="per-sample bias or gate"):
         ops.mlp_jacobian_diagonal(x, weights, biases, codes, params, method="gram", sample_biases=shifts)
@@ -393,7 +393,7 @@ def test_explain_names_the_gates_and_biases():
     assert "closed forms" in text
     # the cost model counts the gate's backward GEMM (the unscaled rows, recomputed) once per gated layer
     widths = [2, 8, 8, 2]
-    layout = diagonal_layout(widths, CARRY_FORWARD, conditioned_top=True)
+    layout = diagonal_layout(widths, CARRY_FORWARD, per_sample_top=True)
     assert carry_macs(widths, 5, layout, gated=(0, 2)) - carry_macs(widths, 5, layout) == 5 * layout.rows * (16 + 16)
 
 
