@@ -13,9 +13,8 @@ import torch
 
 from ._checks import check_residual, check_square
 from ._composites import mlp_jacobian_diagonal_backward_composite, mlp_laplacian_backward_composite
-from ._jacobian_ops import mask_arguments
-from ._library import (ActivationSpec, bias_tensors, compiled, conditioning_tensors, explained_functorch_errors, normalize_activations,
-                       register_float32_autocast, register_vmap, widths_of)
+from ._library import (ActivationSpec, bias_tensors, compiled, conditioning_tensors, explained_functorch_errors,
+                       mask_arguments, normalize_activations, register_float32_autocast, register_vmap, widths_of)
 from .layouts import TRACE_GRAM2, carry_saved_shapes, diagonal_layout, laplacian_layout
 from .planner import carry_tile_size, op_element_size, resolve_diagonal_strategy
 

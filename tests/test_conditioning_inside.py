@@ -183,7 +183,7 @@ def test_closed_forms_refuse_and_the_planner_never_picks_them():
     x, weights, biases, shifts, gates, codes, params = random_net([3, 5, 3], ["tanh", "identity"], [0], [])
     assert resolve_diagonal_strategy("auto", [3, 5, 3], codes, False, 64, per_sample=True) == CARRY_FORWARD
     assert resolve_diagonal_strategy("auto", [3, 5, 3], codes, False, 64) == DIAGONAL_GRAM1
-    with pytest.raises(ValueError, match="per-sample bias or gate"):
+    with pytest.raises(ValueError, match="per-sample bias, gate or dropout mask"):
         ops.mlp_jacobian_diagonal(x, weights, biases, codes, params, method="gram", sample_biases=shifts)
     empty = torch.empty(0, dtype=x.dtype)
     nets = {DIAGONAL_GRAM1: weights, TRACE_GRAM2: [weights[0], torch.randn(4, 5).double(), torch.randn(3, 4).double()]}
@@ -364,8 +364,9 @@ def test_other_quantities_take_the_generic_path():
     torch.testing.assert_close(sq, field_reference(model, x, t, jacrev).pow(2).sum((1, 2)), **TOL)
 
 
-def test_dropout_with_conditioning_inside_takes_the_generic_path():
-    """The forward-carry ops take no dropout masks and the Jacobian ops no per-sample biases or gates."""
+def test_dropout_with_conditioning_inside_runs_the_forward_carry():
+    """The forward-carry ops take the masks beside per-sample biases and gates; supports without the
+    combination refuse it, naming it (tests/test_dropout_carry.py checks the values in depth)."""
 
     class Dropped(nn.Module):
         def __init__(self):
@@ -379,7 +380,8 @@ def test_dropout_with_conditioning_inside_takes_the_generic_path():
     model, x, t = Dropped().double(), torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64)
     with pytest.raises(NotLowerable, match="Dropout in train\\(\\) in a model conditioned inside"):
         lower(model, x, t, supports=FACTORS)
-    with pytest.warns(RuntimeWarning, match="generic autograd path"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on the engine: no fallback warning
         torch.manual_seed(0)
         _, div = jacext.divergence(model, x, cond=t)
     torch.manual_seed(0)  # the same masks
