@@ -117,6 +117,7 @@ def _trailing_grads(ctx, grad_s, grad_g):
 
 
 def _constant_masks(masks):
+    """The ops' masks as given (None or a list), after checking that none requires grad."""
     if any(m.requires_grad for m in masks or ()):
         raise ValueError("jacext: masks are constants (dropout masks) and take no gradient: pass them detached")
     return masks

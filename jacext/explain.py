@@ -149,18 +149,16 @@ class CarryPlan:
             lines.append(f"  conditioning inside the network: per-sample biases at layers {list(shifted)}, gates at "
                          f"layers {list(gated)}; a gate scales every row of its layer's GEMM output, a bias "
                          "shifts the h row")
-            if self.quantity != "laplacian":
-                lines.append("  the closed forms (sample-independent matrices) do not apply: the forward columns run")
         masked = [f"layer {i}: " + ", ".join(f"{path} ({op}, p={p:g})" for p, path, op, _ in d)
                   for i, d in enumerate(self.dropout) if d]
         if masked:
             lines.append("  dropout masks, drawn per call as the model draws them: " + "; ".join(masked))
             lines.append("  a mask scales every row of its layer's carry after the activation (h, the columns"
                          f"{' and Delta' if self.quantity == 'laplacian' else ''})")
-            if self.quantity != "laplacian":
-                lines.append("  the closed forms (sample-independent matrices) do not apply: the forward columns run")
-            elif self.dropout[-1]:
+            if self.quantity == "laplacian" and self.dropout[-1]:
                 lines.append("  the thin linear last layer (h and Delta alone) does not apply under a mask on it")
+        if (shifted or gated or masked) and self.quantity != "laplacian":
+            lines.append("  the closed forms (sample-independent matrices) do not apply: the forward columns run")
         lines.append(f"  tiles of {self.tile} samples" if self.tile else "  no tiles: each step runs over the whole batch")
         return "\n".join(lines)
 

@@ -409,3 +409,11 @@ def test_explain_names_the_masks_and_draws_none(name, model, conditioned):
     after = torch.rand(3)
     torch.manual_seed(1)
     torch.testing.assert_close(after, torch.rand(3))  # explain drew nothing from torch's generator
+
+
+def test_vmap_refuses_the_masks():
+    x, weights, biases, masks, _, _, codes, params = random_net([3, 5, 3], ["tanh", "identity"], (0,))
+    one = [masks[0][:1], None]  # a batch of one inside vmap
+    for op in (ops.mlp_laplacian, ops.mlp_jacobian_diagonal):
+        with pytest.raises(NotImplementedError, match="dropout masks are not supported under torch.vmap"):
+            vmap(lambda xi: op(xi[None], weights, biases, codes, params, masks=one)[1])(x.detach())
