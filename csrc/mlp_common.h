@@ -142,9 +142,10 @@ inline std::vector<int64_t> checked_residual(at::OptionalIntArrayRef residual, a
   return any ? skips : std::vector<int64_t>{};
 }
 
-// The per-sample biases and gates (conditioning inside the net, z = gate * (h W^T) + b + sample_bias)
-// checked against the net: L entries, each (B, n_{i+1}) or undefined (an empty tensor or no list:
-// none). Both op families take them (mlp_laplacian.h, mlp_jacobian.h).
+// The per-sample biases and gates (conditioning inside the net, z = gate * (h W^T) + b + sample_bias),
+// or the forward carry's dropout masks, checked against the net: L entries, each (B, n_{i+1}) or
+// undefined (an empty tensor or no list: none). Both op families take them (mlp_laplacian.h,
+// mlp_jacobian.h).
 inline std::vector<Tensor> checked_conditioning(const std::optional<at::TensorList>& given, const Tensor& x,
                                                 at::TensorList weights, const char* name) {
   const int64_t L = static_cast<int64_t>(weights.size());

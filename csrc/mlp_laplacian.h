@@ -38,6 +38,14 @@
 // a conditioned last layer keeps every row through it (the epilogues that map h alone or read
 // T off the row-dot with the last weight assume z = h W^T + b there).
 //
+// Dropout masks (`masks`): per layer i, a constant per-sample diagonal factor m_i (B, n_{i+1}) after
+// the activation, h = m .* act(z). Every row of the carry is linear in h's layer map, so the fused
+// pass's output is scaled by m, row by row: h = m act(.), T_j = m act'(.) P_j, Delta = m (act' q +
+// act'' sum P^2) (before a skip adds its carry, as the module applies dropout before the sum). The
+// backward scales the adjoint of every row by m before the fused pass; act', act'' and act''' are
+// saved unscaled. A mask takes no gradient. The closed forms refuse masks (their matrices are the
+// same for every sample); a masked last layer keeps every row through it, as a conditioned one.
+//
 // The first `carried` layers carry every row; what happens above them is the op's epilogue:
 //   Laplacian: every layer (y, J and Delta from C_L); with a linear output layer and no gradient
 //     asked for, the last layer maps only h and Delta (y = h W^T + b, Delta_out = Delta W^T): two
@@ -103,8 +111,9 @@ struct ForwardCarry {
   Tensor projections;    // (B, c, n_0) tangents v_j, or undefined (unit vectors, or c = 0)
   int64_t squared = 0;   // Laplacian: Delta sums over the first `squared` tangent rows
   std::vector<int64_t> residual;  // per layer: the skip's j, or -1; empty without skips
-  // per layer: the per-sample bias and gate (B, n_{i+1}), undefined for none (always L entries)
-  std::vector<Tensor> sample_biases, gates;
+  // per layer: the per-sample bias, gate and dropout mask (B, n_{i+1}), undefined for none (always
+  // L entries)
+  std::vector<Tensor> sample_biases, gates, masks;
 
   int64_t skip(int64_t i) const { return residual.empty() ? -1 : residual[i]; }
 
@@ -180,7 +189,7 @@ struct ForwardCarry {
     int64_t n;
     std::vector<Tensor> d1, d2, d3, hidden, pre;
     Tensor extra, v;
-    std::vector<Tensor> shift, gate;
+    std::vector<Tensor> shift, gate, mask;
     // the backward's outputs for the tile's samples: sbar and gbar per layer (undefined: none)
     std::vector<Tensor> shift_bar, gate_bar;
   };
@@ -191,6 +200,7 @@ struct ForwardCarry {
     if (projections.defined()) t.v = projections.narrow(0, b0, n);
     t.shift = batch_rows(sample_biases, b0, n);
     t.gate = batch_rows(gates, b0, n);
+    t.mask = batch_rows(masks, b0, n);
     return t;
   }
 
@@ -229,6 +239,7 @@ struct ForwardCarry {
     Kernels::carry_forward(a, bias_at(biases, i).value_or(Tensor()), out, t.d1[i], t.d2[i],
                            full ? t.d3[i] : Tensor(), activations[i], act_params[2 * i], act_params[2 * i + 1],
                            full ? columns : 0, full && laplacian, squared);
+    if (t.mask[i].defined()) out.mul_(t.mask[i].unsqueeze(1));
   }
 
   // The carried layers of a tile; returns C_carried (for carried = 0, C_0). `top` receives the
@@ -251,6 +262,8 @@ struct ForwardCarry {
   Tensor layer_backward(int64_t i, const Tensor& g, const Tensor& in, const Tile& t, const Tensor& adj_d,
                         bool zero_tangents, bool input, CarrySums& sums) const {
     const bool full = g.size(1) == rows();
+    // the adjoint of the unmasked rows (zero_tangents: the T rows are never read, scaled or not)
+    if (t.mask[i].defined()) g.mul_(t.mask[i].unsqueeze(1));
     Kernels::carry_backward(g, full ? t.pre[i] : Tensor(), t.d1[i], t.d2[i], full ? t.d3[i] : Tensor(), adj_d,
                             full ? columns : 0, full && laplacian, squared, zero_tangents);
     const auto options = g.options();
@@ -340,43 +353,24 @@ inline void copy_or_zero(const Tensor& out, const Tensor& src) {
 
 inline Tensor value_or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
-// The per-sample biases and gates checked against the net: L entries, each (B, n_{i+1}) or
-// undefined (an empty tensor or no list: none).
-inline std::vector<Tensor> checked_conditioning(const std::optional<at::TensorList>& given, const Tensor& x,
-                                                at::TensorList weights, const char* name) {
-  const int64_t L = static_cast<int64_t>(weights.size());
-  std::vector<Tensor> out(L);
-  if (!given.has_value() || given->empty()) return out;
-  TORCH_CHECK(static_cast<int64_t>(given->size()) == L, "jacext: expected no ", name, " or one per layer (", L,
-              ", an empty tensor for none), got ", given->size());
-  for (const auto i : c10::irange(L)) {
-    const Tensor& s = (*given)[i];
-    if (!s.defined() || (s.numel() == 0 && s.dim() == 1)) continue;
-    TORCH_CHECK(s.dim() == 2 && s.size(0) == x.size(0) && s.size(1) == weights[i].size(0), "jacext: ", name, "[",
-                i, "] must have shape (batch=", x.size(0), ", ", weights[i].size(0), "), got ", s.sizes());
-    TORCH_CHECK(s.scalar_type() == x.scalar_type() && s.device() == x.device(), "jacext: ", name, "[", i,
-                "] must match x's dtype and device, got ", s.scalar_type(), " on ", s.device());
-    out[i] = s.contiguous();
-  }
-  return out;
-}
-
-// Sets the net's per-sample biases and gates; whether any layer has one.
+// Sets the net's per-sample biases, gates and dropout masks; whether any layer has one of them.
 template <class Net>
 bool condition(Net& net, const std::optional<at::TensorList>& sample_biases,
-               const std::optional<at::TensorList>& gates, const Tensor& x, at::TensorList weights) {
+               const std::optional<at::TensorList>& gates, const std::optional<at::TensorList>& masks,
+               const Tensor& x, at::TensorList weights) {
   net.sample_biases = checked_conditioning(sample_biases, x, weights, "sample_biases");
   net.gates = checked_conditioning(gates, x, weights, "gates");
+  net.masks = checked_conditioning(masks, x, weights, "masks");
   for (const auto i : c10::irange(net.depth())) {
-    if (net.sample_biases[i].defined() || net.gates[i].defined()) return true;
+    if (net.sample_biases[i].defined() || net.gates[i].defined() || net.masks[i].defined()) return true;
   }
   return false;
 }
 
-// Whether the last layer has a per-sample bias or gate (it keeps every row through it then).
-inline bool conditioned_top(const std::optional<at::TensorList>& sample_biases,
-                            const std::optional<at::TensorList>& gates) {
-  for (const auto* list : {&sample_biases, &gates}) {
+// Whether the last layer has a per-sample bias, gate or mask (it keeps every row through it then).
+inline bool per_sample_top(const std::optional<at::TensorList>& sample_biases,
+                           const std::optional<at::TensorList>& gates, const std::optional<at::TensorList>& masks) {
+  for (const auto* list : {&sample_biases, &gates, &masks}) {
     if (list->has_value() && !(*list)->empty()) {
       const Tensor& top = (*list)->back();
       if (top.defined() && !(top.numel() == 0 && top.dim() == 1)) return true;
@@ -431,7 +425,8 @@ ForwardCarry<Kernels> laplacian_carry(const Tensor& x, at::TensorList weights, a
                                       bool gradient, const std::optional<Tensor>& directions,
                                       int64_t laplacian_rows, int64_t tile, at::OptionalIntArrayRef residual,
                                       const std::optional<at::TensorList>& sample_biases,
-                                      const std::optional<at::TensorList>& gates) {
+                                      const std::optional<at::TensorList>& gates,
+                                      const std::optional<at::TensorList>& masks) {
   check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
   check_tile(tile);
   std::vector<int64_t> skips = checked_residual(residual, weights);
@@ -442,12 +437,12 @@ ForwardCarry<Kernels> laplacian_carry(const Tensor& x, at::TensorList weights, a
   const int64_t k = laplacian_rows == -1 ? c : laplacian_rows, columns = gradient ? c : k;
   if (v.defined() && columns < c) v = v.narrow(1, 0, columns);
   // A linear output layer maps h and Delta alone when J is not returned (and no skip ends there, no
-  // per-sample bias or gate is on it).
+  // per-sample bias, gate or mask is on it).
   const bool thin_top = !gradient && activations[L - 1] == kIdentity && (skips.empty() || skips[L - 1] < 0) &&
-                        !conditioned_top(sample_biases, gates);
+                        !per_sample_top(sample_biases, gates, masks);
   ForwardCarry<Kernels> net{weights, biases, activations, act_params, columns, true, thin_top ? L - 1 : L, v, k,
                             std::move(skips)};
-  condition(net, sample_biases, gates, x, weights);
+  condition(net, sample_biases, gates, masks, x, weights);
   return net;
 }
 
@@ -456,10 +451,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> mlp_laplacian(
     const Tensor& x_in, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
     at::ArrayRef<double> act_params, bool gradient, const std::optional<Tensor>& directions,
     int64_t laplacian_rows, const std::optional<at::TensorList>& sample_biases,
-    const std::optional<at::TensorList>& gates, int64_t tile, at::OptionalIntArrayRef residual) {
+    const std::optional<at::TensorList>& gates, const std::optional<at::TensorList>& masks, int64_t tile,
+    at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
   const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, directions,
-                                            laplacian_rows, tile, residual, sample_biases, gates);
+                                            laplacian_rows, tile, residual, sample_biases, gates, masks);
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L), c = net.columns;
   const auto options = x.options();
   Tensor y = net.empty({B, m}, options), lap = net.empty({B, m}, options);
@@ -497,11 +493,11 @@ CarryGrads mlp_laplacian_backward(
     const std::optional<Tensor>& grad_lap_in, const Tensor& x_in, at::TensorList weights, at::TensorList biases,
     at::IntArrayRef activations, at::ArrayRef<double> act_params, bool gradient, at::TensorList saved_list,
     const std::optional<Tensor>& directions, int64_t laplacian_rows,
-    const std::optional<at::TensorList>& sample_biases, const std::optional<at::TensorList>& gates, int64_t tile,
-    bool input_grad, at::OptionalIntArrayRef residual) {
+    const std::optional<at::TensorList>& sample_biases, const std::optional<at::TensorList>& gates,
+    const std::optional<at::TensorList>& masks, int64_t tile, bool input_grad, at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
   const auto net = laplacian_carry<Kernels>(x, weights, biases, activations, act_params, gradient, directions,
-                                            laplacian_rows, tile, residual, sample_biases, gates);
+                                            laplacian_rows, tile, residual, sample_biases, gates, masks);
   const int64_t B = x.size(0), L = net.depth(), m = net.width(L), c = net.columns;
   const auto options = x.options();
   const CarrySaved saved = net.unpack_saved(saved_list);
@@ -560,7 +556,7 @@ CarryGrads mlp_laplacian_backward(
 // V (B, k, n) the k terms v_j^T J v_j (B, k).
 
 inline void check_diagonal(const Tensor& x, at::TensorList weights, at::IntArrayRef activations,
-                           int64_t strategy, bool skips, bool conditioned) {
+                           int64_t strategy, bool skips, bool per_sample) {
   const int64_t L = static_cast<int64_t>(weights.size()), n0 = x.size(1), m = weights[L - 1].size(0);
   TORCH_CHECK(m == n0, "jacext: the Jacobian diagonal and the divergence need a square net (as many outputs "
               "as inputs), got ", n0, " inputs and ", m, " outputs");
@@ -572,8 +568,8 @@ inline void check_diagonal(const Tensor& x, at::TensorList weights, at::IntArray
               "(two-hidden-layer trace) needs exactly three layers and a linear output layer");
   TORCH_CHECK(strategy == kForward || !skips, "jacext: the closed forms (strategy ", strategy, ") do not apply "
               "across a residual skip; strategy must be 0 (forward columns)");
-  TORCH_CHECK(strategy == kForward || !conditioned, "jacext: the closed forms (strategy ", strategy, ") do not "
-              "apply with per-sample biases or gates; strategy must be 0 (forward columns)");
+  TORCH_CHECK(strategy == kForward || !per_sample, "jacext: the closed forms (strategy ", strategy, ") do not "
+              "apply with per-sample biases, gates or dropout masks; strategy must be 0 (forward columns)");
 }
 
 inline Tensor checked_tangents(const std::optional<Tensor>& projections, const Tensor& x, int64_t strategy) {
@@ -597,17 +593,19 @@ ForwardCarry<Kernels> diagonal_carry(const Tensor& x, at::TensorList weights, at
                                      int64_t strategy, const std::optional<Tensor>& projections, int64_t tile,
                                      at::OptionalIntArrayRef residual,
                                      const std::optional<at::TensorList>& sample_biases,
-                                     const std::optional<at::TensorList>& gates) {
+                                     const std::optional<at::TensorList>& gates,
+                                     const std::optional<at::TensorList>& masks) {
   check_mlp(x, weights, biases, activations, act_params, 0, kReverse);
   check_tile(tile);
   std::vector<int64_t> skips = checked_residual(residual, weights);
   const int64_t L = static_cast<int64_t>(weights.size());
   ForwardCarry<Kernels> net{weights, biases, activations, act_params, 0, false, L, Tensor()};
-  const bool conditioned = condition(net, sample_biases, gates, x, weights);
-  check_diagonal(x, weights, activations, strategy, !skips.empty(), conditioned);
+  const bool per_sample = condition(net, sample_biases, gates, masks, x, weights);
+  check_diagonal(x, weights, activations, strategy, !skips.empty(), per_sample);
   const Tensor v = checked_tangents(projections, x, strategy);
   if (strategy != kForward) return net;
-  const bool full_top = v.defined() || (!skips.empty() && skips[L - 1] >= 0) || conditioned_top(sample_biases, gates);
+  const bool full_top =
+      v.defined() || (!skips.empty() && skips[L - 1] >= 0) || per_sample_top(sample_biases, gates, masks);
   net.columns = v.defined() ? v.size(1) : x.size(1);
   net.carried = full_top ? L : L - 1;
   net.projections = v;
@@ -639,11 +637,11 @@ template <class Kernels>
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_jacobian_diagonal(
     const Tensor& x_in, at::TensorList weights, at::TensorList biases, at::IntArrayRef activations,
     at::ArrayRef<double> act_params, int64_t strategy, const std::optional<Tensor>& projections,
-    const std::optional<at::TensorList>& sample_biases, const std::optional<at::TensorList>& gates, int64_t tile,
-    at::OptionalIntArrayRef residual) {
+    const std::optional<at::TensorList>& sample_biases, const std::optional<at::TensorList>& gates,
+    const std::optional<at::TensorList>& masks, int64_t tile, at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
   const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, projections, tile,
-                                           residual, sample_biases, gates);
+                                           residual, sample_biases, gates, masks);
   const Tensor& v = net.projections;
   const int64_t B = x.size(0), L = net.depth(), n0 = x.size(1);
   const bool full_top = strategy == kForward && net.carried == L;
@@ -694,11 +692,11 @@ CarryGrads mlp_jacobian_diagonal_backward(
     const std::optional<Tensor>& grad_y_in, const std::optional<Tensor>& grad_out_in, const Tensor& x_in,
     at::TensorList weights, at::TensorList biases, at::IntArrayRef activations, at::ArrayRef<double> act_params,
     int64_t strategy, at::TensorList saved_list, const std::optional<Tensor>& projections,
-    const std::optional<at::TensorList>& sample_biases, const std::optional<at::TensorList>& gates, int64_t tile,
-    bool input_grad, at::OptionalIntArrayRef residual) {
+    const std::optional<at::TensorList>& sample_biases, const std::optional<at::TensorList>& gates,
+    const std::optional<at::TensorList>& masks, int64_t tile, bool input_grad, at::OptionalIntArrayRef residual) {
   const Tensor x = x_in.contiguous();
   const auto net = diagonal_carry<Kernels>(x, weights, biases, activations, act_params, strategy, projections, tile,
-                                           residual, sample_biases, gates);
+                                           residual, sample_biases, gates, masks);
   const Tensor& v = net.projections;
   const int64_t B = x.size(0), L = net.depth(), n0 = x.size(1);
   const bool full_top = strategy == kForward && net.carried == L;

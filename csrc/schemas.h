@@ -12,7 +12,8 @@ namespace jacext {
 // 4 forward with Gram epilogue (2-4: Frobenius only); see mlp_jacobian.h.
 // tile (keyword-only): samples per tile, 0 for the whole batch at once (mlp_jacobian.h; the
 // result does not depend on it).
-// masks (the Jacobian family; positional, as torch.library.register_autograd needs tensors to be): None (or []) for none, or one per layer, (B, n_{i+1})
+// masks (the Jacobian and forward-carry families; positional, as torch.library.register_autograd needs
+// tensors to be): None (or []) for none, or one per layer, (B, n_{i+1})
 // or an empty tensor for none: a per-sample diagonal factor after the layer's activation (a dropout
 // mask), h_{i+1} = mask * act(y_{i+1}); constants, never differentiated.
 // sample_biases, gates: the Jacobian ops take them as the forward-carry ops do (below).
@@ -71,33 +72,34 @@ inline void define_mlp_ops(torch::Library& m) {
   // i's output (a skip h + g(h)); None: no skip. sample_biases, gates (positional: they take
   // gradients): None (or []) for none, or one per layer, (B, n_{i+1}) or an empty tensor for none:
   // z = gate * (h W^T) + b + sample_bias (conditioning inside the net). The backward ops return
-  // their gradients per sample (an empty tensor for a layer without).
+  // their gradients per sample (an empty tensor for a layer without). masks as above (after the
+  // activation, before a skip's sum; the closed forms, strategies 1 and 2, take none).
   m.def(
       "mlp_laplacian(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, float[] act_params, "
       "bool gradient, Tensor? directions=None, int laplacian_rows=-1, Tensor[]? sample_biases=None, "
-      "Tensor[]? gates=None, *, int tile=0, int[]? residual=None) -> "
+      "Tensor[]? gates=None, Tensor[]? masks=None, *, int tile=0, int[]? residual=None) -> "
       "(Tensor y, Tensor grad, Tensor lap, Tensor[] saved)");
   // Gradients of sum(grad_y*y) + sum(grad_grad*grad) + sum(grad_lap*lap) w.r.t. x (with input_grad),
   // weights, biases (an empty tensor for a layer without bias).
   m.def(
       "mlp_laplacian_backward(Tensor? grad_y, Tensor? grad_grad, Tensor? grad_lap, Tensor x, Tensor[] weights, "
       "Tensor[] biases, int[] activations, float[] act_params, bool gradient, Tensor[] saved, "
-      "Tensor? directions=None, int laplacian_rows=-1, Tensor[]? sample_biases=None, Tensor[]? gates=None, *, "
-      "int tile=0, bool input_grad=True, int[]? residual=None) -> (Tensor? grad_x, Tensor[] grad_weights, "
-      "Tensor[] grad_biases, Tensor[] grad_sample_biases, Tensor[] grad_gates)");
+      "Tensor? directions=None, int laplacian_rows=-1, Tensor[]? sample_biases=None, Tensor[]? gates=None, "
+      "Tensor[]? masks=None, *, int tile=0, bool input_grad=True, int[]? residual=None) -> (Tensor? grad_x, "
+      "Tensor[] grad_weights, Tensor[] grad_biases, Tensor[] grad_sample_biases, Tensor[] grad_gates)");
   // Square nets: y = mlp(x) and out = diag(dy/dx) (B, n) (strategy 0: forward columns, 1: one
   // hidden layer closed form), tr(dy/dx) (B) (strategy 2: two hidden layers, linear output), or
   // with projections V (B, k, n) (strategy 0) out[b, j] = v_bj^T (dy_b/dx_b) v_bj (B, k).
   m.def(
       "mlp_jacobian_diagonal(Tensor x, Tensor[] weights, Tensor[] biases, int[] activations, "
       "float[] act_params, int strategy, Tensor? projections=None, Tensor[]? sample_biases=None, "
-      "Tensor[]? gates=None, *, int tile=0, int[]? residual=None) -> "
+      "Tensor[]? gates=None, Tensor[]? masks=None, *, int tile=0, int[]? residual=None) -> "
       "(Tensor y, Tensor out, Tensor[] saved)");
   m.def(
       "mlp_jacobian_diagonal_backward(Tensor? grad_y, Tensor? grad_out, Tensor x, Tensor[] weights, "
       "Tensor[] biases, int[] activations, float[] act_params, int strategy, Tensor[] saved, "
-      "Tensor? projections=None, Tensor[]? sample_biases=None, Tensor[]? gates=None, *, int tile=0, "
-      "bool input_grad=True, int[]? residual=None) -> (Tensor? grad_x, Tensor[] grad_weights, "
+      "Tensor? projections=None, Tensor[]? sample_biases=None, Tensor[]? gates=None, Tensor[]? masks=None, *, "
+      "int tile=0, bool input_grad=True, int[]? residual=None) -> (Tensor? grad_x, Tensor[] grad_weights, "
       "Tensor[] grad_biases, Tensor[] grad_sample_biases, Tensor[] grad_gates)");
   // The activation table as the kernels evaluate it: (4, *y.shape) = act, act', act'', act''' at y.
   m.def("activation_derivatives(Tensor y, int activation, float p0, float p1) -> Tensor");

@@ -80,14 +80,15 @@ def mlp_jacobian_backward_composite(grad_y, grad_sq, grad_jac, x, weights, biase
 
 
 def forward_carry_composite(x, weights, biases, activations, act_params, tangents=None, laplacian=False,
-                            laplacian_rows=-1, residual=None, sample_biases=None, gates=None):
+                            laplacian_rows=-1, residual=None, sample_biases=None, gates=None, masks=None):
     """(y, T, delta): the MLP output, the tangent rows T[b, j] = (dy_b/dx_b) t_j (B, c, m) for the unit
     vectors (tangents None) or the rows of tangents (B or 1, c, n_0), and with laplacian the Laplacian
     sum_j t_j^T (d^2 y / dx^2) t_j over the first laplacian_rows rows (-1: all) (B, m), else None:
     the carry of csrc/mlp_laplacian.h in torch ops. residual (None or per layer i, -1 or j <= i):
     layer i's output adds the carry (h, T, delta) that entered layer j. sample_biases, gates (None, or
     per layer None or (B, n_{i+1})): z = gate * (h W^T) + b + sample_bias, the gate scaling every row
-    of the layer's product (h, T and delta alike)."""
+    of the layer's product (h, T and delta alike). masks (None, or per layer None or (B, n_{i+1})): a
+    constant factor after the activation, scaling h, T and delta alike (before a skip's sum)."""
     h = x
     t = tangents if tangents is not None else torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
     delta = torch.zeros_like(x) if laplacian else None
@@ -109,6 +110,10 @@ def forward_carry_composite(x, weights, biases, activations, act_params, tangent
             squared = p if laplacian_rows == -1 else p[:, :laplacian_rows]
             delta = d1 * q + d2 * squared.pow(2).sum(1)
         h, t = activation_value(z, code, p0, p1), d1.unsqueeze(1) * p
+        if masks is not None and masks[i] is not None:
+            h, t = masks[i] * h, masks[i].unsqueeze(1) * t
+            if laplacian:
+                delta = masks[i] * delta
         if residual is not None and residual[i] >= 0:
             h_j, t_j, delta_j = carries[residual[i]]
             h, t = h + h_j, t + t_j
@@ -140,15 +145,15 @@ def _vjp_of(outputs_fn, x, weights, optional, cotangents):
 
 def mlp_laplacian_backward_composite(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params,
                                      directions=None, laplacian_rows=-1, residual=None, sample_biases=None,
-                                     gates=None):
+                                     gates=None, masks=None):
     """What the op mlp_laplacian_backward computes, in differentiable torch ops: the gradients of
     sum(grad_y*y) + sum(grad_grad*grad) + sum(grad_lap*lap) w.r.t. x, the weights, and the biases,
-    per-sample biases and gates that are not None (a list each); the directions (tangent rows) held
-    constant."""
+    per-sample biases and gates that are not None (a list each); the directions (tangent rows) and
+    the masks held constant."""
     def outputs(x, weights, biases, sample_biases, gates):
         y, t, lap = forward_carry_composite(x, weights, biases, activations, act_params, directions, laplacian=True,
                                             laplacian_rows=laplacian_rows, residual=residual,
-                                            sample_biases=sample_biases, gates=gates)
+                                            sample_biases=sample_biases, gates=gates, masks=masks)
         return y, t.transpose(1, 2), lap
 
     return _vjp_of(outputs, x, weights, (biases, sample_biases, gates), (grad_y, grad_grad, grad_lap))
@@ -156,13 +161,14 @@ def mlp_laplacian_backward_composite(grad_y, grad_grad, grad_lap, x, weights, bi
 
 def mlp_jacobian_diagonal_backward_composite(grad_y, grad_out, x, weights, biases, activations, act_params,
                                              trace=False, projections=None, residual=None, sample_biases=None,
-                                             gates=None):
+                                             gates=None, masks=None):
     """What the op mlp_jacobian_diagonal_backward computes, in differentiable torch ops, for the
     diagonal (B, n), its sum (trace), or with projections the terms v_j^T J v_j (B, k); the
     gradients as mlp_laplacian_backward_composite's."""
     def outputs(x, weights, biases, sample_biases, gates):
         y, t, _ = forward_carry_composite(x, weights, biases, activations, act_params, projections,
-                                          residual=residual, sample_biases=sample_biases, gates=gates)
+                                          residual=residual, sample_biases=sample_biases, gates=gates,
+                                          masks=masks)
         if projections is not None:
             return y, (t * projections).sum(2)
         diag = t.diagonal(dim1=1, dim2=2)  # T[b, j] = J e_j: the diagonal is T[b, j, j]

@@ -18,7 +18,7 @@ from ._checks import check_residual
 from ._composites import mlp_jacobian_backward_composite
 from ._library import (ActivationSpec, below_autograd, bias_tensors, compiled, conditioning_tensors,
                        explained_functorch_errors, normalize_activations, register_float32_autocast, register_vmap,
-                       warn_if_tf32, widths_of)
+                       mask_arguments, warn_if_tf32, widths_of)
 from .layouts import REVERSE, REVERSE_GRAM, first_carry_index, saved_shapes
 from .planner import Split, batch_chunk, default_memory_budget, op_element_size, resolve_strategy, tile_size
 
@@ -43,18 +43,6 @@ def _diagonal_at_output(masks, gates):
     """Whether the last layer has a mask or a gate: a diagonal there, so that the output is not linear
     for strategies 3 and 4."""
     return any(factors and factors[-1] for factors in (_masked(masks), _masked(gates)))
-
-
-def mask_arguments(masks, x):
-    """The ops' `masks` argument from one mask or None per layer (None for no masks at all): None for
-    none, else one per layer with an empty tensor for none. Masks are constants."""
-    if masks is None or all(m is None for m in masks):
-        return None
-    for i, m in enumerate(masks):
-        if m is not None and m.requires_grad:
-            raise ValueError(f"mask {i} requires grad; masks are constants (dropout masks) and take no gradient: "
-                             "pass them detached")
-    return [x.new_empty(0) if m is None else m for m in masks]
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_frobenius")

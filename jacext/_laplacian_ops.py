@@ -14,8 +14,8 @@ import torch
 
 from ._checks import check_residual, check_square
 from ._composites import mlp_jacobian_diagonal_backward_composite, mlp_laplacian_backward_composite
-from ._library import (ActivationSpec, bias_tensors, compiled, conditioning_tensors, explained_functorch_errors, normalize_activations,
-                       register_float32_autocast, register_vmap, widths_of)
+from ._library import (ActivationSpec, bias_tensors, compiled, conditioning_tensors, explained_functorch_errors,
+                       mask_arguments, normalize_activations, register_float32_autocast, register_vmap, widths_of)
 from .layouts import TRACE_GRAM2, carry_saved_shapes, diagonal_layout, laplacian_layout
 from .planner import carry_tile_size, op_element_size, resolve_diagonal_strategy
 
@@ -27,18 +27,24 @@ def _given(t):
     return not (t.numel() == 0 and t.dim() == 1)
 
 
-def _conditioned_top(sample_biases, gates):
-    """Whether the last layer has a per-sample bias or gate (the ops' lists: None, or one tensor per
-    layer, an empty one for none)."""
-    return any(lst is not None and len(lst) > 0 and _given(lst[-1]) for lst in (sample_biases, gates))
+def _per_sample_top(*lists):
+    """Whether the last layer has a per-sample bias, gate or mask (the ops' lists: None, or one
+    tensor per layer, an empty one for none)."""
+    return any(lst is not None and len(lst) > 0 and _given(lst[-1]) for lst in lists)
+
+
+def _composite_masks(masks):
+    """The composites' masks (None, or one tensor or None per layer) from the ops' argument."""
+    return None if not masks else [m if _given(m) else None for m in masks]
 
 
 @torch.library.register_fake("jacext::mlp_laplacian")
 def _laplacian_fake(x, weights, biases, activations, act_params, gradient, directions=None, laplacian_rows=-1,
-                    sample_biases=None, gates=None, *, tile=0, residual=None):
+                    sample_biases=None, gates=None, masks=None, *, tile=0, residual=None):
     widths, B = widths_of(x, weights), x.shape[0]
     layout = laplacian_layout(widths, activations, gradient, None if directions is None else directions.shape[1],
-                              laplacian_rows, check_residual(residual, widths), _conditioned_top(sample_biases, gates))
+                              laplacian_rows, check_residual(residual, widths),
+                              _per_sample_top(sample_biases, gates, masks))
     saved = [x.new_empty(s) for s in carry_saved_shapes(widths, B, activations, layout)]
     m = widths[-1]
     return (x.new_empty(B, m), x.new_empty(B, m, layout.columns) if gradient else x.new_empty(0), x.new_empty(B, m),
@@ -47,11 +53,11 @@ def _laplacian_fake(x, weights, biases, activations, act_params, gradient, direc
 
 @torch.library.register_fake("jacext::mlp_jacobian_diagonal")
 def _diagonal_fake(x, weights, biases, activations, act_params, strategy, projections=None, sample_biases=None,
-                   gates=None, *, tile=0, residual=None):
+                   gates=None, masks=None, *, tile=0, residual=None):
     B, n = x.shape
     widths = widths_of(x, weights)
     layout = diagonal_layout(widths, strategy, 0 if projections is None else projections.shape[1],
-                             check_residual(residual, widths), _conditioned_top(sample_biases, gates))
+                             check_residual(residual, widths), _per_sample_top(sample_biases, gates, masks))
     saved = [x.new_empty(s) for s in carry_saved_shapes(widths, B, activations, layout)]
     out = x.new_empty(B) if strategy == TRACE_GRAM2 else x.new_empty(B, n if projections is None else projections.shape[1])
     return x.new_empty(B, n), out, saved
@@ -69,15 +75,15 @@ def _grads_fake(x, weights, biases, input_grad, sample_biases, gates):
 
 @torch.library.register_fake("jacext::mlp_laplacian_backward")
 def _laplacian_backward_fake(grad_y, grad_grad, grad_lap, x, weights, biases, activations, act_params, gradient,
-                             saved, directions=None, laplacian_rows=-1, sample_biases=None, gates=None, *, tile=0,
-                             input_grad=True, residual=None):
+                             saved, directions=None, laplacian_rows=-1, sample_biases=None, gates=None, masks=None,
+                             *, tile=0, input_grad=True, residual=None):
     return _grads_fake(x, weights, biases, input_grad, sample_biases, gates)
 
 
 @torch.library.register_fake("jacext::mlp_jacobian_diagonal_backward")
 def _diagonal_backward_fake(grad_y, grad_out, x, weights, biases, activations, act_params, strategy, saved,
-                            projections=None, sample_biases=None, gates=None, *, tile=0, input_grad=True,
-                            residual=None):
+                            projections=None, sample_biases=None, gates=None, masks=None, *, tile=0,
+                            input_grad=True, residual=None):
     return _grads_fake(x, weights, biases, input_grad, sample_biases, gates)
 
 
@@ -96,18 +102,26 @@ def _trailing(inputs, first, defaults):
 
 
 # The trailing arguments of each op, from the first after its fixed ones: (held constant, ...,
-# sample_biases, gates); the last two take gradients.
-_LAPLACIAN_TRAILING = (None, -1, None, None)  # directions, laplacian_rows, sample_biases, gates
-_DIAGONAL_TRAILING = (None, None, None)  # projections, sample_biases, gates
+# sample_biases, gates, masks); sample_biases and gates take gradients, the masks are constants.
+_LAPLACIAN_TRAILING = (None, -1, None, None, None)  # directions, laplacian_rows, sample_biases, gates, masks
+_DIAGONAL_TRAILING = (None, None, None, None)  # projections, sample_biases, gates, masks
 
 
 def _trailing_grads(ctx, grad_s, grad_g):
-    """The gradient slots of the trailing arguments (ctx.conditioning: the sample_biases and gates
-    given, each None or a list)."""
-    grads = [None] * (len(ctx.trailing_defaults) - 2)
+    """The gradient slots of the trailing arguments (ctx.conditioning_present: the sample_biases and
+    gates given, each None or a list; ctx.masks: the masks given, None or a list)."""
+    grads = [None] * (len(ctx.trailing_defaults) - 3)
     for given, grad in zip(ctx.conditioning_present, (grad_s, grad_g)):
         grads.append(None if given is None else _present(grad, given))
+    grads.append(None if ctx.masks is None else [None] * len(ctx.masks))
     return grads[:ctx.n_trailing]
+
+
+def _constant_masks(masks):
+    """The ops' masks as given (None or a list), after checking that none requires grad."""
+    if any(m.requires_grad for m in masks or ()):
+        raise ValueError("jacext: masks are constants (dropout masks) and take no gradient: pass them detached")
+    return masks
 
 
 def _present(grads, present):
@@ -126,10 +140,11 @@ def _residual_of(keyword_only_inputs):
 
 def _backward_setup(ctx, keyword_only_inputs, grads, x, weights, biases, saved, config, trailing, defaults):
     """What the double backward needs: the backward op's incoming gradients, x, the weights, and the
-    biases, per-sample biases and gates that are present."""
-    held, sample_biases, gates = trailing[0], trailing[-2], trailing[-1]
+    biases, per-sample biases and gates that are present (the masks are constants)."""
+    held, sample_biases, gates = trailing[0], trailing[-3], trailing[-2]
     ctx.config = config
     ctx.projections = held  # held constant
+    ctx.masks = _constant_masks(trailing[-1])
     ctx.residual = _residual_of(keyword_only_inputs)
     ctx.n_saved = len(saved)
     ctx.n_layers = len(weights)
@@ -187,7 +202,8 @@ def _laplacian_backward_backward(ctx, gg_x, gg_w, gg_b, gg_s, gg_g):
 
     def composite(grads, x, weights, biases, sample_biases, gates):
         return mlp_laplacian_backward_composite(*grads, x, weights, biases, activations, act_params,
-                                                ctx.projections, laplacian_rows, ctx.residual, sample_biases, gates)
+                                                ctx.projections, laplacian_rows, ctx.residual, sample_biases, gates,
+                                                _composite_masks(ctx.masks))
 
     g_grads, g_x, g_w, g_b, g_s, g_g = _double_backward(ctx, composite, gg_x, gg_w, (gg_b, gg_s, gg_g))
     # no gradient flows into `saved`: the composite differentiates through x, weights and biases
@@ -208,7 +224,7 @@ def _diagonal_backward_backward(ctx, gg_x, gg_w, gg_b, gg_s, gg_g):
         return mlp_jacobian_diagonal_backward_composite(*grads, x, weights, biases, activations, act_params,
                                                         trace=strategy == TRACE_GRAM2, projections=ctx.projections,
                                                         residual=ctx.residual, sample_biases=sample_biases,
-                                                        gates=gates)
+                                                        gates=gates, masks=_composite_masks(ctx.masks))
 
     g_grads, g_x, g_w, g_b, g_s, g_g = _double_backward(ctx, composite, gg_x, gg_w, (gg_b, gg_s, gg_g))
     return (*g_grads, g_x, g_w, g_b, None, None, None, [None] * ctx.n_saved, *_trailing_grads(ctx, g_s, g_g))
@@ -224,9 +240,9 @@ torch.library.register_autograd("jacext::mlp_jacobian_diagonal_backward", _diago
 # folds into the op's batch, over anything else loops (_library.register_vmap).
 for _op in ("mlp_laplacian", "mlp_jacobian_diagonal"):
     register_float32_autocast(_op)
-# x, directions (mlp_laplacian expands them to the batch); sample_biases, gates
-register_vmap("mlp_laplacian", sample_inputs=(0, 6), conditioning_inputs=(8, 9))
-register_vmap("mlp_jacobian_diagonal", sample_inputs=(0, 6), conditioning_inputs=(7, 8))  # x, projections
+# x, directions (mlp_laplacian expands them to the batch); sample_biases, gates; masks
+register_vmap("mlp_laplacian", sample_inputs=(0, 6), masks_input=10, conditioning_inputs=(8, 9))
+register_vmap("mlp_jacobian_diagonal", sample_inputs=(0, 6), masks_input=9, conditioning_inputs=(7, 8))
 
 
 @explained_functorch_errors
@@ -235,7 +251,8 @@ def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
                   directions: Optional[torch.Tensor] = None, laplacian_rows: Optional[int] = None,
                   residual: Optional[Sequence[int]] = None,
                   sample_biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                  gates: Optional[Sequence[Optional[torch.Tensor]]] = None):
+                  gates: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                  masks: Optional[Sequence[Optional[torch.Tensor]]] = None):
     """(y, lap), or (y, grad, lap) with return_gradient: lap[b, i] = sum_j d^2 y_i / dx_j^2 (B, m)
     and grad = dy/dx (B, m, n_0), from one fused forward-Laplacian op (csrc/mlp_laplacian.h).
 
@@ -245,7 +262,9 @@ def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
     only those k rows are carried. residual (None, or per layer i: -1 or j <= i): layer i's
     output adds the input of layer j (a skip h + g(h), same width). sample_biases, gates (None, or
     per layer None or (B, n_{i+1})): layer i's pre-activation is gate * (h W^T) + b + sample_bias
-    (conditioning inside the net; both differentiable)."""
+    (conditioning inside the net; both differentiable). masks (None, or per layer None or (B, n_{i+1})):
+    a constant factor after layer i's activation, h = mask * act(z) (a dropout mask; before a skip's
+    sum; no gradient)."""
     codes, params = normalize_activations(activations, act_params, len(weights))
     widths = widths_of(x, weights)
     residual = check_residual(residual, widths)
@@ -260,12 +279,13 @@ def mlp_laplacian(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
         raise ValueError(f"laplacian_rows must be in [1, {rows}] (the carried rows), got {laplacian_rows}")
     laplacian_rows = -1 if laplacian_rows is None else int(laplacian_rows)
     sample_biases, gates = conditioning_tensors(sample_biases, weights), conditioning_tensors(gates, weights)
+    masks = mask_arguments(masks, x)
     layout = laplacian_layout(widths, codes, return_gradient, None if directions is None else rows, laplacian_rows,
-                              residual, _conditioned_top(sample_biases, gates))
+                              residual, _per_sample_top(sample_biases, gates, masks))
     tile = carry_tile_size(widths, x.shape[0], layout, op_element_size(x), x.device)
     y, grad, lap, _ = compiled.mlp_laplacian(x, list(weights), bias_tensors(biases, weights), codes, params,
                                              bool(return_gradient), directions, laplacian_rows, sample_biases, gates,
-                                             tile=tile, residual=residual)
+                                             masks, tile=tile, residual=residual)
     return (y, grad, lap) if return_gradient else (y, lap)
 
 
@@ -275,12 +295,13 @@ def mlp_jacobian_diagonal(x: torch.Tensor, weights: Sequence[torch.Tensor], bias
                           trace: bool = False, projections: Optional[torch.Tensor] = None,
                           residual: Optional[Sequence[int]] = None,
                           sample_biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                          gates: Optional[Sequence[Optional[torch.Tensor]]] = None):
+                          gates: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                          masks: Optional[Sequence[Optional[torch.Tensor]]] = None):
     """(y, out) for a square MLP: out = diag(dy/dx) (B, n), or with trace its sum, the divergence
     (B,); method "auto", "forward" or "gram" (planner.resolve_diagonal_strategy). With
     method="hutchinson", projections V (B, k, n) and out[b, j] = v_bj^T (dy_b/dx_b) v_bj (B, k).
-    residual, sample_biases and gates as in mlp_laplacian (the closed forms do not apply across a skip
-    or with per-sample biases or gates)."""
+    residual, sample_biases, gates and masks as in mlp_laplacian (the closed forms do not apply across a
+    skip or with per-sample biases, gates or masks)."""
     if (method == "hutchinson") != (projections is not None):
         raise ValueError("projections go with method='hutchinson', and only with it")
     codes, params = normalize_activations(activations, act_params, len(weights))
@@ -288,13 +309,14 @@ def mlp_jacobian_diagonal(x: torch.Tensor, weights: Sequence[torch.Tensor], bias
     check_square(widths)
     residual = check_residual(residual, widths)
     sample_biases, gates = conditioning_tensors(sample_biases, weights), conditioning_tensors(gates, weights)
-    conditioned = sample_biases is not None or gates is not None
-    strategy = resolve_diagonal_strategy(method, widths, codes, trace, x.shape[0], residual, conditioned)
+    masks = mask_arguments(masks, x)
+    per_sample = sample_biases is not None or gates is not None or masks is not None
+    strategy = resolve_diagonal_strategy(method, widths, codes, trace, x.shape[0], residual, per_sample)
     rows = 0 if projections is None else projections.shape[1]
-    layout = diagonal_layout(widths, strategy, rows, residual, _conditioned_top(sample_biases, gates))
+    layout = diagonal_layout(widths, strategy, rows, residual, _per_sample_top(sample_biases, gates, masks))
     tile = carry_tile_size(widths, x.shape[0], layout, op_element_size(x), x.device)
     y, out, _ = compiled.mlp_jacobian_diagonal(x, list(weights), bias_tensors(biases, weights), codes, params, strategy,
-                                               projections, sample_biases, gates, tile=tile, residual=residual)
+                                               projections, sample_biases, gates, masks, tile=tile, residual=residual)
     if trace and projections is None and strategy != TRACE_GRAM2:
         with torch.autocast(x.device.type, enabled=False):  # the op's float32 result stays float32
             out = out.sum(1)

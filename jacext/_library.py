@@ -94,6 +94,19 @@ def bias_tensors(biases, weights):
     return [w.new_empty(0) if b is None else b for b, w in zip(biases, weights)]
 
 
+def mask_arguments(masks, x):
+    """The ops' `masks` argument (the Jacobian and forward-carry families) from one mask or None per
+    layer (None for no masks at all): None for none, else one per layer with an empty tensor for
+    none. Masks are constants."""
+    if masks is None or all(m is None for m in masks):
+        return None
+    for i, m in enumerate(masks):
+        if m is not None and m.requires_grad:
+            raise ValueError(f"mask {i} requires grad; masks are constants (dropout masks) and take no gradient: "
+                             "pass them detached")
+    return [x.new_empty(0) if m is None else m for m in masks]
+
+
 def conditioning_tensors(given, weights):
     """The forward-carry ops' per-sample biases or gates: None when no layer has one, else one per
     layer, an empty tensor standing for none (as for the biases)."""

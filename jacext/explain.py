@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
+
 from ._checks import check_square
 from .activations import IDENTITY
 from .layouts import (CARRY_FORWARD, FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM, carry_saved_shapes,
@@ -12,7 +14,7 @@ from .layouts import (CARRY_FORWARD, FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVE
 from ._wrt import wrt_columns
 from ._route import as_cond
 from .frontend import lower
-from .nn import parse_model
+from .laplacian import FORWARD_CARRY
 from .planner import (DIAGONAL_STRATEGY_NAMES, L2_CACHE_BYTES, Split, applicable, batch_chunk, best_split,
                       carry_cost, carry_macs, carry_tile_size, default_memory_budget, diagonal_applicable, footprint,
                       op_element_size, penalty_macs, predicted_cost, resolve_diagonal_strategy, resolve_strategy,
@@ -134,12 +136,13 @@ class CarryPlan:
     candidate's cost."""
 
     def __init__(self, quantity, widths, batch, method, candidates, choice, layout, tile, residual=None,
-                 conditioning=((), ())):
+                 conditioning=((), ()), dropout=()):
         self.quantity, self.widths, self.batch, self.method = quantity, widths, batch, method
         self.candidates = candidates  # {name: (multiply-adds, predicted cost, saved bytes)}
         self.choice, self.layout, self.tile = choice, layout, tile
         self.residual = residual  # the model's skips (MLPSpec.residual), None without
         self.conditioning = conditioning  # (layers with a per-sample bias, layers with a gate)
+        self.dropout = dropout  # per layer, its Dropouts in train() (frontend.Layer.dropout)
 
     def __repr__(self):
         rows, layout = self.layout.rows, self.layout
@@ -167,8 +170,16 @@ class CarryPlan:
             lines.append(f"  conditioning inside the network: per-sample biases at layers {list(shifted)}, gates at "
                          f"layers {list(gated)}; a gate scales every row of its layer's GEMM output, a bias "
                          "shifts the h row")
-            if self.quantity != "laplacian":
-                lines.append("  the closed forms (sample-independent matrices) do not apply: the forward columns run")
+        masked = [f"layer {i}: " + ", ".join(f"{path} ({op}, p={p:g})" for p, path, op, _ in d)
+                  for i, d in enumerate(self.dropout) if d]
+        if masked:
+            lines.append("  dropout masks, drawn per call as the model draws them: " + "; ".join(masked))
+            lines.append("  a mask scales every row of its layer's carry after the activation (h, the columns"
+                         f"{' and Delta' if self.quantity == 'laplacian' else ''})")
+            if self.quantity == "laplacian" and self.dropout[-1]:
+                lines.append("  the thin linear last layer (h and Delta alone) does not apply under a mask on it")
+        if (shifted or gated or masked) and self.quantity != "laplacian":
+            lines.append("  the closed forms (sample-independent matrices) do not apply: the forward columns run")
         lines.append(f"  tiles of {self.tile} samples" if self.tile else "  no tiles: each step runs over the whole batch")
         return "\n".join(lines)
 
@@ -179,15 +190,18 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
     divergence or jacobian_diagonal; `cond`: the conditioning inputs, which a model conditioned
     inside the network needs (its per-sample biases and gates)."""
     cond = as_cond(cond)
-    if cond:
-        spec = lower(model, x, *cond, supports=frozenset(("residual", "sample_bias", "gate"))).spec
+    if cond:  # lowering with x draws the dropout masks: from a copy of the generator's state
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            lowered = lower(model, x, *cond, supports=FORWARD_CARRY)
     else:
-        spec = parse_model(model, supports=frozenset(("residual",)))
+        lowered = lower(model, supports=FORWARD_CARRY)
+    spec, dropout = lowered.spec, lowered.dropout
     widths, batch, codes, residual = spec.widths, x.shape[0], spec.activations, spec.residual
     conditioning = tuple(tuple(i for i, t in enumerate(ts or ()) if t is not None)
                          for ts in (spec.sample_biases, spec.gates))
-    conditioned = any(conditioning)
-    top = any(ts is not None and ts[-1] is not None for ts in (spec.sample_biases, spec.gates))
+    per_sample = any(conditioning) or any(dropout)
+    top = any(ts is not None and ts[-1] is not None for ts in (spec.sample_biases, spec.gates)) or \
+        bool(dropout and dropout[-1])
 
     def entry(layout, strategy=CARRY_FORWARD):
         shapes = carry_saved_shapes(widths, batch, codes, layout)
@@ -212,22 +226,23 @@ def explain_carry(model, x, quantity: str = "laplacian", method: str = "auto", r
             raise ValueError(f"explain: wrt applies to the Laplacian's plan, not to {quantity!r}")
         check_square(spec.widths)
         trace = quantity == "divergence"
-        strategy = resolve_diagonal_strategy(method, widths, codes, trace, batch, residual, conditioned)
+        strategy = resolve_diagonal_strategy(method, widths, codes, trace, batch, residual, per_sample)
         if method == "hutchinson":
             layout = diagonal_layout(widths, strategy, n_proj, residual, top)
             choice = f"hutchinson, {n_proj} projection{'s' if n_proj > 1 else ''}"
             candidates = {choice: entry(layout)}
         else:
-            layout = diagonal_layout(widths, strategy, residual=residual, conditioned_top=top)
+            layout = diagonal_layout(widths, strategy, residual=residual, per_sample_top=top)
             able = [st for st in DIAGONAL_STRATEGY_NAMES
                     if diagonal_applicable(st, widths, trace, codes[-1] == IDENTITY, residual=residual,
-                                           conditioned=conditioned)]
+                                           per_sample=per_sample)]
             candidates = {DIAGONAL_STRATEGY_NAMES[st]: entry(diagonal_layout(widths, st, residual=residual,
-                                                                             conditioned_top=top), st)
+                                                                             per_sample_top=top), st)
                           for st in able}
             choice = DIAGONAL_STRATEGY_NAMES[strategy]
     else:
         raise ValueError(f"unknown quantity {quantity!r}; expected 'frobenius', 'spectral_norm', 'margin', "
                          "'laplacian', 'divergence' or 'jacobian_diagonal'")
     tile = carry_tile_size(widths, batch, layout, op_element_size(x), x.device)
-    return CarryPlan(quantity, widths, batch, method, candidates, choice, layout, tile, residual, conditioning)
+    return CarryPlan(quantity, widths, batch, method, candidates, choice, layout, tile, residual, conditioning,
+                     dropout)

@@ -38,8 +38,9 @@ SUPPORTED = ("nn.Linear / F.linear, the activations " + ", ".join(sorted(act.NAM
 
 # The parts of a lowered model beyond a plain MLP (Plan.factors), what each is for the messages; a
 # quantity runs on the engine only the parts its ops take (lower's `supports`), the rest on the
-# generic path. Dropout with a residual skip: the masks are the Jacobian ops' (which take skips too),
-# so only the Jacobian family takes both.
+# generic path. Dropout beside a residual skip or conditioning inside the network: a family takes the
+# combination only where its ops take the masks together with that factor (the forward-carry family
+# takes all three; the Jacobian family skips and masks).
 FACTOR_NAMES = {"input_concat": "conditioning inputs concatenated with x", "dropout": "Dropout in train()",
                 "residual": "a residual skip (h + g(h))",
                 "dropout_with_residual": "Dropout in train() in a model with residual skips",
@@ -103,7 +104,7 @@ class MLPSpec:
     @property
     def carry_factors(self) -> dict:
         """The factor arguments of the forward-carry ops (mlp_laplacian, mlp_jacobian_diagonal)."""
-        return dict(residual=self.residual, sample_biases=self.sample_biases, gates=self.gates)
+        return dict(masks=self.masks, residual=self.residual, sample_biases=self.sample_biases, gates=self.gates)
 
 
 def parse_model(model: nn.Module, *, supports: frozenset = frozenset()) -> MLPSpec:

@@ -9,13 +9,14 @@ import torch
 from . import generic
 from . import ops as _ops
 from ._checks import check_square
-from ._route import ANY_MODULE, FACTORS, as_cond, engine_or_generic
-
-# what the forward-carry ops take: skips, per-sample biases and gates, no dropout masks
-FORWARD_CARRY = frozenset(("input_concat", "residual", "sample_bias", "gate"))
+from ._route import ANY_MODULE, as_cond, engine_or_generic
 from .estimators import check_estimator_options, hutchinson
 from .frontend import MLPSpec
-from .functional import _columns, _generic_estimator
+from .functional import _generic_estimator
+
+# what the forward-carry ops take: skips, per-sample biases and gates, dropout masks, and each with the masks
+FORWARD_CARRY = frozenset(("input_concat", "residual", "sample_bias", "gate", "dropout", "dropout_with_residual",
+                           "dropout_with_conditioning"))
 
 __all__ = ["laplacian", "divergence", "jacobian_diagonal"]
 
@@ -37,7 +38,6 @@ def laplacian(model, x: torch.Tensor, return_gradient: bool = False, *, wrt=None
     if method not in ANY_MODULE:
         raise ValueError(f"unknown method {method!r}; expected one of {ANY_MODULE}")
     cond = as_cond(cond)
-    # the forward carry takes skips and no dropout masks
     lowered = engine_or_generic(model, x, cond, method, "laplacian", supports=FORWARD_CARRY)
     if lowered is None:
         return generic.laplacian(model, x, *cond, wrt=wrt, return_gradient=return_gradient, max_memory=max_memory)
@@ -57,12 +57,6 @@ def _square_columns(lowered, wrt):
     columns, widths = lowered.columns(wrt), lowered.spec.widths
     check_square([widths[0] if columns is None else len(columns), widths[-1]])
     return columns
-
-
-def _masked_columns(spec, columns):
-    """The columns of J to form when the model has dropout masks: every column where none were
-    chosen (the fused diagonal ops take no masks; the Jacobian ops do)."""
-    return torch.arange(spec.widths[0]) if columns is None else columns
 
 
 def _laplacian_directions(lowered, wrt, gradient: bool, dtype, device):
@@ -112,23 +106,14 @@ def divergence(model, x: torch.Tensor, method: str = "auto", n_proj: int = 1, ge
     are held fixed."""
     check_estimator_options(method, ("hutchinson",), n_proj, generator, distribution, orthogonal, return_variance)
     cond = as_cond(cond)
-    # masks: through J's columns only (the forward carry and the closed forms take none)
     lowered = engine_or_generic(model, x, cond, method, "divergence", ANY_MODULE + ("hutchinson",),
-                                supports=FACTORS if method in ("auto", "hutchinson") else FORWARD_CARRY)
+                                supports=FORWARD_CARRY)
     if lowered is None:
         return generic.divergence(model, x, *cond, wrt=wrt, max_memory=max_memory,
                                   **_generic_estimator(method, n_proj, generator, distribution, orthogonal,
                                                        return_variance))
     spec, x = lowered.spec, lowered.input(x, cond)
     columns = _square_columns(lowered, wrt)
-    if spec.masks is not None:
-        columns = _masked_columns(spec, columns)
-        y, jac = _columns(spec, x, columns)
-        if method != "hutchinson":
-            return y, jac.diagonal(dim1=1, dim2=2).sum(1)
-        return hutchinson(lambda v: (y, ((v.to(jac.dtype) @ jac) * v.to(jac.dtype)).sum(2)), x.shape[0], n_proj,
-                          len(columns), distribution=distribution, orthogonal=orthogonal, generator=generator,
-                          dtype=x.dtype, device=x.device, return_variance=return_variance)
     spec, outputs = _squared_up(spec, columns)
     if method != "hutchinson":
         y, div = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations,
@@ -155,7 +140,7 @@ def _squared_up(spec, columns):
     other rows zero (zero weights and bias), so that diag(J')[c_i] = dy_i/dx_{c_i}, J' has no other
     nonzero diagonal entry, and the fused diagonal ops (every strategy) apply; outputs(y') takes
     y back from y'. Differentiable in the last layer's weight and bias; the last layer's per-sample
-    bias and gate go to the same rows (zero bias, unit gate elsewhere)."""
+    bias, gate and dropout mask go to the same rows (zero bias, unit gate, zero mask elsewhere)."""
     if columns is None:
         return spec, lambda y: y
     if spec.residual is not None and spec.residual[-1] != -1:
@@ -171,8 +156,8 @@ def _squared_up(spec, columns):
             return per_sample
         return per_sample[:-1] + [_spread(per_sample[-1], 1, columns, n0, fill)]
 
-    return (MLPSpec(weights, biases, spec.activations, spec.act_params, residual=spec.residual,
-                    sample_biases=rows(spec.sample_biases, 0.0), gates=rows(spec.gates, 1.0)),
+    return (MLPSpec(weights, biases, spec.activations, spec.act_params, masks=rows(spec.masks, 0.0),
+                    residual=spec.residual, sample_biases=rows(spec.sample_biases, 0.0), gates=rows(spec.gates, 1.0)),
             lambda y: _gathered(y, columns))
 
 
@@ -210,15 +195,11 @@ def jacobian_diagonal(model, x: torch.Tensor, method: str = "auto", *, wrt=None,
     if method == "hutchinson":
         raise ValueError("method='hutchinson' estimates the divergence (jacext.divergence); the diagonal is exact")
     cond = as_cond(cond)
-    lowered = engine_or_generic(model, x, cond, method, "jacobian_diagonal",
-                                supports=FACTORS if method == "auto" else FORWARD_CARRY)
+    lowered = engine_or_generic(model, x, cond, method, "jacobian_diagonal", supports=FORWARD_CARRY)
     if lowered is None:
         return generic.jacobian_diagonal(model, x, *cond, wrt=wrt, max_memory=max_memory)
     spec, x = lowered.spec, lowered.input(x, cond)
     columns = _square_columns(lowered, wrt)
-    if spec.masks is not None:
-        y, jac = _columns(spec, x, _masked_columns(spec, columns))
-        return y, jac.diagonal(dim1=1, dim2=2)
     spec, outputs = _squared_up(spec, columns)
     y, diag = _ops.mlp_jacobian_diagonal(x, spec.weights, spec.biases, spec.activations, spec.act_params,
                                          method=method, **spec.carry_factors)

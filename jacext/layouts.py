@@ -72,25 +72,25 @@ def skip_into_output(residual: Optional[Sequence[int]]) -> bool:
 
 def laplacian_layout(widths: Sequence[int], activations: Sequence[int], gradient: bool,
                      directions: Optional[int] = None, laplacian_rows: int = -1,
-                     residual: Optional[Sequence[int]] = None, conditioned_top: bool = False) -> CarryLayout:
+                     residual: Optional[Sequence[int]] = None, per_sample_top: bool = False) -> CarryLayout:
     """The c tangent rows (the n_0 unit vectors, or `directions` rows) and Delta through every
     layer, or, with a linear output layer, no gradient returned, no skip into it and no per-sample
-    bias or gate on it (`conditioned_top`), through all but the last, which maps h and Delta alone. Without the gradient only the first laplacian_rows rows
-    (-1: all) are carried: the others reach no output."""
+    bias, gate or mask on it (`per_sample_top`), through all but the last, which maps h and Delta
+    alone. Without the gradient only the first laplacian_rows rows (-1: all) are carried: the others
+    reach no output."""
     depth = len(widths) - 1
     columns = widths[0] if directions is None else directions
     if not gradient and laplacian_rows != -1:
         columns = laplacian_rows
-    thin_top = not gradient and activations[-1] == IDENTITY and not skip_into_output(residual) and not conditioned_top
+    thin_top = not gradient and activations[-1] == IDENTITY and not skip_into_output(residual) and not per_sample_top
     return CarryLayout(columns, True, depth - 1 if thin_top else depth)
 
 
 def diagonal_layout(widths: Sequence[int], strategy: int, projections: int = 0,
-                    residual: Optional[Sequence[int]] = None, conditioned_top: bool = False) -> CarryLayout:
+                    residual: Optional[Sequence[int]] = None, per_sample_top: bool = False) -> CarryLayout:
     """kForward: the n_0 columns up to the last layer and the row-dot epilogue (k projected columns
     through every layer with projections, the n_0 columns with a skip into the last layer or a
-    per-sample bias or gate on it); the
-    closed forms carry h alone."""
+    per-sample bias, gate or mask on it: `per_sample_top`); the closed forms carry h alone."""
     depth = len(widths) - 1
     if strategy == TRACE_GRAM2:
         return CarryLayout(0, False, depth, widths[2])
@@ -98,7 +98,7 @@ def diagonal_layout(widths: Sequence[int], strategy: int, projections: int = 0,
         return CarryLayout(0, False, depth, widths[0])
     if projections:
         return CarryLayout(projections, False, depth)
-    if skip_into_output(residual) or conditioned_top:
+    if skip_into_output(residual) or per_sample_top:
         return CarryLayout(widths[0], False, depth)
     return CarryLayout(widths[0], False, depth - 1, widths[0])
 

@@ -387,14 +387,14 @@ def carry_cost(widths: Sequence[int], batch: int, activations: Sequence[int], la
 
 def diagonal_applicable(strategy: int, widths: Sequence[int], trace: bool, output_linear: bool,
                         projections: int = 0, residual: Optional[Sequence[int]] = None,
-                        conditioned: bool = False) -> bool:
+                        per_sample: bool = False) -> bool:
     """Whether mlp_jacobian_diagonal can run `strategy` (the checks of csrc/mlp_laplacian.h): the
     closed forms carry h alone, so they take neither projections nor a residual skip, and their
-    sample-independent matrices hold no per-sample bias or gate (`conditioned`)."""
+    sample-independent matrices hold no per-sample bias, gate or dropout mask (`per_sample`)."""
     depth = len(widths) - 1
     if strategy == CARRY_FORWARD:
         return True
-    if projections or residual is not None or conditioned:
+    if projections or residual is not None or per_sample:
         return False
     if strategy == DIAGONAL_GRAM1:
         return depth == 2
@@ -408,26 +408,26 @@ DIAGONAL_METHODS = ("auto", "forward", "gram", "hutchinson")
 
 def resolve_diagonal_strategy(method: str, widths: Sequence[int], activations: Sequence[int], trace: bool,
                               batch: int = 64, residual: Optional[Sequence[int]] = None,
-                              conditioned: bool = False) -> int:
+                              per_sample: bool = False) -> int:
     """The strategy for jacobian_diagonal (trace=False) or divergence (trace=True): "forward"
     carries the input columns; "gram" takes the closed form with a sample-independent matrix
     (one hidden layer; for the trace, two hidden layers and a linear output too; never across a
-    residual skip or with per-sample biases or gates); "hutchinson" carries projected columns; "auto" the exact strategy of least
-    carry_cost."""
+    residual skip or with per-sample biases, gates or dropout masks: `per_sample`); "hutchinson" carries
+    projected columns; "auto" the exact strategy of least carry_cost."""
     if method not in DIAGONAL_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {DIAGONAL_METHODS}")
     if not isinstance(batch, int):  # a symbolic size under torch.compile
         batch = 64
     output_linear = activations[-1] == IDENTITY
     closed = [st for st in (DIAGONAL_GRAM1, TRACE_GRAM2)
-              if diagonal_applicable(st, widths, trace, output_linear, residual=residual, conditioned=conditioned)]
+              if diagonal_applicable(st, widths, trace, output_linear, residual=residual, per_sample=per_sample)]
     if method in ("forward", "hutchinson"):
         return CARRY_FORWARD
     if method == "gram":
         if not closed:
             what = "a net with one hidden layer, or for the divergence two and a linear output layer"
             skip = f" and no residual skip (the model's skips: {list(residual)})" if residual is not None else ""
-            skip += " and no per-sample bias or gate" if conditioned else ""
+            skip += " and no per-sample bias, gate or dropout mask" if per_sample else ""
             raise ValueError(f"method='gram' needs {what}{skip}; got widths {list(widths)}")
         return closed[0]
     return _cheapest([CARRY_FORWARD] + closed,

@@ -181,9 +181,9 @@ def test_tiles_give_the_same_values(widths, codes, shifted, gated):
 
 def test_closed_forms_refuse_and_the_planner_never_picks_them():
     x, weights, biases, shifts, gates, codes, params = random_net([3, 5, 3], ["tanh", "identity"], [0], [])
-    assert resolve_diagonal_strategy("auto", [3, 5, 3], codes, False, 64, conditioned=True) == CARRY_FORWARD
+    assert resolve_diagonal_strategy("auto", [3, 5, 3], codes, False, 64, per_sample=True) == CARRY_FORWARD
     assert resolve_diagonal_strategy("auto", [3, 5, 3], codes, False, 64) == DIAGONAL_GRAM1
-    with pytest.raises(ValueError, match="per-sample bias or gate"):
+    with pytest.raises(ValueError, match="per-sample bias, gate or dropout mask"):
         ops.mlp_jacobian_diagonal(x, weights, biases, codes, params, method="gram", sample_biases=shifts)
     empty = torch.empty(0, dtype=x.dtype)
     nets = {DIAGONAL_GRAM1: weights, TRACE_GRAM2: [weights[0], torch.randn(4, 5).double(), torch.randn(3, 4).double()]}
@@ -365,8 +365,9 @@ def test_a_quantity_that_does_not_name_them_refuses_them_and_the_jacobian_family
     torch.testing.assert_close(sq, field_reference(model, x, t, jacrev).pow(2).sum((1, 2)), **TOL)
 
 
-def test_dropout_with_conditioning_inside_takes_the_generic_path():
-    """The forward-carry ops take no dropout masks."""
+def test_dropout_with_conditioning_inside_runs_the_forward_carry():
+    """The forward-carry ops take the masks beside per-sample biases and gates; supports without the
+    combination refuse it, naming it (tests/test_dropout_carry.py checks the values in depth)."""
 
     class Dropped(nn.Module):
         def __init__(self):
@@ -380,7 +381,8 @@ def test_dropout_with_conditioning_inside_takes_the_generic_path():
     model, x, t = Dropped().double(), torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64)
     with pytest.raises(NotLowerable, match="Dropout in train\\(\\) in a model conditioned inside"):
         lower(model, x, t, supports=FACTORS)
-    with pytest.warns(RuntimeWarning, match="generic autograd path"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on the engine: no fallback warning
         torch.manual_seed(0)
         _, div = jacext.divergence(model, x, cond=t)
     torch.manual_seed(0)  # the same masks
@@ -394,7 +396,7 @@ def test_explain_names_the_gates_and_biases():
     assert "closed forms" in text
     # the cost model counts the gate's backward GEMM (the unscaled rows, recomputed) once per gated layer
     widths = [2, 8, 8, 2]
-    layout = diagonal_layout(widths, CARRY_FORWARD, conditioned_top=True)
+    layout = diagonal_layout(widths, CARRY_FORWARD, per_sample_top=True)
     assert carry_macs(widths, 5, layout, gated=(0, 2)) - carry_macs(widths, 5, layout) == 5 * layout.rows * (16 + 16)
 
 

@@ -152,6 +152,23 @@ def _forward_samples():
     yield "mlp_jacobian", "conditioned-gram", (*mlp(gram_widths, ["tanh", "tanh", "sigmoid"]), 0, REVERSE_GRAM, None,
                                                conditioning(gram_widths, (0,)), conditioning(gram_widths, (0, 2),
                                                                                              gate=True)), {"gram": True}
+    # dropout masks on the forward-carry ops (constants, positional after the gates): on hidden layers
+    # (below the Laplacian's thin top), on the last layer (which keeps every row through it then), with
+    # skips, and beside per-sample biases and gates
+    lap_masks, deep_top = masks(deep_widths, (0, 1)), masks(deep_widths, (1, 2))
+    yield "mlp_laplacian", "masked-gradient", (*deep(), True), {"masks": lap_masks}
+    yield "mlp_laplacian", "masked-thin-top", (*deep(out="identity"), False), {"masks": lap_masks, "tile": 2}
+    yield "mlp_laplacian", "masked-top", (*deep(out="identity"), False), {"masks": deep_top}
+    yield "mlp_laplacian", "masked-conditioned", (*deep(), True, None, -1, *lap_on, lap_masks), {}
+    block_masks = masks((3, 4, 4, 4, 3), (1, 2))
+    yield "mlp_laplacian", "masked-residual", (*blocks(), False), {"residual": [-1, 1, 1, -1], "masks": block_masks}
+    sq_masks = masks(square_widths, (0, 1))
+    yield "mlp_jacobian_diagonal", "masked-forward", (*square(), CARRY_FORWARD), {"masks": sq_masks}
+    yield "mlp_jacobian_diagonal", "masked-top", (*square(), CARRY_FORWARD), {"masks": masks(square_widths, (1, 2)),
+                                                                              "tile": 2}
+    yield "mlp_jacobian_diagonal", "masked-conditioned-projections", (*square(), CARRY_FORWARD, p, *sq_on, sq_masks), {}
+    yield "mlp_jacobian_diagonal", "masked-residual", (*blocks(), CARRY_FORWARD), {"residual": [-1, 1, 1, 0],
+                                                                                   "masks": block_masks}
     x, weights, biases, _, _ = mlp((4, 4, 4), ["smooth_leaky_relu", "identity"], bias=[True, False])
     with torch.no_grad():
         for w in weights:

@@ -373,6 +373,31 @@ def test_forward_carry_conditioned(top, batch, activation, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("activation", ["tanh", "softplus", "relu"])
+@pytest.mark.parametrize("batch", [1, 37])
+@pytest.mark.parametrize("layers, residual", [((0, 1), None), ((1, 3), None), ((0, 2), [-1, 1, 1, 0])],
+                         ids=["hidden", "and-last-layer", "residual"])
+def test_forward_carry_dropout_masks(layers, residual, batch, activation, dtype):
+    """Dropout masks on the forward-carry ops: on hidden layers (below the Laplacian's thin top), on the
+    last layer too (which then keeps every row through it), inside blocks with a skip into the output;
+    and beside per-sample biases and gates."""
+    net = mlp([4, 4, 4, 4, 4], activation, dtype)
+    x = inputs(batch, 4, dtype)
+    masks = dropout_masks(batch, [4] * 5, dtype, layers)
+    check_laplacian(x, net, masks=masks, residual=residual)
+    check_diagonal(x, net, 0, masks=masks, residual=residual)
+    g = torch.Generator().manual_seed(5)
+    projections = torch.randn(batch, 3, 4, generator=g, dtype=torch.float64).to(dtype)
+    check_diagonal(x, net, 0, projections, masks=masks, residual=residual)
+    shifts = [(torch.randn(batch, 4, generator=g, dtype=torch.float64) * 0.5).to(dtype) if i == 1
+              else torch.empty(0, dtype=dtype) for i in range(4)]
+    gates = [(torch.randn(batch, 4, generator=g, dtype=torch.float64) * 0.5 + 1).to(dtype) if i == 2
+             else torch.empty(0, dtype=dtype) for i in range(4)]
+    check_laplacian(x, net, sample_biases=shifts, gates=gates, masks=masks, residual=residual)
+    check_diagonal(x, net, 0, sample_biases=shifts, gates=gates, masks=masks, residual=residual)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("batch", BATCHES)
 def test_forward_carry_batch_sizes(batch, dtype):
     net = mlp([4, 7, 4], "softplus", dtype)

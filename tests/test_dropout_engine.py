@@ -281,7 +281,8 @@ def test_jacobian_gram_and_wrt_columns_with_dropout():
                                jac[:, :, :2].square().sum((1, 2)))
 
 
-def test_divergence_and_diagonal_use_the_jacobian_columns():
+def test_divergence_diagonal_and_laplacian_run_the_forward_carry_with_the_masks():
+    """(tests/test_dropout_carry.py checks them in depth, with skips and conditioning.)"""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 4)).double().train()
     x = torch.randn(5, 4, dtype=DT)
@@ -289,29 +290,28 @@ def test_divergence_and_diagonal_use_the_jacobian_columns():
     diag = jac.diagonal(dim1=1, dim2=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # on the engine: no fallback warning
+        for method in ("auto", "forward"):
+            torch.manual_seed(8)
+            torch.testing.assert_close(jacext.divergence(model, x, method)[1], diag.sum(1))
+            torch.manual_seed(8)
+            torch.testing.assert_close(jacext.jacobian_diagonal(model, x, method)[1], diag)
         torch.manual_seed(8)
-        torch.testing.assert_close(jacext.divergence(model, x)[1], diag.sum(1))
-        torch.manual_seed(8)
-        torch.testing.assert_close(jacext.jacobian_diagonal(model, x)[1], diag)
-    with pytest.raises(TypeError, match="Dropout"):  # the forward carry takes no masks
-        jacext.jacobian_diagonal(model, x, method="forward")
-
-
-def test_unsupported_quantities_run_the_generic_path_naming_the_dropout():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 2)).double().train()
-    x = torch.randn(5, 3, dtype=DT)
-    _warned.clear()
-    torch.manual_seed(1)
-    with pytest.warns(RuntimeWarning, match=r"2 \(Dropout\).*Dropout in train\(\)"):
         y, lap = jacext.laplacian(model, x)
-    torch.manual_seed(1)
+    torch.manual_seed(8)
     y_gen, lap_gen = jacext.laplacian(model, x, method="autograd")
     torch.testing.assert_close(y, y_gen)
     torch.testing.assert_close(lap, lap_gen)
-    torch.manual_seed(1)
-    torch.testing.assert_close(y, model(x))
-    # (the spectral norm and the margin take the masks: tests/test_factors_spectral_margin.py)
+    with pytest.raises(ValueError, match="dropout mask"):  # the closed form's matrix is the same for every sample
+        jacext.jacobian_diagonal(model, x, method="gram")
+
+
+def test_parse_model_names_the_dropout():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 2)).double().train()
+    x = torch.randn(5, 3, dtype=DT)
+    # (every quantity with a generic path takes the masks on the engine: the Laplacian, divergence and
+    # diagonal above and tests/test_dropout_carry.py, the spectral norm and the margin in
+    # tests/test_factors_spectral_margin.py)
     with pytest.raises(NotLowerable, match="Dropout"):
         jacext.parse_model(model)
     model.eval()  # identity: lowers without masks

@@ -326,8 +326,8 @@ def test_explain_says_only_reverse_and_forward_apply():
 
 
 def test_dropout_with_skips_refused_elsewhere_names_the_dropout():
-    """A quantity that takes Dropout and skips but not both together (the divergence: its masks go
-    through J's columns, its skips through the forward carry) names the Dropout module."""
+    """A quantity that takes Dropout and skips but not both together (lower's supports without the
+    combination) names the Dropout module."""
     from jacext.frontend import FACTORS, NotLowerable
 
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Dropout(0.2), Block(3)).train()
