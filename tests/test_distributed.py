@@ -28,18 +28,25 @@ def penalized_loss(penalized, x, y):
     return F.cross_entropy(logits, y) + LAM * sq.mean()
 
 
+def ddp_step(rank, out, backend):
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    model, x, y = make_problem(device)
+    ddp = DistributedDataParallel(jacext.JacobianFrobenius(model), device_ids=[rank] if backend == "nccl" else None)
+    local = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
+    penalized_loss(ddp, x[local], y[local]).backward()  # DDP averages the ranks' gradients
+    if rank == 0:
+        torch.save([p.grad.cpu() for p in model.parameters()], out)
+
+
 def worker(rank, store, out, backend):
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        device = f"cuda:{rank}" if backend == "nccl" else "cpu"
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        model, x, y = make_problem(device)
-        ddp = DistributedDataParallel(jacext.JacobianFrobenius(model), device_ids=[rank] if backend == "nccl" else None)
-        local = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
-        penalized_loss(ddp, x[local], y[local]).backward()  # DDP averages the ranks' gradients
-        if rank == 0:
-            torch.save([p.grad.cpu() for p in model.parameters()], out)
+        # the DDP wrapper (its reducer) is gone when ddp_step returns: destroyed after the process
+        # group, it could wait forever for a rank that had already exited
+        ddp_step(rank, out, backend)
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
@@ -47,9 +54,8 @@ def worker(rank, store, out, backend):
 TWO_GPUS = torch.cuda.device_count() >= 2 and dist.is_nccl_available()
 
 
-# The ranks' rendezvous has been seen to hang, rarely, on this 2-core machine under load: a run
-# that has not finished in this many seconds is stopped and started once more, in a new store, so
-# that a stuck rendezvous fails the test (twice) instead of hanging the suite.
+# A run that has not finished in this many seconds is stopped and started once more, in a new store,
+# so that a stuck run fails the test (twice) instead of hanging the suite.
 SPAWN_TIMEOUT_S = 120
 
 
