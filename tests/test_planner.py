@@ -131,3 +131,20 @@ def test_margin_costs_follow_the_rows_carried():
     # the jacobian path's carry is the same for every top_k; only its u^T J norms grow
     carry = [margin_costs(widths, batch, layers, k, 2, False)["jacobian"][0] for k in (1, 9)]
     assert carry[0] == carry[1]
+
+
+def test_carry_tiles_put_every_thread_to_work():
+    """A forward carry too small for cache-sized tiles still runs one tile per thread; large carries
+    get tiles of at least CARRY_MIN_TILE_ROWS rows, a thread's share or less; one thread: the whole batch."""
+    from jacext.layouts import CARRY_FORWARD, diagonal_layout
+    from jacext.planner import CARRY_MIN_TILE_ROWS, carry_tile_size
+
+    widths = [16, 64, 64, 16]
+    layout = diagonal_layout(widths, CARRY_FORWARD, 1, None, False)  # h and one projection: 2 rows a sample
+    assert layout.rows * 256 < CARRY_MIN_TILE_ROWS
+    assert carry_tile_size(widths, 512, layout, threads=2) == 256
+    assert carry_tile_size(widths, 511, layout, threads=2) == 256
+    assert carry_tile_size(widths, 512, layout, threads=1) == 0
+    assert carry_tile_size(widths, 1, layout, threads=2) == 0
+    large = carry_tile_size(widths, 1 << 16, layout, threads=2)
+    assert 0 < large <= 1 << 15 and large * layout.rows >= CARRY_MIN_TILE_ROWS
