@@ -86,7 +86,7 @@ def explain(model, x, method: str = "auto", max_memory: Optional[int] = None, *,
             **options):
     """The plan for jacobian_frobenius(model, x, method, max_memory=max_memory) with every exact
     candidate's cost: `print(jacext.explain(model, x))`. quantity "spectral_norm": the plan of
-    jacobian_spectral_norm(model, x, method=method, **options) (layer, n_iter, tol); "laplacian",
+    jacobian_spectral_norm(model, x, method=method, **options) (layer, n_iter, tol, cond); "laplacian",
     "divergence" or "jacobian_diagonal": the plan of that function (explain_carry; options
     return_gradient, n_proj, wrt, cond); "margin": the plan of large_margin_loss(model, x, method=method,
     **options) (margin_plan; options target, layers, top_k, dist_norm, use_approximation, cond). For

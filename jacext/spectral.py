@@ -168,11 +168,17 @@ def _supports(layer) -> frozenset:
 
 
 def spectral_plan(model, x: torch.Tensor, method: str = "auto", layer: int = 0, n_iter: int = 100,
-                  tol: float = 1e-3) -> SpectralPlan:
-    """The plan of jacobian_spectral_norm(model, x, layer, method=method, n_iter=n_iter):
-    `print(jacext.explain(model, x, quantity="spectral_norm", layer=1))`. Raises NotLowerable
-    (a TypeError) for a model the call runs on the generic path."""
-    lowered = lower(model, supports=_supports(layer))  # without x: no dropout mask drawn
+                  tol: float = 1e-3, cond=None) -> SpectralPlan:
+    """The plan of jacobian_spectral_norm(model, x, layer, method=method, n_iter=n_iter, cond=cond):
+    `print(jacext.explain(model, x, quantity="spectral_norm", layer=1))`; `cond`: the conditioning
+    inputs, which a model conditioned inside the network needs. Raises NotLowerable (a TypeError)
+    for a model the call runs on the generic path."""
+    cond = as_cond(cond)
+    if cond:  # lowering with x draws the dropout masks: from a copy of the generator's state
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            lowered = lower(model, x, *cond, supports=_supports(layer))
+    else:
+        lowered = lower(model, supports=_supports(layer))  # without x: no dropout mask drawn
     spec, concatenated = lowered.spec, lowered.input_parts is not None and layer == 0
     if lowered.input_parts is None:  # x alone is the engine's input (else x's width is checked with cond, by the call)
         check_input(spec, x)

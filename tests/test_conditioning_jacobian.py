@@ -16,7 +16,7 @@ import jacext
 from jacext import ops
 from jacext.activations import IDENTITY, activation_value
 from jacext.functional import Linearization
-from jacext.frontend import lower
+from jacext.frontend import NotLowerable, lower
 from jacext.layouts import FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM
 from jacext.planner import resolve_strategy
 
@@ -411,6 +411,22 @@ def test_explain_says_what_the_gates_do():
     text = repr(jacext.explain(model, x, cond=t))
     assert "gates at layers [0, 1]" in text and "per-sample diagonal of J" in text
     assert "linear output" in text  # the gate on the output layer rules out strategies 3 and 4
+
+
+def test_explain_plans_the_spectral_norm_of_a_conditioned_model():
+    """The spectral norm takes the conditioning inside the network at the input (the plan lowers
+    with cond, without consuming the caller's random numbers); at a hidden layer its own forward
+    does not, and the plan says so (NotLowerable, as the call's generic path)."""
+    model, x, t = users_model("squash-2")
+    state = torch.get_rng_state()
+    text = repr(jacext.explain(model, x, quantity="spectral_norm", cond=t))
+    assert torch.equal(state, torch.get_rng_state())
+    assert "spectral norm of dy/dh_0" in text and "<- chosen" in text
+    _, s = engine(lambda: jacext.jacobian_spectral_norm(model, x, cond=t, method="exact"))
+    want = torch.linalg.matrix_norm(field_reference(model, x, t, jacrev), ord=2)
+    torch.testing.assert_close(s, want, **TOL)
+    with pytest.raises(NotLowerable, match="per-sample"):
+        jacext.explain(model, x, quantity="spectral_norm", cond=t, layer=1)
 
 
 @pytest.mark.parametrize("name", ["hidden-concat", "squash-3", "residual-squash"])
