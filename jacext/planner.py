@@ -456,8 +456,8 @@ def carry_tile_size(widths: Sequence[int], batch, layout: CarryLayout, element_s
     share = -(-batch // max(threads, 1))
     if working_set <= L2_CACHE_BYTES and share * layout.rows < CARRY_MIN_TILE_ROWS:
         # too few rows for tiles that pay in cache, but one tile per thread still runs the carry's
-        # own passes on every thread (the whole batch in one call runs them on one): a small net's
-        # step, as a CNF field's or a PINN's at a small batch, took 0.92-0.97x the time so here
+        # own passes on every thread (the whole batch in one call runs them on one); measured on
+        # small carries in docs/benchmarks.md ("Users' own models")
         return share if share < batch else 0
     return _balanced_tile(working_set, layout.rows, batch, threads, CARRY_MIN_TILE_ROWS)
 
