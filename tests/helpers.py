@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import jacext
+from jacext.activations import activation_value
 
 # (name, module factory): one per supported activation, with non-default parameters where the
 # activation has any, so that the parameters are checked too.
@@ -47,3 +48,27 @@ def weighted_objective(y, sq, seed=1):
     wy = torch.randn(y.shape, generator=g, dtype=y.dtype).to(y.device)
     wsq = torch.rand(sq.shape, generator=g, dtype=sq.dtype).to(sq.device) + 0.5
     return (wy * y).sum() + (wsq * sq).sum()
+
+
+def factored_mlp(weights, biases, codes, params, residual=None):
+    """An MLP with every factor the ops take, as a function of one sample and its per-sample biases,
+    gates and dropout masks (torch ops, for torch.func): h = m * act(g * (W h) + b + s), then a skip's
+    input added (residual: per layer -1 or j)."""
+    def f(x, shifts, gates, masks):
+        h, inputs = x, []
+        for i, w in enumerate(weights):
+            inputs.append(h)
+            z = w @ h
+            if gates[i] is not None:
+                z = gates[i] * z
+            if biases[i] is not None:
+                z = z + biases[i]
+            if shifts[i] is not None:
+                z = z + shifts[i]
+            h = activation_value(z, codes[i], params[2 * i], params[2 * i + 1])
+            if masks[i] is not None:
+                h = masks[i] * h
+            if residual is not None and residual[i] >= 0:
+                h = h + inputs[residual[i]]
+        return h
+    return f

@@ -14,12 +14,13 @@ from torch.func import jacrev, vmap
 
 import jacext
 from jacext import ops
-from jacext.activations import IDENTITY, activation_value
+from jacext.activations import IDENTITY
 from jacext.functional import Linearization
 from jacext.frontend import NotLowerable, lower
 from jacext.layouts import FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVERSE_GRAM
 from jacext.planner import resolve_strategy
 
+from helpers import factored_mlp
 from test_conditioning_inside import ConcatSquashLinear, MODELS, field_reference, model_and_inputs, random_net
 
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -34,28 +35,6 @@ NETS = [
     ([3, 4, 4, 4, 3], ["tanh", "softplus", "tanh", "identity"], [1, 2], [1, 3], [-1, 1, 1, 0]),  # with skips
 ]
 IDS = [f"{w}-s{s}-g{g}" + ("-skips" if r else "") for w, _, s, g, r in NETS]
-
-
-def reference(weights, biases, codes, params, residual=None):
-    """The net as a function of one sample, its per-sample biases, gates and masks (torch ops)."""
-    def f(x, shifts, gates, masks):
-        h, inputs = x, []
-        for i, w in enumerate(weights):
-            inputs.append(h)
-            z = w @ h
-            if gates[i] is not None:
-                z = gates[i] * z
-            if biases[i] is not None:
-                z = z + biases[i]
-            if shifts[i] is not None:
-                z = z + shifts[i]
-            h = activation_value(z, codes[i], params[2 * i], params[2 * i + 1])
-            if masks[i] is not None:
-                h = masks[i] * h
-            if residual is not None and residual[i] >= 0:
-                h = h + inputs[residual[i]]
-        return h
-    return f
 
 
 def dims(ts):
@@ -94,7 +73,7 @@ def setup(widths, codes, shifted, gated, residual, masked=()):
     x, *weights = leaves(x, *weights)
     biases, shifts, gates = leaves(*biases), leaves(*shifts), leaves(*gates)
     masks = masks_for(widths, masked)
-    f = reference(weights, biases, codes, params, residual)
+    f = factored_mlp(weights, biases, codes, params, residual)
     return x, weights, biases, shifts, gates, masks, codes, params, f
 
 
@@ -173,11 +152,11 @@ def test_jacobian_op_at_every_layer_and_the_grams(widths, codes, shifted, gated,
     _, grams = ops.mlp_jacobian_grams(x, weights, biases, codes, params, layers=layers, **factors)
     got, want = [], []
     for l in layers:
-        top = reference(weights[l:], biases[l:], codes[l:], params[2 * l:],
+        top = factored_mlp(weights[l:], biases[l:], codes[l:], params[2 * l:],
                         None if residual is None else [j - l if j >= l else -1 for j in residual[l:]])
         h = x
         if l > 0:
-            below = reference(weights[:l], biases[:l], codes[:l], params[:2 * l],
+            below = factored_mlp(weights[:l], biases[:l], codes[:l], params[:2 * l],
                               None if residual is None else residual[:l])
             h = vmap(below, in_dims=(0, dims(shifts[:l]), dims(gates[:l]), dims(masks[:l])))(
                 x, shifts[:l], gates[:l], masks[:l])
@@ -389,9 +368,9 @@ def test_jacobians_and_grams_of_users_models(name):
     for l in layers[1:]:
         if spec.residual is not None and any(j < l <= i for i, j in enumerate(spec.residual) if j >= 0):
             continue
-        top = reference(spec.weights[l:], spec.biases[l:], spec.activations[l:], spec.act_params[2 * l:],
+        top = factored_mlp(spec.weights[l:], spec.biases[l:], spec.activations[l:], spec.act_params[2 * l:],
                         None if spec.residual is None else [j - l if j >= l else -1 for j in spec.residual[l:]])
-        below = reference(spec.weights[:l], spec.biases[:l], spec.activations[:l], spec.act_params[:2 * l],
+        below = factored_mlp(spec.weights[:l], spec.biases[:l], spec.activations[:l], spec.act_params[:2 * l],
                           None if spec.residual is None else spec.residual[:l])
         lists = [spec.sample_biases or none, spec.gates or none, spec.masks or none]
         h = vmap(below, in_dims=(0, *[dims(ts[:l]) for ts in lists]))(x, *[ts[:l] for ts in lists])

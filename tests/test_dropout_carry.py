@@ -15,10 +15,11 @@ from torch.func import hessian, jacrev, vmap
 import jacext
 from jacext import ops
 from jacext._library import normalize_activations
-from jacext.activations import activation_value
 from jacext.estimators import random_projections
 from jacext.frontend import FACTORS, NotLowerable, lower
 from jacext.laplacian import FORWARD_CARRY
+
+from helpers import factored_mlp
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -57,29 +58,6 @@ def random_net(widths, names, masked, shifted=(), gated=(), batch=5, seed=0, p=0
     return (x.requires_grad_(), leaf(weights), leaf(biases), masks, leaf(shifts), leaf(gates), codes, params)
 
 
-def reference(weights, biases, codes, params, residual=None):
-    """The masked net as a function of one sample, its masks, per-sample biases and gates: h = m *
-    act(g * (W h) + b + s), then the skip's input added."""
-    def f(x, masks, shifts, gates):
-        h, inputs = x, []
-        for i, w in enumerate(weights):
-            inputs.append(h)
-            z = w @ h
-            if gates[i] is not None:
-                z = gates[i] * z
-            if biases[i] is not None:
-                z = z + biases[i]
-            if shifts[i] is not None:
-                z = z + shifts[i]
-            h = activation_value(z, codes[i], params[2 * i], params[2 * i + 1])
-            if masks[i] is not None:
-                h = masks[i] * h
-            if residual is not None and residual[i] >= 0:
-                h = h + inputs[residual[i]]
-        return h
-    return f
-
-
 def per_sample(what, f, x, *lists):
     """vmap of what(x_b -> f(x_b, *lists_b)) over the batch; lists: per-layer lists with None entries."""
     dims = tuple([None if t is None else 0 for t in ts] for ts in lists)
@@ -105,12 +83,12 @@ def assert_values_and_gradients(ours, theirs, inputs, seed=3):
 @pytest.mark.parametrize("widths, names, masked, residual, shifted, gated", NETS, ids=IDS)
 def test_laplacian_op_against_torch_func(widths, names, masked, residual, shifted, gated):
     x, weights, biases, masks, shifts, gates, codes, params = random_net(widths, names, masked, shifted, gated)
-    f = reference(weights, biases, codes, params, residual)
+    f = factored_mlp(weights, biases, codes, params, residual)
     inputs = [x, *weights, *present(biases), *present(shifts), *present(gates)]
     factors = dict(masks=masks, residual=residual, sample_biases=shifts, gates=gates)
-    y_ref = per_sample(lambda g: g, f, x, masks, shifts, gates)
-    jac = per_sample(jacrev, f, x, masks, shifts, gates)
-    hess = per_sample(hessian, f, x, masks, shifts, gates)
+    y_ref = per_sample(lambda g: g, f, x, shifts, gates, masks)
+    jac = per_sample(jacrev, f, x, shifts, gates, masks)
+    hess = per_sample(hessian, f, x, shifts, gates, masks)
     lap = hess.diagonal(dim1=2, dim2=3).sum(2)
     ours = ops.mlp_laplacian(x, weights, biases, codes, params, return_gradient=True, **factors)
     assert_values_and_gradients(ours, (y_ref, jac, lap), inputs)
@@ -130,11 +108,11 @@ def test_laplacian_op_against_torch_func(widths, names, masked, residual, shifte
 @pytest.mark.parametrize("widths, names, masked, residual, shifted, gated", NETS, ids=IDS)
 def test_diagonal_op_against_torch_func(widths, names, masked, residual, shifted, gated):
     x, weights, biases, masks, shifts, gates, codes, params = random_net(widths, names, masked, shifted, gated)
-    f = reference(weights, biases, codes, params, residual)
+    f = factored_mlp(weights, biases, codes, params, residual)
     inputs = [x, *weights, *present(biases), *present(shifts), *present(gates)]
     factors = dict(masks=masks, residual=residual, sample_biases=shifts, gates=gates)
-    y_ref = per_sample(lambda g: g, f, x, masks, shifts, gates)
-    jac = per_sample(jacrev, f, x, masks, shifts, gates)
+    y_ref = per_sample(lambda g: g, f, x, shifts, gates, masks)
+    jac = per_sample(jacrev, f, x, shifts, gates, masks)
     diag = jac.diagonal(dim1=1, dim2=2)
     for method in ("auto", "forward"):
         assert_values_and_gradients(ops.mlp_jacobian_diagonal(x, weights, biases, codes, params, method=method,
@@ -205,8 +183,8 @@ def test_closed_forms_refuse_masks_and_the_planner_never_picks_them():
         torch.ops.jacext.mlp_jacobian_diagonal(x, weights, op_biases, codes, params, 1, None, None, None, op_masks)
     with pytest.raises(ValueError, match="dropout mask"):
         ops.mlp_jacobian_diagonal(x, weights, biases, codes, params, method="gram", masks=masks)
-    f = reference(weights, biases, codes, params)
-    diag = per_sample(jacrev, f, x, masks, [None] * 2, [None] * 2).diagonal(dim1=1, dim2=2)
+    f = factored_mlp(weights, biases, codes, params)
+    diag = per_sample(jacrev, f, x, [None] * 2, [None] * 2, masks).diagonal(dim1=1, dim2=2)
     torch.testing.assert_close(ops.mlp_jacobian_diagonal(x, weights, biases, codes, params, masks=masks)[1], diag,
                                **TOL)
 
