@@ -13,7 +13,7 @@ from .layouts import (CARRY_FORWARD, FORWARD, FORWARD_GRAM, GRAM1, REVERSE, REVE
                       diagonal_layout, laplacian_layout)
 from ._wrt import wrt_columns
 from ._route import as_cond
-from .frontend import lower
+from .frontend import dropout_listing, lower, skip_listing
 from .laplacian import FORWARD_CARRY
 from .planner import (DIAGONAL_STRATEGY_NAMES, L2_CACHE_BYTES, Split, applicable, batch_chunk, best_split,
                       carry_cost, carry_macs, carry_tile_size, default_memory_budget, diagonal_applicable, footprint,
@@ -50,13 +50,12 @@ class Plan:
                          f"{peak / 2**20:>17.1f} MB{mark}")
         lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x carried elements; "
                      "the least cost wins, reverse on a tie)")
-        masked = [f"layer {i}: " + ", ".join(f"{path} ({op}, p={p:g})" for p, path, op, _ in d)
-                  for i, d in enumerate(self.dropout) if d]
+        masked = dropout_listing(self.dropout)
         if masked:
             lines.append("  dropout masks, drawn per call as the model draws them (a diagonal factor after the layer's "
-                         "activation): " + "; ".join(masked))
+                         "activation): " + masked)
         if self.residual is not None:
-            skips = ", ".join(f"({i}, {j})" for i, j in enumerate(self.residual) if j >= 0)
+            skips = skip_listing(self.residual)
             lines.append(f"  residual skips (i, j), layer i's output adds layer j's input: {skips}; the reverse carry "
                          "dy/dh_j adds the one above each block, the forward carry T the one that entered it; the Gram "
                          "forms (which factor J through single layers) do not apply across a skip")
@@ -157,7 +156,7 @@ class CarryPlan:
             lines.append(f"  {name:38}{macs / 1e9:>17.4g} G{cost / 1e9:>14.4g} G{saved / 2**20:>12.1f} MB{mark}")
         lines.append("  (forward + backward; cost = multiply-adds + CARRY_ELEMENT_COST x saved elements)")
         if self.residual is not None:
-            skips = ", ".join(f"({i}, {j})" for i, j in enumerate(self.residual) if j >= 0)
+            skips = skip_listing(self.residual)
             lines.append(f"  residual skips (i, j), layer i's output adds layer j's input: {skips}")
             lines.append("  each block's end adds the carry that entered it (every row)")
             if self.quantity != "laplacian":
@@ -170,10 +169,9 @@ class CarryPlan:
             lines.append(f"  conditioning inside the network: per-sample biases at layers {list(shifted)}, gates at "
                          f"layers {list(gated)}; a gate scales every row of its layer's GEMM output, a bias "
                          "shifts the h row")
-        masked = [f"layer {i}: " + ", ".join(f"{path} ({op}, p={p:g})" for p, path, op, _ in d)
-                  for i, d in enumerate(self.dropout) if d]
+        masked = dropout_listing(self.dropout)
         if masked:
-            lines.append("  dropout masks, drawn per call as the model draws them: " + "; ".join(masked))
+            lines.append("  dropout masks, drawn per call as the model draws them: " + masked)
             lines.append("  a mask scales every row of its layer's carry after the activation (h, the columns"
                          f"{' and Delta' if self.quantity == 'laplacian' else ''})")
             if self.quantity == "laplacian" and self.dropout[-1]:

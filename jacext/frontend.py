@@ -333,6 +333,19 @@ def _check_cond(x, cond, plan, n):
     return offset
 
 
+def dropout_listing(dropout) -> str:
+    """The Dropouts of a lowered model (Lowered.dropout: per layer, (p, path, op, where) each) as the
+    plans print them, "layer i: path (op, p=...), ...; ..."; "" without any."""
+    return "; ".join(f"layer {i}: " + ", ".join(f"{path} ({op}, p={p:g})" for p, path, op, _ in d)
+                     for i, d in enumerate(dropout) if d)
+
+
+def skip_listing(residual) -> str:
+    """A model's residual skips (MLPSpec.residual) as the plans print them, "(i, j), ...": layer i's
+    output adds layer j's input."""
+    return ", ".join(f"({i}, {j})" for i, j in enumerate(residual) if j >= 0)
+
+
 def draw_masks(plan, spec, batch, dtype, device) -> list:
     """The dropout masks of one call, one per layer (None for a layer without Dropout in train()):
     F.dropout of ones of the layer's output shape, dtype and device draws the same random numbers as

@@ -38,7 +38,7 @@ from . import generic
 from . import ops as _ops
 from ._checks import check_block_boundary, check_input, check_weights
 from ._route import ANY_MODULE, as_cond, engine_or_generic
-from .frontend import NotLowerable, lower
+from .frontend import NotLowerable, dropout_listing, lower, skip_listing
 from .functional import JACOBIAN_FAMILY
 from .planner import CARRY_ELEMENT_COST, margin_costs, margin_path
 
@@ -620,13 +620,12 @@ class MarginPlan:
     def _factor_lines(self) -> list:
         """How the model's dropout masks and residual skips run on the chosen path."""
         lines = []
-        masked = [f"layer {i}: " + ", ".join(f"{path} ({op}, p={p:g})" for p, path, op, _ in d)
-                  for i, d in enumerate(self.dropout) if d]
+        masked = dropout_listing(self.dropout)
         if masked:
             lines.append("  dropout masks, drawn per call as the model draws them (the logits are model(x)'s under the "
-                         "same seed): a diagonal factor of J on both paths: " + "; ".join(masked))
+                         "same seed): a diagonal factor of J on both paths: " + masked)
         if self.residual is not None:
-            skips = ", ".join(f"({i}, {j})" for i, j in enumerate(self.residual) if j >= 0)
+            skips = skip_listing(self.residual)
             q, sources = DUAL_NORM[self.dist_norm], {j for j in self.residual if j >= 0}
             lines.append(f"  residual skips (i, j), layer i's output adds layer j's input: {skips}; the rows path's "
                          "sweep passes the rows at each block's output on to its input, the Jacobian op's carry does "

@@ -32,7 +32,7 @@ from . import activations as act
 from . import generic
 from ._checks import check_block_boundary, check_input
 from ._route import ANY_MODULE, as_cond, engine_or_generic
-from .frontend import lower
+from .frontend import dropout_listing, lower, skip_listing
 from .functional import JACOBIAN_FAMILY, Linearization, _columns
 from .planner import REVERSE, predicted_cost, resolve_strategy
 
@@ -129,13 +129,12 @@ class SpectralPlan:
         if self.concatenated:
             lines.append("  conditioning inputs concatenated with x: J over x's columns alone, formed by the Jacobian "
                          "op (one sweep), then its largest singular value by an SVD")
-        masked = [f"layer {i}: " + ", ".join(f"{path} ({op}, p={p:g})" for p, path, op, _ in d)
-                  for i, d in enumerate(self.dropout) if d]
+        masked = dropout_listing(self.dropout)
         if masked:
             lines.append("  dropout masks, drawn per call as the model draws them: a diagonal factor of J on every "
-                         "path (the ops, the power products, the layers below h_layer): " + "; ".join(masked))
+                         "path (the ops, the power products, the layers below h_layer): " + masked)
         if self.residual is not None:
-            skips = ", ".join(f"({i}, {j})" for i, j in enumerate(self.residual) if j >= 0)
+            skips = skip_listing(self.residual)
             lines.append(f"  residual skips (i, j), layer i's output adds layer j's input: {skips}; every path carries "
                          "them (the power products add them, the exact path forms its Gram from J, the Gram "
                          "epilogues do not apply across a skip)")
