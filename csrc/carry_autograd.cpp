@@ -20,13 +20,11 @@ using at::TensorList;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptionalList = std::optional<TensorList>;
-using Grads = std::tuple<std::optional<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
-                         std::vector<Tensor>>;
 
 using LaplacianSignature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
     const Tensor&, TensorList, TensorList, at::IntArrayRef, at::ArrayRef<double>, bool, const std::optional<Tensor>&,
     int64_t, const OptionalList&, const OptionalList&, const OptionalList&, int64_t, at::OptionalIntArrayRef);
-using LaplacianBackwardSignature = Grads(
+using LaplacianBackwardSignature = BackwardGrads(
     const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
     TensorList, TensorList, at::IntArrayRef, at::ArrayRef<double>, bool, TensorList, const std::optional<Tensor>&,
     int64_t, const OptionalList&, const OptionalList&, const OptionalList&, int64_t, bool, at::OptionalIntArrayRef);
@@ -34,7 +32,7 @@ using DiagonalSignature = std::tuple<Tensor, Tensor, std::vector<Tensor>>(
     const Tensor&, TensorList, TensorList, at::IntArrayRef, at::ArrayRef<double>, int64_t,
     const std::optional<Tensor>&, const OptionalList&, const OptionalList&, const OptionalList&, int64_t,
     at::OptionalIntArrayRef);
-using DiagonalBackwardSignature = Grads(
+using DiagonalBackwardSignature = BackwardGrads(
     const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, TensorList, TensorList,
     at::IntArrayRef, at::ArrayRef<double>, int64_t, TensorList, const std::optional<Tensor>&, const OptionalList&,
     const OptionalList&, const OptionalList&, int64_t, bool, at::OptionalIntArrayRef);
@@ -42,75 +40,6 @@ using DiagonalBackwardSignature = Grads(
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-// Both ops' inputs, in this order (the backward returns one gradient per input, each tensor of a
-// list counting as one): x, the weights, the biases (an empty tensor for a layer without), the
-// held tangents (directions or projections: constants), the per-sample biases and the gates (each
-// empty, or one per layer with an empty tensor for none), the dropout masks (constants; empty or
-// one per layer), then the plan. What the forward saves, in this order: x, weights, biases, the
-// held tangents if given, the per-sample biases, the gates, the masks, then the op's `saved`.
-struct Inputs {
-  Tensor x;
-  std::vector<Tensor> weights, biases, sample_biases, gates, masks, saved;
-  Tensor held;
-};
-
-void save_inputs(AutogradContext* ctx, const Tensor& x, TensorList weights, TensorList biases,
-                 const std::optional<Tensor>& held, TensorList sample_biases, TensorList gates, TensorList masks,
-                 const std::vector<Tensor>& saved) {
-  for (const Tensor& m : masks) {
-    TORCH_CHECK(!m.requires_grad(), "jacext: masks are constants (dropout masks) and take no gradient; "
-                "pass them detached");
-  }
-  const bool has_held = held.has_value() && held->defined();
-  ctx->saved_data["held"] = has_held;
-  ctx->saved_data["n_sample_biases"] = static_cast<int64_t>(sample_biases.size());
-  ctx->saved_data["n_gates"] = static_cast<int64_t>(gates.size());
-  ctx->saved_data["n_masks"] = static_cast<int64_t>(masks.size());
-  variable_list to_save{x};
-  to_save.insert(to_save.end(), weights.begin(), weights.end());
-  to_save.insert(to_save.end(), biases.begin(), biases.end());
-  if (has_held) to_save.push_back(*held);
-  to_save.insert(to_save.end(), sample_biases.begin(), sample_biases.end());
-  to_save.insert(to_save.end(), gates.begin(), gates.end());
-  to_save.insert(to_save.end(), masks.begin(), masks.end());
-  to_save.insert(to_save.end(), saved.begin(), saved.end());
-  ctx->save_for_backward(to_save);
-  ctx->mark_non_differentiable(saved);
-}
-
-Inputs load_inputs(AutogradContext* ctx, int64_t L) {
-  const auto tensors = ctx->get_saved_variables();
-  auto next = tensors.begin();
-  auto take = [&next](int64_t n) {
-    std::vector<Tensor> part(next, next + n);
-    next += n;
-    return part;
-  };
-  Inputs in;
-  in.x = *next++;
-  in.weights = take(L);
-  in.biases = take(L);
-  if (ctx->saved_data["held"].toBool()) in.held = *next++;
-  in.sample_biases = take(ctx->saved_data["n_sample_biases"].toInt());
-  in.gates = take(ctx->saved_data["n_gates"].toInt());
-  in.masks = take(ctx->saved_data["n_masks"].toInt());
-  in.saved = std::vector<Tensor>(next, tensors.end());
-  return in;
-}
-
-// The gradients in the order of the inputs, `plan` slots (no gradient) after them.
-variable_list gradients(const Inputs& in, Grads grads, size_t plan) {
-  auto& [grad_x, grad_w, grad_b, grad_s, grad_g] = grads;
-  variable_list result{defined_or_none(grad_x)};
-  result.insert(result.end(), grad_w.begin(), grad_w.end());
-  append_present(result, in.biases, grad_b);
-  result.emplace_back();  // the held tangents: constants
-  append_present(result, in.sample_biases, grad_s);
-  append_present(result, in.gates, grad_g);
-  result.resize(result.size() + in.masks.size() + plan);  // the masks: constants
-  return result;
 }
 
 struct LaplacianFunction : public torch::autograd::Function<LaplacianFunction> {
